@@ -1,0 +1,151 @@
+"""Typed model configuration, loaded from YAML; unknown keys are errors.
+
+The defaults reproduce the published Crystalformer (design A5 in ``docs/model.md``).
+The single place where the image-table cutoff is derived from a config is
+:func:`table_cutoff`; preprocessing, batching and prediction all call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration file or mapping is malformed (unknown key, bad value)."""
+
+
+@dataclass
+class CrystalformerConfig:
+    """Hyper-parameters of :class:`cfdist.Crystalformer`.
+
+    Attributes:
+        n_blocks: number of encoder blocks (paper: 4; "larger model": 7).
+        d_model: atom-state width d.
+        n_heads: attention heads H (head width d / H).
+        d_ff: hidden width of the feed-forward layer.
+        n_basis: Gaussian basis functions K of the edge encoding psi; 0 gives the
+            "simplified" model without psi / beta.
+        r0: distance scale r_0 (A); sigma = r0 / sqrt(rho).
+        rho_lower_bound: b, the lower bound of rho; sigma <= r0 / sqrt(b).
+        rho_beta: slope beta of the ELU in rho.
+        gbf_r_max: largest Gaussian basis centre r_max (A); centres are k*r_max/K, k = 1..K.
+        gbf_width_scale: basis width as a multiple of the centre spacing r_max / K.
+        cutoff_sigmas: c, the image-table cutoff in units of the largest reachable
+            sigma (r_c = c * r0 / sqrt(b)).
+        n_elements: size of the one-hot species input (Z = 1..n_elements).
+        head_hidden: hidden width of the output MLP.
+        target_names: names of the predicted targets; the head has one output per name.
+        entry_chunk: entries per block in the blocked basis product of the attention op
+            (a speed knob, not a model parameter).
+    """
+
+    n_blocks: int = 4
+    d_model: int = 128
+    n_heads: int = 8
+    d_ff: int = 512
+    n_basis: int = 64
+    r0: float = 1.4
+    rho_lower_bound: float = 0.5
+    rho_beta: float = 0.1
+    gbf_r_max: float = 14.0
+    gbf_width_scale: float = 1.0
+    cutoff_sigmas: float = 4.5
+    n_elements: int = 98
+    head_hidden: int = 128
+    target_names: list[str] = field(default_factory=lambda: ["y"])
+    entry_chunk: int = 32
+
+    def __post_init__(self) -> None:
+        self.target_names = list(self.target_names)
+        checks = [
+            (self.n_blocks >= 1, "n_blocks must be >= 1"),
+            (self.d_model >= 1 and self.n_heads >= 1, "d_model and n_heads must be >= 1"),
+            (self.d_model % self.n_heads == 0, "d_model must be divisible by n_heads"),
+            (self.d_ff >= 1, "d_ff must be >= 1"),
+            (self.n_basis >= 0, "n_basis must be >= 0 (0 = simplified model)"),
+            (self.r0 > 0, "r0 must be > 0"),
+            (0 < self.rho_lower_bound < 1, "rho_lower_bound must be in (0, 1)"),
+            (self.rho_beta > 0, "rho_beta must be > 0"),
+            (self.gbf_r_max > 0 and self.gbf_width_scale > 0, "gbf_r_max and gbf_width_scale must be > 0"),
+            (self.cutoff_sigmas > 0, "cutoff_sigmas must be > 0"),
+            (1 <= self.n_elements <= 118, "n_elements must be in 1..118"),
+            (len(self.target_names) >= 1, "target_names must name at least one target"),
+            (len(set(self.target_names)) == len(self.target_names), "target_names must be unique"),
+            (self.entry_chunk >= 1, "entry_chunk must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"CrystalformerConfig: {message}")
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.target_names)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest Gaussian width any head can reach: r0 / sqrt(b) (A)."""
+        return self.r0 / math.sqrt(self.rho_lower_bound)
+
+    @property
+    def cutoff(self) -> float:
+        """Image-table cutoff radius r_c in A (see :func:`table_cutoff`)."""
+        return table_cutoff(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CrystalformerConfig":
+        return from_mapping(cls, data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CrystalformerConfig":
+        return from_mapping(cls, load_yaml(path), source=str(path))
+
+
+def table_cutoff(config: CrystalformerConfig) -> float:
+    """The image-table cutoff r_c = c * sigma_max = c * r0 / sqrt(b), in A.
+
+    Every head's Gaussian has sigma <= sigma_max, so a table holding every image
+    within r_c truncates sum_n exp(-d^2 / 2 sigma^2) at no less than c sigma.
+    """
+    return config.cutoff_sigmas * config.sigma_max
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def from_mapping(cls: type, data: Mapping[str, Any], source: str = "config"):
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys (with a hint)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        import difflib
+
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key(s) for {cls.__name__}: {', '.join(hints)}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    try:
+        return cls(**dict(data))
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
