@@ -1,0 +1,115 @@
+"""Per-batch periodic geometry, computed once and shared by every layer and head.
+
+From a :class:`~cfdist.batch.CrystalBatch` this derives, on the batch's device:
+entry distances (recomputed from positions and integer translations, design A2, so
+positions and lattice stay differentiable), the (pair) grouping of table entries, each
+pair's smallest squared distance, and the Gaussian basis of every entry laid out in
+fixed-width blocks per query atom for the attention op's blocked product (design A3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cfdist.batch import CrystalBatch
+
+
+@dataclass
+class PeriodicGraph:
+    """Geometry of one batch (N atoms, T table entries, P atom pairs with entries, R blocks).
+
+    Attributes:
+        n_atoms_total: N.
+        entry_i: (T,) query atom of each entry.
+        entry_pair: (T,) pair index of each entry (entries are sorted by pair).
+        entry_d2: (T,) squared distance |p_j + nL - p_i|^2.
+        pair_i: (P,) query atom of each pair; pairs sorted by (i, j).
+        pair_j: (P,) key atom of each pair.
+        pair_d2_min: (P,) smallest squared distance among the pair's entries (detached:
+            it only shifts the log-sum-exp and cancels exactly in the gradient).
+        basis_blocks: (R, W, K) Gaussian basis of the entries, W entries per block, each
+            block holding entries of one query atom, zero padded; None when K = 0.
+        entry_slot: (T,) flat position of each entry in the (R * W) block layout.
+        block_atom: (R,) query atom of each block.
+    """
+
+    n_atoms_total: int
+    entry_i: torch.Tensor
+    entry_pair: torch.Tensor
+    entry_d2: torch.Tensor
+    pair_i: torch.Tensor
+    pair_j: torch.Tensor
+    pair_d2_min: torch.Tensor
+    basis_blocks: torch.Tensor | None
+    entry_slot: torch.Tensor
+    block_atom: torch.Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.pair_i.shape[0])
+
+    @property
+    def block_width(self) -> int:
+        return 0 if self.basis_blocks is None else int(self.basis_blocks.shape[1])
+
+    @classmethod
+    def build(cls, batch: CrystalBatch, *, n_basis: int, gbf_r_max: float, gbf_width_scale: float,
+              block_width: int, dtype: torch.dtype) -> "PeriodicGraph":
+        """Derive the graph of ``batch``; geometry in ``max(dtype, float32)`` precision."""
+        geo_dtype = torch.promote_types(dtype, torch.float32)
+        positions = batch.positions.to(geo_dtype)
+        lattice = batch.lattice.to(geo_dtype)
+        i, j = batch.entry_i, batch.entry_j
+        n_atoms_total = int(positions.shape[0])
+        crystal = batch.atom_crystal[i]
+        # p_j + n L - p_i, per entry with its own crystal's lattice.
+        shift = torch.bmm(batch.entry_n.to(geo_dtype).unsqueeze(1), lattice[crystal]).squeeze(1)
+        vec = positions[j] + shift - positions[i]
+        d2 = (vec * vec).sum(-1)
+
+        # Pairs: runs of equal (i, j) in the sorted table.
+        key = i * n_atoms_total + j
+        starts = torch.ones_like(key, dtype=torch.bool)
+        starts[1:] = key[1:] != key[:-1]
+        entry_pair = torch.cumsum(starts.long(), 0) - 1
+        pair_i, pair_j = i[starts], j[starts]
+        n_pairs = int(pair_i.shape[0])
+        pair_d2_min = torch.full((n_pairs,), float("inf"), dtype=geo_dtype, device=d2.device)
+        pair_d2_min = pair_d2_min.scatter_reduce(0, entry_pair, d2.detach(), reduce="amin")
+
+        # Blocks of W entries per query atom (entries of one atom are contiguous).
+        width = int(block_width)
+        per_atom = torch.bincount(i, minlength=n_atoms_total)
+        blocks_per_atom = (per_atom + width - 1) // width
+        first_entry = torch.cumsum(per_atom, 0) - per_atom
+        first_block = torch.cumsum(blocks_per_atom, 0) - blocks_per_atom
+        rank = torch.arange(i.shape[0], device=i.device) - first_entry[i]
+        entry_slot = (first_block[i] + rank // width) * width + rank % width
+        n_blocks = int(blocks_per_atom.sum())
+        block_atom = torch.repeat_interleave(torch.arange(n_atoms_total, device=i.device), blocks_per_atom)
+
+        basis_blocks = None
+        if n_basis > 0:
+            # clamp keeps the gradient finite (zero) at the self image, where d = 0
+            basis = gaussian_basis(torch.sqrt(d2.clamp_min(1e-30)), n_basis, gbf_r_max, gbf_width_scale).to(dtype)
+            basis_blocks = basis.new_zeros(n_blocks * width, n_basis).index_copy(0, entry_slot, basis)
+            basis_blocks = basis_blocks.view(n_blocks, width, n_basis)
+        return cls(n_atoms_total=n_atoms_total, entry_i=i, entry_pair=entry_pair, entry_d2=d2,
+                   pair_i=pair_i, pair_j=pair_j, pair_d2_min=pair_d2_min, basis_blocks=basis_blocks,
+                   entry_slot=entry_slot, block_atom=block_atom)
+
+
+def gaussian_basis(distance: torch.Tensor, n_basis: int, r_max: float, width_scale: float) -> torch.Tensor:
+    """Gaussian basis b_k(r) = exp(-(r - mu_k)^2 / 2w^2), mu_k = k r_max / K (k = 1..K).
+
+    Args:
+        distance: (T,) distances (A).
+    Returns:
+        (T, K) basis values; w = width_scale * r_max / K.
+    """
+    spacing = r_max / n_basis
+    centres = torch.arange(1, n_basis + 1, dtype=distance.dtype, device=distance.device) * spacing
+    width = width_scale * spacing
+    return torch.exp(-0.5 * ((distance[:, None] - centres[None, :]) / width) ** 2)

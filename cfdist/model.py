@@ -1,0 +1,237 @@
+"""Crystalformer: atom embedding -> encoder blocks of periodic attention -> mean pool -> MLP.
+
+Defaults reproduce the published model (4 blocks, d = 128, 8 heads, FFN 512, K = 64;
+853,505 trainable parameters). Each attention layer owns its Gaussian-width statistics
+(``sigma_mean``, ``sigma_std`` buffers, design A4): they start at 0 / 1, are set once by
+the first training forward (pooled over all ranks through ``stats_reducer``), frozen,
+saved in checkpoints, and never changed by inference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cfdist.batch import CrystalBatch, collate
+from cfdist.config import CrystalformerConfig
+from cfdist.graph import PeriodicGraph
+from cfdist.ops.periodic_attention import periodic_attention
+
+
+def distributed_sum(stats: torch.Tensor) -> torch.Tensor:
+    """Default ``stats_reducer``: sum over data-parallel ranks when a process group exists."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        stats = stats.clone()
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+    return stats
+
+
+class TableAttention:
+    """Attention backend over sphere-cutoff image tables (the default)."""
+
+    def prepare(self, batch: CrystalBatch, config: CrystalformerConfig, dtype: torch.dtype) -> PeriodicGraph:
+        return PeriodicGraph.build(batch, n_basis=config.n_basis, gbf_r_max=config.gbf_r_max,
+                                   gbf_width_scale=config.gbf_width_scale, block_width=config.entry_chunk,
+                                   dtype=dtype)
+
+    def __call__(self, q, k, v, a, geometry, edge_proj):
+        return periodic_attention(q, k, v, a, geometry, edge_proj)
+
+
+class PeriodicSelfAttention(nn.Module):
+    """Multi-head infinitely connected attention of one encoder block.
+
+    Gaussian width per (atom, head): s = q . w_h (projected query, before scaling),
+    x = (s - m) / s_std with frozen statistics, rho = (1 - b) ELU(beta x / (1 - b)) + 1,
+    sigma = r0 / sqrt(rho) <= r0 / sqrt(b); the op takes a = -1 / (2 sigma^2).
+    """
+
+    def __init__(self, config: CrystalformerConfig):
+        super().__init__()
+        d, h = config.d_model, config.n_heads
+        self.config = config
+        self.n_heads, self.head_dim = h, config.head_dim
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+        self.sigma_weight = nn.Parameter(torch.empty(h, self.head_dim))
+        self.edge_proj = nn.Parameter(torch.empty(h, self.head_dim, config.n_basis)) if config.n_basis > 0 else None
+        self.register_buffer("sigma_mean", torch.zeros(()))
+        self.register_buffer("sigma_std", torch.ones(()))
+        self.register_buffer("sigma_ready", torch.zeros((), dtype=torch.bool))
+        self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] = distributed_sum
+
+    def exponent(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, H, d_h) queries -> (N, H) coefficients a = -rho / (2 r0^2), in >= float32."""
+        cfg = self.config
+        acc = torch.promote_types(q.dtype, torch.float32)
+        score = (q.to(acc) * self.sigma_weight.to(acc)).sum(-1)  # (N, H)
+        if self.training and not bool(self.sigma_ready):
+            self._set_sigma_stats(score.detach())
+        x = (score - self.sigma_mean.to(acc)) / self.sigma_std.to(acc)
+        b = cfg.rho_lower_bound
+        rho = (1.0 - b) * F.elu(cfg.rho_beta * x / (1.0 - b)) + 1.0
+        return -rho / (2.0 * cfg.r0 * cfg.r0)
+
+    @torch.no_grad()
+    def _set_sigma_stats(self, score: torch.Tensor) -> None:
+        """Mean and unbiased std of s over all atoms, heads (and ranks) of this batch."""
+        x = score.double().reshape(-1)
+        stats = self.stats_reducer(torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]))
+        count, total, total_sq = stats.tolist()
+        mean = total / count
+        var = max(total_sq - count * mean * mean, 0.0) / max(count - 1.0, 1.0)
+        self.sigma_mean.fill_(mean)
+        self.sigma_std.fill_(math.sqrt(var) if var > 0 else 1.0)
+        self.sigma_ready.fill_(True)
+
+    def forward(self, x: torch.Tensor, geometry: Any, backend: Callable) -> torch.Tensor:
+        n = x.shape[0]
+        shape = (n, self.n_heads, self.head_dim)
+        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        y = backend(q, k, v, self.exponent(q), geometry, self.edge_proj)
+        return self.out_proj(y.reshape(n, -1))
+
+
+class EncoderBlock(nn.Module):
+    """x <- x + attention(x); x <- x + FFN(x). No layer norm (T-Fixup), no dropout."""
+
+    def __init__(self, config: CrystalformerConfig):
+        super().__init__()
+        self.attention = PeriodicSelfAttention(config)
+        self.ffn = nn.Sequential(nn.Linear(config.d_model, config.d_ff), nn.ReLU(),
+                                 nn.Linear(config.d_ff, config.d_model))
+
+    def forward(self, x: torch.Tensor, geometry: Any, backend: Callable) -> torch.Tensor:
+        x = x + self.attention(x, geometry, backend)
+        return x + self.ffn(x)
+
+
+class Crystalformer(nn.Module):
+    """The Crystalformer model.
+
+    ``forward(batch)`` returns (B, n_targets) predictions in normalised target units;
+    :meth:`predict` takes structures and returns de-normalised predictions.
+    """
+
+    def __init__(self, config: CrystalformerConfig | None = None):
+        super().__init__()
+        self.config = config = config or CrystalformerConfig()
+        self.embedding = nn.Linear(config.n_elements, config.d_model, bias=False)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_blocks))
+        self.head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.ReLU(),
+                                  nn.Linear(config.head_hidden, config.n_targets))
+        self.register_buffer("target_mean", torch.zeros(config.n_targets))
+        self.register_buffer("target_std", torch.ones(config.n_targets))
+        self.attention_backend: Any = TableAttention()
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    @property
+    def cutoff(self) -> float:
+        return self.config.cutoff
+
+    def reset_parameters(self) -> None:
+        """T-Fixup initialisation (paper section 3.2)."""
+        cfg = self.config
+        n_layers = cfg.n_blocks
+        nn.init.normal_(self.embedding.weight, std=cfg.d_model ** -0.5 * (9 * n_layers) ** -0.25)
+        scale = 0.67 * n_layers ** -0.25
+        for block in self.blocks:
+            att = block.attention
+            for lin in (att.q_proj, att.k_proj, att.v_proj, att.out_proj, block.ffn[0], block.ffn[2]):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            with torch.no_grad():
+                for lin in (att.v_proj, att.out_proj, block.ffn[0], block.ffn[2]):
+                    lin.weight.mul_(scale)
+            nn.init.normal_(att.sigma_weight, std=att.head_dim ** -0.5)
+            if att.edge_proj is not None:
+                # Xavier on W^E viewed as one (H d_h) x K matrix, gain K^-1/2.
+                flat = att.edge_proj.data.view(-1, cfg.n_basis)
+                nn.init.xavier_uniform_(flat, gain=cfg.n_basis ** -0.5)
+        for lin in (self.head[0], self.head[2]):
+            lin.reset_parameters()
+
+    def set_stats_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace how the first-batch sigma statistics (count, sum, sum of squares) are summed across ranks."""
+        for block in self.blocks:
+            block.attention.stats_reducer = reducer
+
+    @property
+    def sigma_stats_ready(self) -> bool:
+        return all(bool(b.attention.sigma_ready) for b in self.blocks)
+
+    def embed(self, batch: CrystalBatch, dtype: torch.dtype) -> torch.Tensor:
+        """(N, d) atom states: occupancy-weighted sum of species embeddings (one-hot of Z - 1)."""
+        weight = self.embedding.weight.t()  # (n_elements, d)
+        contrib = weight[batch.species_z - 1] * batch.species_occupancy.to(weight.dtype)[:, None]
+        n_atoms = batch.positions.shape[0]
+        return weight.new_zeros(n_atoms, weight.shape[1]).index_add_(0, batch.species_site, contrib).to(dtype)
+
+    def encode(self, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) final atom states."""
+        if batch.cutoff + 1e-9 < self.cutoff:
+            raise ValueError(f"batch image tables were built with cutoff {batch.cutoff:.4f} A but the model "
+                             f"needs {self.cutoff:.4f} A (cutoff_sigmas={self.config.cutoff_sigmas}); rebuild them")
+        dtype = self.embedding.weight.dtype
+        geometry = self.attention_backend.prepare(batch, self.config, dtype)
+        x = self.embed(batch, dtype)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, geometry, self.attention_backend, use_reentrant=False)
+            else:
+                x = block(x, geometry, self.attention_backend)
+        return x
+
+    def forward(self, batch: CrystalBatch) -> torch.Tensor:
+        """(B, n_targets) predictions in normalised target units."""
+        x = self.encode(batch)
+        counts = batch.n_atoms.to(x.device)
+        pooled = x.new_zeros(len(counts), x.shape[1]).index_add_(0, batch.atom_crystal, x)
+        pooled = pooled / counts[:, None].to(x.dtype)
+        return self.head(pooled)
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
+
+    @torch.no_grad()
+    def predict(self, structures: Sequence[Any], batch_size: int = 64, *, validate: bool = True) -> torch.Tensor:
+        """Predict targets for pymatgen Structures, ASE Atoms or :class:`cfdist.Crystal` records.
+
+        Runs in eval mode (sigma statistics untouched), builds image tables with the
+        model's cutoff, and returns (n, n_targets) de-normalised predictions in the
+        model's dtype (``model.double().predict(...)`` computes in float64).
+        """
+        from cfdist.crystal import from_record, validate as validate_crystal
+        from cfdist.geometry import image_table
+
+        param = self.embedding.weight
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = []
+            for start in range(0, len(structures), batch_size):
+                crystals = [from_record(s) for s in structures[start:start + batch_size]]
+                if validate:
+                    crystals = [validate_crystal(c) for c in crystals]
+                tables = [image_table(c.lattice, c.positions, self.cutoff) for c in crystals]
+                batch = collate(crystals, tables).to(param.device)
+                outputs.append(self.denormalize(self(batch)))
+            if not outputs:
+                return param.new_zeros(0, self.config.n_targets)
+            return torch.cat(outputs)
+        finally:
+            self.train(was_training)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
