@@ -21,15 +21,9 @@ from cfdist.crystal import (
     to_pymatgen, validate,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/megnet_slice.json.gz"
-
-
 @pytest.fixture(scope="module")
-def records():
-    if not DATA.exists():
-        pytest.skip(f"real data not found at {DATA}")
-    with gzip.open(DATA, "rt") as f:
-        return json.load(f)
+def records(megnet_records):
+    return megnet_records
 
 
 def assert_same(a: Crystal, b: Crystal, atol: float = 1e-10, check_id: bool = True):
