@@ -1,0 +1,270 @@
+"""The shard schema: crystals and their image tables as Arrow/Parquet rows (design A2).
+
+One row per crystal. Geometry is stored exactly (float64) and the image table as
+integers (pair atoms + lattice translations); distances are recomputed on the device.
+``docs/shards.md`` documents every column. Conversions are vectorised over the whole
+Arrow table: :func:`collate_arrow` turns a record batch into a
+:class:`~cfdist.batch.CrystalBatch` without a Python loop over rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cfdist.batch import CrystalBatch
+from cfdist.geometry import ImageTable
+
+if TYPE_CHECKING:
+    from cfdist.crystal import Crystal
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"cfdist"
+TRANSLATION_LIMIT = np.iinfo(np.int16).max
+
+
+class ShardError(ValueError):
+    """A shard is unreadable, inconsistent with its manifest, or unusable for this model."""
+
+
+def arrow_schema(targets: Sequence[str], with_forces: bool = False, with_stress: bool = False) -> pa.Schema:
+    """Arrow schema of a shard holding the scalar ``targets`` (float64 columns)."""
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("n_atoms", pa.int32(), nullable=False),
+        pa.field("numbers", pa.list_(pa.int16()), nullable=False),
+        pa.field("lattice", pa.list_(pa.float64(), 9), nullable=False),
+        pa.field("positions", pa.list_(pa.float64()), nullable=False),
+        pa.field("disorder_site", pa.list_(pa.int32()), nullable=False),
+        pa.field("disorder_z", pa.list_(pa.int16()), nullable=False),
+        pa.field("disorder_occupancy", pa.list_(pa.float64()), nullable=False),
+        pa.field("n_entries", pa.int32(), nullable=False),
+        pa.field("table_i", pa.list_(pa.int32()), nullable=False),
+        pa.field("table_j", pa.list_(pa.int32()), nullable=False),
+        pa.field("table_n", pa.list_(pa.int16()), nullable=False),
+    ]
+    fields += [pa.field(f"y.{name}", pa.float64(), nullable=False) for name in targets]
+    if with_forces:
+        fields.append(pa.field("forces", pa.list_(pa.float32()), nullable=True))
+    if with_stress:
+        fields.append(pa.field("stress", pa.list_(pa.float64(), 9), nullable=True))
+    return pa.schema(fields)
+
+
+def target_columns(schema: pa.Schema) -> list[str]:
+    """Names of the scalar targets stored in a shard schema."""
+    return [name[2:] for name in schema.names if name.startswith("y.")]
+
+
+def _list_array(values: list[np.ndarray], dtype: pa.DataType) -> pa.ListArray:
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, type=dtype))
+
+
+def crystals_to_arrow(crystals: Sequence["Crystal"], tables: Sequence[ImageTable], sources: Sequence[str],
+                      targets: Sequence[str], forces: Sequence[np.ndarray | None] | None = None,
+                      stress: Sequence[np.ndarray | None] | None = None) -> pa.Table:
+    """Rows for ``crystals`` with their image ``tables``; labels taken from ``crystal.labels``."""
+    n = len(crystals)
+    if not (len(tables) == len(sources) == n):
+        raise ValueError("crystals, tables and sources must have the same length")
+    for crystal, table in zip(crystals, tables):
+        if len(table) and np.abs(table.n).max() > TRANSLATION_LIMIT:
+            raise ShardError(f"crystal {crystal.id!r}: lattice translation beyond int16 in its image table")
+    empty_i = np.zeros(0, np.int32)
+    columns = {
+        "id": pa.array([c.id for c in crystals], pa.string()),
+        "source": pa.array(list(sources), pa.string()),
+        "n_atoms": pa.array(np.array([c.n_atoms for c in crystals], np.int32)),
+        "numbers": _list_array([c.numbers.astype(np.int16) for c in crystals], pa.int16()),
+        "lattice": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.concatenate([c.lattice.reshape(-1) for c in crystals]) if n else np.zeros(0)), 9),
+        "positions": _list_array([c.positions.reshape(-1) for c in crystals], pa.float64()),
+        "disorder_site": _list_array([c.disorder.site.astype(np.int32) if c.disorder is not None else empty_i
+                                      for c in crystals], pa.int32()),
+        "disorder_z": _list_array([c.disorder.z.astype(np.int16) if c.disorder is not None else empty_i
+                                   for c in crystals], pa.int16()),
+        "disorder_occupancy": _list_array([c.disorder.occupancy if c.disorder is not None else np.zeros(0)
+                                           for c in crystals], pa.float64()),
+        "n_entries": pa.array(np.array([len(t) for t in tables], np.int32)),
+        "table_i": _list_array([t.i.astype(np.int32) for t in tables], pa.int32()),
+        "table_j": _list_array([t.j.astype(np.int32) for t in tables], pa.int32()),
+        "table_n": _list_array([t.n.reshape(-1).astype(np.int16) for t in tables], pa.int16()),
+    }
+    for name in targets:
+        columns[f"y.{name}"] = pa.array(np.array([float(c.labels[name]) for c in crystals], np.float64))
+    if forces is not None:
+        columns["forces"] = pa.array([None if f is None else np.asarray(f, np.float32).reshape(-1) for f in forces],
+                                     pa.list_(pa.float32()))
+    if stress is not None:
+        columns["stress"] = pa.array([None if s is None else np.asarray(s, np.float64).reshape(-1) for s in stress],
+                                     pa.list_(pa.float64(), 9))
+    schema = arrow_schema(targets, forces is not None, stress is not None)
+    return pa.table(columns, schema=schema)
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, honouring slices."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    return values, offsets
+
+
+def _rows(column) -> np.ndarray:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def arrow_to_crystals(table: pa.Table) -> tuple[list["Crystal"], list[ImageTable]]:
+    """Rebuild crystals and image tables from shard rows (the inverse of :func:`crystals_to_arrow`)."""
+    from cfdist.crystal import Crystal, SiteDisorder
+
+    cutoff = float(read_metadata_from_schema(table.schema).get("cutoff", np.nan))
+    targets = target_columns(table.schema)
+    labels = {name: _rows(table[f"y.{name}"]) for name in targets}
+    numbers, num_off = _flat(table["numbers"])
+    positions, pos_off = _flat(table["positions"])
+    lattice = _flat_fixed(table["lattice"]).reshape(-1, 3, 3)
+    d_site, d_off = _flat(table["disorder_site"])
+    d_z, _ = _flat(table["disorder_z"])
+    d_occ, _ = _flat(table["disorder_occupancy"])
+    ti, t_off = _flat(table["table_i"])
+    tj, _ = _flat(table["table_j"])
+    tn, _ = _flat(table["table_n"])
+    ids = table["id"].to_pylist()
+    crystals, tables = [], []
+    for r in range(table.num_rows):
+        disorder = None
+        if d_off[r + 1] > d_off[r]:
+            sl = slice(d_off[r], d_off[r + 1])
+            disorder = SiteDisorder(site=d_site[sl], z=d_z[sl], occupancy=d_occ[sl])
+        crystals.append(Crystal(id=ids[r], numbers=numbers[num_off[r]:num_off[r + 1]].astype(np.int64),
+                                lattice=lattice[r], positions=positions[pos_off[r]:pos_off[r + 1]].reshape(-1, 3),
+                                labels={name: float(labels[name][r]) for name in targets}, disorder=disorder))
+        sl = slice(t_off[r], t_off[r + 1])
+        tables.append(ImageTable(ti[sl].astype(np.int64), tj[sl].astype(np.int64),
+                                 tn[3 * t_off[r]:3 * t_off[r + 1]].reshape(-1, 3).astype(np.int64), cutoff))
+    return crystals, tables
+
+
+def _flat_fixed(column) -> np.ndarray:
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.flatten() if arr.offset == 0 else pa.concat_arrays([arr]).flatten()
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
+                  cutoff: float | None = None) -> CrystalBatch:
+    """Vectorised shard rows -> :class:`CrystalBatch` (no Python loop over rows or atoms).
+
+    Args:
+        table: shard rows (any slice of a shard, or rows concatenated from several).
+        target_names: targets to put in ``labels`` (columns ``y.<name>``).
+        cutoff: cutoff the tables were built with (defaults to the schema metadata).
+    """
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    if cutoff is None:
+        cutoff = float(read_metadata_from_schema(table.schema)["cutoff"])
+    n_atoms = _rows(table["n_atoms"]).astype(np.int64)
+    n_entries = _rows(table["n_entries"]).astype(np.int64)
+    n_rows = len(n_atoms)
+    atom_offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]]).astype(np.int64)
+    numbers, _ = _flat(table["numbers"])
+    positions, _ = _flat(table["positions"])
+    lattice = _flat_fixed(table["lattice"]).reshape(n_rows, 3, 3)
+    ti, _ = _flat(table["table_i"])
+    tj, _ = _flat(table["table_j"])
+    tn, _ = _flat(table["table_n"])
+    entry_offset = np.repeat(atom_offset, n_entries)
+
+    # Species: ordered sites from `numbers`, disordered sites replaced by their entries.
+    d_site, d_off = _flat(table["disorder_site"])
+    d_z, _ = _flat(table["disorder_z"])
+    d_occ, _ = _flat(table["disorder_occupancy"])
+    n_total = int(n_atoms.sum())
+    site = np.arange(n_total, dtype=np.int64)
+    z = numbers.astype(np.int64)
+    occ = np.ones(n_total, dtype=np.float64)
+    if len(d_site):
+        d_global = d_site.astype(np.int64) + np.repeat(atom_offset, np.diff(d_off))
+        ordered = np.ones(n_total, dtype=bool)
+        ordered[d_global] = False
+        site = np.concatenate([site[ordered], d_global])
+        z = np.concatenate([z[ordered], d_z.astype(np.int64)])
+        occ = np.concatenate([occ[ordered], d_occ])
+        order = np.argsort(site, kind="stable")
+        site, z, occ = site[order], z[order], occ[order]
+
+    labels = None
+    if target_names is not None:
+        available = set(target_columns(table.schema))
+        missing = [name for name in target_names if name not in available]
+        if missing:
+            raise ShardError(f"shard has no target column(s) {missing}; it holds {sorted(available)}")
+        labels = torch.from_numpy(np.stack([_rows(table[f"y.{name}"]).astype(np.float64) for name in target_names],
+                                           axis=1).reshape(n_rows, len(target_names)))
+    return CrystalBatch(
+        positions=torch.from_numpy(positions.astype(np.float64).reshape(-1, 3)),
+        lattice=torch.from_numpy(lattice.astype(np.float64)),
+        atom_crystal=torch.from_numpy(np.repeat(np.arange(n_rows, dtype=np.int64), n_atoms)),
+        n_atoms=torch.from_numpy(n_atoms),
+        species_site=torch.from_numpy(site),
+        species_z=torch.from_numpy(z),
+        species_occupancy=torch.from_numpy(occ),
+        entry_i=torch.from_numpy(ti.astype(np.int64) + entry_offset),
+        entry_j=torch.from_numpy(tj.astype(np.int64) + entry_offset),
+        entry_n=torch.from_numpy(tn.astype(np.float64).reshape(-1, 3)),
+        labels=labels,
+        ids=table["id"].to_pylist(),
+        cutoff=float(cutoff),
+    )
+
+
+def shard_metadata(cutoff: float, targets: Sequence[str], **extra) -> dict:
+    from cfdist import __version__
+
+    return {"schema_version": SCHEMA_VERSION, "cutoff": float(cutoff), "targets": list(targets),
+            "cfdist_version": __version__, **extra}
+
+
+def read_metadata_from_schema(schema: pa.Schema) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def write_shard(path: str | Path, table: pa.Table, metadata: dict, row_group_size: int = 1024) -> None:
+    """Write ``table`` as zstd Parquet atomically: a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           METADATA_KEY: json.dumps(metadata).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a shard, with a clear :class:`ShardError` for a truncated or foreign file."""
+    try:
+        table = pq.read_table(path, columns=list(columns) if columns else None)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Parquet shard ({exc})") from exc
+    meta = read_metadata_from_schema(table.schema)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: shard schema version {meta.get('schema_version')!r}, this cfdist reads "
+                         f"{SCHEMA_VERSION}; rebuild the shards")
+    return table

@@ -1,0 +1,595 @@
+"""Raw crystal files -> content-hashed Parquet shards of crystals and image tables (Ray Data).
+
+    python preprocess/build_shards.py INPUT... --out DIR [--format FMT] [--targets e_form gap]
+        [--model-config configs/model/crystalformer.yaml | --cutoff 8.91]
+        [--split-file split.json | --split-fractions 0.8 0.1 0.1] [--shard-size 4096]
+
+or, against a running cluster (the script connects to it through RAY_ADDRESS):
+
+    ray job submit --working-dir . -- python preprocess/build_shards.py ...
+
+Inputs are files, directories or globs in any format of ``preprocess/readers.py`` (CIF
+directory + id_prop.csv, JARVIS JSON, pymatgen JSON, extxyz, ASE db). The driver plans
+deterministic chunks of ``--shard-size`` input records; Ray Data maps every chunk on a
+worker (read -> validate -> image tables -> one zstd Parquet shard per split) and streams
+a summary back. Output::
+
+    DIR/<split>/part-<chunk>.parquet   rows of one chunk for that split (docs/shards.md)
+    DIR/manifest.json                   shards, counts, statistics, content hash
+    DIR/rejects.jsonl                   every rejected record: id, source, reason, message
+    DIR/.progress/                      per-chunk completion records (resume state)
+
+Every input record is written or rejected (``n_input == n_written + n_rejected`` is
+checked before the manifest is written). Re-running the same command skips finished
+chunks, so a killed run resumes and ends with the same manifest. A changed input, cutoff
+or setting changes the content hash and the job refuses to mix with stale shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script and under `ray job submit --working-dir .`
+    sys.path.insert(0, str(REPO))
+
+from preprocess.readers import Chunk, FORMATS, expand_inputs, infer_format, plan_chunks, read_chunk  # noqa: E402
+
+SPLITS = ("train", "val", "test")
+ATOM_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2**31]
+ENTRY_BINS = [0, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2**62]
+N_ELEMENTS = 98
+PROGRESS_DIR = ".progress"
+
+
+class BuildError(RuntimeError):
+    """The job cannot run as asked (stale output directory, bad split file, ...)."""
+
+
+@dataclass
+class Settings:
+    """Everything that determines the shards' content (hashed into the manifest)."""
+
+    cutoff: float
+    targets: list[str]
+    shard_size: int = 4096
+    split_file: str | None = None
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    split_salt: str = "cfdist"
+    min_distance: float = 0.5
+    min_volume: float = 0.1
+    max_entries: int = 500_000
+    allow_missing_labels: bool = False
+    with_forces: bool = False
+    with_stress: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def load_split_file(path: str) -> dict[str, str]:
+    """id -> split from ``{"train": [ids], "val": [...], "test": [...]}`` or ``{id: split}`` JSON."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise BuildError(f"{path}: split file must be a JSON object")
+    if data and all(isinstance(v, list) for v in data.values()):
+        unknown = sorted(set(data) - set(SPLITS))
+        if unknown:
+            raise BuildError(f"{path}: unknown split name(s) {unknown}; use {list(SPLITS)}")
+        mapping = {}
+        for split, ids in data.items():
+            for rid in ids:
+                if str(rid) in mapping and mapping[str(rid)] != split:
+                    raise BuildError(f"{path}: id {rid!r} is in both {mapping[str(rid)]!r} and {split!r}")
+                mapping[str(rid)] = split
+        return mapping
+    bad = {v for v in data.values() if v not in SPLITS}
+    if bad:
+        raise BuildError(f"{path}: unknown split name(s) {sorted(map(str, bad))}; use {list(SPLITS)}")
+    return {str(k): v for k, v in data.items()}
+
+
+def hash_split(rid: str, fractions: Sequence[float], salt: str) -> str:
+    """Deterministic split from a hash of the id: stable across runs, machines and input order."""
+    u = int.from_bytes(hashlib.sha256(f"{salt}:{rid}".encode()).digest()[:8], "big") / 2**64
+    edge = 0.0
+    for split, fraction in zip(SPLITS, fractions):
+        edge += fraction
+        if u < edge:
+            return split
+    return SPLITS[len(fractions) - 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side: one chunk
+
+
+def _reject(rid: str | None, source: str, reason: str, message: str) -> dict:
+    return {"id": rid, "source": source, "reason": reason, "message": message}
+
+
+def estimate_entries(n_atoms: int, volume: float, cutoff: float) -> float:
+    """Expected table size N^2 * (4/3 pi r_c^3) / V (uniform density), for an early budget check."""
+    return n_atoms * n_atoms * (4.0 / 3.0 * math.pi * cutoff**3) / max(volume, 1e-12)
+
+
+def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
+                  split_of: dict[str, str] | None) -> dict:
+    """Read, validate and tabulate one chunk; write its shards and completion record."""
+    import dataclasses
+
+    from cfdist.crystal import InvalidCrystalError, validate
+    from cfdist.geometry import image_table
+    from cfdist.shards import crystals_to_arrow, shard_metadata, write_shard
+
+    out = Path(out_dir)
+    rows: dict[str, list] = defaultdict(list)
+    rejects: list[dict] = []
+    n_input = 0
+    for record in read_chunk(chunk):
+        n_input += 1
+        rid = record.id if record.id else f"{Path(chunk.path).name}:{record.index}"
+        if record.error_reason is not None or record.crystal is None:
+            rejects.append(_reject(rid, record.source, record.error_reason or "unparseable",
+                                   record.error or "unreadable record"))
+            continue
+        labels = dict(record.labels)
+        crystal = dataclasses.replace(record.crystal, id=rid, labels={})
+        try:
+            validate(crystal, min_distance=settings.min_distance, min_volume=settings.min_volume)
+        except InvalidCrystalError as exc:
+            rejects.append(_reject(rid, record.source, exc.reason, str(exc)))
+            continue
+        kept, problem = {}, None
+        for name in settings.targets:
+            value = labels.get(name)
+            value = float("nan") if value is None else float(value)
+            if math.isinf(value):
+                problem = ("non_finite_label", f"label {name!r} is {value}")
+                break
+            if math.isnan(value) and not settings.allow_missing_labels:
+                problem = ("missing_label", f"label {name!r} is missing")
+                break
+            kept[name] = value
+        if problem:
+            rejects.append(_reject(rid, record.source, problem[0], f"crystal {rid!r}: {problem[1]}"))
+            continue
+        if split_of is not None:
+            split = split_of.get(rid)
+            if split is None:
+                rejects.append(_reject(rid, record.source, "not_in_split_file",
+                                       f"crystal {rid!r}: id not found in the split file"))
+                continue
+        else:
+            split = hash_split(rid, settings.split_fractions, settings.split_salt)
+        estimate = estimate_entries(crystal.n_atoms, crystal.volume, settings.cutoff)
+        if estimate > 4 * settings.max_entries:
+            rejects.append(_reject(rid, record.source, "table_too_large",
+                                   f"crystal {rid!r}: about {estimate:,.0f} image-table entries expected, "
+                                   f"budget {settings.max_entries:,}"))
+            continue
+        table = image_table(crystal.lattice, crystal.positions, settings.cutoff)
+        if len(table) > settings.max_entries:
+            rejects.append(_reject(rid, record.source, "table_too_large",
+                                   f"crystal {rid!r}: {len(table):,} image-table entries, budget "
+                                   f"{settings.max_entries:,}"))
+            continue
+        rows[split].append((dataclasses.replace(crystal, labels=kept), table, record.source,
+                            record.forces, record.stress))
+    if n_input != chunk.count:
+        raise RuntimeError(f"{chunk.path}: chunk {index} planned {chunk.count} records but read {n_input}")
+
+    shards = {}
+    for split in SPLITS:
+        if not rows[split]:
+            continue
+        crystals, tables, sources, forces, stress = map(list, zip(*rows[split]))
+        arrow = crystals_to_arrow(crystals, tables, sources, settings.targets,
+                                  forces if settings.with_forces else None, stress if settings.with_stress else None)
+        rel = f"{split}/part-{index:06d}.parquet"
+        write_shard(out / rel, arrow, shard_metadata(settings.cutoff, settings.targets, chunk=index, split=split))
+        shards[split] = {"file": rel, "ids": [c.id for c in crystals], "sources": sources}
+    record = {"chunk": index, "input": asdict(chunk), "n_input": n_input, "rejects": rejects, "shards": shards,
+              "dropped": {}}
+    _write_json_atomic(out / PROGRESS_DIR / f"chunk-{index:06d}.json", record)
+    n_written = sum(len(s["ids"]) for s in shards.values())
+    return {"chunk": index, "n_input": n_input, "n_written": n_written, "n_rejected": len(rejects)}
+
+
+class ChunkProcessor:
+    """Ray Data UDF (one per worker): holds the settings and split map, processes chunk rows."""
+
+    def __init__(self, settings: dict, out_dir: str):
+        self.settings = Settings(**settings)
+        self.out_dir = out_dir
+        # Inputs, split file and output live on storage every worker sees (a shared FS on clusters).
+        self.split_of = load_split_file(self.settings.split_file) if self.settings.split_file else None
+
+    def __call__(self, batch: dict) -> dict:
+        results = [process_chunk(int(i), Chunk(**json.loads(c)), self.settings, self.out_dir, self.split_of)
+                   for i, c in zip(batch["index"], batch["chunk"])]
+        return {key: np.array([r[key] for r in results]) for key in results[0]}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: plan, run, finalise
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_fingerprint(paths: Sequence[str]) -> list[dict]:
+    """Content digests of every input file (a CIF directory: id_prop.csv and every file in it)."""
+    out = []
+    for path in paths:
+        p = Path(path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.relative_to(p).as_posix().encode() if p.is_dir() else b"")
+            digest.update(file_digest(f).encode())
+        out.append({"path": str(p), "sha256": digest.hexdigest(), "bytes": sum(f.stat().st_size for f in files)})
+    return out
+
+
+def content_hash(inputs: list[dict], fmt: str, settings: Settings) -> str:
+    from cfdist.shards import SCHEMA_VERSION
+
+    spec = {"schema_version": SCHEMA_VERSION, "format": fmt, "inputs": [i["sha256"] for i in inputs],
+            "settings": asdict(settings)}
+    if settings.split_file:
+        spec["split_file_sha256"] = file_digest(Path(settings.split_file))
+        spec["settings"] = {**spec["settings"], "split_file": None}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def prepare_output(out: Path, digest: str, overwrite: bool) -> None:
+    """Create ``out`` or check that it holds (part of) a build with the same content hash."""
+    plan_file = out / PROGRESS_DIR / "plan.json"
+    if out.exists() and any(out.iterdir()):
+        existing = json.loads(plan_file.read_text())["content_hash"] if plan_file.exists() else None
+        if existing != digest:
+            if not overwrite:
+                what = f"content hash {existing[:12]}" if existing else "files not made by this job"
+                raise BuildError(f"{out} holds {what}, but this command's inputs/settings hash to "
+                                 f"{digest[:12]}; use a new --out or pass --overwrite to rebuild")
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, workers: int | None,
+               total_input: int, already: int) -> None:
+    """Map ``process_chunk`` over the pending chunks with Ray Data, with a progress bar."""
+    import ray
+    from tqdm import tqdm
+
+    if not pending:
+        return
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    items = [{"index": i, "chunk": json.dumps(asdict(c))} for i, c in pending]
+    concurrency = max(1, min(len(items), workers or int(ray.cluster_resources().get("CPU", 1))))
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(ChunkProcessor, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=concurrency),
+                        fn_constructor_kwargs={"settings": asdict(settings), "out_dir": str(out)})
+    start = time.perf_counter()
+    done_structs = 0
+    with tqdm(total=total_input, initial=already, unit="struct", desc="shards", mininterval=2.0,
+              file=sys.stderr) as bar:
+        for row in ds.iter_rows():
+            done_structs += int(row["n_input"])
+            bar.update(int(row["n_input"]))
+            bar.set_postfix(rejected=int(row["n_rejected"]), refresh=False)
+    elapsed = time.perf_counter() - start
+    print(f"processed {done_structs:,} structures in {elapsed:.1f} s ({done_structs / max(elapsed, 1e-9):,.0f} "
+          f"structures/s with {concurrency} worker(s))", file=sys.stderr)
+
+
+def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict], settings: Settings) -> dict:
+    """Drop duplicate ids, gather statistics, write rejects.jsonl and manifest.json."""
+    import pyarrow.parquet as pq
+
+    from cfdist import __version__
+    from cfdist.shards import SCHEMA_VERSION, read_shard, write_shard
+
+    records = [json.loads((out / PROGRESS_DIR / f"chunk-{i:06d}.json").read_text()) for i in range(n_chunks)]
+    # Duplicate ids: the first occurrence in input order is kept, later ones are rejected.
+    seen: set[str] = set()
+    for rec in records:
+        dropped: dict[str, list[int]] = {}
+        for split in SPLITS:
+            shard = rec["shards"].get(split)
+            if shard is None:
+                continue
+            for row, rid in enumerate(shard["ids"]):
+                if rid in seen:
+                    dropped.setdefault(split, []).append(row)
+                seen.add(rid)
+        if dropped != rec["dropped"]:
+            for split, rows in dropped.items():
+                path = out / rec["shards"][split]["file"]
+                table = read_shard(path)
+                if table.num_rows == len(rec["shards"][split]["ids"]):  # not filtered yet (idempotent on resume)
+                    keep = np.setdiff1d(np.arange(table.num_rows), rows)
+                    write_shard(path, table.take(keep), json.loads(table.schema.metadata[b"cfdist"]))
+            rec["dropped"] = dropped
+            _write_json_atomic(out / PROGRESS_DIR / f"chunk-{rec['chunk']:06d}.json", rec)
+
+    stats = StatsAccumulator(settings.targets)
+    shards, rejects = [], []
+    counts = {s: 0 for s in SPLITS}
+    n_input = 0
+    for rec in records:
+        n_input += rec["n_input"]
+        rejects.extend(rec["rejects"])
+        for split in SPLITS:
+            shard = rec["shards"].get(split)
+            if shard is None:
+                continue
+            path = out / shard["file"]
+            for row in rec["dropped"].get(split, []):
+                rid = shard["ids"][row]
+                rejects.append(_reject(rid, shard["sources"][row], "duplicate_id",
+                                       f"crystal {rid!r}: id already used by an earlier record"))
+            table = pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
+                                  + [f"y.{t}" for t in settings.targets])
+            if table.num_rows == 0:
+                path.unlink()
+                continue
+            stats.add(split, table)
+            counts[split] += table.num_rows
+            shards.append({"file": shard["file"], "split": split, "rows": table.num_rows,
+                           "bytes": path.stat().st_size, "sha256": file_digest(path)})
+    n_written = sum(counts.values())
+    if n_input != n_written + len(rejects):
+        raise BuildError(f"accounting failed: {n_input} inputs != {n_written} written + {len(rejects)} rejected")
+    with open(out / "rejects.jsonl.tmp", "w") as f:
+        for r in rejects:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    os.replace(out / "rejects.jsonl.tmp", out / "rejects.jsonl")
+    reasons: dict[str, int] = defaultdict(int)
+    for r in rejects:
+        reasons[r["reason"]] += 1
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "cfdist_version": __version__, "content_hash": digest,
+        "format": fmt, "inputs": inputs, "settings": asdict(settings), "cutoff": settings.cutoff,
+        "targets": settings.targets, "n_input": n_input, "n_written": n_written, "n_rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(reasons.items())), "splits": counts, "shards": shards,
+        "statistics": stats.summary(),
+    }
+    _write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+class StatsAccumulator:
+    """Sufficient statistics over shards: target moments, element counts, histograms, reference energies."""
+
+    def __init__(self, targets: Sequence[str]):
+        self.targets = list(targets)
+        self.moments = {s: {t: np.zeros(3) for t in self.targets} for s in SPLITS}  # count, sum, sum sq
+        self.elements = np.zeros(N_ELEMENTS + 1, dtype=np.int64)
+        self.atoms_hist = np.zeros(len(ATOM_BINS) - 1, dtype=np.int64)
+        self.entries_hist = np.zeros(len(ENTRY_BINS) - 1, dtype=np.int64)
+        self.gram = np.zeros((N_ELEMENTS + 1, N_ELEMENTS + 1))
+        self.rhs = {t: np.zeros(N_ELEMENTS + 1) for t in self.targets}
+        self.total_atoms = 0
+        self.total_entries = 0
+
+    def add(self, split: str, table) -> None:
+        n_atoms = table["n_atoms"].to_numpy().astype(np.int64)
+        n_entries = table["n_entries"].to_numpy().astype(np.int64)
+        numbers = table["numbers"].combine_chunks().values.to_numpy().astype(np.int64)
+        for t in self.targets:
+            y = table[f"y.{t}"].to_numpy()
+            y = y[np.isfinite(y)]
+            self.moments[split][t] += [len(y), y.sum(), (y * y).sum()]
+        self.elements += np.bincount(numbers, minlength=N_ELEMENTS + 1)[: N_ELEMENTS + 1]
+        self.atoms_hist += np.histogram(n_atoms, ATOM_BINS)[0]
+        self.entries_hist += np.histogram(n_entries, ENTRY_BINS)[0]
+        self.total_atoms += int(n_atoms.sum())
+        self.total_entries += int(n_entries.sum())
+        if split == "train":
+            row = np.repeat(np.arange(len(n_atoms)), n_atoms)
+            composition = np.zeros((len(n_atoms), N_ELEMENTS + 1))
+            np.add.at(composition, (row, numbers), 1.0)
+            composition /= n_atoms[:, None]
+            self.gram += composition.T @ composition
+            for t in self.targets:
+                y = table[f"y.{t}"].to_numpy()
+                ok = np.isfinite(y)
+                self.rhs[t] += composition[ok].T @ y[ok]
+
+    def summary(self) -> dict:
+        targets = {}
+        for t in self.targets:
+            per_split = {}
+            for s in SPLITS:
+                n, total, total_sq = self.moments[s][t]
+                if n:
+                    mean = total / n
+                    per_split[s] = {"count": int(n), "mean": mean, "std": math.sqrt(max(total_sq / n - mean**2, 0.0))}
+            targets[t] = per_split
+        present = np.nonzero(np.diag(self.gram) > 0)[0]
+        reference = {}
+        for t in self.targets:
+            if len(present):
+                g = self.gram[np.ix_(present, present)]
+                coef = np.linalg.lstsq(g + 1e-10 * np.eye(len(present)), self.rhs[t][present], rcond=None)[0]
+                reference[t] = {str(int(z)): float(c) for z, c in zip(present, coef)}
+        return {
+            "targets": targets,
+            "element_counts": {str(z): int(c) for z, c in enumerate(self.elements) if c},
+            "atoms_histogram": {"edges": ATOM_BINS, "counts": self.atoms_hist.tolist()},
+            "entries_histogram": {"edges": ENTRY_BINS, "counts": self.entries_hist.tolist()},
+            "total_atoms": self.total_atoms, "total_entries": self.total_entries,
+            "reference_per_element": reference,
+            "reference_note": "least-squares fit of each target on composition fractions (train split): "
+                              "y ~ sum_Z x_Z mu_Z; multiply by N for per-structure totals",
+        }
+
+
+def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
+          workers: int | None = None, overwrite: bool = False) -> dict:
+    """Build (or resume) the shards of ``inputs`` into ``out``; returns the manifest."""
+    import ray
+
+    out = Path(out).resolve()
+    paths = expand_inputs(list(inputs))
+    formats = {infer_format(p) for p in paths} if fmt is None else {fmt}
+    if len(formats) != 1:
+        raise BuildError(f"inputs mix formats {sorted(formats)}; pass --format or build them separately")
+    fmt = formats.pop()
+    if fmt not in FORMATS:
+        raise BuildError(f"unknown format {fmt!r}; choose from {list(FORMATS)}")
+    if settings.split_file is None and (len(settings.split_fractions) != 3 or
+                                        abs(sum(settings.split_fractions) - 1) > 1e-9 or
+                                        min(settings.split_fractions) < 0):
+        raise BuildError(f"--split-fractions must be three non-negative numbers summing to 1, got "
+                         f"{settings.split_fractions}")
+    if settings.split_file:
+        load_split_file(settings.split_file)  # fail early on a malformed file
+
+    print(f"hashing {len(paths)} input(s) ...", file=sys.stderr)
+    fingerprint = input_fingerprint(paths)
+    digest = content_hash(fingerprint, fmt, settings)
+    prepare_output(out, digest, overwrite)
+    chunks = [c for p in paths for c in plan_chunks(p, fmt, settings.shard_size)]
+    _write_json_atomic(out / PROGRESS_DIR / "plan.json",
+                       {"content_hash": digest, "n_chunks": len(chunks), "chunks": [asdict(c) for c in chunks]})
+    done = {i for i in range(len(chunks)) if (out / PROGRESS_DIR / f"chunk-{i:06d}.json").exists()}
+    pending = [(i, c) for i, c in enumerate(chunks) if i not in done]
+    total = sum(c.count for c in chunks)
+    already = sum(chunks[i].count for i in done)
+    print(f"{fmt}: {total:,} records in {len(chunks)} chunk(s); {len(done)} already done, {len(pending)} to run; "
+          f"cutoff {settings.cutoff:.4f} A; content hash {digest[:12]}", file=sys.stderr)
+    _remove_partial_files(out)
+    if pending and not ray.is_initialized():
+        ray.init(**_local_ray_args())
+    run_chunks(pending, settings, out, workers, total, already)
+    manifest = finalize(out, len(chunks), digest, fmt, fingerprint, settings)
+    print_summary(manifest)
+    return manifest
+
+
+def _remove_partial_files(out: Path) -> None:
+    """Temporary files of a killed run (never referenced by a completion record)."""
+    for tmp in out.rglob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _local_ray_args() -> dict:
+    """Connect to RAY_ADDRESS (ray job submit) or start a local instance."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {"address": os.environ["RAY_ADDRESS"], "logging_level": "ERROR"}
+    args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR",
+                            "object_store_memory": int(os.environ.get("CFDIST_RAY_OBJECT_STORE", 512 * 1024**2))}
+    if os.environ.get("CFDIST_RAY_NODE_IP"):
+        args["_node_ip_address"] = os.environ["CFDIST_RAY_NODE_IP"]
+    if os.environ.get("CFDIST_RAY_NUM_CPUS"):
+        args["num_cpus"] = int(os.environ["CFDIST_RAY_NUM_CPUS"])
+    return args
+
+
+def print_summary(manifest: dict) -> None:
+    lines = ["", "| split | structures | shards | bytes |", "|---|---|---|---|"]
+    for split in SPLITS:
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        lines.append(f"| {split} | {manifest['splits'][split]:,} | {len(shards)} | {sum(s['bytes'] for s in shards):,} |")
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    lines.append(f"| **all** | {manifest['n_written']:,} | {len(manifest['shards'])} | {total_bytes:,} |")
+    lines.append("")
+    lines.append(f"inputs {manifest['n_input']:,} = written {manifest['n_written']:,} + rejected "
+                 f"{manifest['n_rejected']:,} {manifest['rejected_by_reason']}")
+    if manifest["n_written"]:
+        lines.append(f"{total_bytes / manifest['n_written']:,.0f} bytes/structure on disk; "
+                     f"{manifest['statistics']['total_entries'] / max(manifest['statistics']['total_atoms'], 1):.0f} "
+                     f"table entries/atom")
+    print("\n".join(lines))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="input files, directories or globs")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", choices=FORMATS, default=None, help="input format (default: from extension)")
+    parser.add_argument("--targets", nargs="*", default=[], help="label names to keep (required per record)")
+    cut = parser.add_mutually_exclusive_group()
+    cut.add_argument("--cutoff", type=float, help="image-table cutoff in A")
+    cut.add_argument("--model-config", help="model YAML; cutoff = cutoff_sigmas * r0 / sqrt(b) "
+                                            "(default: configs/model/crystalformer.yaml)")
+    sp = parser.add_mutually_exclusive_group()
+    sp.add_argument("--split-file", help='JSON {"train": [ids], "val": [...], "test": [...]} or {id: split}')
+    sp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                    help="hash-based split fractions (default 0.8 0.1 0.1)")
+    parser.add_argument("--split-salt", default="cfdist", help="salt of the hash-based split")
+    parser.add_argument("--shard-size", type=int, default=4096, help="input records per chunk (shard)")
+    parser.add_argument("--max-entries", type=int, default=500_000, help="image-table entry budget per structure")
+    parser.add_argument("--min-distance", type=float, default=0.5, help="reject atoms closer than this (A)")
+    parser.add_argument("--min-volume", type=float, default=0.1, help="reject cells smaller than this (A^3)")
+    parser.add_argument("--allow-missing-labels", action="store_true", help="store NaN instead of rejecting")
+    parser.add_argument("--with-forces", action="store_true", help="store per-atom forces (extxyz, ASE db)")
+    parser.add_argument("--with-stress", action="store_true", help="store stress tensors (extxyz, ASE db)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel chunk workers (default: cluster CPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild an output dir made with other settings")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from cfdist.config import CrystalformerConfig, table_cutoff
+
+    if args.cutoff is not None:
+        if not args.cutoff > 0:
+            raise BuildError("--cutoff must be > 0")
+        cutoff = float(args.cutoff)
+    else:
+        cutoff = table_cutoff(CrystalformerConfig.from_yaml(args.model_config or REPO / "configs/model/crystalformer.yaml"))
+    if args.shard_size < 1:
+        raise BuildError("--shard-size must be >= 1")
+    return Settings(cutoff=cutoff, targets=list(args.targets), shard_size=args.shard_size,
+                    split_file=str(Path(args.split_file).resolve()) if args.split_file else None,
+                    split_fractions=list(args.split_fractions or [0.8, 0.1, 0.1]), split_salt=args.split_salt,
+                    min_distance=args.min_distance, min_volume=args.min_volume, max_entries=args.max_entries,
+                    allow_missing_labels=args.allow_missing_labels, with_forces=args.with_forces,
+                    with_stress=args.with_stress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    args = parse_args(argv)
+    try:
+        build(args.inputs, args.out, settings_from_args(args), args.format, args.workers, args.overwrite)
+    except (BuildError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The Ray preprocessing stage: shards, manifest accounting, rejects, splits, resume, stale cache, job submit."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfdist.geometry import image_table
+from cfdist.shards import arrow_to_crystals, collate_arrow, read_shard
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "preprocess" / "build_shards.py"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+def run_build(ray_session, inputs, out, **overrides):
+    from preprocess.build_shards import Settings, build
+
+    settings = Settings(**{"cutoff": 8.9095, "targets": ["e_form"], "shard_size": 16, **overrides})
+    return build([str(p) for p in inputs], out, settings, workers=2)
+
+
+def cli(*args, timeout=240, **kwargs):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CFDIST_RAY_NUM_CPUS": "2", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def slice_file(tmp_path_factory, megnet_records):
+    path = tmp_path_factory.mktemp("raw") / "slice.json"
+    path.write_text(json.dumps(megnet_records[:60]))
+    return path
+
+
+def test_round_trip_tables_and_manifest(ray_session, slice_file, megnet_records, tmp_path):
+    split = {"train": [r["id"] for r in megnet_records[:40]], "val": [r["id"] for r in megnet_records[40:50]],
+             "test": [r["id"] for r in megnet_records[50:60]]}
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(split))
+    out = tmp_path / "shards"
+    manifest = run_build(ray_session, [slice_file], out, split_file=str(split_file))
+    assert manifest["n_input"] == 60 and manifest["n_written"] == 60 and manifest["n_rejected"] == 0
+    assert manifest["splits"] == {"train": 40, "val": 10, "test": 10}
+    by_id = {r["id"]: r for r in megnet_records[:60]}
+    seen = []
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        assert path.parent.name == shard["split"] and path.stat().st_size == shard["bytes"]
+        table = read_shard(path)
+        assert table.num_rows == shard["rows"]
+        crystals, tables = arrow_to_crystals(table)
+        for crystal, table_ in zip(crystals, tables):
+            assert crystal.id in split[shard["split"]]
+            direct = image_table(crystal.lattice, crystal.positions, manifest["cutoff"])
+            np.testing.assert_array_equal(table_.i, direct.i)
+            np.testing.assert_array_equal(table_.n, direct.n)
+            assert crystal.labels["e_form"] == by_id[crystal.id]["e_form"]
+            seen.append(crystal.id)
+        batch = collate_arrow(table, ["e_form"])
+        assert batch.n_crystals == table.num_rows
+    assert sorted(seen) == sorted(by_id)
+    stats = manifest["statistics"]
+    train_y = np.array([by_id[i]["e_form"] for i in split["train"]])
+    assert stats["targets"]["e_form"]["train"]["mean"] == pytest.approx(train_y.mean())
+    assert stats["targets"]["e_form"]["train"]["std"] == pytest.approx(train_y.std())
+    assert sum(stats["atoms_histogram"]["counts"]) == 60
+    assert sum(stats["element_counts"].values()) == stats["total_atoms"]
+    assert set(stats["reference_per_element"]["e_form"]) <= set(stats["element_counts"])
+    assert (out / "rejects.jsonl").read_text() == ""
+
+
+def bad_records(good):
+    """One bad record per reason, each built from a real record."""
+    def variant(i, **atoms_changes):
+        rec = json.loads(json.dumps(good[i]))
+        rec["id"] = f"bad-{i}"
+        rec["atoms"].update(atoms_changes)
+        return rec
+
+    base = good[0]
+    bad = {
+        "unparseable": {"id": "bad-unparseable", "e_form": 1.0},
+        "non_finite": variant(1, coords=[[float("nan"), 0, 0]] + good[1]["atoms"]["coords"][1:]),
+        "small_volume": variant(2, lattice_mat=[[1, 0, 0], [2, 0, 0], [0, 0, 1]]),
+        "overlapping_atoms": variant(3, coords=[good[3]["atoms"]["coords"][0]] * len(good[3]["atoms"]["coords"])),
+        "bad_element": variant(4, elements=["Es"] * len(good[4]["atoms"]["elements"])),
+        "empty": variant(5, coords=[], elements=[]),
+        "missing_label": {**variant(6), "e_form": None},
+        "non_finite_label": {**variant(7), "e_form": float("inf")},
+        "duplicate_id": {**json.loads(json.dumps(base))},
+    }
+    bad["unknown_symbol"] = variant(8, elements=["Xx"] * len(good[8]["atoms"]["elements"]))
+    return bad
+
+
+def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, tmp_path):
+    good = megnet_records[:30]
+    bad = bad_records(good)
+    big = sorted(megnet_records[:400], key=lambda r: len(r["atoms"]["elements"]))[-1]
+    bad["table_too_large"] = {**json.loads(json.dumps(big)), "id": "bad-big"}
+    records = good[:15] + list(bad.values()) + good[15:]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))  # NaN / Infinity as JSON extensions, like real dumps
+    n_big_entries = len(image_table(np.array(big["atoms"]["lattice_mat"]),
+                                    np.array(big["atoms"]["coords"]) @ np.array(big["atoms"]["lattice_mat"]), 8.9095))
+    manifest = run_build(ray_session, [path], tmp_path / "out", max_entries=n_big_entries - 1, shard_size=7)
+    assert manifest["n_input"] == len(records)
+    assert manifest["n_input"] == manifest["n_written"] + manifest["n_rejected"]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == manifest["n_rejected"] == len(bad)
+    got = {r["id"]: r["reason"] for r in rejects}
+    expected = {"bad-unparseable": "unparseable", "bad-1": "non_finite", "bad-2": "small_volume",
+                "bad-3": "overlapping_atoms", "bad-4": "bad_element", "bad-5": "empty",
+                "bad-6": "missing_label", "bad-7": "non_finite_label", good[0]["id"]: "duplicate_id",
+                "bad-8": "bad_element", "bad-big": "table_too_large"}
+    assert got == expected
+    for r in rejects:
+        assert r["source"].startswith(str(path)) and r["message"]
+    dup = next(r for r in rejects if r["reason"] == "duplicate_id")
+    assert dup["source"] == f"{path}:{15 + list(bad).index('duplicate_id')}"  # the later occurrence is rejected
+    assert len(manifest["rejected_by_reason"]) == 10
+
+
+def test_hash_splits_are_deterministic_and_follow_fractions(ray_session, slice_file, tmp_path):
+    m1 = run_build(ray_session, [slice_file], tmp_path / "a", split_fractions=[0.5, 0.25, 0.25])
+    m2 = run_build(ray_session, [slice_file], tmp_path / "b", split_fractions=[0.5, 0.25, 0.25], shard_size=50)
+    ids = {}
+    for m, root in ((m1, tmp_path / "a"), (m2, tmp_path / "b")):
+        ids[root.name] = {s["split"]: set() for s in m["shards"]}
+        for s in m["shards"]:
+            ids[root.name][s["split"]] |= set(read_shard(root / s["file"], ["id"])["id"].to_pylist())
+    assert ids["a"] == ids["b"]  # independent of chunking
+    assert 15 <= m1["splits"]["train"] <= 45 and sum(m1["splits"].values()) == 60
+
+
+def test_stale_output_is_refused_and_rerun_reuses_work(ray_session, slice_file, tmp_path):
+    out = tmp_path / "shards"
+    first = run_build(ray_session, [slice_file], out)
+    mtimes = {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in first["shards"]}
+    again = run_build(ray_session, [slice_file], out)  # nothing to do: same manifest, no shard rewritten
+    assert again == first
+    assert mtimes == {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in again["shards"]}
+    from preprocess.build_shards import BuildError
+
+    with pytest.raises(BuildError, match="--overwrite"):
+        run_build(ray_session, [slice_file], out, cutoff=6.0)
+    from preprocess.build_shards import Settings, build
+
+    manifest = build([str(slice_file)], out, Settings(cutoff=6.0, targets=["e_form"], shard_size=16), overwrite=True)
+    assert manifest["cutoff"] == 6.0 and manifest["content_hash"] != first["content_hash"]
+    assert all(read_shard(out / s["file"]).schema.metadata for s in manifest["shards"])
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_records, tmp_path):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(megnet_records[:240]))
+    args = [raw, "--targets", "e_form", "--shard-size", "8", "--workers", "1", "--cutoff", "8.9095"]
+    reference = cli(*args, "--out", tmp_path / "full")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CFDIST_RAY_NUM_CPUS": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 180
+    progress = out / ".progress"
+    while time.time() < deadline:
+        done = list(progress.glob("chunk-*.json")) if progress.exists() else []
+        if len(done) >= 4:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    n_done = len(list(progress.glob("chunk-*.json")))
+    assert 4 <= n_done < 30, n_done  # killed mid-way
+    assert not (out / "manifest.json").exists()
+
+    resumed = cli(*args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{n_done} already done" in resumed.stderr or f"{n_done + 1} already done" in resumed.stderr
+    full = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    again = json.loads((out / "manifest.json").read_text())
+    assert again == full
+    assert (out / "rejects.jsonl").read_text() == (tmp_path / "full" / "rejects.jsonl").read_text()
+
+
+def test_cli_errors_are_clear(tmp_path, slice_file):
+    missing = cli(tmp_path / "nothing-*.json", "--out", tmp_path / "o")
+    assert missing.returncode == 2 and "nothing-*.json" in missing.stderr
+    bad_split = tmp_path / "split.json"
+    bad_split.write_text(json.dumps({"training": ["mp-1"]}))
+    res = cli(slice_file, "--out", tmp_path / "o2", "--split-file", bad_split)
+    assert res.returncode == 2 and "unknown split name" in res.stderr
+    res = cli(slice_file, "--out", tmp_path / "o3", "--split-fractions", "0.5", "0.5", "0.5")
+    assert res.returncode == 2 and "summing to 1" in res.stderr

@@ -1,0 +1,647 @@
+"""Readers of the preprocessing stage: every format round-trips the real MEGNet slice, bad records
+become error records (never dropped), chunk planning is deterministic and extxyz/jsonl reads stream."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from preprocess import readers
+from preprocess.readers import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
+                                read_chunk)
+
+N = 20
+CHUNK = 7
+
+
+# ----------------------------------------------------------------------------- fixture builders
+
+
+def _structure(rec, properties=None):
+    from pymatgen.core import Structure
+
+    a = rec["atoms"]
+    return Structure(a["lattice_mat"], a["elements"], a["coords"], properties=properties or {})
+
+
+def _atoms(rec):
+    from ase import Atoms
+
+    a = rec["atoms"]
+    lattice = np.array(a["lattice_mat"], dtype=float)
+    return Atoms(symbols=a["elements"], positions=np.array(a["coords"], dtype=float) @ lattice,
+                 cell=lattice, pbc=True)
+
+
+def _forces_stress(k, n_atoms):
+    rng = np.random.default_rng(k)
+    forces = rng.normal(size=(n_atoms, 3))
+    s = rng.normal(size=(3, 3)) * 0.01
+    return forces, (s + s.T) / 2
+
+
+def _write_json(path, obj):
+    opener = gzip.open if path.endswith(".gz") else bz2.open if path.endswith(".bz2") else open
+    with opener(path, "wt") as f:
+        json.dump(obj, f)
+
+
+def _write_jsonl(path, objs, raw_lines=()):
+    """objs as JSON lines; raw_lines: {position: text} of extra raw lines inserted before objs[position]."""
+    lines = [json.dumps(o) for o in objs]
+    for pos, text in sorted(dict(raw_lines).items(), reverse=True):
+        lines.insert(pos, text)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _cse_dict(rec):
+    from pymatgen.entries.computed_entries import ComputedStructureEntry
+
+    s = _structure(rec)
+    return ComputedStructureEntry(s, energy=rec["e_form"] * len(s), correction=-0.25, entry_id=rec["id"],
+                                  data={"e_form": rec["e_form"], "gap pbe": rec["gap pbe"], "note": "x"}).as_dict()
+
+
+def _write_extxyz(path, recs, extra=None):
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frames = []
+    for k, rec in enumerate(recs):
+        atoms = _atoms(rec)
+        forces, stress = _forces_stress(k, len(atoms))
+        atoms.info["mp_id"] = rec["id"]
+        atoms.info["energy_per_atom"] = rec["e_form"]
+        atoms.info["config_type"] = "bulk"
+        atoms.calc = SinglePointCalculator(atoms, energy=rec["e_form"] * len(atoms), forces=forces,
+                                           stress=stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
+        frames.append(atoms)
+    for pos, atoms in sorted((extra or {}).items(), reverse=True):
+        frames.insert(pos, atoms)
+    ase.io.write(path, frames, format="extxyz")
+
+
+def _write_cif_dir(directory, recs, rows=None):
+    from pymatgen.io.cif import CifWriter
+
+    os.makedirs(directory, exist_ok=True)
+    for rec in recs:
+        CifWriter(_structure(rec)).write_file(os.path.join(directory, rec["id"] + ".cif"))
+    if rows is None:
+        rows = [f"{rec['id']},{rec['e_form']}" for rec in recs]
+    with open(os.path.join(directory, "id_prop.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def recs(megnet_records):
+    """N real records; the last one's band gap is set to null (JARVIS's missing value; must become NaN)."""
+    out = [dict(r) for r in megnet_records[:N]]
+    out[-1]["gap pbe"] = None
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, recs):
+    """One well-formed input per format variant, all holding the same N real crystals."""
+    import ase.db
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    root = tmp_path_factory.mktemp("inputs")
+    p = {}
+    p["jarvis_json"] = str(root / "megnet.json")
+    _write_json(p["jarvis_json"], recs)
+    p["jarvis_json_gz"] = str(root / "megnet.json.gz")
+    _write_json(p["jarvis_json_gz"], recs)
+    p["jarvis_json_bz2"] = str(root / "megnet.json.bz2")
+    _write_json(p["jarvis_json_bz2"], recs)
+    p["jarvis_jsonl"] = str(root / "megnet.jsonl")
+    _write_jsonl(p["jarvis_jsonl"], recs, {5: "", 11: "   "})  # blank lines are not records
+    p["jarvis_jsonl_gz"] = str(root / "megnet.jsonl.gz")
+    _write_jsonl(p["jarvis_jsonl_gz"], recs)
+    p["pmg_structures"] = str(root / "structures.json.bz2")
+    _write_json(p["pmg_structures"], [_structure(r, {"id": r["id"], "e_form": r["e_form"]}).as_dict()
+                                      for r in recs])
+    p["pmg_cse"] = str(root / "entries.json")
+    _write_json(p["pmg_cse"], [_cse_dict(r) for r in recs])
+    p["pmg_alexandria"] = str(root / "alexandria.json.bz2")
+    _write_json(p["pmg_alexandria"], {"entries": [_cse_dict(r) for r in recs]})
+    p["pmg_wrapped_jsonl"] = str(root / "mp_dump.jsonl")
+    _write_jsonl(p["pmg_wrapped_jsonl"], [{"material_id": r["id"], "structure": _structure(r).as_dict(),
+                                           "e_form": r["e_form"], "gap pbe": r["gap pbe"], "nelements": 2,
+                                           "formula": "x"} for r in recs])
+    p["extxyz"] = str(root / "mptrj.extxyz")
+    _write_extxyz(p["extxyz"], recs)
+    p["ase_db"] = str(root / "structures.db")
+    with ase.db.connect(p["ase_db"]) as db:
+        for k, rec in enumerate(recs):
+            atoms = _atoms(rec)
+            forces, stress = _forces_stress(k, len(atoms))
+            atoms.calc = SinglePointCalculator(atoms, energy=rec["e_form"] * len(atoms), forces=forces,
+                                               stress=stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
+            db.write(atoms, material_id=rec["id"], e_form=rec["e_form"])
+    p["cif"] = str(root / "cifs")
+    _write_cif_dir(p["cif"], recs)
+    return p
+
+
+def _read_all(path, fmt=None, chunk_size=CHUNK):
+    fmt = fmt or infer_format(path)
+    chunks = plan_chunks(path, fmt, chunk_size)
+    return chunks, [r for c in chunks for r in read_chunk(c)]
+
+
+def _check_plan(chunks, n, chunk_size=CHUNK):
+    assert len(chunks) == math.ceil(n / chunk_size)
+    assert [c.start for c in chunks] == list(range(0, n, chunk_size))
+    assert sum(c.count for c in chunks) == n
+    assert all(c.count == chunk_size for c in chunks[:-1])
+
+
+def _same_structure(crystal, rec, atol=1e-6):
+    a = rec["atoms"]
+    lattice = np.array(a["lattice_mat"], dtype=float)
+    np.testing.assert_allclose(crystal.lattice, lattice, atol=atol)
+    np.testing.assert_allclose(crystal.positions, np.array(a["coords"]) @ lattice, atol=atol)
+    from cfdist.crystal import _symbol_to_z
+    assert crystal.numbers.tolist() == [_symbol_to_z()[e] for e in a["elements"]]
+
+
+def _same_structure_cif(crystal, rec, tol=1e-4):
+    """CIF stores cell parameters (orientation is lost) and pymatgen groups sites by species: compare
+    the metric tensor and match sites by species + fractional coordinates modulo 1."""
+    from cfdist.crystal import _symbol_to_z
+
+    a = rec["atoms"]
+    lattice = np.array(a["lattice_mat"], dtype=float)
+    np.testing.assert_allclose(crystal.lattice @ crystal.lattice.T, lattice @ lattice.T, atol=tol * 10)
+    frac = np.linalg.solve(crystal.lattice.T, crystal.positions.T).T
+    ref_frac = np.array(a["coords"], dtype=float)
+    ref_z = [_symbol_to_z()[e] for e in a["elements"]]
+    assert sorted(crystal.numbers.tolist()) == sorted(ref_z)
+    unused = set(range(len(ref_z)))
+    for z, f in zip(crystal.numbers.tolist(), frac):
+        d = f - ref_frac
+        d -= np.round(d)
+        match = [j for j in unused if ref_z[j] == z and np.abs(d[j]).max() < tol]
+        assert match, f"site {f} (Z={z}) of {crystal.id} has no counterpart in the source"
+        unused.remove(match[0])
+
+
+def _assert_labels(labels, expected):
+    for key, value in expected.items():
+        assert key in labels, f"label {key!r} missing from {sorted(labels)}"
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            assert math.isnan(labels[key])
+        else:
+            assert labels[key] == pytest.approx(value, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- format inference / inputs
+
+
+def test_infer_format(files, tmp_path):
+    expected = {"jarvis_json": "jarvis", "jarvis_json_gz": "jarvis", "jarvis_json_bz2": "jarvis",
+                "jarvis_jsonl": "jarvis", "jarvis_jsonl_gz": "jarvis", "pmg_structures": "pymatgen",
+                "pmg_cse": "pymatgen", "pmg_alexandria": "pymatgen", "pmg_wrapped_jsonl": "pymatgen",
+                "extxyz": "extxyz", "ase_db": "ase_db", "cif": "cif"}
+    for key, fmt in expected.items():
+        assert infer_format(files[key]) == fmt, key
+    assert infer_format(os.path.join(files["cif"], "id_prop.csv")) == "cif"
+    assert infer_format(os.path.join(files["cif"], "mp-10096.cif")) == "cif"
+    assert infer_format(str(tmp_path / "a.xyz")) == "extxyz"
+    assert set(expected.values()) == set(FORMATS)
+
+    unknown = tmp_path / "notes.txt"
+    unknown.write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt"):
+        infer_format(str(unknown))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"a": 1}, {"b": 2}]))
+    with pytest.raises(ValueError, match="other.json"):
+        infer_format(str(other))
+    with pytest.raises(ValueError, match="no id_prop.csv"):
+        infer_format(str(tmp_path))
+
+
+def test_infer_format_peeks_large_json_list(tmp_path, recs):
+    """The first records of a JSON list are enough: a list far larger than the peek buffer whose tail
+    is not even valid JSON is still recognised."""
+    path = tmp_path / "big.json"
+    body = json.dumps(recs * 40)
+    path.write_text(body[:-5000])  # truncated: json.load would fail
+    assert len(body) > 1 << 17
+    assert infer_format(str(path)) == "jarvis"
+
+
+def test_expand_inputs(files, tmp_path):
+    root = tmp_path / "tree"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / "a.extxyz").write_text("")
+    (root / "README.md").write_text("docs")
+    (root / "sub" / "b.json.gz").write_bytes(b"")
+    (root / "sub" / "deeper" / "c.db").write_bytes(b"")
+    cif_dir = root / "sub" / "cifset"
+    cif_dir.mkdir()
+    (cif_dir / "id_prop.csv").write_text("x,1\n")
+    (cif_dir / "x.cif").write_text("")
+
+    got = expand_inputs([str(root)])
+    assert got == sorted([str(root / "a.extxyz"), str(root / "sub" / "b.json.gz"),
+                          str(root / "sub" / "deeper" / "c.db"), str(cif_dir)])
+    # globs, de-duplication, id_prop.csv -> its directory, explicit files kept, relative -> absolute
+    got = expand_inputs([str(root / "**" / "*.db"), str(root / "sub" / "deeper" / "c.db"),
+                         str(cif_dir / "id_prop.csv"), str(cif_dir)])
+    assert got == [str(root / "sub" / "cifset"), str(root / "sub" / "deeper" / "c.db")]
+    assert expand_inputs([files["cif"]]) == [files["cif"]]
+    cwd = os.getcwd()
+    try:
+        os.chdir(root)
+        assert expand_inputs(["a.extxyz"]) == [str(root / "a.extxyz")]
+        assert expand_inputs("*.extxyz") == [str(root / "a.extxyz")]
+    finally:
+        os.chdir(cwd)
+
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        expand_inputs([str(root / "a.extxyz"), str(tmp_path / "nothing-here" / "*.xyz")])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        expand_inputs([str(tmp_path / "missing.json")])
+    with pytest.raises(FileNotFoundError, match=r"\*\.md"):
+        expand_inputs([str(root / "*.md")])  # matches only a file of no known format
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_plan_is_deterministic_and_chunks_pickle(files):
+    for key in ("jarvis_jsonl", "extxyz", "ase_db", "cif", "pmg_cse"):
+        path = files[key]
+        fmt = infer_format(path)
+        first = plan_chunks(path, fmt, CHUNK)
+        assert first == plan_chunks(path, fmt, CHUNK)
+        assert pickle.loads(pickle.dumps(first)) == first
+        _check_plan(first, N)
+        assert all(c.format == fmt and os.path.isabs(c.path) for c in first)
+    with pytest.raises(ValueError, match="chunk_size"):
+        plan_chunks(files["jarvis_json"], "jarvis", 0)
+    with pytest.raises(ValueError, match="unknown format"):
+        plan_chunks(files["jarvis_json"], "poscar", 5)
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        plan_chunks(os.path.join(os.path.dirname(files["jarvis_json"]), "absent.json"), "jarvis", 5)
+
+
+@pytest.mark.parametrize("key", ["jarvis_json", "jarvis_json_gz", "jarvis_json_bz2", "jarvis_jsonl",
+                                 "jarvis_jsonl_gz"])
+def test_jarvis_roundtrip(files, recs, key):
+    chunks, out = _read_all(files[key])
+    _check_plan(chunks, N)
+    assert [r.index for r in out] == list(range(N))
+    assert [r.id for r in out] == [r["id"] for r in recs]
+    for got, rec in zip(out, recs):
+        assert got.error_reason is None and got.error is None, got.error
+        _same_structure(got.crystal, rec)
+        _assert_labels(got.labels, {"e_form": rec["e_form"], "gap pbe": rec["gap pbe"]})
+        assert set(got.labels) == {"e_form", "gap pbe"}
+        assert got.crystal.id == rec["id"]
+        assert got.forces is None and got.stress is None
+    if key == "jarvis_jsonl":
+        # blank lines (before records 5 and 11) are skipped; sources name the physical line
+        assert out[0].source == f"{files[key]}:line 1"
+        assert out[5].source == f"{files[key]}:line 7"
+        assert out[11].source == f"{files[key]}:line 14"
+    elif key == "jarvis_json":
+        assert out[3].source == f"{files[key]}:3"
+
+
+@pytest.mark.parametrize("key", ["pmg_structures", "pmg_cse", "pmg_alexandria", "pmg_wrapped_jsonl"])
+def test_pymatgen_roundtrip(files, recs, key):
+    chunks, out = _read_all(files[key])
+    _check_plan(chunks, N)
+    assert [r.index for r in out] == list(range(N))
+    assert [r.id for r in out] == [r["id"] for r in recs]
+    for got, rec in zip(out, recs):
+        assert got.error_reason is None, got.error
+        _same_structure(got.crystal, rec)
+        n_atoms = len(rec["atoms"]["elements"])
+        if key == "pmg_structures":
+            _assert_labels(got.labels, {"e_form": rec["e_form"]})
+        elif key == "pmg_wrapped_jsonl":
+            _assert_labels(got.labels, {"e_form": rec["e_form"], "gap pbe": rec["gap pbe"], "nelements": 2})
+            assert "formula" not in got.labels and "material_id" not in got.labels
+        else:
+            raw = rec["e_form"] * n_atoms
+            _assert_labels(got.labels, {"energy": raw - 0.25, "uncorrected_energy": raw, "correction": -0.25,
+                                        "energy_per_atom": (raw - 0.25) / n_atoms, "e_form": rec["e_form"],
+                                        "gap pbe": rec["gap pbe"]})
+            assert "note" not in got.labels
+
+
+def test_extxyz_roundtrip(files, recs):
+    chunks, out = _read_all(files["extxyz"])
+    _check_plan(chunks, N)
+    assert [r.id for r in out] == [r["id"] for r in recs]
+    line = 1
+    for k, (got, rec) in enumerate(zip(out, recs)):
+        assert got.error_reason is None, got.error
+        _same_structure(got.crystal, rec)
+        n_atoms = len(rec["atoms"]["elements"])
+        assert got.source == f"{files['extxyz']}:line {line}"
+        line += n_atoms + 2
+        forces, stress = _forces_stress(k, n_atoms)
+        np.testing.assert_allclose(got.forces, forces, atol=1e-6)
+        assert got.stress.shape == (3, 3)
+        np.testing.assert_allclose(got.stress, stress, atol=1e-6)
+        _assert_labels(got.labels, {"energy": rec["e_form"] * n_atoms, "energy_per_atom": rec["e_form"]})
+        assert "config_type" not in got.labels and "mp_id" not in got.labels
+
+
+def test_ase_db_roundtrip(files, recs):
+    chunks, out = _read_all(files["ase_db"])
+    _check_plan(chunks, N)
+    assert [r.id for r in out] == [r["id"] for r in recs]
+    for k, (got, rec) in enumerate(zip(out, recs)):
+        assert got.error_reason is None, got.error
+        _same_structure(got.crystal, rec)
+        n_atoms = len(rec["atoms"]["elements"])
+        forces, stress = _forces_stress(k, n_atoms)
+        np.testing.assert_allclose(got.forces, forces, atol=1e-9)
+        np.testing.assert_allclose(got.stress, stress, atol=1e-9)
+        _assert_labels(got.labels, {"energy": rec["e_form"] * n_atoms, "e_form": rec["e_form"]})
+
+
+def test_cif_dir_roundtrip(files, recs):
+    chunks, out = _read_all(files["cif"])
+    _check_plan(chunks, N)
+    assert all(c.path == files["cif"] for c in chunks)
+    assert [r.id for r in out] == [r["id"] for r in recs]
+    for k, (got, rec) in enumerate(zip(out, recs)):
+        assert got.error_reason is None, got.error
+        _same_structure_cif(got.crystal, rec)
+        assert got.labels == {"target": pytest.approx(rec["e_form"])}
+        assert got.source == f"{files['cif']}/id_prop.csv:line {k + 1}"
+    # planning through the id_prop.csv file itself gives the same chunks
+    assert plan_chunks(os.path.join(files["cif"], "id_prop.csv"), "cif", CHUNK) == chunks
+
+
+def test_cif_dir_header_multiple_columns(tmp_path, recs):
+    sub = recs[:3]
+    rows = ["name,e_form,gap"] + [f"{r['id']}.cif,{r['e_form']},{r['gap pbe'] if r['gap pbe'] is not None else 'na'}"
+                                  for r in sub]
+    _write_cif_dir(str(tmp_path / "d"), sub, rows)
+    _, out = _read_all(str(tmp_path / "d"))
+    assert [r.id for r in out] == [r["id"] for r in sub]
+    for got, rec in zip(out, sub):
+        _assert_labels(got.labels, {"e_form": rec["e_form"], "gap": rec["gap pbe"]})
+    assert out[0].source.endswith("id_prop.csv:line 2")
+
+    _write_cif_dir(str(tmp_path / "e"), sub, [f"{r['id']},{r['e_form']},1.5" for r in sub])
+    _, out = _read_all(str(tmp_path / "e"))
+    assert set(out[0].labels) == {"target_0", "target_1"}
+
+
+def test_standalone_cif_file(tmp_path, recs):
+    from pymatgen.io.cif import CifWriter
+
+    text = "".join(str(CifWriter(_structure(r))) for r in recs[:3])
+    path = tmp_path / "three.cif"
+    path.write_text(text)
+    chunks, out = _read_all(str(path), chunk_size=2)
+    assert [c.count for c in chunks] == [2, 1]
+    assert len(out) == 3 and all(r.ok for r in out), [r.error for r in out]
+    for got, rec in zip(out, recs[:3]):
+        _same_structure_cif(got.crystal, rec)
+        assert got.id.startswith("three/")
+
+
+# ----------------------------------------------------------------------------- bad records
+
+
+def _check_errors(out, n, bad):
+    """len(out) == n; exactly the indices in ``bad`` (index -> reason) are error records."""
+    assert len(out) == n
+    assert [r.index for r in out] == list(range(n))
+    for r in out:
+        if r.index in bad:
+            assert r.crystal is None
+            assert r.error_reason == bad[r.index], (r.index, r.error)
+            assert r.error.startswith(r.source) and r.error_reason in r.error
+        else:
+            assert r.error_reason is None and r.error is None, r.error
+            assert r.crystal is not None
+
+
+def test_jarvis_bad_records(tmp_path, recs):
+    bad_element = json.loads(json.dumps(recs[3]))
+    bad_element["id"] = "bad-element"
+    bad_element["atoms"]["elements"][0] = "Xx"
+    data = recs[:3] + [{"id": "no-atoms", "e_form": 1.0}, bad_element, 42] + recs[3:10]
+    bad = {3: "unparseable", 4: "bad_element", 5: "unparseable"}
+    path = str(tmp_path / "bad.json")
+    _write_json(path, data)
+    _, out = _read_all(path)
+    _check_errors(out, len(data), bad)
+    assert out[3].id == "no-atoms" and "no 'atoms'" in out[3].error and out[3].labels == {"e_form": 1.0}
+    assert out[4].id == "bad-element" and "'Xx'" in out[4].error
+    assert f"{path}:4" in out[4].error
+
+    path = str(tmp_path / "bad.jsonl")
+    _write_jsonl(path, data, {7: '{"id": "broken", "atoms": '})
+    _, out = _read_all(path)
+    _check_errors(out, len(data) + 1, {**bad, 7: "unparseable"})
+    assert out[7].error.startswith(f"{path}:line 8") and "not valid JSON" in out[7].error
+
+
+def test_pymatgen_bad_records(tmp_path, recs):
+    good = [_structure(r, {"id": r["id"]}).as_dict() for r in recs[:8]]
+    broken_sites = json.loads(json.dumps(good[0]))
+    broken_sites["sites"] = "garbage"
+    broken_cse = _cse_dict(recs[0])
+    broken_cse["structure"]["lattice"] = {"nonsense": 1}
+    data = good[:2] + [broken_sites, {"foo": 1}, broken_cse,
+                       {"@class": "ComputedEntry", "entry_id": "ce-1", "energy": 1.0}] + good[2:]
+    path = str(tmp_path / "bad_structures.json.gz")
+    _write_json(path, data)
+    assert infer_format(path) == "pymatgen"
+    _, out = _read_all(path)
+    _check_errors(out, len(data), {2: "unparseable", 3: "unparseable", 4: "unparseable", 5: "unparseable"})
+    assert out[4].id == recs[0]["id"]
+    assert out[5].id == "ce-1" and "no structure" in out[5].error
+
+
+def test_cif_bad_records(tmp_path, recs):
+    d = str(tmp_path / "cifs")
+    sub = recs[:9]
+    rows = [f"{r['id']},{r['e_form']}" for r in sub]
+    rows.insert(2, "missing-structure,1.0")
+    rows.insert(5, "garbage,2.0")
+    rows.insert(7, f"{sub[0]['id']},not-a-number")
+    rows.insert(8, "")  # blank: not a record
+    _write_cif_dir(d, sub, rows)
+    with open(os.path.join(d, "garbage.cif"), "w") as f:
+        f.write("this is not a CIF file\n_cell_length_a oops\n")
+    _, out = _read_all(d)
+    _check_errors(out, len(sub) + 3, {2: "unparseable", 5: "unparseable", 7: "unparseable"})
+    assert out[2].id == "missing-structure" and "not found" in out[2].error
+    assert out[5].id == "garbage" and "garbage.cif" in out[5].error
+    assert "not a number" in out[7].error
+    assert out[8].source.endswith("id_prop.csv:line 10")
+
+
+def _corrupt_atom_line(path, frame, atom_line=1):
+    """Replace a coordinate of one atom line of frame ``frame`` (0-based) by garbage."""
+    with open(path) as f:
+        lines = f.readlines()
+    k = 0
+    for _ in range(frame):
+        k += int(lines[k]) + 2
+    target = k + 2 + atom_line
+    tokens = lines[target].split()
+    tokens[2] = "1.2.3abc"
+    lines[target] = " ".join(tokens) + "\n"
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return k + 1  # line number of the frame header
+
+
+def test_extxyz_bad_frames(tmp_path, recs):
+    from ase import Atoms
+
+    molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])  # not periodic
+    path = str(tmp_path / "bad.xyz")
+    _write_extxyz(path, recs[:15], extra={12: molecule})
+    header = _corrupt_atom_line(path, 8)
+    _, out = _read_all(path)
+    _check_errors(out, 16, {8: "unparseable", 12: "not_periodic"})
+    assert out[8].source == f"{path}:line {header}" and out[8].error.startswith(f"{path}:line {header}")
+    assert out[8].id is None
+    assert [r.id for r in out if r.index not in (8, 12)] == [r["id"] for r in recs[:15] if r is not recs[8]]
+    _same_structure(out[7].crystal, recs[7])
+    _same_structure(out[9].crystal, recs[9])
+
+
+def test_extxyz_truncated_and_malformed(tmp_path, recs):
+    path = tmp_path / "trunc.xyz"
+    _write_extxyz(str(path), recs[:4])
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # last frame lost its last atom line
+    chunks, out = _read_all(str(path), chunk_size=3)
+    _check_errors(out, 4, {3: "unparseable"})
+
+    lines[0] = "two\n"
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"trunc.xyz:line 1\b"):
+        plan_chunks(str(path), "extxyz", 3)
+    n0 = len(recs[0]["atoms"]["elements"])
+    lines[0] = f"{n0}\n"
+    lines[n0 + 2] = "garbage count\n"
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"trunc.xyz:line {n0 + 3}\b"):
+        plan_chunks(str(path), "extxyz", 3)
+
+
+class _CountingFile:
+    """A read-only binary file that records seeks and bytes read."""
+
+    def __init__(self, path, log):
+        self._f = open(path, "rb")
+        self._log = log
+
+    def seek(self, pos, whence=0):
+        self._log.append(("seek", pos))
+        return self._f.seek(pos, whence)
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        self._log.append(("read", len(data)))
+        return data
+
+    def readline(self, *a):
+        raise AssertionError("read_chunk must read its byte range in one go")
+
+    def __iter__(self):
+        raise AssertionError("read_chunk must not iterate over the whole file")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("key", ["extxyz", "jarvis_jsonl"])
+def test_streaming_reads_only_the_chunk(files, monkeypatch, key):
+    path = files[key]
+    chunks = plan_chunks(path, infer_format(path), 3)
+    size = os.path.getsize(path)
+    # byte ranges partition the file exactly, in order
+    assert chunks[0].byte_offset == 0
+    for a, b in zip(chunks, chunks[1:]):
+        assert a.byte_offset + a.byte_length == b.byte_offset
+    assert chunks[-1].byte_offset + chunks[-1].byte_length == size
+    with open(path, "rb") as f:
+        data = f.read()
+    for c in chunks:
+        assert c.line == data[:c.byte_offset].count(b"\n") + 1
+
+    later = chunks[len(chunks) // 2]
+    expected = list(read_chunk(later))
+    log = []
+    opened = []
+
+    def fake_open(p, mode="r", *a, **k):
+        assert mode == "rb", mode
+        opened.append(p)
+        return _CountingFile(p, log)
+
+    monkeypatch.setattr(readers, "open", fake_open, raising=False)
+    got = list(read_chunk(later))
+    assert opened == [path]
+    assert ("seek", later.byte_offset) in log
+    assert sum(n for op, n in log if op == "read") == later.byte_length < size / 3
+    assert [r.id for r in got] == [r.id for r in expected]
+    assert [r.index for r in got] == list(range(later.start, later.start + later.count))
+
+
+def test_read_chunk_missing_file_and_records_pickle(files, tmp_path):
+    missing = str(tmp_path / "gone.extxyz")
+    with pytest.raises(FileNotFoundError, match="gone.extxyz"):
+        list(read_chunk(Chunk("extxyz", missing, 0, 1, 0, 10)))
+    with pytest.raises(FileNotFoundError, match="gone.db"):
+        plan_chunks(str(tmp_path / "gone.db"), "ase_db", 5)
+    assert not os.path.exists(tmp_path / "gone.db")  # ase.db.connect would have created it
+    rec = next(read_chunk(plan_chunks(files["extxyz"], "extxyz", 5)[0]))
+    back = pickle.loads(pickle.dumps(rec))
+    assert isinstance(back, RawRecord) and back.id == rec.id
+    np.testing.assert_array_equal(back.crystal.positions, rec.crystal.positions)
+
+
+def test_shortfall_becomes_error_records(files):
+    """A chunk planned past the end of the input (file shrank) still yields chunk.count records."""
+    out = list(read_chunk(Chunk("jarvis", files["jarvis_json"], N - 2, 5)))
+    assert [r.index for r in out] == [N - 2, N - 1, N, N + 1, N + 2]
+    assert [r.error_reason for r in out] == [None, None, "unparseable", "unparseable", "unparseable"]
+    assert "fewer records than planned" in out[-1].error
+
+
+def test_unreadable_files_name_the_path(tmp_path):
+    bad_db = tmp_path / "corrupt.db"
+    bad_db.write_bytes(b"this is not an SQLite database" * 100)
+    with pytest.raises(OSError, match="corrupt.db"):
+        plan_chunks(str(bad_db), "ase_db", 5)
+    with pytest.raises(OSError, match="corrupt.db"):
+        list(read_chunk(Chunk("ase_db", str(bad_db), 0, 5)))
+    bad_gz = tmp_path / "corrupt.jsonl.gz"
+    bad_gz.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
+    with pytest.raises(OSError, match="corrupt.jsonl.gz"):
+        plan_chunks(str(bad_gz), "jarvis", 5)
+    with pytest.raises(OSError, match="corrupt.jsonl.gz"):
+        list(read_chunk(Chunk("jarvis", str(bad_gz), 0, 2, 0, 100, 1)))
