@@ -1,18 +1,36 @@
 """cfdist: distributed training of Crystalformer on Ray + DeepSpeed.
 
-Pipeline: raw structures -> ``preprocess`` -> shards -> :mod:`cfdist.data` ->
-:mod:`cfdist.model` -> :mod:`cfdist.train` -> checkpoint -> fine-tune / predict.
+Pipeline: raw structures -> ``preprocess`` -> shards (:mod:`cfdist.shards`) -> batches
+(:mod:`cfdist.batch`) -> :mod:`cfdist.model` -> training -> checkpoint -> fine-tune / predict.
+
+Top-level names are imported lazily, so ``import cfdist.crystal`` or ``cfdist.geometry``
+(used by preprocessing workers) does not pay for importing torch.
 """
 
-from cfdist.batch import CrystalBatch, collate
-from cfdist.config import CrystalformerConfig, table_cutoff
-from cfdist.crystal import Crystal, InvalidCrystalError
-from cfdist.geometry import ImageTable, image_table
-from cfdist.model import Crystalformer, count_parameters
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Crystal", "CrystalBatch", "Crystalformer", "CrystalformerConfig", "ImageTable", "InvalidCrystalError",
-    "collate", "count_parameters", "image_table", "table_cutoff", "__version__",
-]
+_EXPORTS = {
+    "Crystal": "cfdist.crystal", "InvalidCrystalError": "cfdist.crystal",
+    "ImageTable": "cfdist.geometry", "image_table": "cfdist.geometry",
+    "CrystalformerConfig": "cfdist.config", "table_cutoff": "cfdist.config",
+    "CrystalBatch": "cfdist.batch", "collate": "cfdist.batch",
+    "Crystalformer": "cfdist.model", "count_parameters": "cfdist.model",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cfdist' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from cfdist.batch import CrystalBatch
 from cfdist.geometry import ImageTable
 
 if TYPE_CHECKING:
+    from cfdist.batch import CrystalBatch
     from cfdist.crystal import Crystal
 
 SCHEMA_VERSION = 1
@@ -165,7 +164,7 @@ def _flat_fixed(column) -> np.ndarray:
 
 
 def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
-                  cutoff: float | None = None) -> CrystalBatch:
+                  cutoff: float | None = None) -> "CrystalBatch":
     """Vectorised shard rows -> :class:`CrystalBatch` (no Python loop over rows or atoms).
 
     Args:
@@ -173,6 +172,10 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         target_names: targets to put in ``labels`` (columns ``y.<name>``).
         cutoff: cutoff the tables were built with (defaults to the schema metadata).
     """
+    import torch
+
+    from cfdist.batch import CrystalBatch
+
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     if cutoff is None:

@@ -189,8 +189,11 @@ def test_activation_checkpointing_gives_identical_gradients(megnet_crystals):
         model.activation_checkpointing = flag
         model(batch).square().sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):  # same math; only float32 summation order may differ
-        assert torch.allclose(g0, g1, rtol=1e-5, atol=1e-6 * g0.abs().max().item())
+    # Same math; only float32 rounding may differ. The key bias has an exactly-zero gradient
+    # (softmax shift invariance), so its entries are pure rounding noise: use a global scale.
+    scale = max(g.abs().max().item() for g in grads[0])
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, rtol=1e-5, atol=1e-7 * scale)
 
 
 def test_forces_from_position_gradients_are_finite(model64, megnet_crystals):

@@ -212,3 +212,27 @@ def test_cli_errors_are_clear(tmp_path, slice_file):
     assert res.returncode == 2 and "unknown split name" in res.stderr
     res = cli(slice_file, "--out", tmp_path / "o3", "--split-fractions", "0.5", "0.5", "0.5")
     assert res.returncode == 2 and "summing to 1" in res.stderr
+
+
+@pytest.mark.parametrize("key,target,extra", [
+    ("cif", "target", {}),
+    ("extxyz", "energy", {"with_forces": True, "with_stress": True}),
+    ("ase_db", "e_form", {"with_forces": True}),
+    ("pmg_cse", "e_form", {}),
+    ("pmg_wrapped_jsonl", "e_form", {}),
+    ("jarvis_jsonl_gz", "e_form", {}),
+])
+def test_every_input_format_builds_shards(ray_session, megnet_records, tmp_path, key, target, extra):
+    from raw_formats import write_all_formats
+
+    files = write_all_formats(tmp_path, megnet_records[:12])
+    out = tmp_path / "out"
+    manifest = run_build(ray_session, [files[key]], out, targets=[target], shard_size=5, **extra)
+    assert manifest["n_input"] == 12 and manifest["n_written"] == 12, manifest["rejected_by_reason"]
+    table = read_shard(out / manifest["shards"][0]["file"])
+    if extra.get("with_forces"):
+        forces = table["forces"].to_pylist()
+        assert all(f is not None and len(f) == 3 * n for f, n in zip(forces, table["n_atoms"].to_pylist()))
+    if extra.get("with_stress"):
+        assert all(s is not None and len(s) == 9 for s in table["stress"].to_pylist())
+    assert np.isfinite(table[f"y.{target}"].to_numpy()).all()

@@ -14,92 +14,13 @@ import numpy as np
 import pytest
 
 from preprocess import readers
+from raw_formats import (atoms_of, cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
+                         write_extxyz, write_json, write_jsonl)
 from preprocess.readers import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
                                 read_chunk)
 
 N = 20
 CHUNK = 7
-
-
-# ----------------------------------------------------------------------------- fixture builders
-
-
-def _structure(rec, properties=None):
-    from pymatgen.core import Structure
-
-    a = rec["atoms"]
-    return Structure(a["lattice_mat"], a["elements"], a["coords"], properties=properties or {})
-
-
-def _atoms(rec):
-    from ase import Atoms
-
-    a = rec["atoms"]
-    lattice = np.array(a["lattice_mat"], dtype=float)
-    return Atoms(symbols=a["elements"], positions=np.array(a["coords"], dtype=float) @ lattice,
-                 cell=lattice, pbc=True)
-
-
-def _forces_stress(k, n_atoms):
-    rng = np.random.default_rng(k)
-    forces = rng.normal(size=(n_atoms, 3))
-    s = rng.normal(size=(3, 3)) * 0.01
-    return forces, (s + s.T) / 2
-
-
-def _write_json(path, obj):
-    opener = gzip.open if path.endswith(".gz") else bz2.open if path.endswith(".bz2") else open
-    with opener(path, "wt") as f:
-        json.dump(obj, f)
-
-
-def _write_jsonl(path, objs, raw_lines=()):
-    """objs as JSON lines; raw_lines: {position: text} of extra raw lines inserted before objs[position]."""
-    lines = [json.dumps(o) for o in objs]
-    for pos, text in sorted(dict(raw_lines).items(), reverse=True):
-        lines.insert(pos, text)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "wt") as f:
-        f.write("\n".join(lines) + "\n")
-
-
-def _cse_dict(rec):
-    from pymatgen.entries.computed_entries import ComputedStructureEntry
-
-    s = _structure(rec)
-    return ComputedStructureEntry(s, energy=rec["e_form"] * len(s), correction=-0.25, entry_id=rec["id"],
-                                  data={"e_form": rec["e_form"], "gap pbe": rec["gap pbe"], "note": "x"}).as_dict()
-
-
-def _write_extxyz(path, recs, extra=None):
-    import ase.io
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    frames = []
-    for k, rec in enumerate(recs):
-        atoms = _atoms(rec)
-        forces, stress = _forces_stress(k, len(atoms))
-        atoms.info["mp_id"] = rec["id"]
-        atoms.info["energy_per_atom"] = rec["e_form"]
-        atoms.info["config_type"] = "bulk"
-        atoms.calc = SinglePointCalculator(atoms, energy=rec["e_form"] * len(atoms), forces=forces,
-                                           stress=stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
-        frames.append(atoms)
-    for pos, atoms in sorted((extra or {}).items(), reverse=True):
-        frames.insert(pos, atoms)
-    ase.io.write(path, frames, format="extxyz")
-
-
-def _write_cif_dir(directory, recs, rows=None):
-    from pymatgen.io.cif import CifWriter
-
-    os.makedirs(directory, exist_ok=True)
-    for rec in recs:
-        CifWriter(_structure(rec)).write_file(os.path.join(directory, rec["id"] + ".cif"))
-    if rows is None:
-        rows = [f"{rec['id']},{rec['e_form']}" for rec in recs]
-    with open(os.path.join(directory, "id_prop.csv"), "w") as f:
-        f.write("\n".join(rows) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -113,45 +34,7 @@ def recs(megnet_records):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, recs):
     """One well-formed input per format variant, all holding the same N real crystals."""
-    import ase.db
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    root = tmp_path_factory.mktemp("inputs")
-    p = {}
-    p["jarvis_json"] = str(root / "megnet.json")
-    _write_json(p["jarvis_json"], recs)
-    p["jarvis_json_gz"] = str(root / "megnet.json.gz")
-    _write_json(p["jarvis_json_gz"], recs)
-    p["jarvis_json_bz2"] = str(root / "megnet.json.bz2")
-    _write_json(p["jarvis_json_bz2"], recs)
-    p["jarvis_jsonl"] = str(root / "megnet.jsonl")
-    _write_jsonl(p["jarvis_jsonl"], recs, {5: "", 11: "   "})  # blank lines are not records
-    p["jarvis_jsonl_gz"] = str(root / "megnet.jsonl.gz")
-    _write_jsonl(p["jarvis_jsonl_gz"], recs)
-    p["pmg_structures"] = str(root / "structures.json.bz2")
-    _write_json(p["pmg_structures"], [_structure(r, {"id": r["id"], "e_form": r["e_form"]}).as_dict()
-                                      for r in recs])
-    p["pmg_cse"] = str(root / "entries.json")
-    _write_json(p["pmg_cse"], [_cse_dict(r) for r in recs])
-    p["pmg_alexandria"] = str(root / "alexandria.json.bz2")
-    _write_json(p["pmg_alexandria"], {"entries": [_cse_dict(r) for r in recs]})
-    p["pmg_wrapped_jsonl"] = str(root / "mp_dump.jsonl")
-    _write_jsonl(p["pmg_wrapped_jsonl"], [{"material_id": r["id"], "structure": _structure(r).as_dict(),
-                                           "e_form": r["e_form"], "gap pbe": r["gap pbe"], "nelements": 2,
-                                           "formula": "x"} for r in recs])
-    p["extxyz"] = str(root / "mptrj.extxyz")
-    _write_extxyz(p["extxyz"], recs)
-    p["ase_db"] = str(root / "structures.db")
-    with ase.db.connect(p["ase_db"]) as db:
-        for k, rec in enumerate(recs):
-            atoms = _atoms(rec)
-            forces, stress = _forces_stress(k, len(atoms))
-            atoms.calc = SinglePointCalculator(atoms, energy=rec["e_form"] * len(atoms), forces=forces,
-                                               stress=stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
-            db.write(atoms, material_id=rec["id"], e_form=rec["e_form"])
-    p["cif"] = str(root / "cifs")
-    _write_cif_dir(p["cif"], recs)
-    return p
+    return write_all_formats(tmp_path_factory.mktemp("inputs"), recs)
 
 
 def _read_all(path, fmt=None, chunk_size=CHUNK):
@@ -167,7 +50,7 @@ def _check_plan(chunks, n, chunk_size=CHUNK):
     assert all(c.count == chunk_size for c in chunks[:-1])
 
 
-def _same_structure(crystal, rec, atol=1e-6):
+def _samestructure_of(crystal, rec, atol=1e-6):
     a = rec["atoms"]
     lattice = np.array(a["lattice_mat"], dtype=float)
     np.testing.assert_allclose(crystal.lattice, lattice, atol=atol)
@@ -308,7 +191,7 @@ def test_jarvis_roundtrip(files, recs, key):
     assert [r.id for r in out] == [r["id"] for r in recs]
     for got, rec in zip(out, recs):
         assert got.error_reason is None and got.error is None, got.error
-        _same_structure(got.crystal, rec)
+        _samestructure_of(got.crystal, rec)
         _assert_labels(got.labels, {"e_form": rec["e_form"], "gap pbe": rec["gap pbe"]})
         assert set(got.labels) == {"e_form", "gap pbe"}
         assert got.crystal.id == rec["id"]
@@ -330,7 +213,7 @@ def test_pymatgen_roundtrip(files, recs, key):
     assert [r.id for r in out] == [r["id"] for r in recs]
     for got, rec in zip(out, recs):
         assert got.error_reason is None, got.error
-        _same_structure(got.crystal, rec)
+        _samestructure_of(got.crystal, rec)
         n_atoms = len(rec["atoms"]["elements"])
         if key == "pmg_structures":
             _assert_labels(got.labels, {"e_form": rec["e_form"]})
@@ -352,11 +235,11 @@ def test_extxyz_roundtrip(files, recs):
     line = 1
     for k, (got, rec) in enumerate(zip(out, recs)):
         assert got.error_reason is None, got.error
-        _same_structure(got.crystal, rec)
+        _samestructure_of(got.crystal, rec)
         n_atoms = len(rec["atoms"]["elements"])
         assert got.source == f"{files['extxyz']}:line {line}"
         line += n_atoms + 2
-        forces, stress = _forces_stress(k, n_atoms)
+        forces, stress = forces_stress(k, n_atoms)
         np.testing.assert_allclose(got.forces, forces, atol=1e-6)
         assert got.stress.shape == (3, 3)
         np.testing.assert_allclose(got.stress, stress, atol=1e-6)
@@ -370,9 +253,9 @@ def test_ase_db_roundtrip(files, recs):
     assert [r.id for r in out] == [r["id"] for r in recs]
     for k, (got, rec) in enumerate(zip(out, recs)):
         assert got.error_reason is None, got.error
-        _same_structure(got.crystal, rec)
+        _samestructure_of(got.crystal, rec)
         n_atoms = len(rec["atoms"]["elements"])
-        forces, stress = _forces_stress(k, n_atoms)
+        forces, stress = forces_stress(k, n_atoms)
         np.testing.assert_allclose(got.forces, forces, atol=1e-9)
         np.testing.assert_allclose(got.stress, stress, atol=1e-9)
         _assert_labels(got.labels, {"energy": rec["e_form"] * n_atoms, "e_form": rec["e_form"]})
@@ -396,14 +279,14 @@ def test_cif_dir_header_multiple_columns(tmp_path, recs):
     sub = recs[:3]
     rows = ["name,e_form,gap"] + [f"{r['id']}.cif,{r['e_form']},{r['gap pbe'] if r['gap pbe'] is not None else 'na'}"
                                   for r in sub]
-    _write_cif_dir(str(tmp_path / "d"), sub, rows)
+    write_cif_dir(str(tmp_path / "d"), sub, rows)
     _, out = _read_all(str(tmp_path / "d"))
     assert [r.id for r in out] == [r["id"] for r in sub]
     for got, rec in zip(out, sub):
         _assert_labels(got.labels, {"e_form": rec["e_form"], "gap": rec["gap pbe"]})
     assert out[0].source.endswith("id_prop.csv:line 2")
 
-    _write_cif_dir(str(tmp_path / "e"), sub, [f"{r['id']},{r['e_form']},1.5" for r in sub])
+    write_cif_dir(str(tmp_path / "e"), sub, [f"{r['id']},{r['e_form']},1.5" for r in sub])
     _, out = _read_all(str(tmp_path / "e"))
     assert set(out[0].labels) == {"target_0", "target_1"}
 
@@ -411,7 +294,7 @@ def test_cif_dir_header_multiple_columns(tmp_path, recs):
 def test_standalone_cif_file(tmp_path, recs):
     from pymatgen.io.cif import CifWriter
 
-    text = "".join(str(CifWriter(_structure(r))) for r in recs[:3])
+    text = "".join(str(CifWriter(structure_of(r))) for r in recs[:3])
     path = tmp_path / "three.cif"
     path.write_text(text)
     chunks, out = _read_all(str(path), chunk_size=2)
@@ -446,7 +329,7 @@ def test_jarvis_bad_records(tmp_path, recs):
     data = recs[:3] + [{"id": "no-atoms", "e_form": 1.0}, bad_element, 42] + recs[3:10]
     bad = {3: "unparseable", 4: "bad_element", 5: "unparseable"}
     path = str(tmp_path / "bad.json")
-    _write_json(path, data)
+    write_json(path, data)
     _, out = _read_all(path)
     _check_errors(out, len(data), bad)
     assert out[3].id == "no-atoms" and "no 'atoms'" in out[3].error and out[3].labels == {"e_form": 1.0}
@@ -454,22 +337,22 @@ def test_jarvis_bad_records(tmp_path, recs):
     assert f"{path}:4" in out[4].error
 
     path = str(tmp_path / "bad.jsonl")
-    _write_jsonl(path, data, {7: '{"id": "broken", "atoms": '})
+    write_jsonl(path, data, {7: '{"id": "broken", "atoms": '})
     _, out = _read_all(path)
     _check_errors(out, len(data) + 1, {**bad, 7: "unparseable"})
     assert out[7].error.startswith(f"{path}:line 8") and "not valid JSON" in out[7].error
 
 
 def test_pymatgen_bad_records(tmp_path, recs):
-    good = [_structure(r, {"id": r["id"]}).as_dict() for r in recs[:8]]
+    good = [structure_of(r, {"id": r["id"]}).as_dict() for r in recs[:8]]
     broken_sites = json.loads(json.dumps(good[0]))
     broken_sites["sites"] = "garbage"
-    broken_cse = _cse_dict(recs[0])
+    broken_cse = cse_dict(recs[0])
     broken_cse["structure"]["lattice"] = {"nonsense": 1}
     data = good[:2] + [broken_sites, {"foo": 1}, broken_cse,
                        {"@class": "ComputedEntry", "entry_id": "ce-1", "energy": 1.0}] + good[2:]
     path = str(tmp_path / "bad_structures.json.gz")
-    _write_json(path, data)
+    write_json(path, data)
     assert infer_format(path) == "pymatgen"
     _, out = _read_all(path)
     _check_errors(out, len(data), {2: "unparseable", 3: "unparseable", 4: "unparseable", 5: "unparseable"})
@@ -485,7 +368,7 @@ def test_cif_bad_records(tmp_path, recs):
     rows.insert(5, "garbage,2.0")
     rows.insert(7, f"{sub[0]['id']},not-a-number")
     rows.insert(8, "")  # blank: not a record
-    _write_cif_dir(d, sub, rows)
+    write_cif_dir(d, sub, rows)
     with open(os.path.join(d, "garbage.cif"), "w") as f:
         f.write("this is not a CIF file\n_cell_length_a oops\n")
     _, out = _read_all(d)
@@ -517,20 +400,20 @@ def test_extxyz_bad_frames(tmp_path, recs):
 
     molecule = Atoms("H2O", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])  # not periodic
     path = str(tmp_path / "bad.xyz")
-    _write_extxyz(path, recs[:15], extra={12: molecule})
+    write_extxyz(path, recs[:15], extra={12: molecule})
     header = _corrupt_atom_line(path, 8)
     _, out = _read_all(path)
     _check_errors(out, 16, {8: "unparseable", 12: "not_periodic"})
     assert out[8].source == f"{path}:line {header}" and out[8].error.startswith(f"{path}:line {header}")
     assert out[8].id is None
     assert [r.id for r in out if r.index not in (8, 12)] == [r["id"] for r in recs[:15] if r is not recs[8]]
-    _same_structure(out[7].crystal, recs[7])
-    _same_structure(out[9].crystal, recs[9])
+    _samestructure_of(out[7].crystal, recs[7])
+    _samestructure_of(out[9].crystal, recs[9])
 
 
 def test_extxyz_truncated_and_malformed(tmp_path, recs):
     path = tmp_path / "trunc.xyz"
-    _write_extxyz(str(path), recs[:4])
+    write_extxyz(str(path), recs[:4])
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:-1]))  # last frame lost its last atom line
     chunks, out = _read_all(str(path), chunk_size=3)
