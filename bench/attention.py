@@ -591,6 +591,9 @@ def main(argv=None) -> dict:
     print(f"- threads: torch intra-op {args.threads} in sections 1-3, 1 in section 5; "
           f"OMP/OPENBLAS/MKL_NUM_THREADS=1 (numpy single-threaded)")
     print(f"- data: {args.data}; {args.n_batches} batch(es) of {args.batch_size}, seed {args.seed}")
+    load0 = os.getloadavg()
+    print(f"- load average at start (1/5/15 min): {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}"
+          + ("  **WARNING: the machine is busy; timings will be inflated**" if load0[0] > 0.5 else ""))
     print(f"- model config: default CrystalformerConfig (H = {config.n_heads}, d_h = {config.head_dim}, "
           f"K = {config.n_basis}); sigma_max = {config.sigma_max:.4f} A; cutoff c = {config.cutoff_sigmas} "
           f"-> r_c = {config.cutoff:.4f} A")
@@ -745,7 +748,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     results["runtime_s"] = time.perf_counter() - wall0
-    print(f"\nTotal runtime: {results['runtime_s']:.1f} s")
+    results["loadavg_start"], results["loadavg_end"] = load0, os.getloadavg()
+    print(f"\nTotal runtime: {results['runtime_s']:.1f} s; load average at the end (1/5/15 min): "
+          + " / ".join(f"{x:.2f}" for x in results["loadavg_end"])
+          + f" (this benchmark itself adds ~{args.threads}).")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=_json_default))

@@ -201,7 +201,8 @@ class Crystal:
 # ----------------------------------------------------------------------------- validation
 
 
-def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float = 0.1) -> Crystal:
+def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float = 0.1,
+             check_overlap: bool = True) -> Crystal:
     """Check that ``crystal`` is physically usable; return it unchanged (for chaining).
 
     Checks, in order (the first failure raises :class:`InvalidCrystalError`):
@@ -220,6 +221,8 @@ def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float =
         crystal: the structure to check.
         min_distance: smallest allowed interatomic distance (A).
         min_volume: smallest allowed cell volume (A^3).
+        check_overlap: run check 6; pass False when the caller builds an image table anyway
+            and calls :func:`check_overlaps` with it (saves a second table).
     """
     if not isinstance(crystal, Crystal):
         raise TypeError(f"validate expects a Crystal, got {type(crystal).__name__}")
@@ -278,9 +281,35 @@ def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float =
         raise InvalidCrystalError(cid, "small_volume", f"cell volume {volume:.4g} A^3 is below "
                                                        f"{min_volume:g} A^3")
 
-    # 6. overlap: image_table lists every image within min_distance; the self entries
-    # (i, i, 0) are always there, anything else is an overlap (incl. an atom and its own image).
-    table = image_table(lattice, positions, min_distance)
+    if check_overlap:
+        check_overlaps(crystal, min_distance)
+    return crystal
+
+
+def check_overlaps(crystal: Crystal, min_distance: float = 0.5, table=None) -> None:
+    """Raise ``overlapping_atoms`` if two atoms (or an atom and its own image) are within ``min_distance``.
+
+    Args:
+        crystal: a crystal that passed checks 1-5 of :func:`validate`.
+        min_distance: smallest allowed distance (A); a distance equal to it counts as overlap.
+        table: optional image table of ``crystal`` with cutoff >= ``min_distance`` (e.g. the
+            model's); its entries within ``min_distance`` are used instead of building one.
+    """
+    lattice, positions = crystal.lattice, crystal.positions
+    if table is None or table.cutoff < min_distance:
+        table = image_table(lattice, positions, min_distance)
+    else:
+        limit = min_distance * min_distance
+        if table.d2 is not None:  # enumeration distances: only candidates near the limit are recomputed
+            candidates = np.nonzero(table.d2 <= limit + 1e-9)[0]
+        else:
+            candidates = np.arange(len(table))
+        i, j, n = table.i[candidates], table.j[candidates], table.n[candidates]
+        vec = positions[j] + n @ lattice - positions[i]
+        near = np.einsum("tx,tx->t", vec, vec) <= limit
+        table = type(table)(i[near], j[near], n[near], float(min_distance))
+    # image_table lists every image within min_distance; the self entries (i, i, 0) are always
+    # there, anything else is an overlap (incl. an atom and its own image).
     # Each pair is listed as (i, j, n) and (j, i, -n); keep i < j, or i == j with n
     # lexicographically positive, so the reported pair does not hinge on rounding.
     n0, n1, n2 = table.n[:, 0], table.n[:, 1], table.n[:, 2]
@@ -292,9 +321,8 @@ def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float =
         k = int(np.argmin(dist))  # first minimum in (i, j, n) order
         a, b, s = int(i[k]), int(j[k]), tuple(int(x) for x in shift[k])
         where = f"sites {a} and {b}" + (f", periodic image {s}" if any(s) else "")
-        raise InvalidCrystalError(cid, "overlapping_atoms", f"two atoms closer than {min_distance:g} A "
+        raise InvalidCrystalError(crystal.id, "overlapping_atoms", f"two atoms closer than {min_distance:g} A "
                                                             f"({where}, distance {dist[k]:.3f} A)")
-    return crystal
 
 
 def _check_disorder(cid: str, numbers: np.ndarray, d: SiteDisorder) -> None:

@@ -38,12 +38,15 @@ class ImageTable:
         j: (T,) int64 key (neighbour) atom.
         n: (T, 3) int64 lattice translation; the image is p_j + n @ L.
         cutoff: the radius r_c (A) the table was built with.
+        d2: optional (T,) squared distances as computed during enumeration (accurate to
+            ~1e-12 A^2; use :meth:`distances` for exact values).
     """
 
     i: np.ndarray
     j: np.ndarray
     n: np.ndarray
     cutoff: float
+    d2: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.i.shape[0])
@@ -127,7 +130,7 @@ def image_table(lattice, positions, cutoff: float) -> ImageTable:
         keep[border] = np.einsum("tx,tx->t", d, d) <= cutoff * cutoff
     # np.nonzero yields (i, j, candidate) order; candidates are lexicographically sorted
     # and the per-pair shift is constant, so (i, j, n) order already holds.
-    return ImageTable(i[keep], j[keep], n[keep], float(cutoff))
+    return ImageTable(i[keep], j[keep], n[keep], float(cutoff), approx_d2[keep])
 
 
 def inverse_lattice(lattice: np.ndarray) -> np.ndarray:

@@ -26,11 +26,48 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"cfdist"
-TRANSLATION_LIMIT = np.iinfo(np.int16).max
+# Image-table entries are packed into one int32 each (see encode_table): the key atom j and
+# the translation n with |n_k| <= TRANSLATION_LIMIT, in base 2 * TRANSLATION_LIMIT + 1.
+TRANSLATION_LIMIT = 31
+_BASE = 2 * TRANSLATION_LIMIT + 1
+_BASE3 = _BASE**3
+MAX_ATOMS = (2**31 - 1) // _BASE3  # 8,588 atoms per cell
 
 
 class ShardError(ValueError):
     """A shard is unreadable, inconsistent with its manifest, or unusable for this model."""
+
+
+class TableRangeError(ValueError):
+    """An image table does not fit the packed encoding (|n| > TRANSLATION_LIMIT or too many atoms)."""
+
+
+def encode_table(table: ImageTable, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack a sorted image table into (counts (N,) int32, codes (T,) int32).
+
+    counts[i] is the number of entries of query atom i (entries are sorted by i, so i is
+    implicit); codes[t] = j * B^3 + ((n0 + R) * B + (n1 + R)) * B + (n2 + R) with R = 31,
+    B = 63. One small-integer column encodes ~4x faster and smaller than separate columns.
+    """
+    if n_atoms > MAX_ATOMS:
+        raise TableRangeError(f"{n_atoms} atoms exceed the packed table limit of {MAX_ATOMS}")
+    if len(table) and np.abs(table.n).max() > TRANSLATION_LIMIT:
+        raise TableRangeError(f"lattice translation {int(np.abs(table.n).max())} exceeds +-{TRANSLATION_LIMIT}")
+    shifted = table.n + TRANSLATION_LIMIT
+    codes = table.j * _BASE3 + (shifted[:, 0] * _BASE + shifted[:, 1]) * _BASE + shifted[:, 2]
+    counts = np.bincount(table.i, minlength=n_atoms)
+    return counts.astype(np.int32), codes.astype(np.int32)
+
+
+def decode_table(counts: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_table`: (i (T,), j (T,), n (T, 3)) as int64 (vectorised)."""
+    codes = codes.astype(np.int64)
+    i = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    j, rest = np.divmod(codes, _BASE3)
+    n01, n2 = np.divmod(rest, _BASE)
+    n0, n1 = np.divmod(n01, _BASE)
+    n = np.stack([n0, n1, n2], axis=1) - TRANSLATION_LIMIT
+    return i, j, n
 
 
 def arrow_schema(targets: Sequence[str], with_forces: bool = False, with_stress: bool = False) -> pa.Schema:
@@ -46,9 +83,8 @@ def arrow_schema(targets: Sequence[str], with_forces: bool = False, with_stress:
         pa.field("disorder_z", pa.list_(pa.int16()), nullable=False),
         pa.field("disorder_occupancy", pa.list_(pa.float64()), nullable=False),
         pa.field("n_entries", pa.int32(), nullable=False),
-        pa.field("table_i", pa.list_(pa.int32()), nullable=False),
-        pa.field("table_j", pa.list_(pa.int32()), nullable=False),
-        pa.field("table_n", pa.list_(pa.int16()), nullable=False),
+        pa.field("table_counts", pa.list_(pa.int32()), nullable=False),
+        pa.field("table_code", pa.list_(pa.int32()), nullable=False),
     ]
     fields += [pa.field(f"y.{name}", pa.float64(), nullable=False) for name in targets]
     if with_forces:
@@ -77,9 +113,12 @@ def crystals_to_arrow(crystals: Sequence["Crystal"], tables: Sequence[ImageTable
     n = len(crystals)
     if not (len(tables) == len(sources) == n):
         raise ValueError("crystals, tables and sources must have the same length")
+    packed = []
     for crystal, table in zip(crystals, tables):
-        if len(table) and np.abs(table.n).max() > TRANSLATION_LIMIT:
-            raise ShardError(f"crystal {crystal.id!r}: lattice translation beyond int16 in its image table")
+        try:
+            packed.append(encode_table(table, crystal.n_atoms))
+        except TableRangeError as exc:
+            raise TableRangeError(f"crystal {crystal.id!r}: {exc}") from None
     empty_i = np.zeros(0, np.int32)
     columns = {
         "id": pa.array([c.id for c in crystals], pa.string()),
@@ -96,9 +135,8 @@ def crystals_to_arrow(crystals: Sequence["Crystal"], tables: Sequence[ImageTable
         "disorder_occupancy": _list_array([c.disorder.occupancy if c.disorder is not None else np.zeros(0)
                                            for c in crystals], pa.float64()),
         "n_entries": pa.array(np.array([len(t) for t in tables], np.int32)),
-        "table_i": _list_array([t.i.astype(np.int32) for t in tables], pa.int32()),
-        "table_j": _list_array([t.j.astype(np.int32) for t in tables], pa.int32()),
-        "table_n": _list_array([t.n.reshape(-1).astype(np.int16) for t in tables], pa.int16()),
+        "table_counts": _list_array([p[0] for p in packed], pa.int32()),
+        "table_code": _list_array([p[1] for p in packed], pa.int32()),
     }
     for name in targets:
         columns[f"y.{name}"] = pa.array(np.array([float(c.labels[name]) for c in crystals], np.float64))
@@ -116,8 +154,8 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list column, honouring slices."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy(zero_copy_only=False)
-    return values, offsets
+    values = arr.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices, .values does not
+    return values, offsets - offsets[0]
 
 
 def _rows(column) -> np.ndarray:
@@ -138,9 +176,9 @@ def arrow_to_crystals(table: pa.Table) -> tuple[list["Crystal"], list[ImageTable
     d_site, d_off = _flat(table["disorder_site"])
     d_z, _ = _flat(table["disorder_z"])
     d_occ, _ = _flat(table["disorder_occupancy"])
-    ti, t_off = _flat(table["table_i"])
-    tj, _ = _flat(table["table_j"])
-    tn, _ = _flat(table["table_n"])
+    counts, c_off = _flat(table["table_counts"])
+    codes, t_off = _flat(table["table_code"])
+    ti, tj, tn = decode_table(counts, codes)
     ids = table["id"].to_pylist()
     crystals, tables = [], []
     for r in range(table.num_rows):
@@ -152,15 +190,13 @@ def arrow_to_crystals(table: pa.Table) -> tuple[list["Crystal"], list[ImageTable
                                 lattice=lattice[r], positions=positions[pos_off[r]:pos_off[r + 1]].reshape(-1, 3),
                                 labels={name: float(labels[name][r]) for name in targets}, disorder=disorder))
         sl = slice(t_off[r], t_off[r + 1])
-        tables.append(ImageTable(ti[sl].astype(np.int64), tj[sl].astype(np.int64),
-                                 tn[3 * t_off[r]:3 * t_off[r + 1]].reshape(-1, 3).astype(np.int64), cutoff))
+        tables.append(ImageTable(ti[sl] - num_off[r], tj[sl], tn[sl], cutoff))
     return crystals, tables
 
 
 def _flat_fixed(column) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    arr = arr.flatten() if arr.offset == 0 else pa.concat_arrays([arr]).flatten()
-    return arr.to_numpy(zero_copy_only=False)
+    return arr.flatten().to_numpy(zero_copy_only=False)
 
 
 def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
@@ -187,9 +223,10 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
     numbers, _ = _flat(table["numbers"])
     positions, _ = _flat(table["positions"])
     lattice = _flat_fixed(table["lattice"]).reshape(n_rows, 3, 3)
-    ti, _ = _flat(table["table_i"])
-    tj, _ = _flat(table["table_j"])
-    tn, _ = _flat(table["table_n"])
+    # counts of all rows concatenate to one per-atom array, so decode's i is already global
+    counts, _ = _flat(table["table_counts"])
+    codes, _ = _flat(table["table_code"])
+    ti, tj, tn = decode_table(counts, codes)
     entry_offset = np.repeat(atom_offset, n_entries)
 
     # Species: ordered sites from `numbers`, disordered sites replaced by their entries.
@@ -226,9 +263,9 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         species_site=torch.from_numpy(site),
         species_z=torch.from_numpy(z),
         species_occupancy=torch.from_numpy(occ),
-        entry_i=torch.from_numpy(ti.astype(np.int64) + entry_offset),
-        entry_j=torch.from_numpy(tj.astype(np.int64) + entry_offset),
-        entry_n=torch.from_numpy(tn.astype(np.float64).reshape(-1, 3)),
+        entry_i=torch.from_numpy(ti),
+        entry_j=torch.from_numpy(tj + entry_offset),
+        entry_n=torch.from_numpy(tn.astype(np.float64)),
         labels=labels,
         ids=table["id"].to_pylist(),
         cutoff=float(cutoff),

@@ -118,6 +118,19 @@ def hash_split(rid: str, fractions: Sequence[float], salt: str) -> str:
 # Worker side: one chunk
 
 
+def lll_reduced(crystal):
+    """The same crystal with its lattice in the LLL-reduced basis (positions unchanged)."""
+    import dataclasses
+
+    from pymatgen.core import Lattice
+
+    reduced = Lattice(crystal.lattice).get_lll_reduced_lattice().matrix
+    mapping = reduced @ np.linalg.inv(crystal.lattice)
+    if not (np.allclose(mapping, np.round(mapping), atol=1e-6) and abs(round(np.linalg.det(mapping))) == 1):
+        raise RuntimeError(f"crystal {crystal.id!r}: LLL reduction did not give a basis of the same lattice")
+    return dataclasses.replace(crystal, lattice=np.round(mapping) @ crystal.lattice)
+
+
 def _reject(rid: str | None, source: str, reason: str, message: str) -> dict:
     return {"id": rid, "source": source, "reason": reason, "message": message}
 
@@ -132,9 +145,9 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
     """Read, validate and tabulate one chunk; write its shards and completion record."""
     import dataclasses
 
-    from cfdist.crystal import InvalidCrystalError, validate
+    from cfdist.crystal import InvalidCrystalError, check_overlaps, validate
     from cfdist.geometry import image_table
-    from cfdist.shards import crystals_to_arrow, shard_metadata, write_shard
+    from cfdist.shards import MAX_ATOMS, TRANSLATION_LIMIT, crystals_to_arrow, shard_metadata, write_shard
 
     out = Path(out_dir)
     rows: dict[str, list] = defaultdict(list)
@@ -150,7 +163,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
         labels = dict(record.labels)
         crystal = dataclasses.replace(record.crystal, id=rid, labels={})
         try:
-            validate(crystal, min_distance=settings.min_distance, min_volume=settings.min_volume)
+            validate(crystal, min_volume=settings.min_volume, check_overlap=False)  # overlaps: below
         except InvalidCrystalError as exc:
             rejects.append(_reject(rid, record.source, exc.reason, str(exc)))
             continue
@@ -176,13 +189,34 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                 continue
         else:
             split = hash_split(rid, settings.split_fractions, settings.split_salt)
+        if crystal.n_atoms > MAX_ATOMS:
+            rejects.append(_reject(rid, record.source, "table_too_large",
+                                   f"crystal {rid!r}: {crystal.n_atoms} atoms, shards hold at most {MAX_ATOMS}"))
+            continue
         estimate = estimate_entries(crystal.n_atoms, crystal.volume, settings.cutoff)
         if estimate > 4 * settings.max_entries:
             rejects.append(_reject(rid, record.source, "table_too_large",
                                    f"crystal {rid!r}: about {estimate:,.0f} image-table entries expected, "
                                    f"budget {settings.max_entries:,}"))
             continue
-        table = image_table(crystal.lattice, crystal.positions, settings.cutoff)
+        table = image_table(crystal.lattice, crystal.positions, max(settings.cutoff, settings.min_distance))
+        try:
+            check_overlaps(crystal, settings.min_distance, table)
+        except InvalidCrystalError as exc:
+            rejects.append(_reject(rid, record.source, exc.reason, str(exc)))
+            continue
+        if settings.min_distance > settings.cutoff:
+            table = image_table(crystal.lattice, crystal.positions, settings.cutoff)
+        if len(table) and np.abs(table.n).max() > TRANSLATION_LIMIT:
+            # A strongly skewed basis: store the same lattice in its LLL-reduced basis (the
+            # model is exactly invariant to the choice of basis), which needs small translations.
+            crystal = lll_reduced(crystal)
+            table = image_table(crystal.lattice, crystal.positions, settings.cutoff)
+            if np.abs(table.n).max() > TRANSLATION_LIMIT:
+                rejects.append(_reject(rid, record.source, "table_too_large",
+                                       f"crystal {rid!r}: lattice translations beyond +-{TRANSLATION_LIMIT} even "
+                                       f"in the LLL-reduced basis"))
+                continue
         if len(table) > settings.max_entries:
             rejects.append(_reject(rid, record.source, "table_too_large",
                                    f"crystal {rid!r}: {len(table):,} image-table entries, budget "

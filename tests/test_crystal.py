@@ -396,3 +396,19 @@ def test_check_order_volume_before_overlap():
     check(c, "non_finite", "non-finite position")
     c = Crystal("order", [0, 1], np.eye(3) * 5, [[0, 0, 0], [0, 0, 0.1]], {})
     check(c, "bad_element", "Z=0 at site 0")
+
+
+def test_check_overlaps_reuses_a_larger_table(records):
+    from cfdist.crystal import check_overlaps
+    from cfdist.geometry import image_table
+
+    good = from_jarvis(records[0]["atoms"], id="good")
+    check_overlaps(good, 0.5, image_table(good.lattice, good.positions, 8.0))
+    bad = Crystal(id="bad", numbers=[11, 17], lattice=4.0 * np.eye(3),
+                  positions=[[0.0, 0.0, 0.0], [3.9, 0.0, 0.0]])  # 0.1 A apart across the boundary
+    messages = []
+    for table in (None, image_table(bad.lattice, bad.positions, 6.0)):
+        with pytest.raises(InvalidCrystalError) as info:
+            check_overlaps(bad, 0.5, table)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and "periodic image (-1, 0, 0)" in messages[0]

@@ -236,3 +236,28 @@ def test_every_input_format_builds_shards(ray_session, megnet_records, tmp_path,
     if extra.get("with_stress"):
         assert all(s is not None and len(s) == 9 for s in table["stress"].to_pylist())
     assert np.isfinite(table[f"y.{target}"].to_numpy()).all()
+
+
+def test_skewed_basis_is_stored_reduced_with_identical_predictions(ray_session, megnet_records, tmp_path):
+    import torch
+
+    from cfdist import Crystalformer
+    from cfdist.crystal import from_jarvis
+
+    rec = json.loads(json.dumps(megnet_records[3]))
+    lattice = np.array(rec["atoms"]["lattice_mat"])
+    skewed = np.array([[1, 0, 0], [60, 1, 0], [0, 0, 1]]) @ lattice  # same lattice, translations up to ~60
+    cart = np.array(rec["atoms"]["coords"]) @ lattice
+    rec["atoms"].update(lattice_mat=skewed.tolist(), coords=cart.tolist(), cartesian=True)
+    path = tmp_path / "skewed.json"
+    path.write_text(json.dumps([rec]))
+    manifest = run_build(ray_session, [path], tmp_path / "out")
+    assert manifest["n_written"] == 1
+    (stored,), (table,) = arrow_to_crystals(read_shard(tmp_path / "out" / manifest["shards"][0]["file"]))
+    assert np.abs(table.n).max() <= 31
+    original = from_jarvis(rec["atoms"], id="x")
+    direct = image_table(stored.lattice, stored.positions, manifest["cutoff"])
+    np.testing.assert_array_equal(table.n, direct.n)
+    torch.manual_seed(0)
+    model = Crystalformer().double().eval()
+    assert torch.allclose(model.predict([original]), model.predict([stored]), rtol=1e-9)
