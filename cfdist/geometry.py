@@ -19,6 +19,7 @@ Work is chunked over query atoms so memory stays bounded for 1,000-atom cells.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,19 +119,23 @@ def image_table(lattice, positions, cutoff: float) -> ImageTable:
     p = np.concatenate(found_p)
     c = np.concatenate(found_c)
     approx_d2 = np.concatenate(found_d2)
-    n = candidates[c] + pair_shift[p]
+    n = np.take(candidates, c, axis=0)
+    n += np.take(pair_shift, p, axis=0)
     i, j = np.divmod(p, n_atoms)
 
     # Decide entries within _SLACK of the sphere with the plain formula on the caller's
     # positions, so the table equals a brute-force enumeration exactly.
-    keep = approx_d2 <= sure
-    border = np.nonzero(~keep)[0]
-    if border.size:
-        d = image_vectors(lattice, positions, i[border], j[border], n[border])
-        keep[border] = np.einsum("tx,tx->t", d, d) <= cutoff * cutoff
     # np.nonzero yields (i, j, candidate) order; candidates are lexicographically sorted
     # and the per-pair shift is constant, so (i, j, n) order already holds.
-    return ImageTable(i[keep], j[keep], n[keep], float(cutoff), approx_d2[keep])
+    border = np.nonzero(approx_d2 > sure)[0] if len(approx_d2) and approx_d2.max() > sure else ()
+    if len(border):
+        d = image_vectors(lattice, positions, i[border], j[border], n[border])
+        outside = border[np.einsum("tx,tx->t", d, d) > cutoff * cutoff]
+        if outside.size:  # rare: only entries within _SLACK beyond the sphere
+            keep = np.ones(len(p), dtype=bool)
+            keep[outside] = False
+            i, j, n, approx_d2 = i[keep], j[keep], n[keep], approx_d2[keep]
+    return ImageTable(i, j, n, float(cutoff), approx_d2)
 
 
 def inverse_lattice(lattice: np.ndarray) -> np.ndarray:
@@ -148,8 +153,8 @@ def inverse_lattice(lattice: np.ndarray) -> np.ndarray:
 def _lattice_points_within(lattice: np.ndarray, inverse: np.ndarray, radius: float) -> np.ndarray:
     """(C, 3) int64 translations c with |c L| <= radius, in lexicographic order."""
     # |c L| <= radius implies |c_l| = |(c L) . inverse[:, l]| <= radius * |inverse[:, l]|.
-    bounds = np.floor(radius * np.sqrt(np.einsum("xl,xl->l", inverse, inverse)) + 1e-9).astype(np.int64)
-    grid = _integer_box(*bounds.tolist())
+    b0, b1, b2 = (int(radius * math.sqrt(x * x + y * y + z * z) + 1e-9) for x, y, z in inverse.T.tolist())
+    grid = _integer_box(b0, b1, b2)
     vecs = grid @ lattice
     return grid[np.einsum("cx,cx->c", vecs, vecs) <= radius * radius]
 

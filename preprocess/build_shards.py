@@ -161,11 +161,11 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                                    record.error or "unreadable record"))
             continue
         labels = dict(record.labels)
-        crystal = dataclasses.replace(record.crystal, id=rid, labels={})
+        crystal = record.crystal
         try:
             validate(crystal, min_volume=settings.min_volume, check_overlap=False)  # overlaps: below
         except InvalidCrystalError as exc:
-            rejects.append(_reject(rid, record.source, exc.reason, str(exc)))
+            rejects.append(_reject(rid, record.source, exc.reason, f"crystal {rid!r}: {exc.detail}"))
             continue
         kept, problem = {}, None
         for name in settings.targets:
@@ -203,7 +203,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
         try:
             check_overlaps(crystal, settings.min_distance, table)
         except InvalidCrystalError as exc:
-            rejects.append(_reject(rid, record.source, exc.reason, str(exc)))
+            rejects.append(_reject(rid, record.source, exc.reason, f"crystal {rid!r}: {exc.detail}"))
             continue
         if settings.min_distance > settings.cutoff:
             table = image_table(crystal.lattice, crystal.positions, settings.cutoff)
@@ -222,7 +222,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                                    f"crystal {rid!r}: {len(table):,} image-table entries, budget "
                                    f"{settings.max_entries:,}"))
             continue
-        rows[split].append((dataclasses.replace(crystal, labels=kept), table, record.source,
+        rows[split].append((dataclasses.replace(crystal, id=rid, labels=kept), table, record.source,
                             record.forces, record.stress))
     if n_input != chunk.count:
         raise RuntimeError(f"{chunk.path}: chunk {index} planned {chunk.count} records but read {n_input}")
