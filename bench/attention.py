@@ -49,7 +49,9 @@ baseline is used (valid when the step's peak exceeds the small setup's). The sam
 times ``--repeats`` further steps (median reported; the measured step is the timing warm-up).
 
 Timing uses ``time.perf_counter``; torch runs with ``--threads`` intra-op threads (default: all
-cores) in sections 1-3 and with 1 thread in section 5. OMP/OpenBLAS/MKL thread counts are set
+cores) in sections 1-3 and with 1 thread in section 5. On a shared machine use ``--threads 1``:
+when another process holds a core, 2-thread OpenMP ops stall at their barriers and the op timings
+jump 3-5x at random (the header prints the load and how busy the CPUs were before the start). OMP/OpenBLAS/MKL thread counts are set
 to 1 before numpy is imported, so numpy (image tables) is single-threaded throughout.
 """
 
@@ -591,9 +593,11 @@ def main(argv=None) -> dict:
     print(f"- threads: torch intra-op {args.threads} in sections 1-3, 1 in section 5; "
           f"OMP/OPENBLAS/MKL_NUM_THREADS=1 (numpy single-threaded)")
     print(f"- data: {args.data}; {args.n_batches} batch(es) of {args.batch_size}, seed {args.seed}")
-    load0 = os.getloadavg()
-    print(f"- load average at start (1/5/15 min): {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}"
-          + ("  **WARNING: the machine is busy; timings will be inflated**" if load0[0] > 0.5 else ""))
+    load0, busy0 = os.getloadavg(), cpu_busy_fraction(2.0)
+    busy_note = "" if busy0 is None else f"; CPU busy before start (2 s sample, other processes): {100 * busy0:.0f}%"
+    print(f"- load average at start (1/5/15 min): {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}{busy_note}"
+          + ("  **WARNING: the machine is busy; timings will be inflated (try --threads 1)**"
+             if (busy0 or 0.0) > 0.15 else ""))
     print(f"- model config: default CrystalformerConfig (H = {config.n_heads}, d_h = {config.head_dim}, "
           f"K = {config.n_basis}); sigma_max = {config.sigma_max:.4f} A; cutoff c = {config.cutoff_sigmas} "
           f"-> r_c = {config.cutoff:.4f} A")
@@ -749,6 +753,7 @@ def main(argv=None) -> dict:
 
     results["runtime_s"] = time.perf_counter() - wall0
     results["loadavg_start"], results["loadavg_end"] = load0, os.getloadavg()
+    results["cpu_busy_before_start"] = busy0
     print(f"\nTotal runtime: {results['runtime_s']:.1f} s; load average at the end (1/5/15 min): "
           + " / ".join(f"{x:.2f}" for x in results["loadavg_end"])
           + f" (this benchmark itself adds ~{args.threads}).")
@@ -757,6 +762,22 @@ def main(argv=None) -> dict:
         args.json.write_text(json.dumps(results, indent=1, default=_json_default))
         print(f"JSON written to {args.json}")
     return results
+
+
+def cpu_busy_fraction(seconds: float) -> float | None:
+    """Fraction of all cores busy (user + nice + system + irq) over ``seconds``, from /proc/stat."""
+    def sample():
+        with open("/proc/stat") as fh:
+            vals = [int(v) for v in fh.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals[:8]), idle
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
 def _json_default(obj):

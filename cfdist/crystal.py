@@ -51,8 +51,8 @@ _OCC_SUM_TOL = 1e-6
 _FULL_TOL = 1e-9
 
 REASONS = frozenset({
-    "non_finite", "small_volume", "overlapping_atoms", "bad_element", "bad_occupancy",
-    "empty", "bad_shape", "not_periodic", "unparseable",
+    "non_finite", "non_finite_label", "small_volume", "overlapping_atoms", "bad_element",
+    "bad_occupancy", "empty", "bad_shape", "not_periodic", "unparseable",
 })
 
 
@@ -209,7 +209,8 @@ def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float =
     Checks, in order (the first failure raises :class:`InvalidCrystalError`):
 
     1. ``bad_shape`` / ``empty``: array shapes (re-checked: frozen fields can be bypassed), N >= 1.
-    2. ``non_finite``: lattice, positions, occupancies finite; labels not +-inf (NaN = missing).
+    2. ``non_finite``: lattice, positions, occupancies finite; ``non_finite_label``: labels not
+       +-inf (NaN means missing and is allowed here).
     3. ``bad_element``: every Z (and every disordered species) in 1..98.
     4. ``bad_occupancy``: disorder entries well-formed (site in range and grouped, occupancy in
        (0, 1], per-site sum <= 1 + 1e-6, no repeated species, ``numbers`` = majority species).
@@ -258,7 +259,7 @@ def validate(crystal: Crystal, *, min_distance: float = 0.5, min_volume: float =
                                                      f"site {int(disorder.site[k])}")
     for name, value in crystal.labels.items():
         if math.isinf(value):
-            raise InvalidCrystalError(cid, "non_finite", f"label {name!r} is {value}")
+            raise InvalidCrystalError(cid, "non_finite_label", f"label {name!r} is {value}")
 
     # 3. elements
     bad = np.nonzero((numbers < 1) | (numbers > MAX_Z))[0]

@@ -9,6 +9,7 @@ fixed-width blocks per query atom for the attention op's blocked product (design
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -104,12 +105,30 @@ class PeriodicGraph:
 def gaussian_basis(distance: torch.Tensor, n_basis: int, r_max: float, width_scale: float) -> torch.Tensor:
     """Gaussian basis b_k(r) = exp(-(r - mu_k)^2 / 2w^2), mu_k = k r_max / K (k = 1..K).
 
+    Only the centres within 8.6 widths of r are evaluated (the others are below 1e-16, i.e.
+    zero at float64 resolution relative to the peak of 1), which saves ~3x of the work for
+    the default K = 64, w = r_max / K.
+
     Args:
         distance: (T,) distances (A).
     Returns:
         (T, K) basis values; w = width_scale * r_max / K.
     """
     spacing = r_max / n_basis
-    centres = torch.arange(1, n_basis + 1, dtype=distance.dtype, device=distance.device) * spacing
     width = width_scale * spacing
-    return torch.exp(-0.5 * ((distance[:, None] - centres[None, :]) / width) ** 2)
+    half = math.ceil(_TAIL_WIDTHS * width_scale)
+    if 2 * half + 1 >= n_basis:
+        centres = torch.arange(1, n_basis + 1, dtype=distance.dtype, device=distance.device) * spacing
+        return torch.exp(-0.5 * ((distance[:, None] - centres[None, :]) / width) ** 2)
+    offsets = torch.arange(-half, half + 1, device=distance.device)
+    nearest = torch.round(distance.detach() / spacing).long() - 1  # index k - 1 of the closest centre
+    index = nearest[:, None] + offsets[None, :]  # (T, window)
+    inside = (index >= 0) & (index < n_basis)
+    centres = (index + 1).to(distance.dtype) * spacing
+    values = torch.exp(-0.5 * ((distance[:, None] - centres) / width) ** 2) * inside
+    # scatter_add: clamped out-of-range slots add exact zeros instead of overwriting a value.
+    out = distance.new_zeros(distance.shape[0], n_basis)
+    return out.scatter_add(1, index.clamp(0, n_basis - 1), values)
+
+
+_TAIL_WIDTHS = 8.6  # exp(-8.6^2 / 2) = 8e-17

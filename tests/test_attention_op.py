@@ -182,3 +182,21 @@ def test_dense_box_baseline_converges_to_the_same_attention():
                                  dtype=torch.float64)
     dense = dense_box_attention(q, k, v, a, box, w)
     assert (table - dense).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("n_basis,width_scale", [(64, 1.0), (16, 1.0), (64, 2.5), (8, 1.0)])
+def test_windowed_gaussian_basis_equals_the_dense_formula(n_basis, width_scale):
+    """The windowed basis (only centres near r) equals exp(-(r - mu_k)^2 / 2w^2) over all k."""
+    r_max = 14.0
+    d = torch.cat([torch.linspace(0, 20, 4001, dtype=torch.float64),
+                   torch.tensor([0.0, r_max, r_max / n_basis, 1e-9], dtype=torch.float64)]).requires_grad_()
+    spacing = r_max / n_basis
+    centres = torch.arange(1, n_basis + 1, dtype=torch.float64) * spacing
+    dense = torch.exp(-0.5 * ((d[:, None] - centres) / (width_scale * spacing)) ** 2)
+    got = gaussian_basis(d, n_basis, r_max, width_scale)
+    assert got.shape == (d.shape[0], n_basis)
+    assert (got - dense).abs().max().item() < 1e-15
+    weights = torch.randn(n_basis, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g_got, = torch.autograd.grad((got * weights).sum(), d)
+    g_dense, = torch.autograd.grad((dense * weights).sum(), d)
+    torch.testing.assert_close(g_got, g_dense, rtol=1e-12, atol=1e-14)

@@ -109,7 +109,7 @@ def test_error_pickles_and_module_import_is_lazy():
     err = InvalidCrystalError("mp-1", "empty", "structure has no atoms")
     back = pickle.loads(pickle.dumps(err))
     assert (back.crystal_id, back.reason, str(back)) == ("mp-1", "empty", str(err))
-    assert set(REASONS) == {"non_finite", "small_volume", "overlapping_atoms", "bad_element", "bad_occupancy",
+    assert set(REASONS) == {"non_finite", "non_finite_label", "small_volume", "overlapping_atoms", "bad_element", "bad_occupancy",
                             "empty", "bad_shape", "not_periodic", "unparseable"}
     # No module-level pymatgen/ase import: those cost seconds in every data worker.
     tree = ast.parse(Path(crystal_module.__file__).read_text())
@@ -259,7 +259,7 @@ def test_inf_lattice():
 
 def test_inf_label_rejected_nan_label_allowed():
     check(Crystal("lab", [1], np.eye(3) * 5, [[0, 0, 0]], {"e_form": float("-inf")}),
-          "non_finite", r"crystal 'lab': label 'e_form' is -inf")
+          "non_finite_label", r"crystal 'lab': label 'e_form' is -inf")
     validate(Crystal("lab", [1], np.eye(3) * 5, [[0, 0, 0]], {"e_form": float("nan")}))
 
 

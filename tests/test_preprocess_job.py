@@ -36,7 +36,9 @@ def test_ray_job_submit_against_a_running_cluster(slice_file, tmp_path):
         submit = subprocess.run(
             [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(REPO),
              "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet"]}), "--",
-             "python", "preprocess/build_shards.py", str(slice_file), "--out", str(out), "--targets", "e_form",
+             # The job driver runs with the cluster's PATH, not this process's venv: name the
+             # interpreter explicitly, as a cluster user would use their environment's python.
+             sys.executable, "preprocess/build_shards.py", str(slice_file), "--out", str(out), "--targets", "e_form",
              "--shard-size", "20"],
             capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
         assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
