@@ -19,6 +19,7 @@ _EXPORTS = {
     "CrystalformerConfig": "cfdist.config", "table_cutoff": "cfdist.config",
     "CrystalBatch": "cfdist.batch", "collate": "cfdist.batch",
     "Crystalformer": "cfdist.model", "count_parameters": "cfdist.model",
+    "load": "cfdist.checkpoint", "save_portable": "cfdist.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

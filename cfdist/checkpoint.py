@@ -1,0 +1,119 @@
+"""Portable checkpoints: one file, loadable without DeepSpeed or Ray.
+
+    cfdist.load("outputs/runs/pretrain/model.pt").predict(structures)
+
+A portable checkpoint (``torch.save`` of a plain dict) holds the model config, float32
+weights and buffers (sigma statistics, target normalisation), the image-table cutoff, the
+cfdist version and a short training summary. :func:`export_deepspeed_checkpoint` builds one
+from a DeepSpeed checkpoint of any ZeRO stage and precision (``python -m cfdist.export``).
+
+Training checkpoints (DeepSpeed state per rank + ``cfdist_state.json``) are written by
+:mod:`cfdist.train.loop`; ``cfdist_state.json`` is what makes them self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "cfdist-portable-v1"
+STATE_FILE = "cfdist_state.json"
+DEEPSPEED_TAG = "ds"
+
+
+def save_portable(path: str | Path, model, *, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (a :class:`cfdist.Crystalformer`) as a portable checkpoint."""
+    from cfdist import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").float() if v.is_floating_point() else v.detach().to("cpu")
+             for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "cfdist_version": __version__, "model_config": model.config.to_dict(),
+               "cutoff": float(model.cutoff), "state_dict": state, "extra": extra or {}}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Portable checkpoint -> :class:`cfdist.Crystalformer` in eval mode (float32)."""
+    from cfdist.config import CrystalformerConfig
+    from cfdist.model import Crystalformer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no portable checkpoint (export one with `python -m cfdist.export RUN OUT`)")
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a cfdist portable checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}); "
+                         f"training checkpoints are exported with `python -m cfdist.export`")
+    model = Crystalformer(CrystalformerConfig.from_dict(payload["model_config"]))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    model.eval()
+    model.checkpoint_info = {k: payload[k] for k in ("cfdist_version", "cutoff", "extra")}
+    return model
+
+
+def read_state(checkpoint_dir: str | Path) -> dict:
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a cfdist training checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def find_latest_checkpoint(run_dir: str | Path) -> Path:
+    """The training checkpoint with the highest step under ``run_dir`` (any depth)."""
+    found = []
+    for state_path in Path(run_dir).rglob(STATE_FILE):
+        try:
+            found.append((json.loads(state_path.read_text())["step"], str(state_path.parent)))
+        except (json.JSONDecodeError, KeyError):
+            continue
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no training checkpoint found (no {STATE_FILE} below it)")
+    return Path(max(found)[1])
+
+
+def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_TAG) -> dict[str, torch.Tensor]:
+    """Consolidated float32 weights + buffers of a DeepSpeed checkpoint, any ZeRO stage.
+
+    ZeRO 1-3 (and bf16, whose optimizer keeps fp32 masters): DeepSpeed's zero_to_fp32;
+    stage 0 fp32 has no optimizer shards, so the module state is the fp32 state.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    module_file = checkpoint_dir / tag / "mp_rank_00_model_states.pt"
+    if not module_file.is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed checkpoint with tag {tag!r}")
+    shards = list((checkpoint_dir / tag).glob("*optim_states.pt"))
+    if shards and any("zero_pp_rank" in p.name for p in shards):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    else:
+        state = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def export_deepspeed_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> Path:
+    """Training checkpoint directory -> portable checkpoint file ``out``."""
+    from cfdist.config import CrystalformerConfig
+    from cfdist.model import Crystalformer
+
+    checkpoint_dir = Path(checkpoint_dir)
+    info = read_state(checkpoint_dir)
+    model = Crystalformer(CrystalformerConfig.from_dict(info["model_config"]))
+    state = deepspeed_fp32_state_dict(checkpoint_dir)
+    # Statistics buffers at full precision from the state file (a bf16 engine rounds module buffers).
+    for name, value in info.get("buffers", {}).items():
+        state[name] = torch.tensor(value, dtype=torch.float32).reshape(model.get_buffer(name).shape)
+    model.load_state_dict(state, strict=True)
+    return save_portable(out, model, extra={"step": info["step"], "epoch": info["cursor"]["epoch"],
+                                            "run_name": info.get("run_name"), "targets": info["model_config"]["target_names"],
+                                            "source_checkpoint": str(checkpoint_dir)})

@@ -1,0 +1,328 @@
+"""Shards -> training batches: manifest checks, deterministic shuffling, entry-budget packing.
+
+The trainer never holds a dataset: every rank streams Arrow record batches (from Ray Data's
+``get_dataset_shard`` or, without Ray, straight from the Parquet files), and this module turns
+that stream into batches whose cost is bounded:
+
+    stream of Arrow tables --ShuffleBuffer--> rows in a seeded order
+                           --pack_rows------> row groups within (entries, atoms, structures) budgets
+                           --collate_arrow--> CrystalBatch
+
+A batch is closed before it would exceed ``max_entries`` image-table entries or ``max_atoms``
+atoms (the attention op's work and memory scale with entries), so a step's memory is bounded
+whatever the mix of cell sizes, and ranks with the same budgets do about the same work.
+
+Everything here is deterministic given the input order and the seed, which is what makes
+mid-epoch resume exact: replaying the epoch and discarding the first ``cursor.batches``
+batches reproduces the remaining ones (see :class:`DataCursor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cfdist.shards import SCHEMA_VERSION, ShardError, read_metadata_from_schema, target_columns
+
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class ShardEntry:
+    """One shard file listed in the manifest."""
+
+    path: Path
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class ShardSet:
+    """A preprocessed shard directory (``DIR/manifest.json`` + ``DIR/<split>/*.parquet``).
+
+    ``verify`` checks everything the trainer relies on *before* any worker starts, so a bad
+    directory fails in seconds with a message naming the file and the problem instead of
+    hours later inside a worker.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{self.root}: no {MANIFEST}; is this a directory written by "
+                             f"preprocess/build_shards.py (and did the job finish)?")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ShardError(f"{path}: unreadable manifest ({exc})") from exc
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise ShardError(f"{path}: shard schema version {self.manifest.get('schema_version')!r}, this cfdist "
+                             f"reads {SCHEMA_VERSION}; rebuild the shards")
+        self.cutoff = float(self.manifest["cutoff"])
+        self.targets = list(self.manifest.get("targets", []))
+        self.entries = [ShardEntry(self.root / s["file"], s["split"], int(s["rows"]), int(s["bytes"]), s["sha256"])
+                        for s in self.manifest["shards"]]
+
+    def files(self, split: str) -> list[ShardEntry]:
+        return [e for e in self.entries if e.split == split]
+
+    def n_rows(self, split: str) -> int:
+        return sum(e.rows for e in self.files(split))
+
+    def target_stats(self, target: str, split: str = "train") -> tuple[float, float]:
+        """(mean, std) of a target on a split, from the manifest's statistics."""
+        try:
+            stats = self.manifest["statistics"]["targets"][target][split]
+        except KeyError:
+            raise ShardError(f"{self.root}: manifest has no statistics for target {target!r} on split {split!r} "
+                             f"(targets: {self.targets})") from None
+        std = float(stats["std"]) if stats.get("std") else 1.0
+        return float(stats["mean"]), std if std > 0 else 1.0
+
+    def verify(self, splits: Sequence[str], *, required_cutoff: float | None = None,
+               targets: Sequence[str] = (), checksums: bool = True) -> None:
+        """Raise :class:`ShardError` unless every shard of ``splits`` is usable.
+
+        Checks: the split has shards; the tables' cutoff covers ``required_cutoff`` (a model
+        whose Gaussians reach further than the tables would silently lose terms); the targets
+        exist; each file exists with the manifest's size, a readable Parquet footer whose row
+        count, schema version and cutoff agree with the manifest, and (``checksums``) the
+        manifest's sha256.
+        """
+        if required_cutoff is not None and self.cutoff + 1e-6 < required_cutoff:
+            raise ShardError(f"{self.root}: image tables were built with cutoff {self.cutoff:.4f} A but the model "
+                             f"needs {required_cutoff:.4f} A; rebuild the shards with --model-config pointing at "
+                             f"this model (or lower cutoff_sigmas)")
+        missing = [t for t in targets if t not in self.targets]
+        if missing:
+            raise ShardError(f"{self.root}: target(s) {missing} not in the shards (they hold {self.targets})")
+        for split in splits:
+            if not self.files(split):
+                raise ShardError(f"{self.root}: no shards for split {split!r} "
+                                 f"(splits: {sorted({e.split for e in self.entries})})")
+            for entry in self.files(split):
+                verify_shard_file(entry, self.cutoff, checksum=checksums)
+
+
+def verify_shard_file(entry: ShardEntry, cutoff: float, *, checksum: bool = True) -> None:
+    path = entry.path
+    if not path.is_file():
+        raise ShardError(f"{path}: listed in the manifest but missing")
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise ShardError(f"{path}: {size:,} bytes, the manifest says {entry.bytes:,} (truncated or rewritten file)")
+    try:
+        meta = pq.read_metadata(path)
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if meta.num_rows != entry.rows:
+        raise ShardError(f"{path}: {meta.num_rows} rows, the manifest says {entry.rows}")
+    file_meta = read_metadata_from_schema(schema)
+    if file_meta.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {file_meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if abs(float(file_meta.get("cutoff", -1.0)) - cutoff) > 1e-9:
+        raise ShardError(f"{path}: built with cutoff {file_meta.get('cutoff')} A, the manifest says {cutoff} A")
+    if checksum:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != entry.sha256:
+            raise ShardError(f"{path}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
+                             f"{entry.sha256[:12]}... (corrupted or replaced file)")
+
+
+# ----------------------------------------------------------------------------- streaming
+TRAINING_COLUMNS = ("id", "n_atoms", "numbers", "lattice", "positions", "disorder_site", "disorder_z",
+                    "disorder_occupancy", "n_entries", "table_counts", "table_code")
+
+
+def training_columns(schema: pa.Schema, targets: Sequence[str]) -> list[str]:
+    """Columns a training batch needs (skips ``source``, forces, unused targets)."""
+    have = set(target_columns(schema))
+    return list(TRAINING_COLUMNS) + [f"y.{t}" for t in targets if t in have]
+
+
+def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size: int = 1,
+                      columns: Sequence[str] | None = None, rows_per_read: int = 1024) -> Iterator[pa.Table]:
+    """Stream shard files without Ray: rank r reads files r, r + world, ... (in the given order).
+
+    Used by single-process fine-tuning, evaluation and tests; Ray Train runs use
+    ``get_dataset_shard`` instead. Files are read one record batch at a time.
+    """
+    for path in list(paths)[rank::world_size]:
+        try:
+            reader = pq.ParquetFile(path)
+            for record_batch in reader.iter_batches(batch_size=rows_per_read, columns=list(columns) if columns else None):
+                yield pa.Table.from_batches([record_batch])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ShardError(f"{path}: cannot read shard ({exc})") from exc
+
+
+class ShuffleBuffer:
+    """Seeded streaming shuffle over a window of ``size`` rows (``size`` <= 1: pass-through).
+
+    Rows enter in stream order; once ``size`` rows are buffered, a seeded permutation of the
+    buffer is emitted in chunks of ``size // 2`` rows and the rest wait for the next input, so
+    a row can move up to about ``size`` places. The output depends only on the input order and
+    the seed.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = int(size)
+        self.rng = np.random.default_rng(seed)
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+
+    def __call__(self, tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        for table in tables:
+            if self.size <= 1:
+                yield table
+                continue
+            self.pending.append(table)
+            self.n_pending += table.num_rows
+            while self.n_pending >= self.size:
+                yield self._emit(self.size // 2)
+        if self.n_pending:
+            yield self._emit(self.n_pending)
+
+    def _emit(self, n: int) -> pa.Table:
+        buffer = pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]
+        order = self.rng.permutation(buffer.num_rows)
+        out = buffer.take(pa.array(order[:n]))
+        rest = buffer.take(pa.array(order[n:]))
+        self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        return out
+
+
+@dataclass(frozen=True)
+class BatchBudget:
+    """Limits of one micro-batch; a batch closes before the next structure would exceed one.
+
+    A single structure above ``max_entries`` or ``max_atoms`` still forms a batch on its own
+    (it passed preprocessing's own budget); it is counted in ``PackStats.oversize``.
+    """
+
+    max_entries: int = 400_000
+    max_atoms: int = 4_096
+    max_structures: int = 256
+
+    def __post_init__(self):
+        for name in ("max_entries", "max_atoms", "max_structures"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"BatchBudget.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PackStats:
+    batches: int = 0
+    structures: int = 0
+    oversize: int = 0
+
+
+def pack_boundaries(n_entries: np.ndarray, n_atoms: np.ndarray, budget: BatchBudget,
+                    start_entries: int = 0, start_atoms: int = 0, start_count: int = 0) -> list[int]:
+    """Greedy split points of a row sequence into budgeted groups.
+
+    Returns the row indices where a new group starts (excluding 0). ``start_*`` describe the
+    group already open before row 0 (carried over from the previous table).
+    """
+    cuts = []
+    entries, atoms, count = start_entries, start_atoms, start_count
+    for k, (e, a) in enumerate(zip(n_entries.tolist(), n_atoms.tolist())):
+        if count and (entries + e > budget.max_entries or atoms + a > budget.max_atoms
+                      or count + 1 > budget.max_structures):
+            cuts.append(k)
+            entries, atoms, count = 0, 0, 0
+        entries, atoms, count = entries + e, atoms + a, count + 1
+    return cuts
+
+
+def pack_rows(tables: Iterable[pa.Table], budget: BatchBudget, stats: PackStats | None = None) -> Iterator[pa.Table]:
+    """Re-cut a stream of shard rows into tables that fit ``budget`` (order preserved).
+
+    The last, partial group of the stream is yielded too.
+    """
+    stats = stats if stats is not None else PackStats()
+    open_parts: list[pa.Table] = []
+    open_entries = open_atoms = open_count = 0
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        n_entries = np.asarray(table["n_entries"].to_numpy(), dtype=np.int64)
+        n_atoms = np.asarray(table["n_atoms"].to_numpy(), dtype=np.int64)
+        cuts = pack_boundaries(n_entries, n_atoms, budget, open_entries, open_atoms, open_count)
+        start = 0
+        for cut in cuts:
+            open_parts.append(table.slice(start, cut - start))
+            yield _close(open_parts, budget, stats)
+            open_parts, start = [], cut
+        rest = table.slice(start)
+        open_parts.append(rest)
+        if cuts:
+            open_entries, open_atoms, open_count = int(n_entries[start:].sum()), int(n_atoms[start:].sum()), rest.num_rows
+        else:
+            open_entries += int(n_entries.sum())
+            open_atoms += int(n_atoms.sum())
+            open_count += table.num_rows
+    if open_count:
+        yield _close(open_parts, budget, stats)
+
+
+def _close(parts: list[pa.Table], budget: BatchBudget, stats: PackStats) -> pa.Table:
+    parts = [p for p in parts if p.num_rows]
+    table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    stats.batches += 1
+    stats.structures += table.num_rows
+    if table.num_rows == 1 and (int(table["n_entries"][0].as_py()) > budget.max_entries
+                                or int(table["n_atoms"][0].as_py()) > budget.max_atoms):
+        stats.oversize += 1
+    return table
+
+
+# ----------------------------------------------------------------------------- resume
+@dataclass
+class DataCursor:
+    """Where a rank is in its data stream; saved in every checkpoint.
+
+    ``batches`` counts the micro-batches this rank has consumed in the current ``epoch``.
+    Resuming replays the epoch's stream (same order: Ray Data runs with ``preserve_order``
+    and the shuffle is seeded by (seed, epoch, rank)) and discards that many batches, so the
+    resumed run sees exactly the batches the uninterrupted run would have.
+    """
+
+    epoch: int = 0
+    batches: int = 0
+    structures: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "DataCursor":
+        return cls(**data) if data else cls()
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Independent, reproducible shuffle seed per (run seed, epoch, rank)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def budgeted_batches(tables: Iterable[pa.Table], budget: BatchBudget, *, shuffle_rows: int, seed: int,
+                     epoch: int, rank: int, skip_batches: int = 0,
+                     stats: PackStats | None = None) -> Iterator[pa.Table]:
+    """The full per-rank pipeline: shuffle -> pack -> skip the first ``skip_batches`` (resume)."""
+    shuffled = ShuffleBuffer(shuffle_rows, epoch_seed(seed, epoch, rank))(tables)
+    for k, table in enumerate(pack_rows(shuffled, budget, stats)):
+        if k >= skip_batches:
+            yield table

@@ -1,0 +1,424 @@
+"""The training loop, read top to bottom: restore -> (stream -> pack -> step -> log/validate/checkpoint).
+
+It runs inside Ray Train workers (:func:`ray_train_loop`, launched by ``launch/pretrain.py``)
+or in plain processes (:func:`local_train_loop`: one process, or torchrun ranks), and differs
+between the two only in the :class:`WorkerContext` (where rows come from, where checkpoints go).
+
+Lockstep: every micro-step all ranks all-reduce ``[has_batch, n_labelled]``. An epoch ends for
+everyone as soon as one rank's stream is exhausted (ranks with a few batches left drop them,
+counted in ``dropped_tail``), so collectives never hang on uneven packing. The loss is the sum
+of a rank's L1 errors times world / global label count, so after DeepSpeed's gradient averaging
+the gradient is that of the mean over all labelled structures of the step, however unevenly the
+packed batches are sized.
+
+Resume: checkpoints are taken at optimiser-step boundaries and store a :class:`DataCursor`
+(epoch, micro-batches consumed in it). A restored rank replays its epoch stream and skips that
+many batches; with Ray Data's ``preserve_order`` and the seeded shuffle the stream is the same,
+so a resumed run continues with exactly the batches an uninterrupted one would have used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
+from cfdist.data import BatchBudget, DataCursor, PackStats, ShardSet, budgeted_batches, iter_local_shards, \
+    pack_rows, training_columns
+from cfdist.shards import collate_arrow
+from cfdist.train.config import PretrainConfig, config_from_dict
+from cfdist.train.engine import build_engine, init_distributed
+from cfdist.train.metrics import MetricLogger, peak_memory_mb
+
+
+# ----------------------------------------------------------------------------- worker contexts
+class WorkerContext:
+    """Where this rank's rows come from and where its checkpoints go."""
+
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+
+    def train_tables(self, epoch: int) -> Iterator:
+        raise NotImplementedError
+
+    def val_tables(self) -> Iterator:
+        raise NotImplementedError
+
+    @contextmanager
+    def latest_checkpoint(self):
+        yield None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        raise NotImplementedError
+
+
+class RayContext(WorkerContext):
+    """Inside a Ray Train worker: datasets "train" / "val" come from ``get_dataset_shard``."""
+
+    def __init__(self, cfg: PretrainConfig, columns: list[str]):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.backend = "nccl" if cfg.scaling.use_gpu else "gloo"
+        self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        self.cfg, self.columns = cfg, columns
+
+    def _stream(self, name: str):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard(name)
+        for batch in shard.iter_batches(batch_size=self.cfg.data.rows_per_read, batch_format="pyarrow",
+                                        prefetch_batches=2):
+            yield batch.select(self.columns) if hasattr(batch, "select") else batch
+
+    def train_tables(self, epoch: int):
+        return self._stream("train")
+
+    def val_tables(self):
+        return self._stream("val")
+
+    @contextmanager
+    def latest_checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        name = f"checkpoint_{int(metrics['step']):09d}" if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class LocalContext(WorkerContext):
+    """Plain processes (single process or torchrun): rank-strided shard files, checkpoints in the run dir."""
+
+    def __init__(self, cfg: PretrainConfig, columns: list[str], shards: ShardSet):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        use_cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+        self.backend = "nccl" if use_cuda else "gloo"
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+        self.cfg, self.columns, self.shards = cfg, columns, shards
+        self.checkpoints = cfg.run_dir() / "checkpoints"
+
+    def _files(self, split: str):
+        return [e.path for e in self.shards.files(split)]
+
+    def train_tables(self, epoch: int):
+        return iter_local_shards(self._files(self.cfg.data.train_split), rank=self.rank, world_size=self.world_size,
+                                 columns=self.columns, rows_per_read=self.cfg.data.rows_per_read)
+
+    def val_tables(self):
+        return iter_local_shards(self._files(self.cfg.data.val_split), rank=self.rank, world_size=self.world_size,
+                                 columns=self.columns, rows_per_read=self.cfg.data.rows_per_read)
+
+    @contextmanager
+    def latest_checkpoint(self):
+        done = sorted(self.checkpoints.glob("step_*/" + STATE_FILE)) if self.checkpoints.is_dir() else []
+        yield done[-1].parent if done else None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is None:
+            return
+        # every rank wrote its own files into checkpoint_dir (a shared directory here)
+        dist.barrier()
+        if self.rank == 0:
+            final = self.checkpoints / checkpoint_dir.name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(checkpoint_dir, final)
+            kept = sorted(self.checkpoints.glob("step_*/" + STATE_FILE))
+            for old in kept[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old.parent, ignore_errors=True)
+        dist.barrier()
+
+    def checkpoint_scratch(self, step: int) -> Path:
+        path = self.checkpoints / f".tmp_step_{step:09d}" / f"step_{step:09d}"
+        if self.rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        return path
+
+
+# ----------------------------------------------------------------------------- the loop
+class Trainer:
+    """One rank's training run; ``run()`` returns the final metrics."""
+
+    def __init__(self, cfg: PretrainConfig, ctx: WorkerContext, shards: ShardSet):
+        self.cfg, self.ctx, self.shards = cfg, ctx, shards
+        self.targets = list(cfg.data.targets)
+        self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
+
+    # -- setup ---------------------------------------------------------------------------
+    def build(self) -> None:
+        from cfdist.model import Crystalformer
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        init_distributed(self.ctx.backend)
+        model = Crystalformer(cfg.model_config())
+        for k, target in enumerate(self.targets):
+            mean, std = self.shards.target_stats(target, cfg.data.train_split)
+            model.target_mean[k], model.target_std[k] = mean, std
+        model.to(self.ctx.device)
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, cfg.deepspeed, cfg.optim, cfg.max_steps, cfg.data.max_structures)
+        self.model = self.engine.module
+        self.step, self.cursor = 0, DataCursor()
+        with self.ctx.latest_checkpoint() as path:
+            if path is not None:
+                self.restore(path)
+
+    def restore(self, path: Path) -> None:
+        load_path, client = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
+        if load_path is None:
+            raise RuntimeError(f"{path}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
+        state = json.loads((path / STATE_FILE).read_text())
+        for name, value in state["buffers"].items():  # exact float32 statistics
+            buf = self.model.get_buffer(name)
+            buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
+        self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
+        if self.ctx.rank == 0:
+            print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, "
+                  f"{self.cursor.batches} batches into it)", flush=True)
+
+    # -- helpers -------------------------------------------------------------------------
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.ctx.backend == "nccl":
+            t = t.to(self.ctx.device)
+        dist.all_reduce(t)
+        return t.cpu().tolist()
+
+    def normalised_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        mean = self.model.target_mean.to(labels)
+        std = self.model.target_std.to(labels)
+        return (labels - mean) / std
+
+    def batch_to_device(self, table):
+        batch = collate_arrow(table, self.targets, cutoff=self.shards.cutoff)
+        return batch.to(self.ctx.device)
+
+    # -- training ------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.build()
+        cfg, ctx = self.cfg, self.ctx
+        logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
+        window = self.new_window()
+        metrics: dict[str, Any] = {}
+        dropped_tail = 0
+        try:
+            while self.step < cfg.max_steps:
+                pack_stats = PackStats()
+                batches = iter(budgeted_batches(ctx.train_tables(self.cursor.epoch), self.budget,
+                                                shuffle_rows=cfg.data.shuffle_rows, seed=cfg.seed,
+                                                epoch=self.cursor.epoch, rank=ctx.rank,
+                                                skip_batches=self.cursor.batches, stats=pack_stats))
+                epoch_done = False
+                while self.step < cfg.max_steps:
+                    t0 = time.perf_counter()
+                    table = next(batches, None)
+                    batch = self.batch_to_device(table) if table is not None else None
+                    t_data = time.perf_counter() - t0
+                    n_labelled = float(torch.isfinite(batch.labels).sum()) if batch is not None else 0.0
+                    have, labelled = self.all_sum([1.0 if batch is not None else 0.0, n_labelled])
+                    if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
+                        if batch is not None:  # drain this rank's tail (counted, not trained on)
+                            dropped_tail += batch.n_crystals + sum(t.num_rows for t in batches)
+                        epoch_done = True
+                        break
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    loss_sum = self.micro_step(batch, labelled)
+                    self.cursor.batches += 1
+                    window["data_s"] += t_data
+                    window["step_s"] += time.perf_counter() - t0
+                    window["structures"] += batch.n_crystals
+                    window["atoms"] += int(batch.n_atoms.sum())
+                    window["entries"] += batch.n_entries
+                    window["loss_sum"] += loss_sum
+                    window["labelled"] += n_labelled
+                    if not boundary:
+                        continue
+                    self.step += 1
+                    window["steps"] += 1
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        metrics = self.window_metrics(window)
+                        metrics["dropped_tail"] = dropped_tail
+                        logger.log(self.step, metrics)
+                        window = self.new_window()
+                    if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
+                        val = self.validate()
+                        metrics.update(val)
+                        logger.log(self.step, val)
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                        self.checkpoint(metrics)
+                if epoch_done:
+                    self.cursor = DataCursor(epoch=self.cursor.epoch + 1)
+                    if pack_stats.batches == 0 and self.cursor.batches == 0:
+                        raise RuntimeError(f"rank {ctx.rank}: the train split yielded no batches")
+        finally:
+            logger.close()
+        return {**metrics, "step": self.step, "epoch": self.cursor.epoch}
+
+    def micro_step(self, batch, labelled_global: float) -> float:
+        """Forward + backward + (boundary) optimiser step; returns this rank's summed L1 error."""
+        target = self.normalised_targets(batch.labels.to(torch.float32))
+        pred = self.engine(batch).float()
+        mask = torch.isfinite(target)
+        err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
+        loss = err * (self.ctx.world_size / max(labelled_global, 1.0))
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(err.detach())
+
+    def new_window(self) -> dict:
+        return {"t0": time.perf_counter(), "steps": 0, "data_s": 0.0, "step_s": 0.0, "structures": 0,
+                "atoms": 0, "entries": 0, "loss_sum": 0.0, "labelled": 0.0}
+
+    def window_metrics(self, w: dict) -> dict:
+        wall = max(time.perf_counter() - w["t0"], 1e-9)
+        tot = self.all_sum([w["structures"], w["atoms"], w["entries"], w["loss_sum"], w["labelled"], w["data_s"]])
+        world = self.ctx.world_size
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": tot[3] / max(tot[4], 1.0),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "structures_per_step": tot[0] / max(w["steps"], 1),
+            "structures_per_s": tot[0] / wall, "structures_per_s_per_worker": tot[0] / wall / world,
+            "atoms_per_s": tot[1] / wall, "entries_per_s": tot[2] / wall,
+            "entries_per_s_per_worker": tot[2] / wall / world,
+            "data_wait_pct": 100.0 * tot[5] / world / wall,
+            "step_time_s": wall / max(w["steps"], 1),
+            "peak_memory_mb": peak_memory_mb(self.ctx.device),
+            "epoch": self.cursor.epoch,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """MAE per target (original units) over this rank's part of the val split, summed over ranks.
+
+        ZeRO-3 gathers parameters inside every forward, so there ranks run in lockstep until all
+        are done; a rank that has finished repeats a forward on its last batch (not counted).
+        """
+        self.engine.eval()
+        k = len(self.targets)
+        err_sum, count = np.zeros(k), np.zeros(k)
+        lockstep = self.cfg.deepspeed.zero_stage == 3 and self.ctx.world_size > 1
+        last = None
+        for table in pack_rows(self.ctx.val_tables(), self.budget):
+            if lockstep:
+                self.all_sum([1.0])
+            self._accumulate_val(table, err_sum, count)
+            last = table
+        if lockstep:
+            while self.all_sum([0.0])[0] > 0:
+                if last is None:
+                    raise RuntimeError(f"rank {self.ctx.rank} got no validation rows under ZeRO-3; "
+                                       "use a val split with at least as many structures as workers")
+                self._accumulate_val(last, np.zeros(k), np.zeros(k))
+        self.engine.train()
+        totals = self.all_sum(list(err_sum) + list(count))
+        out = {}
+        for t, name in enumerate(self.targets):
+            n = totals[k + t]
+            out[f"val_mae/{name}"] = totals[t] / n if n else float("nan")
+        return out
+
+    def _accumulate_val(self, table, err_sum, count) -> None:
+        batch = self.batch_to_device(table)
+        pred = self.model.denormalize(self.engine(batch).float()).double().cpu()
+        labels = batch.labels.double().cpu()
+        mask = torch.isfinite(labels)
+        err = torch.where(mask, (pred - torch.nan_to_num(labels)).abs(), torch.zeros_like(pred))
+        err_sum += err.sum(0).numpy()
+        count += mask.sum(0).numpy()
+
+    def checkpoint(self, metrics: dict) -> None:
+        """All ranks save their DeepSpeed state, then report the directory (Ray persists it)."""
+        buffers = {name: (buf.item() if buf.numel() == 1 else buf.float().cpu().tolist())
+                   for name, buf in self.model.named_buffers() if buf.is_floating_point()}
+        state = {"step": self.step, "cursor": self.cursor.to_dict(), "run_name": self.cfg.run_name,
+                 "model_config": self.model.config.to_dict(), "config": self.cfg.to_dict(), "buffers": buffers}
+        client = {"step": self.step, "cursor": self.cursor.to_dict()}
+        if isinstance(self.ctx, LocalContext):
+            scratch = self.ctx.checkpoint_scratch(self.step)
+            self._save(scratch, client, state)
+            self.ctx.report(_scalars(metrics, self.step), scratch)
+            if self.ctx.rank == 0:
+                shutil.rmtree(scratch.parent, ignore_errors=True)
+            return
+        with tempfile.TemporaryDirectory(prefix="cfdist-ckpt-") as tmp:
+            self._save(Path(tmp), client, state)
+            self.ctx.report(_scalars(metrics, self.step), Path(tmp))
+
+    def _save(self, path: Path, client: dict, state: dict) -> None:
+        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state=client)
+        if self.ctx.rank == 0:
+            (path / STATE_FILE).write_text(json.dumps(state, indent=1, default=_json_default))
+
+
+def _scalars(metrics: dict, step: int) -> dict:
+    out = {"step": step}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = value
+    return out
+
+
+def _json_default(obj):
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ----------------------------------------------------------------------------- entry points
+def ray_train_loop(loop_config: dict) -> None:
+    """``train_loop_per_worker`` of the Ray TorchTrainer built by ``launch/pretrain.py``."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = config_from_dict(loop_config["config"])
+    shards = ShardSet(cfg.data.shards)
+    columns = training_columns_for(shards, cfg)
+    Trainer(cfg, RayContext(cfg, columns), shards).run()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def local_train_loop(cfg: PretrainConfig) -> dict:
+    """Train in this process (world size 1) or as one torchrun rank (RANK/WORLD_SIZE set)."""
+    shards = ShardSet(cfg.data.shards)
+    columns = training_columns_for(shards, cfg)
+    result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
+    import pyarrow.parquet as pq
+
+    first = shards.files(cfg.data.train_split)[0].path
+    return training_columns(pq.read_schema(first), cfg.data.targets)

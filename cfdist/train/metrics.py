@@ -1,0 +1,70 @@
+"""Per-step metrics: JSONL file + TensorBoard events in the run directory, tqdm bar on rank 0."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, max RSS otherwise (MB)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+
+
+class MetricLogger:
+    """Writes one JSON object per log step to ``metrics.jsonl`` and scalars to TensorBoard.
+
+    Only rank 0 writes; other ranks get a no-op logger (``enabled=False``).
+    """
+
+    def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, initial_step: int = 0):
+        self.enabled = enabled and run_dir is not None
+        self.file = None
+        self.writer = None
+        self.bar = None
+        if not self.enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; keep training if a user removed it
+            self.writer = None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", desc="train", mininterval=5.0,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and value == value:
+                    self.writer.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.n = step
+            shown = {k: metrics[k] for k in ("loss", "lr", "structures_per_s", "data_wait_pct") if k in metrics}
+            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
+                                 refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.file is not None:
+            self.file.close()
