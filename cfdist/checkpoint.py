@@ -88,8 +88,8 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
     stage 0 fp32 has no optimizer shards, so the module state is the fp32 state.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    module_file = checkpoint_dir / tag / "mp_rank_00_model_states.pt"
-    if not module_file.is_file():
+    module_file = checkpoint_dir / tag / "mp_rank_00_model_states.pt"  # ZeRO 0-2; ZeRO-3 has one per rank
+    if not list((checkpoint_dir / tag).glob("*model_states.pt")):
         raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed checkpoint with tag {tag!r}")
     shards = list((checkpoint_dir / tag).glob("*optim_states.pt"))
     if shards and any("zero_pp_rank" in p.name for p in shards):

@@ -157,6 +157,12 @@ def build(cls: type, data: Mapping[str, Any], source: str):
         kind = hints.get(f.name)
         if dataclasses.is_dataclass(kind) and f.name in values:
             values[f.name] = build(kind, values[f.name] or {}, f"{source}: {f.name}")
+        elif kind is float and isinstance(values.get(f.name), str):
+            # PyYAML (YAML 1.1) reads ``3e-4`` (no dot) as a string; a float field takes it as a number
+            try:
+                values[f.name] = float(values[f.name])
+            except ValueError:
+                raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
     return from_mapping(cls, values, source=source)
 
 
@@ -165,11 +171,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     import yaml
 
     data = _deep_copy(data)
+    loader = _override_loader()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=loader) if raw != "" else ""
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -179,6 +186,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return data
+
+
+def _override_loader():
+    """SafeLoader that also reads YAML 1.2 floats without a dot or exponent sign (``3e-4``, ``1e5``)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
 
 
 def _deep_copy(data):
@@ -196,11 +219,18 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
     working directory, or to ``configs/deepspeed/`` without the extension).
     """
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    # A named deepspeed file is resolved before each override, so ``deepspeed.zero_stage=3``
+    # edits the file's settings (and ``deepspeed=zero3`` may still name another file).
+    for item in overrides:
+        data = apply_overrides(_resolve_deepspeed(data), [item])
+    return build(PretrainConfig, _resolve_deepspeed(data), source=str(path or "config"))
+
+
+def _resolve_deepspeed(data: dict) -> dict:
     ds = data.get("deepspeed")
     if isinstance(ds, str):
-        data["deepspeed"] = load_yaml(_resolve_named(ds, "deepspeed"))
-    return build(PretrainConfig, data, source=str(path or "config"))
+        data = {**data, "deepspeed": load_yaml(_resolve_named(ds, "deepspeed"))}
+    return data
 
 
 def _resolve_named(name: str, kind: str) -> Path:

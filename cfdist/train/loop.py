@@ -169,6 +169,7 @@ class Trainer:
         self.cfg, self.ctx, self.shards = cfg, ctx, shards
         self.targets = list(cfg.data.targets)
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
+        self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -288,7 +289,13 @@ class Trainer:
         mask = torch.isfinite(target)
         err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
         loss = err * (self.ctx.world_size / max(labelled_global, 1.0))
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
+        if boundary and self.cfg.deepspeed.zero_stage == 0 and self.cfg.deepspeed.precision == "fp32":
+            # DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
+            # (and already averaged over ranks at the boundary), so measure before the step clips them.
+            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         self.engine.step()
         return float(err.detach())
 
@@ -301,6 +308,7 @@ class Trainer:
         tot = self.all_sum([w["structures"], w["atoms"], w["entries"], w["loss_sum"], w["labelled"], w["data_s"]])
         world = self.ctx.world_size
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if grad_norm is None else grad_norm
         return {
             "loss": tot[3] / max(tot[4], 1.0),
             "lr": float(self.scheduler.get_last_lr()[0]),
