@@ -114,8 +114,10 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
 @pytest.mark.slow
 def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 6; equal to a 6-step run."""
-    common = ("scaling.num_workers=2", "scaling.max_failures=0", "checkpoint_every=3", "val_every=3",
-              "deepspeed=zero2")
+    # 16 structures per rank at 4 per batch: 4 steps per epoch, so step 3 is mid-epoch (the cursor
+    # skips 3 batches on resume) and steps 5-6 cross into epoch 1
+    common = ("scaling.num_workers=2", "scaling.max_failures=0", "checkpoint_every=3", "val_every=6",
+              "deepspeed=zero2", "data.max_structures=4")
     full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=6", *common)
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
     first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", *common, extra_args=("--no-export",))
@@ -140,3 +142,92 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert len(info) == 2 and all(i["versions"]["torch"] and i["git_sha"] for i in info)
     assert (tmp_path / "full" / "config.yaml").is_file()
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def ray_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
+    """kill -9 one Ray Train worker mid-run: the group restarts from the last checkpoint and finishes."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml",
+           f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=ft", "model=" + json.dumps(TINY_MODEL),
+           "data.max_structures=4", "data.verify_checksums=false", "log_every=1", "max_steps=12",
+           "checkpoint_every=2", "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+    killed = None
+    try:
+        deadline = time.time() + 300
+        metrics_file = tmp_path / "ft" / "metrics.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            steps = [json.loads(x).get("step", 0) for x in metrics_file.read_text().splitlines()] \
+                if metrics_file.exists() else []
+            # checkpoints at 2 and 4; by step 5 the step-2 one is surely registered with the controller
+            if steps and max(steps) >= 5:
+                pids = ray_worker_pids()
+                if pids:
+                    killed = pids[-1]
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "driver.log").write_text(output)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, output[-4000:]
+    assert "resumed from" in output, output[-4000:]
+    import cfdist
+
+    model = cfdist.load(tmp_path / "ft" / "model.pt")
+    assert model.checkpoint_info["extra"]["step"] == 12
+    steps = [json.loads(x)["step"] for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 12 and len(steps) > 12  # some steps after the last checkpoint were run twice
+
+
+@pytest.mark.slow
+def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
+    """Two raylets (127.0.0.2 / .3), one worker per node (STRICT_SPREAD), ZeRO-3 + bf16 + activation
+    checkpointing, submitted with `ray job submit`: the job succeeds, the loss falls, the export loads."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    gcs_port = 6379 + os.getpid() % 200 + 500
+    dash_port = 8265 + os.getpid() % 200 + 300
+    head = run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.2", "--port", gcs_port, "--num-cpus", "2",
+                "--dashboard-host", "127.0.0.1", "--dashboard-port", dash_port, "--include-dashboard", "true",
+                "--disable-usage-stats"], timeout=120)
+    assert head.returncode == 0, head.stderr[-2000:]
+    try:
+        node = run([ray_bin, "start", "--address", f"127.0.0.2:{gcs_port}", "--node-ip-address", "127.0.0.3",
+                    "--num-cpus", "2", "--disable-usage-stats"], timeout=120)
+        assert node.returncode == 0, node.stderr[-2000:]
+        job = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", REPO,
+                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
+                   sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml",
+                   f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
+                   "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
+                   "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",
+                   "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
+                   "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
+                   "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
+        assert job.returncode == 0 and "SUCCEEDED" in job.stdout + job.stderr, (job.stdout + job.stderr)[-4000:]
+    finally:
+        run([ray_bin, "stop", "--force"], timeout=120)
+    losses = [r["loss"] for r in metrics(tmp_path / "multinode") if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    import cfdist
+    from ase.build import bulk
+
+    model = cfdist.load(tmp_path / "multinode" / "model.pt")
+    assert torch_finite(model.predict([bulk("Si", "diamond", a=5.43)]))
+
+
+def torch_finite(t) -> bool:
+    import torch
+
+    return bool(torch.isfinite(t).all())
