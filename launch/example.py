@@ -1,22 +1,23 @@
-"""Built-in example: real crystals -> Ray preprocessing -> shards -> Crystalformer.
+"""Built-in example: real crystals -> Ray preprocessing -> shards -> Ray Train + DeepSpeed pretraining -> predictions.
 
 1. Preprocess the MEGNet slice shipped in ``../shared/data`` (3,909 Materials Project
    crystals, MEGNet split) into image-table shards with the Ray Data job
    (``preprocess/build_shards.py``, on a local Ray instance it starts itself).
-2. Stream the train shards in batches of 128 and take a few optimiser steps of the default
-   model (forward + backward throughput is printed).
-3. Predict the test split from its shards and write ``outputs/example/predictions.csv``.
+2. Pretrain the default Crystalformer on the train shards with ``launch/pretrain.py``:
+   a Ray Train TorchTrainer with 2 workers, DeepSpeed ZeRO-2, streamed entry-budget batches,
+   validation MAE, checkpoints, and a portable ``model.pt`` at the end (a short run: the
+   point is the pipeline, not the accuracy).
+3. Load ``model.pt`` with ``cfdist.load`` (no Ray, no DeepSpeed), predict the test split and
+   write ``outputs/example/predictions.csv`` with the test MAE next to the train-mean predictor.
 
-    python launch/example.py [--data PATH] [--split PATH] [--config configs/model/crystalformer.yaml]
-                             [--out outputs/example] [--steps 5]
-
-Distributed pretraining and fine-tuning (launch/pretrain.py, launch/finetune.py) extend this.
+    python launch/example.py [--steps 40] [--workers 2] [--out outputs/example]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -31,77 +32,71 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA / "megnet_slice.json.gz")
     parser.add_argument("--split", type=Path, default=DATA / "megnet_slice_split.json")
-    parser.add_argument("--config", type=Path, default=REPO / "configs" / "model" / "crystalformer.yaml")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "example")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5, help="optimiser steps on the train shards")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=40, help="pretraining optimiser steps")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-    import pyarrow.parquet as pq
-    import torch
-
-    from cfdist import Crystalformer, CrystalformerConfig, count_parameters
-    from cfdist.shards import collate_arrow
-    from preprocess.build_shards import Settings, build
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     for path in (args.data, args.split):
         if not path.exists():
             parser.error(f"not found: {path}")
-    torch.manual_seed(args.seed)
-    config = CrystalformerConfig.from_yaml(args.config)
-    config.target_names = ["e_form"]
-    print(f"== 1. preprocess {args.data.name} (cutoff {config.cutoff:.3f} A)")
+    t_start = time.perf_counter()
+    from cfdist import CrystalformerConfig
+
+    config = CrystalformerConfig.from_yaml(REPO / "configs" / "model" / "crystalformer.yaml")
     shards = args.out / "shards"
+    print(f"== 1. preprocess {args.data.name} (cutoff {config.cutoff:.3f} A) -> {shards}", flush=True)
+    from preprocess.build_shards import Settings, build
+
     manifest = build([str(args.data)], shards, Settings(cutoff=config.cutoff, targets=["e_form"],
                                                           split_file=str(args.split.resolve()), shard_size=1024))
 
-    model = Crystalformer(config)
-    stats = manifest["statistics"]["targets"]["e_form"]["train"]
-    model.target_mean.fill_(stats["mean"])
-    model.target_std.fill_(stats["std"])
-    print(f"\n== 2. train {args.steps} steps: {count_parameters(model):,} parameters, batches of {args.batch_size}")
-    train_files = [shards / s["file"] for s in manifest["shards"] if s["split"] == "train"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=1e-5)
-    model.train()
-    step = 0
-    for path in train_files:
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=args.batch_size):
-            if step >= args.steps:
-                break
-            batch = collate_arrow(record_batch, ["e_form"])
-            target = (batch.labels.float() - stats["mean"]) / stats["std"]
-            t0 = time.perf_counter()
-            loss = (model(batch) - target).abs().mean()
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            dt = time.perf_counter() - t0
-            print(f"step {step}: L1 {loss.item() * stats['std']:.3f} eV/atom | {batch.n_crystals / dt:.0f} "
-                  f"structures/s, {batch.n_entries / dt:,.0f} table entries/s (forward+backward+step)")
-            step += 1
+    print(f"\n== 2. pretrain {args.steps} steps on {args.workers} Ray Train workers (DeepSpeed ZeRO-2)", flush=True)
+    from launch import pretrain
 
-    print("\n== 3. predict the test split")
-    model.eval()
-    args.out.mkdir(parents=True, exist_ok=True)
+    run_name = "pretrain"
+    pretrain.main(["--config", str(REPO / "configs" / "pretrain" / "megnet_slice.yaml"),
+                   f"data.shards={shards}", f"output_dir={args.out / 'runs'}", f"run_name={run_name}",
+                   f"max_steps={args.steps}", f"scaling.num_workers={args.workers}", "scaling.max_failures=0",
+                   "data.max_structures=64", "log_every=5", f"val_every={args.steps}",
+                   f"checkpoint_every={args.steps}"])
+    run_dir = args.out / "runs" / run_name
+    import ray
+
+    ray.shutdown()
+
+    print("\n== 3. predict the test split with the portable checkpoint", flush=True)
+    import pyarrow.parquet as pq
+    import torch
+
+    import cfdist
+    from cfdist.shards import collate_arrow
+
+    model = cfdist.load(run_dir / "model.pt")
+    train_mean = manifest["statistics"]["targets"]["e_form"]["train"]["mean"]
     out_csv = args.out / "predictions.csv"
-    n = 0
-    errors = []
+    errors, baseline = [], []
     with out_csv.open("w", newline="") as f, torch.no_grad():
         writer = csv.writer(f)
         writer.writerow(["id", "e_form_true", "e_form_pred"])
         for shard in (s for s in manifest["shards"] if s["split"] == "test"):
-            for record_batch in pq.ParquetFile(shards / shard["file"]).iter_batches(batch_size=args.batch_size):
+            for record_batch in pq.ParquetFile(shards / shard["file"]).iter_batches(batch_size=128):
                 batch = collate_arrow(record_batch, ["e_form"])
                 pred = model.denormalize(model(batch))[:, 0]
                 for rid, y, p in zip(batch.ids, batch.labels[:, 0].tolist(), pred.tolist()):
                     writer.writerow([rid, f"{y:.6f}", f"{p:.6f}"])
                     errors.append(abs(y - p))
-                n += batch.n_crystals
-    print(f"{n} test structures -> {out_csv}; MAE {sum(errors) / max(len(errors), 1):.3f} eV/atom after "
-          f"{args.steps} steps (train-mean predictor: ~0.8)")
+                    baseline.append(abs(y - train_mean))
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in last if "loss" in r]
+    print(f"{len(errors)} test structures -> {out_csv}")
+    print(f"test MAE {sum(errors) / len(errors):.3f} eV/atom after {args.steps} steps "
+          f"(train-mean predictor {sum(baseline) / len(baseline):.3f}); last logged throughput "
+          f"{train_rows[-1]['structures_per_s']:.0f} structures/s, data wait {train_rows[-1]['data_wait_pct']:.0f}%")
+    print(f"run directory {run_dir} (config.yaml, run_info.jsonl, metrics.jsonl, tensorboard/, ray/, model.pt); "
+          f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 
 

@@ -215,7 +215,13 @@ def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
                    "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
                    "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
                    "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
-        assert job.returncode == 0 and "SUCCEEDED" in job.stdout + job.stderr, (job.stdout + job.stderr)[-4000:]
+        log = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+        # one worker per node: two worker processes, one of them on the second raylet (127.0.0.3)
+        import re
+
+        assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
+        assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
     finally:
         run([ray_bin, "stop", "--force"], timeout=120)
     losses = [r["loss"] for r in metrics(tmp_path / "multinode") if "loss" in r]
