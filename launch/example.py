@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     manifest = build([str(args.data)], shards, Settings(cutoff=config.cutoff, targets=["e_form"],
                                                           split_file=str(args.split.resolve()), shard_size=1024))
 
+    import ray
+
+    ray.shutdown()  # the preprocessing instance; pretraining starts its own with spare CPUs for Ray Data
     print(f"\n== 2. pretrain {args.steps} steps on {args.workers} Ray Train workers (DeepSpeed ZeRO-2)", flush=True)
     from launch import pretrain
 

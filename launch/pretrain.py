@@ -113,7 +113,9 @@ def run_ray(cfg, shards, args):
     env = {"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.scaling.use_gpu else "cpu",
                         "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"], "PYTHONPATH": str(REPO)}}
     address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if ray.is_initialized():
+        print("reusing the Ray instance this process already started", flush=True)
+    elif address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
