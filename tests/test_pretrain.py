@@ -58,7 +58,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_zero_stages_and_precisions_train_and_export(tiny_shards, tmp_path):
     """ZeRO 0-3 x {fp32, bf16}, 2 ranks (torchrun, gloo): loss finite and falling on a fixed batch;
     activation checkpointing reproduces the fp32 trajectory; every run exports a loadable model."""
-    specs = [f"{s},{p},0" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + ["0,fp32,1", "3,bf16,1"]
+    specs = [f"{s},{p},0" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + ["0,fp32,1", "3,bf16,1", "2,fp32,0,2"]
     res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(29500 + os.getpid() % 1000), "tests/scripts/train_matrix.py",
                tiny_shards, tmp_path, *specs], timeout=600)
@@ -70,7 +70,9 @@ def test_zero_stages_and_precisions_train_and_export(tiny_shards, tmp_path):
         losses = r["losses"]
         assert len(losses) == 6 and all(math.isfinite(x) for x in losses + r["grad_norms"]), (spec, r)
         assert losses[-1] < 0.9 * losses[0], (spec, losses)  # the same batch every step: the loss must drop
-        assert r["structures_per_step"][0] == 32  # the whole train split, 16 per rank, one batch each
+        accum = int(spec.split(",")[3]) if spec.count(",") == 3 else 1
+        assert r["structures_per_step"][0] == 32 * accum  # whole train split (16 per rank) per micro-batch
+        assert r["sigma_stats_equal_across_ranks"] and all(s != 1.0 for s in r["sigma_std"]), r
         assert all(math.isfinite(x) for x in r["exported_prediction"][0]), spec
     plain, ckpt = results["0,fp32,0"], results["0,fp32,1"]
     for a, b in zip(plain["losses"] + plain["grad_norms"], ckpt["losses"] + ckpt["grad_norms"]):
@@ -138,6 +140,12 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     a, b = cfdist.load(tmp_path / "full" / "model.pt"), cfdist.load(tmp_path / "resumed" / "model.pt")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    # the on-demand export CLI gives the same portable model as the end-of-run export
+    exported = run([sys.executable, "-m", "cfdist.export", tmp_path / "full", tmp_path / "again.pt"], timeout=120)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    again = cfdist.load(tmp_path / "again.pt")
+    for (name, x), (_, y) in zip(a.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(x, y), name
     info = [json.loads(line) for line in (tmp_path / "resumed" / "run_info.jsonl").read_text().splitlines()]
     assert len(info) == 2 and all(i["versions"]["torch"] and i["git_sha"] for i in info)
     assert (tmp_path / "full" / "config.yaml").is_file()

@@ -280,7 +280,8 @@ class Trainer:
                         raise RuntimeError(f"rank {ctx.rank}: the train split yielded no batches")
         finally:
             logger.close()
-        return {**metrics, "step": self.step, "epoch": self.cursor.epoch}
+        sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
+        return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma}
 
     def micro_step(self, batch, labelled_global: float) -> float:
         """Forward + backward + (boundary) optimiser step; returns this rank's summed L1 error."""

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/scripts/train_matrix.py SHARDS OUT_DIR SPEC [SPEC ...]
 
-SPEC = "stage,precision,ckpt" (e.g. "3,bf16,1"). Every rank trains; rank 0 exports each run's
+SPEC = "stage,precision,ckpt[,grad_accum]" (e.g. "3,bf16,1" or "2,fp32,0,2"). Every rank trains; rank 0 exports each run's
 final checkpoint, loads it with cfdist.load, and prints one JSON line per run:
 {"spec", "losses", "grad_norms", "exported_prediction"}.
 """
@@ -31,18 +31,26 @@ def main() -> None:
     shards, out, specs = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     rank = int(os.environ.get("RANK", 0))
     for spec in specs:
-        stage, precision, ckpt = spec.split(",")
+        stage, precision, ckpt, *rest = spec.split(",")
+        accum = int(rest[0]) if rest else 1
         cfg = build(PretrainConfig, {
             "run_name": f"z{stage}-{precision}-ckpt{ckpt}", "output_dir": str(out), "seed": 0, "max_steps": 6,
             "log_every": 1, "val_every": 100, "checkpoint_every": 6, "model": TINY_MODEL,
             "data": {"shards": shards, "targets": ["e_form"], "val_split": "", "max_structures": 64,
                      "max_entries": 10**7, "max_atoms": 10**5, "shuffle_rows": 0, "verify_checksums": False},
             "optim": {"lr": 2e-3, "schedule": "constant"},
-            "deepspeed": {"zero_stage": int(stage), "precision": precision, "activation_checkpointing": ckpt == "1"},
+            "deepspeed": {"zero_stage": int(stage), "precision": precision, "activation_checkpointing": ckpt == "1",
+                          "gradient_accumulation_steps": accum},
             "scaling": {"num_workers": 2},
         }, source=spec)
-        local_train_loop(cfg)
+        result = local_train_loop(cfg)
         dist.barrier()
+        # sigma statistics were pooled over both ranks by the first forward: identical everywhere
+        import torch
+
+        mine = torch.tensor([v for _, v in sorted(result["sigma_stats"].items())], dtype=torch.float64)
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
         if rank == 0:
             records = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
             train = [r for r in records if "loss" in r]
@@ -55,7 +63,11 @@ def main() -> None:
             print("RESULT " + json.dumps({"spec": spec, "losses": [r["loss"] for r in train],
                                           "grad_norms": [r["grad_norm"] for r in train],
                                           "structures_per_step": [r["structures_per_step"] for r in train],
-                                          "exported_prediction": pred.tolist()}), flush=True)
+                                          "exported_prediction": pred.tolist(),
+                                          "sigma_stats_equal_across_ranks": all(torch.equal(g, gathered[0]) for g in gathered),
+                                          "sigma_std": [v for k, v in sorted(result["sigma_stats"].items())
+                                                        if k.endswith("sigma_std")]}),
+                  flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
