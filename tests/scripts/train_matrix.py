@@ -34,7 +34,7 @@ def main() -> None:
         stage, precision, ckpt, *rest = spec.split(",")
         accum = int(rest[0]) if rest else 1
         cfg = build(PretrainConfig, {
-            "run_name": f"z{stage}-{precision}-ckpt{ckpt}", "output_dir": str(out), "seed": 0, "max_steps": 6,
+            "run_name": f"z{stage}-{precision}-ckpt{ckpt}-acc{accum}", "output_dir": str(out), "seed": 0, "max_steps": 6,
             "log_every": 1, "val_every": 100, "checkpoint_every": 6, "model": TINY_MODEL,
             "data": {"shards": shards, "targets": ["e_form"], "val_split": "", "max_structures": 64,
                      "max_entries": 10**7, "max_atoms": 10**5, "shuffle_rows": 0, "verify_checksums": False},
