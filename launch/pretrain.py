@@ -20,10 +20,7 @@ Running the same command again resumes the run from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,43 +43,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def git_sha() -> str:
-    for cwd in (REPO, Path.cwd()):
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-            if out.returncode == 0:
-                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                       capture_output=True, text=True, timeout=10).stdout.strip()
-                return out.stdout.strip() + ("-dirty" if dirty else "")
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return os.environ.get("CFDIST_GIT_SHA", "unknown (no git checkout in the working dir; set CFDIST_GIT_SHA)")
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name in ("cfdist", "torch", "deepspeed", "ray", "pyarrow", "numpy", "pymatgen"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def write_run_files(cfg, shards) -> Path:
-    import yaml
+    from cfdist.runinfo import write_run_files as write
 
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
-    info = {"versions": versions(), "git_sha": git_sha(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "argv": sys.argv, "shards_content_hash": shards.manifest.get("content_hash"),
-            "model_config": cfg.model_config().to_dict()}
-    with open(run_dir / "run_info.jsonl", "a") as fh:  # one line per (re)start of the run
-        fh.write(json.dumps(info) + "\n")
-    return run_dir
+    return write(cfg.run_dir(), cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"),
+                 model_config=cfg.model_config().to_dict())
 
 
 def check_shards(cfg):

@@ -20,41 +20,7 @@ from cfdist.data import (BatchBudget, PackStats, ShardSet, ShuffleBuffer, budget
 from cfdist.geometry import image_table
 from cfdist.shards import SCHEMA_VERSION, ShardError, collate_arrow, crystals_to_arrow, shard_metadata, write_shard
 
-CUTOFF = 8.9095
-TARGETS = ["e_form"]
-N_CRYSTALS = 60
-# (split, first row, stop row) of each shard file, in manifest order
-LAYOUT = [("train", 0, 14), ("train", 14, 27), ("train", 27, 38), ("train", 38, 48), ("val", 48, 54),
-          ("val", 54, 60)]
-
-
-def _sha256(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="session")
-def shard_dir(megnet_crystals, tmp_path_factory):
-    """A shard directory like build_shards.py writes: DIR/<split>/part-NNNNNN.parquet + manifest.json."""
-    crystals = megnet_crystals[:N_CRYSTALS]
-    tables = [image_table(c.lattice, c.positions, CUTOFF) for c in crystals]
-    root = tmp_path_factory.mktemp("shards")
-    shards, values = [], {}
-    for chunk, (split, lo, hi) in enumerate(LAYOUT):
-        rel = f"{split}/part-{chunk:06d}.parquet"
-        arrow = crystals_to_arrow(crystals[lo:hi], tables[lo:hi], [f"megnet:{k}" for k in range(lo, hi)], TARGETS)
-        # small row groups so reads and shuffles see several record batches per file
-        write_shard(root / rel, arrow, shard_metadata(CUTOFF, TARGETS, chunk=chunk, split=split), row_group_size=4)
-        shards.append({"file": rel, "split": split, "rows": hi - lo, "bytes": (root / rel).stat().st_size,
-                       "sha256": _sha256(root / rel)})
-        values.setdefault(split, []).extend(c.labels["e_form"] for c in crystals[lo:hi])
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "cutoff": CUTOFF, "targets": TARGETS, "shards": shards,
-        "splits": {s: len(v) for s, v in values.items()},
-        "statistics": {"targets": {"e_form": {s: {"mean": float(np.mean(v)), "std": float(np.std(v)),
-                                                  "count": len(v)} for s, v in values.items()}}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return root
+from conftest import CUTOFF, LAYOUT, N_CRYSTALS, TARGETS  # noqa: E402  (shard_dir fixture: conftest)
 
 
 @pytest.fixture()

@@ -1,0 +1,118 @@
+"""``cfdist`` command line: one subcommand per pipeline stage.
+
+    cfdist preprocess INPUT... --out DIR ...          (preprocess/build_shards.py)
+    cfdist pretrain --config configs/pretrain/X.yaml   (launch/pretrain.py)
+    cfdist finetune --config configs/finetune/X.yaml   (launch/finetune.py)
+    cfdist prepare-task TASK --out DIR [--source FILE] (download + paper split + preprocess)
+    cfdist export RUN_OR_CHECKPOINT OUT.pt
+    cfdist evaluate --checkpoint model.pt --data SHARDS_OR_INPUTS [--split test] [--out DIR]
+    cfdist predict --checkpoint model.pt INPUT... [--out predictions.csv]
+
+``cfdist <command> --help`` documents each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _predict(argv) -> int:
+    parser = argparse.ArgumentParser(prog="cfdist predict", description="Predict targets for structures in any "
+                                     "input format; unreadable or invalid structures get an error row.")
+    parser.add_argument("inputs", nargs="+", help="files, directories or globs (CIF, JARVIS/pymatgen JSON, extxyz, ASE db)")
+    parser.add_argument("--checkpoint", required=True, type=Path, help="portable checkpoint (model.pt)")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
+    parser.add_argument("--format", default=None, help="input format (default: inferred per file)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from cfdist.checkpoint import load
+    from cfdist.predict import iter_input_records, predict_records, write_predictions
+
+    model = load(args.checkpoint, map_location=args.device).to(args.device)
+    rows = write_predictions(predict_records(model, iter_input_records(args.inputs, args.format), args.batch_size),
+                             args.out, model.config.target_names)
+    failed = sum(r.values is None for r in rows)
+    print(f"{len(rows)} structures -> {args.out} ({len(rows) - failed} predicted, {failed} with an error row)")
+    return 0
+
+
+def _evaluate(argv) -> int:
+    parser = argparse.ArgumentParser(prog="cfdist evaluate", description="MAE / RMSE / R^2 per target, "
+                                     "predictions CSV and parity plot.")
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--data", required=True, nargs="+", help="a shard directory, or labelled raw inputs")
+    parser.add_argument("--split", default="test", help="split of a shard directory (default test)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation"))
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    from cfdist.checkpoint import load
+    from cfdist.predict import evaluate
+
+    result = evaluate(load(args.checkpoint), args.data, args.out, split=args.split, batch_size=args.batch_size)
+    print("| target | n | MAE | RMSE | R^2 |\n|---|---|---|---|---|")
+    for name, m in result["targets"].items():
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        print(f"| {name} | {m['n']} | {fmt(m['mae'])} | {fmt(m['rmse'])} | {fmt(m['r2'])} |")
+    print(f"{result['n_structures']} structures ({result['n_failed']} failed) -> {args.out}/"
+          f"{{metrics.json, predictions.csv, parity.png}}")
+    return 0
+
+
+def _prepare_task(argv) -> int:
+    from cfdist.finetune.tasks import TASKS, prepare_task
+
+    parser = argparse.ArgumentParser(prog="cfdist prepare-task", description="Download a paper benchmark dataset "
+                                     "(or read a local copy), apply the task's exact split rule and preprocess it "
+                                     "into shards for `cfdist finetune`.")
+    parser.add_argument("task", choices=sorted(TASKS), help="benchmark task (configs/finetune/<task>.yaml)")
+    parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="local copy of the dataset (.zip as downloaded, .json or .json.gz); default: download")
+    parser.add_argument("--source-split", nargs=3, metavar="SPLIT=FILE", default=None,
+                        help="pre-split files (bulk/shear tasks): train=FILE val=FILE test=FILE")
+    parser.add_argument("--sizes", nargs=3, type=int, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                        help="MEGNet-rule split sizes (default: the published 60000 5000 4239)")
+    parser.add_argument("--cutoff", type=float, default=None, help="table cutoff (default: the default model's)")
+    parser.add_argument("--workers", type=int, default=None, help="Ray Data workers")
+    args = parser.parse_args(argv)
+    source_split = dict(item.split("=", 1) for item in args.source_split) if args.source_split else None
+    manifest = prepare_task(args.task, args.out, source=args.source, source_split=source_split, sizes=args.sizes,
+                            cutoff=args.cutoff, workers=args.workers)
+    print(f"{args.task}: {manifest['n_written']:,} structures written to {args.out} "
+          f"({manifest['n_rejected']:,} rejected, reasons in {args.out}/rejects.jsonl)")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("preprocess", "pretrain", "finetune", "prepare-task", "export", "evaluate", "predict")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    if command == "preprocess":
+        from preprocess.build_shards import main as run
+    elif command == "pretrain":
+        from launch.pretrain import main as run
+    elif command == "finetune":
+        from launch.finetune import main as run
+    elif command == "prepare-task":
+        run = _prepare_task
+    elif command == "export":
+        from cfdist.export import main as run
+    elif command == "evaluate":
+        run = _evaluate
+    else:
+        run = _predict
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Typed fine-tuning config: YAML file + ``key=value`` overrides, unknown keys rejected.
+
+    python launch/finetune.py --config configs/finetune/megnet_slice_eform.yaml \
+        init_from=pretrained checkpoint=outputs/runs/pretrain/model.pt transfer.freeze_blocks=2
+
+Defaults are the paper's recipe (design doc section 3.4): targets standardised on train, L1
+loss, AdamW lr 5e-4 betas (0.9, 0.98) weight decay 1e-5 (not on biases), lr * sqrt(T / (T + t))
+per step with T = 4000, gradient-norm clip 1.0, SWA over the last ``swa_epochs`` epochs (the
+schedule is held while averaging), best-validation checkpoint. Run directory:
+``<output_dir>/<run_name>`` (:meth:`FinetuneConfig.run_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from cfdist.config import ConfigError, CrystalformerConfig, load_yaml
+from cfdist.train.config import REPO, OptimSection, apply_overrides, build
+
+INIT_FROM = ("scratch", "pretrained", "resume")
+HEAD_MODES = ("auto", "keep", "replace")
+
+
+@dataclass
+class FinetuneData:
+    """Shards and batches.
+
+    Attributes:
+        shards: shard directory written by ``preprocess/build_shards.py`` (or ``cfdist prepare-task``).
+        targets: label columns to fit (one model output each).
+        train_split / val_split / test_split: split names in the manifest ("" = none).
+        batch_size: structures per optimiser step (paper: 128 for MEGNet tasks, 256 for JARVIS).
+        max_entries: image-table entries per micro-batch; a step whose batch is larger is split into
+            micro-batches whose gradients are accumulated (same result, bounded memory). 0 = never split.
+        drop_last: drop the last incomplete batch of an epoch (paper: true).
+        eval_batch_size: structures per forward in validation and test.
+    """
+
+    shards: str = ""
+    targets: list[str] = field(default_factory=lambda: ["e_form"])
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    batch_size: int = 128
+    max_entries: int = 600_000
+    drop_last: bool = True
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.max_entries < 0:
+            raise ConfigError("data.max_entries must be >= 0")
+
+
+@dataclass
+class TransferSection:
+    """What a pretrained checkpoint contributes and what stays fixed.
+
+    head: ``auto`` keeps the head's hidden layer and, per target, the output row and normalisation
+        of targets the checkpoint already predicts; new targets get fresh rows (standardised on
+        train). ``keep`` requires the same targets and keeps the whole head. ``replace`` starts
+        a fresh head.
+    freeze_embedding / freeze_blocks: the species embedding and the first k encoder blocks get
+        no gradient (their weights stay bit-identical).
+    lr_scale_blocks / lr_scale: the embedding (unless frozen) and the first k blocks (those not
+        frozen) train at ``optim.lr * lr_scale``.
+    """
+
+    head: str = "auto"
+    freeze_embedding: bool = False
+    freeze_blocks: int = 0
+    lr_scale_blocks: int = 0
+    lr_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.head not in HEAD_MODES:
+            raise ConfigError(f"transfer.head must be one of {HEAD_MODES}, got {self.head!r}")
+        if self.freeze_blocks < 0 or self.lr_scale_blocks < 0 or self.lr_scale < 0:
+            raise ConfigError("transfer.freeze_blocks, lr_scale_blocks and lr_scale must be >= 0")
+
+
+@dataclass
+class FinetuneScaling:
+    """``num_workers: 0`` trains in this process; >= 1 runs the same loop on Ray Train workers (DDP)."""
+
+    num_workers: int = 0
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run needs.
+
+    init_from: ``scratch`` (``model`` config, fresh weights), ``pretrained`` (encoder from the
+    portable ``checkpoint``, head per ``transfer.head``) or ``resume`` (continue this run from
+    ``<run_dir>/checkpoints/last.pt``).
+    """
+
+    run_name: str = "finetune"
+    output_dir: str = "outputs/finetune"
+    seed: int = 123
+    init_from: str = "scratch"
+    checkpoint: str = ""
+    model: Any = "configs/model/crystalformer.yaml"
+    epochs: int = 500
+    swa_epochs: int = 50
+    log_every: int = 20
+    overwrite: bool = False
+    task: str = ""  # name of the paper task the data comes from (informational; cfdist prepare-task)
+    data: FinetuneData = field(default_factory=FinetuneData)
+    optim: OptimSection = field(default_factory=OptimSection)
+    transfer: TransferSection = field(default_factory=TransferSection)
+    scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
+
+    def __post_init__(self):
+        if self.init_from not in INIT_FROM:
+            raise ConfigError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
+        if self.init_from == "pretrained" and not self.checkpoint:
+            raise ConfigError("init_from=pretrained needs checkpoint=PATH (a portable model.pt)")
+        if self.epochs < 1 or self.log_every < 1:
+            raise ConfigError("epochs and log_every must be >= 1")
+        if not 0 <= self.swa_epochs <= self.epochs:
+            raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], got {self.swa_epochs}")
+
+    def model_config(self) -> CrystalformerConfig:
+        """Model config for ``init_from=scratch``, with ``target_names`` = the data's targets."""
+        if isinstance(self.model, Mapping):
+            cfg = CrystalformerConfig.from_dict(self.model)
+        else:
+            path = Path(self.model)
+            cfg = CrystalformerConfig.from_yaml(path if path.is_absolute() or path.exists() else REPO / path)
+        cfg.target_names = list(self.data.targets)
+        return cfg
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides))
+    return build(FinetuneConfig, data, source=str(path or "config"))
+
+
+def finetune_config_from_dict(data: Mapping[str, Any]) -> FinetuneConfig:
+    return build(FinetuneConfig, data, source="config")

@@ -1,0 +1,378 @@
+"""The fine-tuning loop, read top to bottom: build -> (epoch: shuffle -> step -> [SWA]) -> validate
+-> best / last checkpoints -> test the best and the SWA model.
+
+Fine-tuning sets are small (hundreds to tens of thousands of crystals), so each split is held
+in memory as one Arrow table and batches are fixed-size random subsets, as in the paper: each
+epoch is a permutation seeded by (seed, epoch), cut into ``batch_size`` structures per optimiser
+step (``drop_last`` as in the reference). A step whose batch holds more than
+``data.max_entries`` image-table entries is split into micro-batches whose gradients add up to
+the same step (memory stays bounded for large cells). From scratch, the sigma statistics are
+set by the first micro-batch of the first step (the whole first batch when it is not split).
+
+One process by default (``scaling.num_workers: 0``). With Ray Train workers the same loop runs
+under DDP: each rank takes a stride of every batch, the loss is scaled by the global label count,
+and rank 0 validates and writes checkpoints (``output_dir`` must be storage all nodes see).
+
+Checkpoints in ``<run_dir>/checkpoints``: ``best.pt`` (portable, lowest validation loss),
+``swa.pt`` (portable, the SWA average at the end), ``last.pt`` (full state after every epoch:
+model, optimiser, schedule, SWA average, RNG-free epoch counter; ``init_from=resume`` continues
+from it exactly, since epoch permutations depend only on (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
+
+from cfdist.checkpoint import save_portable
+from cfdist.data import ShardSet, training_columns
+from cfdist.finetune.config import FinetuneConfig
+from cfdist.finetune.transfer import freeze, model_from_pretrained, parameter_groups
+from cfdist.shards import collate_arrow, read_shard
+from cfdist.train.metrics import MetricLogger, peak_memory_mb
+from cfdist.train.optim import lr_factor
+
+LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
+
+
+class SplitData:
+    """All rows of one split in memory (one Arrow table); ``batch(indices)`` collates a subset."""
+
+    def __init__(self, shards: ShardSet, split: str, targets: list[str]):
+        import pyarrow.parquet as pq
+
+        files = shards.files(split)
+        columns = training_columns(pq.read_schema(files[0].path), targets)
+        self.table = pa.concat_tables([read_shard(e.path, columns) for e in files]).combine_chunks()
+        self.targets, self.cutoff, self.split = targets, shards.cutoff, split
+        self.n_entries = self.table["n_entries"].to_numpy().astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def batch(self, indices: np.ndarray):
+        return collate_arrow(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.targets, self.cutoff)
+
+    def micro_batches(self, indices: np.ndarray, max_entries: int) -> list[np.ndarray]:
+        """Split ``indices`` (in order) into runs of at most ``max_entries`` table entries (>= 1 row each)."""
+        if max_entries <= 0 or len(indices) == 0:
+            return [indices]
+        out, start, total = [], 0, 0
+        for k, n in enumerate(self.n_entries[indices]):
+            if k > start and total + n > max_entries:
+                out.append(indices[start:k])
+                start, total = k, 0
+            total += n
+        out.append(indices[start:])
+        return out
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[np.ndarray]:
+    """The epoch's batches: a permutation of range(n) seeded by (seed, epoch), cut into batch_size."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+class FinetuneTrainer:
+    """One rank of a fine-tuning run; ``run()`` returns the results dict (also ``results.json``)."""
+
+    def __init__(self, cfg: FinetuneConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 report=None):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.report = report  # called with epoch metrics (Ray Train's report when under Ray)
+        self.run_dir = cfg.run_dir()
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # -- setup ---------------------------------------------------------------------------
+    def build(self) -> None:
+        from cfdist.model import Crystalformer
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # same initial head on every rank
+        self.shards = ShardSet(cfg.data.shards)
+        targets = list(cfg.data.targets)
+        self.train = SplitData(self.shards, cfg.data.train_split, targets)
+        self.val = SplitData(self.shards, cfg.data.val_split, targets) if cfg.data.val_split else None
+        stats = {t: self.shards.target_stats(t, cfg.data.train_split) for t in targets}
+        self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
+        if cfg.init_from == "pretrained":
+            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
+            self.transfer_report.update(report)
+        else:
+            model = Crystalformer(cfg.model_config())
+            with torch.no_grad():
+                for k, t in enumerate(targets):
+                    model.target_mean[k], model.target_std[k] = stats[t]
+        if model.cutoff > self.shards.cutoff + 1e-9:
+            raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
+                             f"needs {model.cutoff:.4f} A; re-run preprocessing with --cutoff {model.cutoff:.4f}")
+        self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
+                                                blocks=cfg.transfer.freeze_blocks)
+        self.model = model.to(self.device)
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # statistics buffers are set identically on every rank (all-reduced), no need to broadcast
+            self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
+        groups = parameter_groups(self.model, cfg.optim.weight_decay, scaled_blocks=cfg.transfer.lr_scale_blocks,
+                                  lr_scale=cfg.transfer.lr_scale)
+        for group in groups:
+            group["lr"] = cfg.optim.lr * group["lr_scale"]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        self.steps_per_epoch = len(epoch_batches(len(self.train), cfg.data.batch_size, 0, 0, cfg.data.drop_last))
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train split has {len(self.train)} structures, fewer than batch_size="
+                             f"{cfg.data.batch_size} with drop_last; lower data.batch_size")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.optim, self.total_steps))
+        self.swa: AveragedModel | None = None
+        self.epoch, self.step, self.best_val, self.best_epoch = 0, 0, math.inf, -1
+        if cfg.init_from == "resume":
+            self.restore(self.ckpt_dir / LAST)
+
+    def restore(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["swa"] is not None:
+            self.swa = AveragedModel(self.model)
+            self.swa.load_state_dict(state["swa"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
+        self.transfer_report = state.get("transfer_report", self.transfer_report)
+        if self.rank == 0:
+            print(f"resumed {path} after epoch {self.epoch} (step {self.step}, best val loss {self.best_val:.4g} "
+                  f"at epoch {self.best_epoch})", flush=True)
+
+    # -- training ------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.build()
+        cfg = self.cfg
+        logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step)
+        window = {"t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0, "steps": 0, "data_s": 0.0}
+        try:
+            while self.epoch < cfg.epochs:
+                swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
+                for indices in epoch_batches(len(self.train), cfg.data.batch_size, cfg.seed, self.epoch,
+                                             cfg.data.drop_last):
+                    loss_sum, n_labelled, grad_norm, t_data = self.train_step(indices[self.rank::self.world])
+                    self.step += 1
+                    if swa_phase:  # paper: average after every step of the last epochs, lr held
+                        if self.swa is None:
+                            self.swa = AveragedModel(self.model)
+                        self.swa.update_parameters(self.model)
+                    else:
+                        self.scheduler.step()
+                    window["loss"] += loss_sum
+                    window["n"] += n_labelled
+                    window["structures"] += len(indices)
+                    window["steps"] += 1
+                    window["data_s"] += t_data
+                    if self.step % cfg.log_every == 0:
+                        logger.log(self.step, self.window_metrics(window, grad_norm))
+                        window = {**window, "t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0,
+                                  "steps": 0, "data_s": 0.0}
+                self.epoch += 1
+                record = {"epoch": self.epoch, "swa": swa_phase}
+                if self.rank == 0:
+                    if self.val is not None:
+                        val = self.evaluate_split(self.model, self.val)
+                        record.update(val)
+                        if val["val_loss"] < self.best_val:
+                            self.best_val, self.best_epoch = val["val_loss"], self.epoch
+                            save_portable(self.ckpt_dir / BEST, self.model, extra=self.extra("best"))
+                    self.save_last()
+                    logger.log(self.step, record)
+                if self.report is not None:
+                    self.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        finally:
+            logger.close()
+        return self.finish() if self.rank == 0 else {}
+
+    def train_step(self, indices: np.ndarray) -> tuple[float, float, float, float]:
+        """One optimiser step on this rank's ``indices``; returns (summed L1, labels, grad norm, data s)."""
+        self.ddp.train()
+        t0 = time.perf_counter()
+        chunks = [self.train.batch(c).to(self.device) for c in
+                  self.train.micro_batches(indices, self.cfg.data.max_entries)]
+        t_data = time.perf_counter() - t0
+        n_local = float(sum(torch.isfinite(b.labels).sum() for b in chunks))
+        n_global = n_local
+        if self.world > 1:
+            t = torch.tensor([n_local], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            n_global = float(t.item())
+        mean = self.model.target_mean.float()
+        std = self.model.target_std.float()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for k, batch in enumerate(chunks):
+            target = (batch.labels.float() - mean) / std
+            mask = torch.isfinite(target)
+            sync = k == len(chunks) - 1
+            context = self.ddp.no_sync() if (self.world > 1 and not sync) else _null()
+            with context:
+                pred = self.ddp(batch).float()
+                err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
+                # mean over the step's labels on all ranks (DDP averages gradients over ranks)
+                (err * (self.world / max(n_global, 1.0))).backward()
+            loss_sum += float(err.detach())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+                          if self.cfg.optim.grad_clip > 0 else _norm(params))
+        self.optimizer.step()
+        return loss_sum, n_local, grad_norm, t_data
+
+    def window_metrics(self, w: dict, grad_norm: float) -> dict:
+        wall = max(time.perf_counter() - w["t0"], 1e-9)
+        return {"loss": w["loss"] / max(w["n"], 1.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "grad_norm": grad_norm, "epoch": self.epoch, "structures_per_s": w["structures"] / wall,
+                "data_wait_pct": 100.0 * w["data_s"] / wall, "step_time_s": wall / max(w["steps"], 1),
+                "peak_memory_mb": peak_memory_mb(self.device)}
+
+    # -- evaluation and checkpoints ------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_split(self, model, data: SplitData) -> dict:
+        """``val_loss`` (normalised L1, the selection criterion) and MAE per target in original units."""
+        was_training = model.training
+        model.eval()
+        k = len(data.targets)
+        abs_norm, abs_orig, count = np.zeros(k), np.zeros(k), np.zeros(k)
+        step = self.cfg.data.eval_batch_size
+        for start in range(0, len(data), step):
+            batch = data.batch(np.arange(start, min(start + step, len(data)))).to(self.device)
+            pred = model(batch).double().cpu()
+            labels = batch.labels.double().cpu()
+            mask = torch.isfinite(labels)
+            std, mean = model.target_std.double().cpu(), model.target_mean.double().cpu()
+            err = torch.where(mask, (pred - (torch.nan_to_num(labels) - mean) / std).abs(), torch.zeros_like(pred))
+            abs_norm += err.sum(0).numpy()
+            abs_orig += (err * std).sum(0).numpy()
+            count += mask.sum(0).numpy()
+        model.train(was_training)
+        out = {"val_loss": float(abs_norm.sum() / max(count.sum(), 1.0))}
+        for t, name in enumerate(data.targets):
+            out[f"val_mae/{name}"] = float(abs_orig[t] / count[t]) if count[t] else float("nan")
+        return out
+
+    def extra(self, kind: str) -> dict:
+        return {"kind": kind, "epoch": self.epoch, "step": self.step, "run_name": self.cfg.run_name,
+                "targets": list(self.cfg.data.targets), "init_from": self.cfg.init_from,
+                "pretrained_from": self.cfg.checkpoint or None, "shards": str(self.cfg.data.shards)}
+
+    def swa_model(self):
+        """The SWA average as a plain model (statistics buffers from the trained model)."""
+        model = self.swa.module
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                model.get_buffer(name).copy_(buf)
+        return model
+
+    def save_last(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "swa": self.swa.state_dict() if self.swa else None,
+                 "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "best_epoch": self.best_epoch,
+                 "transfer_report": self.transfer_report, "config": self.cfg.to_dict()}
+        tmp = self.ckpt_dir / f".{LAST}.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.ckpt_dir / LAST)
+
+    def finish(self) -> dict:
+        """Save the SWA model, evaluate best / SWA / final on the test split, write results.json."""
+        from cfdist.predict import evaluate
+
+        cfg = self.cfg
+        models = {"final": self.model}
+        if self.swa is not None:
+            save_portable(self.ckpt_dir / SWA, self.swa_model(), extra=self.extra("swa"))
+            models["swa"] = self.swa_model()
+        if (self.ckpt_dir / BEST).is_file():
+            from cfdist.checkpoint import load
+
+            models["best"] = load(self.ckpt_dir / BEST, map_location=self.device)
+        save_portable(self.ckpt_dir / "final.pt", self.model, extra=self.extra("final"))
+        results: dict[str, Any] = {"run_dir": str(self.run_dir), "epochs": self.epoch, "steps": self.step,
+                                   "steps_per_epoch": self.steps_per_epoch, "best_epoch": self.best_epoch,
+                                   "best_val_loss": self.best_val, "transfer": self.transfer_report,
+                                   "n_train": len(self.train), "targets": list(cfg.data.targets)}
+        if self.val is not None:
+            results["val"] = {name: self.evaluate_split(m, self.val) for name, m in models.items()}
+        test = cfg.data.test_split
+        if test and self.shards.files(test):
+            results["test"] = {}
+            for name, model in models.items():
+                metrics = evaluate(model, [str(cfg.data.shards)], self.run_dir / "evaluation" / name, split=test,
+                                   batch_size=cfg.data.eval_batch_size)
+                results["test"][name] = metrics["targets"]
+            results["test"]["train_mean"] = self.train_mean_baseline(SplitData(self.shards, test, list(cfg.data.targets)))
+        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        return results
+
+    def train_mean_baseline(self, data: SplitData) -> dict:
+        """MAE of predicting the train mean of each target (the trivial baseline)."""
+        out = {}
+        for name in data.targets:
+            y = data.table[f"y.{name}"].to_numpy()
+            y = y[np.isfinite(y)]
+            mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
+            out[name] = {"n": int(len(y)), "mae": float(np.abs(y - mean).mean()) if len(y) else None}
+        return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _norm(params) -> torch.Tensor:
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- entry points
+def local_finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune in this process."""
+    if cfg.scaling.threads > 0:
+        torch.set_num_threads(cfg.scaling.threads)
+    device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    return FinetuneTrainer(cfg, device=device).run()
+
+
+def ray_finetune_loop(loop_config: dict) -> None:
+    """``train_loop_per_worker`` for Ray Train (DDP over the worker group)."""
+    import ray.train
+    import ray.train.torch
+
+    from cfdist.finetune.config import finetune_config_from_dict
+
+    cfg = finetune_config_from_dict(loop_config["config"])
+    if cfg.scaling.threads > 0:
+        torch.set_num_threads(cfg.scaling.threads)
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    trainer = FinetuneTrainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), device=device,
+                              report=lambda m: ray.train.report(m))
+    trainer.run()
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,364 @@
+"""Fine-tuning: the paper recipe's pieces, transfer from a portable checkpoint (frozen layers stay
+bit-identical), SWA, resume, Ray Train workers, and preprocess -> pretrain -> fine-tune -> predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import freeze_sigma_stats
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
+TARGETS = ["e_form", "gap pbe"]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+       "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, timeout):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def ft_shards(tmp_path_factory, megnet_records):
+    """64 real crystals with both labels (band gap missing -> NaN): 40 train / 12 val / 12 test."""
+    from cfdist.config import CrystalformerConfig
+
+    root = tmp_path_factory.mktemp("ft")
+    records = megnet_records[:64]
+    (root / "raw.json").write_text(json.dumps(records))
+    split = {"train": [r["id"] for r in records[:40]], "val": [r["id"] for r in records[40:52]],
+             "test": [r["id"] for r in records[52:]]}
+    (root / "split.json").write_text(json.dumps(split))
+    out = root / "shards"
+    res = run([sys.executable, "-m", "cfdist.cli", "preprocess", root / "raw.json", "--out", out, "--targets", *TARGETS,
+               "--split-file", root / "split.json", "--shard-size", "16", "--allow-missing-labels",
+               "--cutoff", repr(CrystalformerConfig().cutoff), "--workers", "1"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def make_config(shards, tmp_path, **kw):
+    from cfdist.finetune.config import finetune_config_from_dict
+
+    data = {"shards": str(shards), "targets": ["e_form"], "batch_size": 8, "eval_batch_size": 16,
+            **kw.pop("data", {})}
+    base = {"run_name": "ft", "output_dir": str(tmp_path), "model": dict(TINY), "epochs": 3, "swa_epochs": 1,
+            "log_every": 1, "seed": 7, "data": data}
+    base.update(kw)
+    return finetune_config_from_dict(base)
+
+
+def trainer_run(cfg, cls=None):
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    trainer = (cls or FinetuneTrainer)(cfg)
+    return trainer, trainer.run()
+
+
+@pytest.fixture(scope="module")
+def pretrained_ckpt(tmp_path_factory):
+    """A portable checkpoint of a tiny e_form model with set sigma statistics."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import save_portable
+
+    torch.manual_seed(11)
+    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(target_names=["e_form"], **TINY)), seed=4)
+    model.target_mean.fill_(-1.5)
+    model.target_std.fill_(0.8)
+    return save_portable(tmp_path_factory.mktemp("pre") / "model.pt", model)
+
+
+# ----------------------------------------------------------------------------- recipe pieces
+def test_default_config_is_the_paper_recipe():
+    from cfdist.finetune.config import FinetuneConfig
+
+    cfg = FinetuneConfig()
+    o = cfg.optim
+    assert (o.lr, o.betas, o.weight_decay, o.grad_clip, o.schedule, o.inverse_sqrt_t) == \
+        (5e-4, (0.9, 0.98), 1e-5, 1.0, "inverse_sqrt", 4000)
+    assert (cfg.seed, cfg.epochs, cfg.swa_epochs, cfg.data.batch_size, cfg.data.drop_last) == (123, 500, 50, 128, True)
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    from cfdist.config import ConfigError
+    from cfdist.finetune.config import load_finetune_config
+
+    with pytest.raises(ConfigError, match="unknown"):
+        load_finetune_config(REPO / "configs/finetune/megnet_slice_eform.yaml", ["transfer.freeze_block=2"])
+    with pytest.raises(ConfigError, match="init_from"):
+        load_finetune_config(None, ["init_from=finetune"])
+    with pytest.raises(ConfigError, match="checkpoint"):
+        load_finetune_config(None, ["init_from=pretrained"])
+    with pytest.raises(ConfigError, match="swa_epochs"):
+        load_finetune_config(None, ["epochs=10", "swa_epochs=11"])
+    cfg = load_finetune_config(REPO / "configs/finetune/jarvis_mbj_bandgap.yaml", ["optim.lr=1e-4"])
+    assert (cfg.epochs, cfg.data.batch_size, cfg.data.targets, cfg.optim.lr) == (1600, 256, ["mbj_bandgap"], 1e-4)
+
+
+def test_parameter_groups_no_decay_on_biases_frozen_left_out_scaled_lr():
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.finetune.transfer import freeze, parameter_groups
+
+    model = Crystalformer(CrystalformerConfig(**TINY))
+    frozen = freeze(model, embedding=True, blocks=1)
+    assert frozen and all(n.startswith(("embedding.", "blocks.0.")) for n in frozen)
+    groups = {g["name"]: g for g in parameter_groups(model, 1e-5, scaled_blocks=2, lr_scale=0.1)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups.values():
+        for p in g["params"]:
+            name = names[id(p)]
+            assert p.requires_grad and name not in frozen
+            assert (g["weight_decay"] == 0.0) == name.endswith(".bias")
+            assert (g["lr_scale"] == 0.1) == name.startswith("blocks.1.")
+    in_groups = {id(p) for g in groups.values() for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(groups) == {"decay", "no_decay", "decay_scaled", "no_decay_scaled"}
+
+
+def test_epoch_batches_are_seeded_permutations():
+    from cfdist.finetune.loop import epoch_batches
+
+    a = epoch_batches(50, 8, seed=1, epoch=3, drop_last=True)
+    assert len(a) == 6 and all(len(b) == 8 for b in a)
+    assert len(set(np.concatenate(a))) == 48
+    assert all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=3, drop_last=True)))
+    assert not all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=4, drop_last=True)))
+    assert sorted(np.concatenate(epoch_batches(50, 8, 1, 0, drop_last=False))) == list(range(50))
+
+
+def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
+    """lr * sqrt(T / (T + t)) per step, held during SWA; the SWA model is the equal-weight mean of the
+    weights after every SWA step; best.pt is the lowest validation loss; test metrics are de-normalised."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    snapshots = []
+
+    class Recording(FinetuneTrainer):
+        def train_step(self, indices):
+            out = super().train_step(indices)
+            snapshots.append((self.epoch, self.optimizer.param_groups[0]["lr"],
+                              {k: v.detach().clone() for k, v in self.model.named_parameters()}))
+            return out
+
+    cfg = make_config(ft_shards, tmp_path, epochs=4, swa_epochs=2, optim={"inverse_sqrt_t": 10})
+    trainer, results = trainer_run(cfg, Recording)
+    steps_per_epoch = 40 // 8
+    assert trainer.steps_per_epoch == steps_per_epoch and len(snapshots) == 4 * steps_per_epoch
+    # the lr used by step t (0-based) is lr * sqrt(T / (T + t)) until SWA starts, then held
+    swa_start = 2 * steps_per_epoch
+    for t, (_, lr, _) in enumerate(snapshots):
+        expected = 5e-4 * math.sqrt(10 / (10 + min(t, swa_start)))
+        assert lr == pytest.approx(expected, rel=1e-12), t
+    swa = load(tmp_path / "ft" / "checkpoints" / "swa.pt")
+    averaged = [s for e, _, s in snapshots if e >= 2]
+    for name, param in swa.named_parameters():
+        mean = torch.stack([s[name] for s in averaged]).mean(0)
+        torch.testing.assert_close(param, mean, rtol=1e-5, atol=1e-6)
+    assert swa.sigma_stats_ready and torch.equal(swa.target_mean, trainer.model.target_mean)
+
+    log = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in log if "val_loss" in r]
+    assert len(val) == 4
+    best = min(val, key=lambda r: r["val_loss"])
+    assert results["best_epoch"] == best["epoch"]
+    best_model = load(tmp_path / "ft" / "checkpoints" / "best.pt")
+    assert best_model.checkpoint_info["extra"]["epoch"] == best["epoch"]
+    assert trainer.evaluate_split(best_model, trainer.val)["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+
+    # test metrics: de-normalised predictions against the raw labels
+    rows = list(csv.DictReader(open(tmp_path / "ft" / "evaluation" / "swa" / "predictions.csv")))
+    err = [abs(float(r["e_form"]) - float(r["e_form_true"])) for r in rows]
+    assert results["test"]["swa"]["e_form"]["n"] == 12
+    assert results["test"]["swa"]["e_form"]["mae"] == pytest.approx(np.mean(err), rel=1e-4)
+    labels = [float(r["e_form_true"]) for r in rows]
+    assert np.mean(labels) < -0.3  # labels in eV/atom, not standardised units
+    assert {"final", "best", "swa", "train_mean"} <= set(results["test"])
+
+
+def test_missing_labels_are_masked_in_multi_target_training(ft_shards, tmp_path):
+    from cfdist.data import ShardSet
+
+    gaps = ShardSet(ft_shards)
+    cfg = make_config(ft_shards, tmp_path, epochs=1, swa_epochs=0, data={"targets": TARGETS})
+    trainer, results = trainer_run(cfg)
+    assert torch.isfinite(trainer.model.head[2].weight).all()
+    assert math.isfinite(results["val"]["final"]["val_loss"])
+    mean, std = gaps.target_stats("gap pbe", "train")
+    assert trainer.model.target_mean[1].item() == pytest.approx(mean) and trainer.model.target_std[1].item() == \
+        pytest.approx(std)
+
+
+# ----------------------------------------------------------------------------- transfer
+def test_model_from_pretrained_head_modes(pretrained_ckpt):
+    from cfdist.checkpoint import load
+    from cfdist.config import ConfigError
+    from cfdist.finetune.transfer import model_from_pretrained
+
+    source = load(pretrained_ckpt)
+    stats = {"gap pbe": (1.0, 2.0)}
+    model, report = model_from_pretrained(pretrained_ckpt, ["gap pbe", "e_form"], "auto", stats)
+    assert report["copied_targets"] == ["e_form"] and report["new_targets"] == ["gap pbe"]
+    torch.testing.assert_close(model.head[2].weight[1], source.head[2].weight[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.head[0].weight, source.head[0].weight, rtol=0, atol=0)
+    assert model.target_mean.tolist() == [1.0, -1.5] and model.target_std.tolist() == [2.0, pytest.approx(0.8)]
+    for name, value in source.state_dict().items():
+        if not name.startswith("head.") and name not in ("target_mean", "target_std"):
+            assert torch.equal(model.state_dict()[name], value), name
+    assert model.sigma_stats_ready
+
+    fresh, report = model_from_pretrained(pretrained_ckpt, ["e_form"], "replace", {"e_form": (0.0, 1.0)})
+    assert report["copied_targets"] == [] and not torch.equal(fresh.head[0].weight, source.head[0].weight)
+    kept, _ = model_from_pretrained(pretrained_ckpt, ["e_form"], "keep")
+    assert torch.equal(kept.head[2].weight, source.head[2].weight)
+    with pytest.raises(ConfigError, match="keep"):
+        model_from_pretrained(pretrained_ckpt, ["gap pbe"], "keep", stats)
+
+
+def test_finetune_from_checkpoint_changes_only_what_it_should(ft_shards, pretrained_ckpt, tmp_path):
+    """Frozen embedding and block 0 stay bit-identical (weights and sigma statistics); block 1 and
+    the head train; a new target gets the train split's normalisation."""
+    from cfdist.checkpoint import load
+
+    source = load(pretrained_ckpt)
+    cfg = make_config(ft_shards, tmp_path, init_from="pretrained", checkpoint=str(pretrained_ckpt), epochs=2,
+                      swa_epochs=1, data={"targets": ["gap pbe"]},
+                      transfer={"freeze_embedding": True, "freeze_blocks": 1})
+    trainer, results = trainer_run(cfg)
+    assert results["transfer"]["new_targets"] == ["gap pbe"]
+    for kind in ("final", "swa", "best"):
+        tuned = load(tmp_path / "ft" / "checkpoints" / f"{kind}.pt")
+        after, before = tuned.state_dict(), source.state_dict()
+        for name, value in before.items():
+            if name.startswith(("embedding.", "blocks.0.")) or name.endswith(("sigma_mean", "sigma_std", "sigma_ready")):
+                assert torch.equal(after[name], value), (kind, name)
+        if kind == "final":
+            assert not torch.equal(after["blocks.1.attention.q_proj.weight"], before["blocks.1.attention.q_proj.weight"])
+            assert not torch.equal(after["head.0.weight"], before["head.0.weight"])
+        assert tuned.config.target_names == ["gap pbe"]
+
+
+def test_resume_continues_exactly(ft_shards, tmp_path):
+    """Stopped after epoch 2 of 3 (inside the SWA phase) and resumed = uninterrupted, bit for bit
+    (one intra-op thread: multi-threaded CPU scatter-adds sum in a varying order)."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterTwo(FinetuneTrainer):
+        def save_last(self):
+            super().save_last()
+            if self.epoch == 2:
+                raise Stop
+
+    kw = dict(epochs=3, swa_epochs=2, scaling={"threads": 1})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        trainer_run(make_config(ft_shards, tmp_path / "a", **kw))
+        with pytest.raises(Stop):
+            trainer_run(make_config(ft_shards, tmp_path / "b", **kw), StopAfterTwo)
+        _, results = trainer_run(make_config(ft_shards, tmp_path / "b", init_from="resume", **kw))
+    finally:
+        torch.set_num_threads(threads)
+    assert results["epochs"] == 3
+    for kind in ("final", "swa", "best"):
+        a = load(tmp_path / "a" / "ft" / "checkpoints" / f"{kind}.pt").state_dict()
+        b = load(tmp_path / "b" / "ft" / "checkpoints" / f"{kind}.pt").state_dict()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (kind, name)
+
+
+def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):
+    """Splitting a step into entry-budget micro-batches accumulates to the same update (sigma
+    statistics already set, as after pretraining; from scratch they come from the first micro-batch)."""
+    from cfdist.checkpoint import load
+
+    kw = dict(epochs=1, swa_epochs=0, init_from="pretrained", checkpoint=str(pretrained_ckpt))
+    trainer_run(make_config(ft_shards, tmp_path / "whole", **kw))
+    trainer, _ = trainer_run(make_config(ft_shards, tmp_path / "split", data={"max_entries": 3000}, **kw))
+    assert len(trainer.train.micro_batches(np.arange(8), 3000)) > 1
+    a = load(tmp_path / "whole" / "ft" / "checkpoints" / "final.pt").state_dict()
+    b = load(tmp_path / "split" / "ft" / "checkpoints" / "final.pt").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- command line and Ray
+def finetune_cli(shards, out, *overrides, timeout=600):
+    return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "configs/finetune/megnet_slice_eform.yaml",
+                f"data.shards={shards}", f"output_dir={out}", "model=" + json.dumps(TINY), "data.batch_size=8",
+                "log_every=1", *overrides], timeout=timeout)
+
+
+def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
+    first = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "| swa |" not in first.stdout and "| final | e_form | 12 |" in first.stdout
+    run_dir = tmp_path / "megnet_slice_eform"
+    assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "run_info.jsonl").read_text())["git_sha"]
+    again = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    missing = finetune_cli(ft_shards, tmp_path, "init_from=resume", "run_name=nothing")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
+    """scaling.num_workers=2 (Ray Train, DDP over gloo, each rank half of every batch) follows the
+    single-process run: same sigma statistics, same weights up to float32 reduction order."""
+    from cfdist.checkpoint import load
+
+    local = finetune_cli(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1")
+    assert local.returncode == 0, local.stderr[-3000:]
+    ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2")
+    assert ray.returncode == 0, (ray.stdout + ray.stderr)[-4000:]
+    for kind in ("final", "swa"):
+        a = load(tmp_path / "local" / "megnet_slice_eform" / "checkpoints" / f"{kind}.pt").state_dict()
+        b = load(tmp_path / "ray" / "megnet_slice_eform" / "checkpoints" / f"{kind}.pt").state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5, msg=f"{kind} {name}")
+
+
+@pytest.mark.slow
+def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_records):
+    """cfdist pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the
+    other label -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
+    pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "configs/pretrain/megnet_slice.yaml",
+               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
+               "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
+               "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600)
+    assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
+    ckpt = tmp_path / "pre" / "model.pt"
+    ft = run([sys.executable, "launch/finetune.py", "--config", "configs/finetune/megnet_slice_bandgap.yaml",
+              f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
+              f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)
+    assert ft.returncode == 0, (ft.stdout + ft.stderr)[-4000:]
+    assert "| swa | gap pbe | 12 |" in ft.stdout
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert results["transfer"]["checkpoint_targets"] == ["e_form"] and results["transfer"]["new_targets"] == ["gap pbe"]
+
+    swa = tmp_path / "ft" / "checkpoints" / "swa.pt"
+    (tmp_path / "new.json").write_text(json.dumps(megnet_records[100:105]))
+    pred = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", swa, tmp_path / "new.json",
+                "--out", tmp_path / "pred.csv"], timeout=300)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert [r["id"] for r in rows] == [r["id"] for r in megnet_records[100:105]]
+    assert all(math.isfinite(float(r["gap pbe"])) for r in rows)
+    ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", swa, "--data", ft_shards,
+              "--split", "test", "--out", tmp_path / "eval"], timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["gap pbe"]["n"] >= 1
