@@ -1,22 +1,24 @@
-"""Built-in example: real crystals -> Ray preprocessing -> shards -> Ray Train + DeepSpeed pretraining -> predictions.
+"""Built-in example, the whole story on real crystals: preprocess -> pretrain -> fine-tune -> evaluate -> predict.
 
-1. Preprocess the MEGNet slice shipped in ``../shared/data`` (3,909 Materials Project
-   crystals, MEGNet split) into image-table shards with the Ray Data job
+1. Preprocess the MEGNet slice shipped in ``../shared/data`` (3,909 Materials Project crystals,
+   MEGNet split, labels e_form and "gap pbe") into image-table shards with the Ray Data job
    (``preprocess/build_shards.py``, on a local Ray instance it starts itself).
-2. Pretrain the default Crystalformer on the train shards with ``launch/pretrain.py``:
-   a Ray Train TorchTrainer with 2 workers, DeepSpeed ZeRO-2, streamed entry-budget batches,
-   validation MAE, checkpoints, and a portable ``model.pt`` at the end (a short run: the
-   point is the pipeline, not the accuracy).
-3. Load ``model.pt`` with ``cfdist.load`` (no Ray, no DeepSpeed), predict the test split and
-   write ``outputs/example/predictions.csv`` with the test MAE next to the train-mean predictor.
+2. Pretrain the default Crystalformer on formation energy with ``launch/pretrain.py``: a Ray Train
+   TorchTrainer with 2 workers, DeepSpeed ZeRO-2, streamed entry-budget batches, a portable
+   ``model.pt`` at the end (a short run: the point is the pipeline).
+3. Fine-tune that checkpoint on the band gap with ``launch/finetune.py`` (paper recipe, a few
+   epochs, SWA over the last ones, best-validation checkpoint), in this process.
+4. Evaluate the SWA model on the test split (``cfdist evaluate``: metrics.json, predictions.csv,
+   parity.png) against the train-mean predictor.
+5. Predict CIF files (``cfdist predict``): a few test crystals written as CIFs plus one broken
+   file, which gets an error row instead of stopping the batch.
 
-    python launch/example.py [--steps 40] [--workers 2] [--out outputs/example]
+    python launch/example.py [--steps 40] [--epochs 6] [--workers 2] [--out outputs/example]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", type=Path, default=DATA / "megnet_slice_split.json")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "example")
     parser.add_argument("--steps", type=int, default=40, help="pretraining optimiser steps")
+    parser.add_argument("--epochs", type=int, default=6, help="fine-tuning epochs")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -50,56 +53,62 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== 1. preprocess {args.data.name} (cutoff {config.cutoff:.3f} A) -> {shards}", flush=True)
     from preprocess.build_shards import Settings, build
 
-    manifest = build([str(args.data)], shards, Settings(cutoff=config.cutoff, targets=["e_form"],
+    manifest = build([str(args.data)], shards, Settings(cutoff=config.cutoff, targets=["e_form", "gap pbe"],
                                                           split_file=str(args.split.resolve()), shard_size=1024))
 
     import ray
 
     ray.shutdown()  # the preprocessing instance; pretraining starts its own with spare CPUs for Ray Data
-    print(f"\n== 2. pretrain {args.steps} steps on {args.workers} Ray Train workers (DeepSpeed ZeRO-2)", flush=True)
+    print(f"\n== 2. pretrain on e_form: {args.steps} steps on {args.workers} Ray Train workers (DeepSpeed ZeRO-2)",
+          flush=True)
     from launch import pretrain
 
     run_name = "pretrain"
     pretrain.main(["--config", str(REPO / "configs" / "pretrain" / "megnet_slice.yaml"),
                    f"data.shards={shards}", f"output_dir={args.out / 'runs'}", f"run_name={run_name}",
                    f"max_steps={args.steps}", f"scaling.num_workers={args.workers}", "scaling.max_failures=0",
-                   "data.max_structures=64", "log_every=5", f"val_every={args.steps}",
+                   "data.targets=[e_form]", "data.max_structures=64", "log_every=5", f"val_every={args.steps}",
                    f"checkpoint_every={args.steps}"])
     run_dir = args.out / "runs" / run_name
     import ray
 
     ray.shutdown()
 
-    print("\n== 3. predict the test split with the portable checkpoint", flush=True)
-    import pyarrow.parquet as pq
-    import torch
+    pretrained = run_dir / "model.pt"
+    print(f"\n== 3. fine-tune {pretrained.name} on the band gap: {args.epochs} epochs, paper recipe, in this process",
+          flush=True)
+    from launch import finetune
 
-    import cfdist
-    from cfdist.shards import collate_arrow
+    finetune.main(["--config", str(REPO / "configs" / "finetune" / "megnet_slice_bandgap.yaml"),
+                   f"data.shards={shards}", f"output_dir={args.out / 'runs'}", "run_name=finetune_bandgap",
+                   "init_from=pretrained", f"checkpoint={pretrained}", f"epochs={args.epochs}",
+                   f"swa_epochs={max(1, args.epochs // 3)}", "overwrite=true"])
+    ft_dir = args.out / "runs" / "finetune_bandgap"
+    swa = ft_dir / "checkpoints" / "swa.pt"
 
-    model = cfdist.load(run_dir / "model.pt")
-    train_mean = manifest["statistics"]["targets"]["e_form"]["train"]["mean"]
-    out_csv = args.out / "predictions.csv"
-    errors, baseline = [], []
-    with out_csv.open("w", newline="") as f, torch.no_grad():
-        writer = csv.writer(f)
-        writer.writerow(["id", "e_form_true", "e_form_pred"])
-        for shard in (s for s in manifest["shards"] if s["split"] == "test"):
-            for record_batch in pq.ParquetFile(shards / shard["file"]).iter_batches(batch_size=128):
-                batch = collate_arrow(record_batch, ["e_form"])
-                pred = model.denormalize(model(batch))[:, 0]
-                for rid, y, p in zip(batch.ids, batch.labels[:, 0].tolist(), pred.tolist()):
-                    writer.writerow([rid, f"{y:.6f}", f"{p:.6f}"])
-                    errors.append(abs(y - p))
-                    baseline.append(abs(y - train_mean))
-    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train_rows = [r for r in last if "loss" in r]
-    print(f"{len(errors)} test structures -> {out_csv}")
-    print(f"test MAE {sum(errors) / len(errors):.3f} eV/atom after {args.steps} steps "
-          f"(train-mean predictor {sum(baseline) / len(baseline):.3f}); last logged throughput "
-          f"{train_rows[-1]['structures_per_s']:.0f} structures/s, data wait {train_rows[-1]['data_wait_pct']:.0f}%")
-    print(f"run directory {run_dir} (config.yaml, run_info.jsonl, metrics.jsonl, tensorboard/, ray/, model.pt); "
-          f"total {time.perf_counter() - t_start:.0f} s")
+    print(f"\n== 4. cfdist evaluate --checkpoint {swa.relative_to(args.out)} --data shards --split test", flush=True)
+    from cfdist.cli import main as cfdist_cli
+
+    cfdist_cli(["evaluate", "--checkpoint", str(swa), "--data", str(shards), "--split", "test",
+                "--out", str(args.out / "evaluation")])
+    results = json.loads((ft_dir / "results.json").read_text())
+    print(f"train-mean predictor on the same split: MAE {results['test']['train_mean']['gap pbe']['mae']:.4g} eV")
+
+    print("\n== 5. cfdist predict on CIF files (one of them broken)", flush=True)
+    from cfdist.crystal import to_pymatgen
+    from cfdist.shards import arrow_to_crystals, read_shard
+
+    cif_dir = args.out / "cifs"
+    cif_dir.mkdir(parents=True, exist_ok=True)
+    test_file = next(shards / s["file"] for s in manifest["shards"] if s["split"] == "test")
+    for crystal in arrow_to_crystals(read_shard(test_file))[0][:5]:
+        to_pymatgen(crystal).to(filename=str(cif_dir / f"{crystal.id}.cif"))
+    (cif_dir / "broken.cif").write_text("data_broken\n_cell_length_a 3.0\nthis is not a CIF\n")
+    predictions = args.out / "predictions.csv"
+    cfdist_cli(["predict", "--checkpoint", str(swa), str(cif_dir), "--out", str(predictions)])
+    with predictions.open() as fh:
+        print(fh.read().rstrip())
+    print(f"\nall outputs under {args.out}; total {time.perf_counter() - t_start:.0f} s")
     return 0
 
 

@@ -1,12 +1,11 @@
 """Shards -> training batches (cfdist.data): manifest verification, packing budgets, shuffle, resume.
 
-Real shards are built here without Ray: crystals_to_arrow + write_shard + a manifest.json in the
-format of preprocess/build_shards.py's ``finalize``.
+Real shards are built without Ray by the ``shard_dir`` fixture (conftest.py): crystals_to_arrow +
+write_shard + a manifest.json in the format of preprocess/build_shards.py's ``finalize``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 
@@ -17,10 +16,9 @@ import pytest
 
 from cfdist.data import (BatchBudget, PackStats, ShardSet, ShuffleBuffer, budgeted_batches, epoch_seed,
                          iter_local_shards, pack_boundaries, pack_rows, training_columns)
-from cfdist.geometry import image_table
-from cfdist.shards import SCHEMA_VERSION, ShardError, collate_arrow, crystals_to_arrow, shard_metadata, write_shard
+from cfdist.shards import SCHEMA_VERSION, ShardError, collate_arrow
 
-from conftest import CUTOFF, LAYOUT, N_CRYSTALS, TARGETS  # noqa: E402  (shard_dir fixture: conftest)
+from conftest import CUTOFF, TARGETS
 
 
 @pytest.fixture()
