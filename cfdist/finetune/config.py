@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.config import ConfigError, CrystalformerConfig, load_yaml
-from cfdist.train.config import REPO, OptimSection, apply_overrides, build
+from cfdist.train.config import OptimSection, apply_overrides, build, resolve_model_config
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -130,13 +130,7 @@ class FinetuneConfig:
 
     def model_config(self) -> CrystalformerConfig:
         """Model config for ``init_from=scratch``, with ``target_names`` = the data's targets."""
-        if isinstance(self.model, Mapping):
-            cfg = CrystalformerConfig.from_dict(self.model)
-        else:
-            path = Path(self.model)
-            cfg = CrystalformerConfig.from_yaml(path if path.is_absolute() or path.exists() else REPO / path)
-        cfg.target_names = list(self.data.targets)
-        return cfg
+        return resolve_model_config(self.model, self.data.targets)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.run_name

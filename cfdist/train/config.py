@@ -132,19 +132,25 @@ class PretrainConfig:
 
     def model_config(self) -> CrystalformerConfig:
         """The model config with ``target_names`` set to the data's targets."""
-        if isinstance(self.model, Mapping):
-            cfg = CrystalformerConfig.from_dict(self.model)
-        else:
-            path = Path(self.model)
-            cfg = CrystalformerConfig.from_yaml(path if path.is_absolute() or path.exists() else REPO / path)
-        cfg.target_names = list(self.data.targets)
-        return cfg
+        return resolve_model_config(self.model, self.data.targets)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.run_name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resolve_model_config(model: Any, targets: list[str]) -> CrystalformerConfig:
+    """``model`` (an inline mapping or a YAML path, absolute, relative to the working directory or
+    to the repository) -> :class:`CrystalformerConfig` with ``target_names = targets``."""
+    if isinstance(model, Mapping):
+        cfg = CrystalformerConfig.from_dict(model)
+    else:
+        path = Path(model)
+        cfg = CrystalformerConfig.from_yaml(path if path.is_absolute() or path.exists() else REPO / path)
+    cfg.target_names = list(targets)
+    return cfg
 
 
 def build(cls: type, data: Mapping[str, Any], source: str):
