@@ -9,6 +9,8 @@ Stage 1 trains both labels from scratch side by side (one process each, ``--thre
 threads each); stage 2 fine-tunes each label from the other label's SWA checkpoint
 (``transfer.head=auto``: encoder and head hidden layer kept, fresh output row). Prints a
 Markdown table of test MAE (best-val and SWA models) with the wall time of every run.
+``--control`` adds scratch runs of twice the epochs (the fine-tuned models have seen the structures
+for 2 x epochs in total); ``--reuse`` keeps finished runs (their results.json) instead of re-running.
 """
 
 from __future__ import annotations
@@ -34,9 +36,22 @@ def launch(config: str, run_name: str, args, extra: list[str]) -> subprocess.Pop
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def wait_all(procs: dict[str, tuple[subprocess.Popen, float]]) -> dict[str, float]:
+def finished(args, name: str) -> bool:
+    return args.reuse and (Path(args.out) / name / "results.json").is_file()
+
+
+def wall_time(args, name: str) -> float | None:
+    """Seconds between the run's first and last metrics lines (for reused runs)."""
+    lines = (Path(args.out) / name / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["time"] - json.loads(lines[0])["time"] if lines else None
+
+
+def wait_all(procs: dict[str, tuple[subprocess.Popen | None, float]], args) -> dict[str, float]:
     times = {}
     for name, (proc, t0) in procs.items():
+        if proc is None:
+            times[name] = wall_time(args, name)
+            continue
         if proc.wait() != 0:
             raise SystemExit(f"run {name} failed; see its log in the output directory")
         times[name] = time.perf_counter() - t0
@@ -51,34 +66,45 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=123)
     parser.add_argument("--shards", default=str(REPO / "data" / "megnet_slice"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench_finetune"))
+    parser.add_argument("--control", action="store_true", help="also train from scratch for 2 x epochs")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already have results.json")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     names = {"e_form": "eform", "gap pbe": "bandgap"}
 
     t0 = time.perf_counter()
-    stage1 = {f"{names[t]}_scratch": (launch(cfg, f"{names[t]}_scratch", args, []), time.perf_counter())
-              for t, cfg in TASKS.items()}
-    times = wait_all(stage1)
+
+    def start(cfg, name, extra):
+        return (None if finished(args, name) else launch(cfg, name, args, extra)), time.perf_counter()
+
+    times = wait_all({f"{names[t]}_scratch": start(cfg, f"{names[t]}_scratch", []) for t, cfg in TASKS.items()}, args)
     other = {"e_form": "gap pbe", "gap pbe": "e_form"}
     stage2 = {}
     for t, cfg in TASKS.items():
         ckpt = Path(args.out) / f"{names[other[t]]}_scratch" / "checkpoints" / "swa.pt"
         name = f"{names[t]}_from_{names[other[t]]}"
-        stage2[name] = (launch(cfg, name, args, ["init_from=pretrained", f"checkpoint={ckpt}"]), time.perf_counter())
-    times.update(wait_all(stage2))
+        stage2[name] = start(cfg, name, ["init_from=pretrained", f"checkpoint={ckpt}"])
+    times.update(wait_all(stage2, args))
+    inits = ["scratch", "from_{}"]
+    if args.control:
+        long = f"scratch_{2 * args.epochs}ep"
+        times.update(wait_all({f"{names[t]}_{long}": start(cfg, f"{names[t]}_{long}", [f"epochs={2 * args.epochs}"])
+                               for t, cfg in TASKS.items()}, args))
+        inits.append(long)
 
-    print(f"\nMEGNet slice test split, {args.epochs} epochs (SWA over the last {args.swa_epochs}), batch 128, "
+    print(f"\nMEGNet slice test split, {args.epochs} epochs unless named (SWA over the last {args.swa_epochs}), batch 128, "
           f"seed {args.seed}, {args.threads} thread(s) per run, two runs side by side; total "
           f"{time.perf_counter() - t0:.0f} s\n")
     print("| target | init | test MAE best-val | test MAE SWA | train-mean MAE | wall s |")
     print("|---|---|---|---|---|---|")
     for t in TASKS:
-        for init in ("scratch", f"from_{names[other[t]]}"):
+        for init in inits:
+            init = init.format(names[other[t]])
             name = f"{names[t]}_{init}"
             res = json.loads((Path(args.out) / name / "results.json").read_text())
             test = res["test"]
             print(f"| {t} | {init} | {test['best'][t]['mae']:.4f} | {test['swa'][t]['mae']:.4f} | "
-                  f"{test['train_mean'][t]['mae']:.4f} | {times[name]:.0f} |")
+                  f"{test['train_mean'][t]['mae']:.4f} | {times[name] or float('nan'):.0f} |")
     return 0
 
 
