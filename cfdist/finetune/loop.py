@@ -206,14 +206,18 @@ class FinetuneTrainer:
             logger.close()
         return self.finish() if self.rank == 0 else {}
 
-    def train_step(self, indices: np.ndarray) -> tuple[float, float, float, float]:
-        """One optimiser step on this rank's ``indices``; returns (summed L1, labels, grad norm, data s)."""
+    def train_step(self, indices: np.ndarray) -> tuple[torch.Tensor, float, torch.Tensor, float]:
+        """One optimiser step on this rank's ``indices``.
+
+        Returns (summed L1 error, labels counted, pre-clip grad norm, seconds spent collating); the
+        two tensors stay on the device so that a step never waits for it.
+        """
         self.ddp.train()
         t0 = time.perf_counter()
-        chunks = [self.train.batch(c).to(self.device) for c in
-                  self.train.micro_batches(indices, self.cfg.data.max_entries)]
+        chunks = [self.train.batch(c) for c in self.train.micro_batches(indices, self.cfg.data.max_entries)]
+        n_local = float(sum(int(torch.isfinite(b.labels).sum()) for b in chunks))  # on the host: no device sync
+        chunks = [b.to(self.device) for b in chunks]
         t_data = time.perf_counter() - t0
-        n_local = float(sum(torch.isfinite(b.labels).sum() for b in chunks))
         n_global = n_local
         if self.world > 1:
             t = torch.tensor([n_local], dtype=torch.float64, device=self.device)
@@ -222,7 +226,7 @@ class FinetuneTrainer:
         mean = self.model.target_mean.float()
         std = self.model.target_std.float()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)  # stays on the device until a log step reads it
         for k, batch in enumerate(chunks):
             target = (batch.labels.float() - mean) / std
             mask = torch.isfinite(target)
@@ -233,17 +237,17 @@ class FinetuneTrainer:
                 err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
                 # mean over the step's labels on all ranks (DDP averages gradients over ranks)
                 (err * (self.world / max(n_global, 1.0))).backward()
-            loss_sum += float(err.detach())
+            loss_sum += err.detach()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-                          if self.cfg.optim.grad_clip > 0 else _norm(params))
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+                     if self.cfg.optim.grad_clip > 0 else _norm(params))
         self.optimizer.step()
         return loss_sum, n_local, grad_norm, t_data
 
-    def window_metrics(self, w: dict, grad_norm: float) -> dict:
+    def window_metrics(self, w: dict, grad_norm: torch.Tensor) -> dict:
         wall = max(time.perf_counter() - w["t0"], 1e-9)
-        return {"loss": w["loss"] / max(w["n"], 1.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
-                "grad_norm": grad_norm, "epoch": self.epoch, "structures_per_s": w["structures"] / wall,
+        return {"loss": float(w["loss"]) / max(w["n"], 1.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
+                "grad_norm": float(grad_norm), "epoch": self.epoch, "structures_per_s": w["structures"] / wall,
                 "data_wait_pct": 100.0 * w["data_s"] / wall, "step_time_s": wall / max(w["steps"], 1),
                 "peak_memory_mb": peak_memory_mb(self.device)}
 
