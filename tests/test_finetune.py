@@ -107,7 +107,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 def test_parameter_groups_no_decay_on_biases_frozen_left_out_scaled_lr():
     from cfdist import Crystalformer, CrystalformerConfig
-    from cfdist.finetune.transfer import freeze, parameter_groups
+    from cfdist.finetune.transfer import freeze
+    from cfdist.train.optim import parameter_groups
 
     model = Crystalformer(CrystalformerConfig(**TINY))
     frozen = freeze(model, embedding=True, blocks=1)

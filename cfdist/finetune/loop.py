@@ -36,10 +36,10 @@ from torch.optim.swa_utils import AveragedModel
 from cfdist.checkpoint import save_portable
 from cfdist.data import ShardSet, training_columns
 from cfdist.finetune.config import FinetuneConfig
-from cfdist.finetune.transfer import freeze, model_from_pretrained, parameter_groups
+from cfdist.finetune.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_shard
 from cfdist.train.metrics import MetricLogger, peak_memory_mb
-from cfdist.train.optim import lr_factor
+from cfdist.train.optim import lr_factor, parameter_groups
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
 
@@ -131,7 +131,7 @@ class FinetuneTrainer:
         groups = parameter_groups(self.model, cfg.optim.weight_decay, scaled_blocks=cfg.transfer.lr_scale_blocks,
                                   lr_scale=cfg.transfer.lr_scale)
         for group in groups:
-            group["lr"] = cfg.optim.lr * group["lr_scale"]
+            group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         self.steps_per_epoch = len(epoch_batches(len(self.train), cfg.data.batch_size, 0, 0, cfg.data.drop_last))
         if self.steps_per_epoch == 0:

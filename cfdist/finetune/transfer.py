@@ -1,5 +1,5 @@
-"""Building the model to fine-tune: from scratch or from a portable checkpoint, then freezing
-and per-layer learning rates.
+"""Building the model to fine-tune from a portable checkpoint, and freezing layers (per-layer
+learning rates: :func:`cfdist.train.optim.parameter_groups`).
 
 Heads (``transfer.head``): the Crystalformer head is ``Linear(d, hidden) -> ReLU -> Linear(hidden,
 n_targets)``; output row k and ``target_mean[k]`` / ``target_std[k]`` belong to target k.
@@ -78,32 +78,3 @@ def freeze(model: nn.Module, *, embedding: bool, blocks: int) -> list[str]:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-def parameter_groups(model: nn.Module, weight_decay: float, *, scaled_blocks: int = 0,
-                     lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: {decay, no_decay (biases)} x {base lr, ``lr_scale`` x lr}.
-
-    The embedding and the first ``scaled_blocks`` blocks go in the scaled groups (when
-    ``scaled_blocks`` > 0). Frozen parameters (``requires_grad=False``) are left out, so the
-    optimiser never touches them (not even weight decay). Each group carries ``name`` and
-    ``lr_scale`` (the scheduler multiplies the group's initial lr).
-    """
-    if scaled_blocks > len(model.blocks):
-        raise ConfigError(f"transfer.lr_scale_blocks={scaled_blocks} but the model has {len(model.blocks)} blocks")
-    scaled_prefixes = tuple(["embedding."] + [f"blocks.{i}." for i in range(scaled_blocks)]) if scaled_blocks else ()
-    groups = {key: [] for key in ("decay", "no_decay", "decay_scaled", "no_decay_scaled")}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        key = "no_decay" if name.endswith(".bias") else "decay"
-        if scaled_prefixes and name.startswith(scaled_prefixes):
-            key += "_scaled"
-        groups[key].append(param)
-    out = []
-    for key, params in groups.items():
-        if params:
-            scale = lr_scale if key.endswith("_scaled") else 1.0
-            out.append({"params": params, "weight_decay": 0.0 if key.startswith("no_decay") else weight_decay,
-                        "name": key, "lr_scale": scale})
-    return out

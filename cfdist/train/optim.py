@@ -8,21 +8,37 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cfdist.config import ConfigError
 from cfdist.train.config import OptimSection
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight matrices/tensors with decay, biases (1-D ``*.bias``) without.
+def parameter_groups(model: nn.Module, weight_decay: float, *, scaled_blocks: int = 0,
+                     lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weights with decay ("decay"), biases (``*.bias``) without ("no_decay").
 
-    Returns groups with a ``name`` key ("decay" / "no_decay") for logging and tests.
+    With ``scaled_blocks`` > 0 the embedding and the first ``scaled_blocks`` encoder blocks go in
+    two more groups ("decay_scaled", "no_decay_scaled") carrying ``lr_scale`` (the optimiser's lr
+    times it; fine-tuning). Frozen parameters (``requires_grad=False``) are left out, so the
+    optimiser never touches them (not even weight decay). Empty scaled groups are omitted.
     """
-    decay, no_decay = [], []
+    if scaled_blocks > len(model.blocks):
+        raise ConfigError(f"transfer.lr_scale_blocks={scaled_blocks} but the model has {len(model.blocks)} blocks")
+    scaled = tuple(["embedding."] + [f"blocks.{i}." for i in range(scaled_blocks)]) if scaled_blocks else ()
+    groups: dict[str, list] = {"decay": [], "no_decay": [], "decay_scaled": [], "no_decay_scaled": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+        key = "no_decay" if name.endswith(".bias") else "decay"
+        groups[key + ("_scaled" if scaled and name.startswith(scaled) else "")].append(param)
+    out = []
+    for key, params in groups.items():
+        if key.endswith("_scaled") and not params:
+            continue
+        group = {"params": params, "weight_decay": 0.0 if key.startswith("no_decay") else weight_decay, "name": key}
+        if scaled:
+            group["lr_scale"] = lr_scale if key.endswith("_scaled") else 1.0
+        out.append(group)
+    return out
 
 
 def make_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
