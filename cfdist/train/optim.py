@@ -21,7 +21,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, *, scaled_blocks: in
     times it; fine-tuning). Frozen parameters (``requires_grad=False``) are left out, so the
     optimiser never touches them (not even weight decay). Empty scaled groups are omitted.
     """
-    if scaled_blocks > len(model.blocks):
+    if scaled_blocks and scaled_blocks > len(model.blocks):
         raise ConfigError(f"transfer.lr_scale_blocks={scaled_blocks} but the model has {len(model.blocks)} blocks")
     scaled = tuple(["embedding."] + [f"blocks.{i}." for i in range(scaled_blocks)]) if scaled_blocks else ()
     groups: dict[str, list] = {"decay": [], "no_decay": [], "decay_scaled": [], "no_decay_scaled": []}
