@@ -58,8 +58,10 @@ class MetricLogger:
         if self.bar is not None:
             self.bar.n = step
             shown = {k: metrics[k] for k in ("loss", "lr", "structures_per_s", "data_wait_pct") if k in metrics}
-            self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
-                                 refresh=True)
+            if shown:  # validation-only records keep the last training figures on the bar
+                self.bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
+                                     refresh=False)
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
