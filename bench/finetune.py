@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -41,21 +42,16 @@ def finished(args, name: str) -> bool:
 
 
 def wall_time(args, name: str) -> float | None:
-    """Seconds between the run's first and last metrics lines (for reused runs)."""
-    lines = (Path(args.out) / name / "metrics.jsonl").read_text().splitlines()
-    return json.loads(lines[-1])["time"] - json.loads(lines[0])["time"] if lines else None
+    """Seconds the run reported for itself ("fine-tuning finished in X s" in its log)."""
+    match = re.search(r"fine-tuning finished in ([0-9.]+) s", (Path(args.out) / f"{name}.log").read_text())
+    return float(match.group(1)) if match else None
 
 
-def wait_all(procs: dict[str, tuple[subprocess.Popen | None, float]], args) -> dict[str, float]:
-    times = {}
-    for name, (proc, t0) in procs.items():
-        if proc is None:
-            times[name] = wall_time(args, name)
-            continue
-        if proc.wait() != 0:
-            raise SystemExit(f"run {name} failed; see its log in the output directory")
-        times[name] = time.perf_counter() - t0
-    return times
+def wait_all(procs: dict[str, subprocess.Popen | None], args) -> dict[str, float | None]:
+    for name, proc in procs.items():
+        if proc is not None and proc.wait() != 0:
+            raise SystemExit(f"run {name} failed; see {Path(args.out) / name}.log")
+    return {name: wall_time(args, name) for name in procs}
 
 
 def main() -> int:
@@ -75,7 +71,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     def start(cfg, name, extra):
-        return (None if finished(args, name) else launch(cfg, name, args, extra)), time.perf_counter()
+        return None if finished(args, name) else launch(cfg, name, args, extra)
 
     times = wait_all({f"{names[t]}_scratch": start(cfg, f"{names[t]}_scratch", []) for t, cfg in TASKS.items()}, args)
     other = {"e_form": "gap pbe", "gap pbe": "e_form"}

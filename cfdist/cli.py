@@ -80,7 +80,11 @@ def _prepare_task(argv) -> int:
     parser.add_argument("--cutoff", type=float, default=None, help="table cutoff (default: the default model's)")
     parser.add_argument("--workers", type=int, default=None, help="Ray Data workers")
     args = parser.parse_args(argv)
-    source_split = dict(item.split("=", 1) for item in args.source_split) if args.source_split else None
+    source_split = None
+    if args.source_split:
+        if not all("=" in item for item in args.source_split):
+            parser.error("--source-split takes train=FILE val=FILE test=FILE")
+        source_split = dict(item.split("=", 1) for item in args.source_split)
     manifest = prepare_task(args.task, args.out, source=args.source, source_split=source_split, sizes=args.sizes,
                             cutoff=args.cutoff, workers=args.workers)
     print(f"{args.task}: {manifest['n_written']:,} structures written to {args.out} "

@@ -65,6 +65,7 @@ class PeriodicSelfAttention(nn.Module):
         self.register_buffer("sigma_mean", torch.zeros(()))
         self.register_buffer("sigma_std", torch.ones(()))
         self.register_buffer("sigma_ready", torch.zeros((), dtype=torch.bool))
+        self._ready_on_host = False  # mirror of sigma_ready once True: no device sync per training forward
         self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] = distributed_sum
 
     def exponent(self, q: torch.Tensor) -> torch.Tensor:
@@ -72,8 +73,11 @@ class PeriodicSelfAttention(nn.Module):
         cfg = self.config
         acc = torch.promote_types(q.dtype, torch.float32)
         score = (q.to(acc) * self.sigma_weight.to(acc)).sum(-1)  # (N, H)
-        if self.training and not bool(self.sigma_ready):
-            self._set_sigma_stats(score.detach())
+        if self.training and not self._ready_on_host:
+            if bool(self.sigma_ready):
+                self._ready_on_host = True
+            else:
+                self._set_sigma_stats(score.detach())
         x = (score - self.sigma_mean.to(acc)) / self.sigma_std.to(acc)
         b = cfg.rho_lower_bound
         rho = (1.0 - b) * F.elu(cfg.rho_beta * x / (1.0 - b)) + 1.0
@@ -90,6 +94,11 @@ class PeriodicSelfAttention(nn.Module):
         self.sigma_mean.fill_(mean)
         self.sigma_std.fill_(math.sqrt(var) if var > 0 else 1.0)
         self.sigma_ready.fill_(True)
+        self._ready_on_host = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready_on_host = False  # re-read the loaded sigma_ready on the next training forward
 
     def forward(self, x: torch.Tensor, geometry: Any, backend: Callable) -> torch.Tensor:
         n = x.shape[0]

@@ -35,15 +35,19 @@ class Prediction:
 
 
 def iter_input_records(inputs: Sequence[str], fmt: str | None = None, chunk_size: int = 1024):
-    """Raw records of every input, in order (see ``preprocess.readers``)."""
-    from preprocess.readers import expand_inputs, infer_format, plan_chunks, read_chunk
+    """Raw records of every input, in order (see ``preprocess.readers``), each with an id."""
+    import dataclasses
+
+    from preprocess.readers import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
 
     paths = expand_inputs(list(inputs))
     if not paths:
         raise FileNotFoundError(f"no input structures found in {list(inputs)}")
     for path in paths:
         for chunk in plan_chunks(path, fmt or infer_format(path), chunk_size):
-            yield from read_chunk(chunk)
+            for record in read_chunk(chunk):
+                # records without an id get the one the preprocessor gives them (split files match)
+                yield record if record.id else dataclasses.replace(record, id=default_id(chunk.path, record.index))
 
 
 def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
@@ -69,8 +73,7 @@ def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[
         return out
 
     for index, record in enumerate(records):
-        rid = record.id or f"{Path(record.source).name}:{record.index}"
-        row = Prediction(id=rid, source=record.source, values=None, labels=dict(record.labels))
+        row = Prediction(id=record.id, source=record.source, values=None, labels=dict(record.labels))
         if record.crystal is None:
             row.error_reason, row.error = record.error_reason or "unparseable", record.error or "unreadable"
             pending.append((row, None, None))
@@ -100,7 +103,7 @@ def predict_shards(model, shard_dir: str | Path, split: str, batch_size: int = 1
     for table in iter_local_shards([e.path for e in shards.files(split)], rows_per_read=batch_size):
         have = set(target_columns(table.schema))
         labelled = [n for n in names if n in have]
-        batch = collate_arrow(table, labelled, cutoff=shards.cutoff).to(device)
+        batch = collate_arrow(table, labelled or None, cutoff=shards.cutoff).to(device)
         with torch.no_grad():
             values = model.denormalize(model(batch)).double().cpu().tolist()
         labels = batch.labels.tolist() if batch.labels is not None else [[] for _ in values]
@@ -115,7 +118,8 @@ def write_predictions(rows: Iterable[Prediction], path: str | Path, target_names
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
-    with path.open("w", newline="") as fh:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         header = ["id", "source"] + list(target_names)
         if with_labels:
@@ -128,6 +132,7 @@ def write_predictions(rows: Iterable[Prediction], path: str | Path, target_names
                 line += [_fmt(row.labels.get(t)) for t in target_names]
             writer.writerow(line + [row.error_reason, row.error])
             kept.append(row)
+    tmp.replace(path)
     return kept
 
 
@@ -200,9 +205,16 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     result = {"targets": metrics, "n_structures": len(rows), "n_failed": len(failed),
               "failed_by_reason": _count(r.error_reason for r in failed), "data": source,
               "checkpoint": getattr(model, "checkpoint_info", {})}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1, default=str))
+    write_json_atomic(out_dir / "metrics.json", result)
     parity_plot(rows, names, metrics, out_dir / "parity.png")
     return result
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON through a temporary file, so a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _count(items) -> dict:

@@ -46,14 +46,20 @@ def parse_args(argv=None):
 def prepare(cfg) -> None:
     """Resolve paths, check shards and the run directory, write the run files."""
     from cfdist.data import ShardSet
-    from cfdist.finetune.loop import LAST
+    from cfdist.finetune.loop import LAST, resume_config
     from cfdist.runinfo import write_run_files
 
     if not cfg.data.shards:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (written by preprocess/build_shards.py "
                          "or cfdist prepare-task)")
-    cfg.data.shards = str(Path(cfg.data.shards).resolve())
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    run_dir = cfg.run_dir()
+    last = run_dir / "checkpoints" / LAST
+    if cfg.init_from == "resume":
+        if not last.is_file():
+            raise SystemExit(f"init_from=resume: {last} does not exist")
+        cfg, _ = resume_config(cfg)  # a run continues with the settings it started with
+    cfg.data.shards = str(Path(cfg.data.shards).resolve())
     if cfg.checkpoint:
         cfg.checkpoint = str(Path(cfg.checkpoint).resolve())
         if not Path(cfg.checkpoint).exists():
@@ -64,18 +70,15 @@ def prepare(cfg) -> None:
         cfg.model = model
     shards = ShardSet(cfg.data.shards)
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
-    cutoff = None if cfg.init_from == "pretrained" else cfg.model_config().cutoff  # pretrained: checked on load
+    cutoff = cfg.model_config().cutoff if cfg.init_from == "scratch" else None  # others: checked on load
     shards.verify(splits, required_cutoff=cutoff, targets=cfg.data.targets, checksums=True)
-    run_dir = cfg.run_dir()
-    last = run_dir / "checkpoints" / LAST
-    if cfg.init_from == "resume" and not last.is_file():
-        raise SystemExit(f"init_from=resume: {last} does not exist")
     if cfg.init_from != "resume" and (run_dir / "checkpoints").exists():
         if not cfg.overwrite:
             raise SystemExit(f"{run_dir} already holds a run: continue it with init_from=resume, pick another "
                              f"run_name, or pass overwrite=true to start over")
-        shutil.rmtree(run_dir / "checkpoints")
-        for name in ("metrics.jsonl", "results.json"):
+        for name in ("checkpoints", "tensorboard", "evaluation", "ray"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "results.json", "run_info.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     write_run_files(run_dir, cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"))
     print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {shards.n_rows(s):,}' for s in splits)} structures); "

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script and under `ray job submit --working-dir .`
     sys.path.insert(0, str(REPO))
 
-from preprocess.readers import Chunk, FORMATS, expand_inputs, infer_format, plan_chunks, read_chunk  # noqa: E402
+from preprocess.readers import Chunk, FORMATS, default_id, expand_inputs, infer_format, plan_chunks, read_chunk  # noqa: E402,E501
 
 SPLITS = ("train", "val", "test")
 ATOM_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2**31]
@@ -155,7 +155,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
     n_input = 0
     for record in read_chunk(chunk):
         n_input += 1
-        rid = record.id if record.id else f"{Path(chunk.path).name}:{record.index}"
+        rid = record.id if record.id else default_id(chunk.path, record.index)
         if record.error_reason is not None or record.crystal is None:
             rejects.append(_reject(rid, record.source, record.error_reason or "unparseable",
                                    record.error or "unreadable record"))

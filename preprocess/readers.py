@@ -130,6 +130,11 @@ class RawRecord:
         return self.error_reason is None
 
 
+def default_id(path: str, index: int) -> str:
+    """Id of a record that has none: ``<input file name>:<record index>`` (shards, rejects, predictions)."""
+    return f"{os.path.basename(path)}:{index}"
+
+
 @contextlib.contextmanager
 def _file_errors(path: str):
     """Re-raise a whole-file read failure (corrupt archive, not a database, ...) with the path in it."""

@@ -135,6 +135,9 @@ def test_epoch_batches_are_seeded_permutations():
     assert all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=3, drop_last=True)))
     assert not all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=4, drop_last=True)))
     assert sorted(np.concatenate(epoch_batches(50, 8, 1, 0, drop_last=False))) == list(range(50))
+    # a last batch with fewer rows than data-parallel ranks is dropped even without drop_last
+    assert len(epoch_batches(50, 8, 1, 0, drop_last=False, min_size=2)) == 7
+    assert len(epoch_batches(50, 8, 1, 0, drop_last=False, min_size=4)) == 6
 
 
 def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
@@ -146,8 +149,8 @@ def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
     snapshots = []
 
     class Recording(FinetuneTrainer):
-        def train_step(self, indices):
-            out = super().train_step(indices)
+        def train_step(self, indices, n_global):
+            out = super().train_step(indices, n_global)
             snapshots.append((self.epoch, self.optimizer.param_groups[0]["lr"],
                               {k: v.detach().clone() for k, v in self.model.named_parameters()}))
             return out
@@ -280,6 +283,36 @@ def test_resume_continues_exactly(ft_shards, tmp_path):
         b = load(tmp_path / "b" / "ft" / "checkpoints" / f"{kind}.pt").state_dict()
         for name in a:
             assert torch.equal(a[name], b[name]), (kind, name)
+
+
+def test_resume_keeps_the_runs_own_settings(ft_shards, pretrained_ckpt, tmp_path):
+    """init_from=resume with a bare config continues a pretrained, partly frozen run as it started:
+    same architecture source, same frozen layers, provenance kept."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterOne(FinetuneTrainer):
+        def save_last(self):
+            super().save_last()
+            raise Stop
+
+    source = load(pretrained_ckpt)
+    with pytest.raises(Stop):
+        trainer_run(make_config(ft_shards, tmp_path, init_from="pretrained", checkpoint=str(pretrained_ckpt),
+                                epochs=2, swa_epochs=1, model={"n_blocks": 1}, transfer={"freeze_blocks": 1}),
+                    StopAfterOne)
+    trainer, results = trainer_run(make_config(ft_shards, tmp_path, init_from="resume", epochs=5, model={"n_blocks": 1}))
+    assert results["epochs"] == 2 and results["transfer"]["init_from"] == "pretrained"
+    assert trainer.cfg.transfer.freeze_blocks == 1 and len(trainer.model.blocks) == 2
+    swa = load(tmp_path / "ft" / "checkpoints" / "swa.pt")
+    assert swa.checkpoint_info["extra"]["init_from"] == "pretrained"
+    assert swa.checkpoint_info["extra"]["pretrained_from"] == str(pretrained_ckpt)
+    for name, value in source.state_dict().items():
+        if name.startswith("blocks.0."):
+            assert torch.equal(swa.state_dict()[name], value), name
 
 
 def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):

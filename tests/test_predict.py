@@ -121,6 +121,25 @@ def test_bad_structures_get_error_rows_not_a_crash(portable, megnet_records, tmp
     assert csv_rows["overlap"]["e_form"] == "" and "closer than" in csv_rows["overlap"]["error"]
 
 
+def test_records_without_ids_get_the_preprocessors_ids(megnet_records, tmp_path):
+    from cfdist.predict import iter_input_records
+
+    path = tmp_path / "noid.json"
+    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "id"} for r in megnet_records[:3]]))
+    assert [r.id for r in iter_input_records([str(path)])] == ["noid.json:0", "noid.json:1", "noid.json:2"]
+
+
+def test_evaluate_shards_without_the_models_targets(portable, shard_dir, tmp_path):
+    """A model whose targets are not in the shards still predicts them; metrics have n = 0."""
+    import cfdist
+    from cfdist.predict import predict_shards
+
+    model = cfdist.load(portable)
+    model.config.cutoff_sigmas = 4.4  # the fixture's tables stop just short of the default cutoff
+    rows = list(predict_shards(model, shard_dir, "val"))
+    assert len(rows) == 12 and all(len(r.values) == 2 and r.labels.keys() <= {"e_form"} for r in rows)
+
+
 def test_regression_metrics_match_numpy():
     from cfdist.predict import Prediction, regression_metrics
 

@@ -21,10 +21,8 @@ from it exactly, since epoch permutations depend only on (seed, epoch)).
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +53,8 @@ class SplitData:
         self.table = pa.concat_tables([read_shard(e.path, columns) for e in files]).combine_chunks()
         self.targets, self.cutoff, self.split = targets, shards.cutoff, split
         self.n_entries = self.table["n_entries"].to_numpy().astype(np.int64)
+        labels = np.stack([self.table[f"y.{t}"].to_numpy() for t in targets], axis=1)
+        self.n_labels = np.isfinite(labels).sum(1)  # per row: lets every rank count a step's labels alone
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -76,13 +76,49 @@ class SplitData:
         return out
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[np.ndarray]:
-    """The epoch's batches: a permutation of range(n) seeded by (seed, epoch), cut into batch_size."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool,
+                  min_size: int = 1) -> list[np.ndarray]:
+    """The epoch's batches: a permutation of range(n) seeded by (seed, epoch), cut into batch_size.
+
+    The last, shorter batch is dropped with ``drop_last`` or when it has fewer than ``min_size``
+    rows (one per data-parallel rank: a rank without rows would stall the others).
+    """
     order = np.random.default_rng([seed, epoch]).permutation(n)
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
+    if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) < min_size):
         batches.pop()
     return batches
+
+
+def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
+    """(the run's saved config marked ``init_from=resume``, the saved state) for ``cfg``'s run.
+
+    A run continues with the settings it started with: everything but ``init_from`` comes from
+    ``last.pt`` (differences in ``cfg`` are reported and ignored).
+    """
+    from cfdist.finetune.config import finetune_config_from_dict
+
+    path = cfg.run_dir() / "checkpoints" / LAST
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {**state["config"], "init_from": "resume", "overwrite": False}
+    given = cfg.to_dict()
+    ignored = sorted(k for k in _flatten(saved) if k not in ("init_from", "overwrite", "checkpoint")
+                     and _flatten(given).get(k) != _flatten(saved)[k])
+    if ignored:
+        print(f"resuming {cfg.run_name} with its saved settings; ignoring different {', '.join(ignored)}", flush=True)
+    return finetune_config_from_dict(saved), state
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "model":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class FinetuneTrainer:
@@ -98,8 +134,12 @@ class FinetuneTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
+        from cfdist.config import CrystalformerConfig
         from cfdist.model import Crystalformer
 
+        state = None
+        if self.cfg.init_from == "resume":
+            self.cfg, state = resume_config(self.cfg)
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
@@ -108,7 +148,9 @@ class FinetuneTrainer:
         self.val = SplitData(self.shards, cfg.data.val_split, targets) if cfg.data.val_split else None
         stats = {t: self.shards.target_stats(t, cfg.data.train_split) for t in targets}
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
-        if cfg.init_from == "pretrained":
+        if state is not None:  # weights come from last.pt; the architecture from the run itself
+            model = Crystalformer(CrystalformerConfig.from_dict(state["model_config"]))
+        elif cfg.init_from == "pretrained":
             model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
             self.transfer_report.update(report)
         else:
@@ -133,7 +175,9 @@ class FinetuneTrainer:
         for group in groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-        self.steps_per_epoch = len(epoch_batches(len(self.train), cfg.data.batch_size, 0, 0, cfg.data.drop_last))
+        if cfg.data.batch_size < self.world:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {self.world} workers")
+        self.steps_per_epoch = len(self.epoch_batches(0))
         if self.steps_per_epoch == 0:
             raise ValueError(f"train split has {len(self.train)} structures, fewer than batch_size="
                              f"{cfg.data.batch_size} with drop_last; lower data.batch_size")
@@ -141,13 +185,15 @@ class FinetuneTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.swa: AveragedModel | None = None
         self.epoch, self.step, self.best_val, self.best_epoch = 0, 0, math.inf, -1
-        if cfg.init_from == "resume":
-            self.restore(self.ckpt_dir / LAST)
+        if state is not None:
+            self.restore(state)
 
-    def restore(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        d = self.cfg.data
+        return epoch_batches(len(self.train), d.batch_size, self.cfg.seed, epoch, d.drop_last, min_size=self.world)
+
+    def restore(self, state: dict) -> None:
+        """Continue from a ``last.pt`` state (model, optimiser, schedule, SWA average, counters)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -156,9 +202,9 @@ class FinetuneTrainer:
             self.swa.load_state_dict(state["swa"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
-        self.transfer_report = state.get("transfer_report", self.transfer_report)
+        self.transfer_report = state["transfer_report"]
         if self.rank == 0:
-            print(f"resumed {path} after epoch {self.epoch} (step {self.step}, best val loss {self.best_val:.4g} "
+            print(f"resumed {self.ckpt_dir / LAST} after epoch {self.epoch} (step {self.step}, best val loss {self.best_val:.4g} "
                   f"at epoch {self.best_epoch})", flush=True)
 
     # -- training ------------------------------------------------------------------------
@@ -170,9 +216,9 @@ class FinetuneTrainer:
         try:
             while self.epoch < cfg.epochs:
                 swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
-                for indices in epoch_batches(len(self.train), cfg.data.batch_size, cfg.seed, self.epoch,
-                                             cfg.data.drop_last):
-                    loss_sum, n_labelled, grad_norm, t_data = self.train_step(indices[self.rank::self.world])
+                for indices in self.epoch_batches(self.epoch):
+                    n_step = float(self.train.n_labels[indices].sum())
+                    loss_sum, n_labelled, grad_norm, t_data = self.train_step(indices[self.rank::self.world], n_step)
                     self.step += 1
                     if swa_phase:  # paper: average after every step of the last epochs, lr held
                         if self.swa is None:
@@ -195,7 +241,7 @@ class FinetuneTrainer:
                     if self.val is not None:
                         val = self.evaluate_split(self.model, self.val)
                         record.update(val)
-                        if val["val_loss"] < self.best_val:
+                        if val["val_loss"] < self.best_val:  # NaN (no labels) never selects
                             self.best_val, self.best_epoch = val["val_loss"], self.epoch
                             save_portable(self.ckpt_dir / BEST, self.model, extra=self.extra("best"))
                     self.save_last()
@@ -206,23 +252,18 @@ class FinetuneTrainer:
             logger.close()
         return self.finish() if self.rank == 0 else {}
 
-    def train_step(self, indices: np.ndarray) -> tuple[torch.Tensor, float, torch.Tensor, float]:
-        """One optimiser step on this rank's ``indices``.
+    def train_step(self, indices: np.ndarray, n_global: float) -> tuple[torch.Tensor, float, torch.Tensor, float]:
+        """One optimiser step on this rank's ``indices``; ``n_global``: labels in the step on all ranks.
 
         Returns (summed L1 error, labels counted, pre-clip grad norm, seconds spent collating); the
         two tensors stay on the device so that a step never waits for it.
         """
         self.ddp.train()
         t0 = time.perf_counter()
-        chunks = [self.train.batch(c) for c in self.train.micro_batches(indices, self.cfg.data.max_entries)]
-        n_local = float(sum(int(torch.isfinite(b.labels).sum()) for b in chunks))  # on the host: no device sync
-        chunks = [b.to(self.device) for b in chunks]
+        chunks = [self.train.batch(c).to(self.device)
+                  for c in self.train.micro_batches(indices, self.cfg.data.max_entries)]
+        n_local = float(self.train.n_labels[indices].sum())
         t_data = time.perf_counter() - t0
-        n_global = n_local
-        if self.world > 1:
-            t = torch.tensor([n_local], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t)
-            n_global = float(t.item())
         mean = self.model.target_mean.float()
         std = self.model.target_std.float()
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,15 +312,15 @@ class FinetuneTrainer:
             abs_orig += (err * std).sum(0).numpy()
             count += mask.sum(0).numpy()
         model.train(was_training)
-        out = {"val_loss": float(abs_norm.sum() / max(count.sum(), 1.0))}
+        out = {"val_loss": float(abs_norm.sum() / count.sum()) if count.sum() else float("nan")}
         for t, name in enumerate(data.targets):
             out[f"val_mae/{name}"] = float(abs_orig[t] / count[t]) if count[t] else float("nan")
         return out
 
     def extra(self, kind: str) -> dict:
         return {"kind": kind, "epoch": self.epoch, "step": self.step, "run_name": self.cfg.run_name,
-                "targets": list(self.cfg.data.targets), "init_from": self.cfg.init_from,
-                "pretrained_from": self.cfg.checkpoint or None, "shards": str(self.cfg.data.shards)}
+                "targets": list(self.cfg.data.targets), "init_from": self.transfer_report["init_from"],
+                "pretrained_from": self.transfer_report.get("checkpoint"), "shards": str(self.cfg.data.shards)}
 
     def swa_model(self):
         """The SWA average as a plain model (statistics buffers from the trained model)."""
@@ -294,14 +335,15 @@ class FinetuneTrainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "swa": self.swa.state_dict() if self.swa else None,
                  "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "best_epoch": self.best_epoch,
-                 "transfer_report": self.transfer_report, "config": self.cfg.to_dict()}
+                 "transfer_report": self.transfer_report, "config": self.cfg.to_dict(),
+                 "model_config": self.model.config.to_dict()}
         tmp = self.ckpt_dir / f".{LAST}.tmp"
         torch.save(state, tmp)
         tmp.replace(self.ckpt_dir / LAST)
 
     def finish(self) -> dict:
         """Save the SWA model, evaluate best / SWA / final on the test split, write results.json."""
-        from cfdist.predict import evaluate
+        from cfdist.predict import evaluate, write_json_atomic
 
         cfg = self.cfg
         models = {"final": self.model}
@@ -327,7 +369,7 @@ class FinetuneTrainer:
                                    batch_size=cfg.data.eval_batch_size)
                 results["test"][name] = metrics["targets"]
             results["test"]["train_mean"] = self.train_mean_baseline(SplitData(self.shards, test, list(cfg.data.targets)))
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        write_json_atomic(self.run_dir / "results.json", results)
         return results
 
     def train_mean_baseline(self, data: SplitData) -> dict:

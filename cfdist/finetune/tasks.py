@@ -21,6 +21,7 @@ Split rules (as the reference, Matformer and PotNet use them, so results compare
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -203,21 +204,23 @@ def prepare_task(name: str, out: str | Path, *, source: str | Path | None = None
         from cfdist.predict import iter_input_records
 
         for split in SPLITS:
-            ids = []
-            for record in iter_input_records([source_split[split]]):
-                ids.append(record.id or f"{Path(record.source).name}:{record.index}")
-            split_ids[split] = ids
+            split_ids[split] = [record.id for record in iter_input_records([source_split[split]])]
             inputs.append(source_split[split])
     else:
         if source is None:
             if dataset.url is None:
                 raise SystemExit(f"task {name}: no download URL known; pass --source FILE")
             source = download(dataset.url, raw / f"{dataset.name}.zip")
+        if sizes is not None and task.rule != "megnet":
+            raise SystemExit(f"task {name}: --sizes applies to the MEGNet rule only ({task.rule} rule here)")
         source = Path(source)
         records = load_records(source, dataset.member)
         split_ids = task_split(task, records, sizes)
-        flat = raw / f"{dataset.name}.json.gz"  # the reader streams plain JSON; zips are unpacked once
-        if source.suffix in (".zip",) or zipfile.is_zipfile(source):
+        # the reader streams plain JSON, so a zip is unpacked once, keyed by the archive's identity
+        stat = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        flat = raw / f"{dataset.name}-{key}.json.gz"
+        if zipfile.is_zipfile(source):
             if not flat.is_file():
                 with gzip.open(flat.with_suffix(".tmp"), "wt") as fh:
                     json.dump(records, fh)
