@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,8 +105,9 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
-    ignored = sorted(k for k in _flatten(saved) if k not in ("init_from", "overwrite", "checkpoint")
-                     and _flatten(given).get(k) != _flatten(saved)[k])
+    given["data"]["shards"] = str(Path(cfg.data.shards).resolve()) if cfg.data.shards else ""
+    skip = {"init_from", "overwrite", "checkpoint"} | ({"model"} if isinstance(cfg.model, str) else set())
+    ignored = sorted(k for k in _flatten(saved) if k not in skip and _flatten(given).get(k) != _flatten(saved)[k])
     if ignored:
         print(f"resuming {cfg.run_name} with its saved settings; ignoring different {', '.join(ignored)}", flush=True)
     return finetune_config_from_dict(saved), state
