@@ -12,13 +12,12 @@ schedule is held while averaging), best-validation checkpoint. Run directory:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, CrystalformerConfig, load_yaml
-from cfdist.train.config import OptimSection, apply_overrides, build, resolve_model_config
+from cfdist.config import ConfigError, load_yaml
+from cfdist.train.config import OptimSection, RunConfigMixin, apply_overrides, build
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -94,7 +93,7 @@ class FinetuneScaling:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfigMixin):
     """Everything a fine-tuning run needs.
 
     init_from: ``scratch`` (``model`` config, fresh weights), ``pretrained`` (encoder from the
@@ -127,16 +126,6 @@ class FinetuneConfig:
             raise ConfigError("epochs and log_every must be >= 1")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], got {self.swa_epochs}")
-
-    def model_config(self) -> CrystalformerConfig:
-        """Model config for ``init_from=scratch``, with ``target_names`` = the data's targets."""
-        return resolve_model_config(self.model, self.data.targets)
-
-    def run_dir(self) -> Path:
-        return Path(self.output_dir).resolve() / self.run_name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:

@@ -107,8 +107,27 @@ class ScalingSection:
     placement_strategy: str = "PACK"
 
 
+class RunConfigMixin:
+    """What pretraining and fine-tuning configs share: the run directory and the model config."""
+
+    model: Any
+    data: Any
+    output_dir: str
+    run_name: str
+
+    def model_config(self) -> CrystalformerConfig:
+        """The model config with ``target_names`` set to the data's targets."""
+        return resolve_model_config(self.model, self.data.targets)
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfigMixin):
     """Everything a pretraining run needs; ``model`` is a model config path or an inline mapping."""
 
     run_name: str = "pretrain"
@@ -130,15 +149,6 @@ class PretrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def model_config(self) -> CrystalformerConfig:
-        """The model config with ``target_names`` set to the data's targets."""
-        return resolve_model_config(self.model, self.data.targets)
-
-    def run_dir(self) -> Path:
-        return Path(self.output_dir).resolve() / self.run_name
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def resolve_model_config(model: Any, targets: list[str]) -> CrystalformerConfig:
