@@ -21,6 +21,7 @@ from it exactly, since epoch permutations depend only on (seed, epoch)).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -214,7 +215,7 @@ class FinetuneTrainer:
         self.build()
         cfg = self.cfg
         logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step)
-        window = {"t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0, "steps": 0, "data_s": 0.0}
+        window = _new_window()
         try:
             while self.epoch < cfg.epochs:
                 swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
@@ -235,8 +236,7 @@ class FinetuneTrainer:
                     window["data_s"] += t_data
                     if self.step % cfg.log_every == 0:
                         logger.log(self.step, self.window_metrics(window, grad_norm))
-                        window = {**window, "t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0,
-                                  "steps": 0, "data_s": 0.0}
+                        window = _new_window()
                 self.epoch += 1
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
@@ -274,7 +274,7 @@ class FinetuneTrainer:
             target = (batch.labels.float() - mean) / std
             mask = torch.isfinite(target)
             sync = k == len(chunks) - 1
-            context = self.ddp.no_sync() if (self.world > 1 and not sync) else _null()
+            context = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with context:
                 pred = self.ddp(batch).float()
                 err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
@@ -282,8 +282,8 @@ class FinetuneTrainer:
                 (err * (self.world / max(n_global, 1.0))).backward()
             loss_sum += err.detach()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-                     if self.cfg.optim.grad_clip > 0 else _norm(params))
+        # pre-clip total norm; max_norm=inf measures without clipping when clipping is off
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
         return loss_sum, n_local, grad_norm, t_data
 
@@ -385,17 +385,9 @@ class FinetuneTrainer:
         return out
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _norm(params) -> torch.Tensor:
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+def _new_window() -> dict:
+    """Accumulators of one logging window (loss and label counts, structures, steps, data time)."""
+    return {"t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0, "steps": 0, "data_s": 0.0}
 
 
 # ----------------------------------------------------------------------------- entry points
