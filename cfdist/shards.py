@@ -291,7 +291,9 @@ def write_shard(path: str | Path, table: pa.Table, metadata: dict, row_group_siz
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            METADATA_KEY: json.dumps(metadata).encode()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+    # No dictionary encoding: ids are unique and geometry/table values rarely repeat, so the
+    # dictionary attempt only costs time and ~12% more bytes (measured on the MEGNet slice).
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, use_dictionary=False)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -228,6 +228,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
         raise RuntimeError(f"{chunk.path}: chunk {index} planned {chunk.count} records but read {n_input}")
 
     shards = {}
+    stats = StatsAccumulator(settings.targets)
     for split in SPLITS:
         if not rows[split]:
             continue
@@ -236,10 +237,14 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                                   forces if settings.with_forces else None, stress if settings.with_stress else None)
         rel = f"{split}/part-{index:06d}.parquet"
         write_shard(out / rel, arrow, shard_metadata(settings.cutoff, settings.targets, chunk=index, split=split))
-        shards[split] = {"file": rel, "ids": [c.id for c in crystals], "sources": sources}
+        stats.add(split, arrow)
+        # Checksums and statistics here, in parallel, rather than in a serial pass on the driver.
+        shards[split] = {"file": rel, "ids": [c.id for c in crystals], "sources": sources,
+                         "bytes": (out / rel).stat().st_size, "sha256": file_digest(out / rel)}
+    stats.save(out / PROGRESS_DIR / f"chunk-{index:06d}.stats.npz")
     record = {"chunk": index, "input": asdict(chunk), "n_input": n_input, "rejects": rejects, "shards": shards,
               "dropped": {}}
-    _write_json_atomic(out / PROGRESS_DIR / f"chunk-{index:06d}.json", record)
+    _write_json_atomic(out / PROGRESS_DIR / f"chunk-{index:06d}.json", record)  # the commit point
     n_written = sum(len(s["ids"]) for s in shards.values())
     return {"chunk": index, "n_input": n_input, "n_written": n_written, "n_rejected": len(rejects)}
 
@@ -383,6 +388,11 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
     for rec in records:
         n_input += rec["n_input"]
         rejects.extend(rec["rejects"])
+        # The worker's statistics and checksums hold unless duplicates were dropped from its shards.
+        chunk_stats = None if rec["dropped"] else StatsAccumulator.load(
+            out / PROGRESS_DIR / f"chunk-{rec['chunk']:06d}.stats.npz", settings.targets)
+        if chunk_stats is not None:
+            stats.merge(chunk_stats)
         for split in SPLITS:
             shard = rec["shards"].get(split)
             if shard is None:
@@ -392,15 +402,17 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
                 rid = shard["ids"][row]
                 rejects.append(_reject(rid, shard["sources"][row], "duplicate_id",
                                        f"crystal {rid!r}: id already used by an earlier record"))
-            table = pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
-                                  + [f"y.{t}" for t in settings.targets])
-            if table.num_rows == 0:
-                path.unlink()
+            rows = len(shard["ids"]) - len(rec["dropped"].get(split, []))
+            if rows == 0:
+                path.unlink(missing_ok=True)
                 continue
-            stats.add(split, table)
-            counts[split] += table.num_rows
-            shards.append({"file": shard["file"], "split": split, "rows": table.num_rows,
-                           "bytes": path.stat().st_size, "sha256": file_digest(path)})
+            if chunk_stats is None:
+                stats.add(split, pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
+                                               + [f"y.{t}" for t in settings.targets]))
+            size = path.stat().st_size
+            digest = shard["sha256"] if chunk_stats is not None and shard.get("bytes") == size else file_digest(path)
+            counts[split] += rows
+            shards.append({"file": shard["file"], "split": split, "rows": rows, "bytes": size, "sha256": digest})
     n_written = sum(counts.values())
     if n_input != n_written + len(rejects):
         raise BuildError(f"accounting failed: {n_input} inputs != {n_written} written + {len(rejects)} rejected")
@@ -435,6 +447,49 @@ class StatsAccumulator:
         self.rhs = {t: np.zeros(N_ELEMENTS + 1) for t in self.targets}
         self.total_atoms = 0
         self.total_entries = 0
+
+    def save(self, path: Path) -> None:
+        """Write the accumulated sums atomically (``.npz``), for :meth:`load` and :meth:`merge`."""
+        arrays = {"elements": self.elements, "atoms_hist": self.atoms_hist, "entries_hist": self.entries_hist,
+                  "gram": self.gram, "totals": np.array([self.total_atoms, self.total_entries], dtype=np.int64)}
+        for t_index, t in enumerate(self.targets):
+            arrays[f"rhs.{t_index}"] = self.rhs[t]
+            for s in SPLITS:
+                arrays[f"moments.{s}.{t_index}"] = self.moments[s][t]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, targets: Sequence[str]) -> "StatsAccumulator | None":
+        """Sums saved by :meth:`save`, or None when the file is missing (a run from an older cfdist)."""
+        if not path.exists():
+            return None
+        acc = cls(targets)
+        with np.load(path) as z:
+            acc.elements, acc.atoms_hist, acc.entries_hist, acc.gram = (z["elements"], z["atoms_hist"],
+                                                                      z["entries_hist"], z["gram"])
+            acc.total_atoms, acc.total_entries = (int(v) for v in z["totals"])
+            for t_index, t in enumerate(acc.targets):
+                acc.rhs[t] = z[f"rhs.{t_index}"]
+                for s in SPLITS:
+                    acc.moments[s][t] = z[f"moments.{s}.{t_index}"]
+        return acc
+
+    def merge(self, other: "StatsAccumulator") -> None:
+        """Add ``other``'s sums (all statistics are sums, so chunks combine exactly)."""
+        self.elements = self.elements + other.elements
+        self.atoms_hist = self.atoms_hist + other.atoms_hist
+        self.entries_hist = self.entries_hist + other.entries_hist
+        self.gram = self.gram + other.gram
+        self.total_atoms += other.total_atoms
+        self.total_entries += other.total_entries
+        for t in self.targets:
+            self.rhs[t] = self.rhs[t] + other.rhs[t]
+            for s in SPLITS:
+                self.moments[s][t] = self.moments[s][t] + other.moments[s][t]
 
     def add(self, split: str, table) -> None:
         n_atoms = table["n_atoms"].to_numpy().astype(np.int64)

@@ -17,10 +17,12 @@ The driver calls :func:`expand_inputs`, :func:`infer_format` and :func:`plan_chu
 a bad record: a record that cannot be turned into a crystal comes back with ``error_reason`` and
 ``error`` set, so every input record is accounted for. Crystals are **not** validated here.
 
-Streaming: extxyz and JSON-lines chunks carry byte ranges; a worker seeks to ``byte_offset`` and reads
-``byte_length`` bytes (for ``.jsonl.gz``/``.jsonl.bz2`` the offsets are into the decompressed stream,
-so the worker still has to decompress everything before its chunk). JSON lists cannot be streamed
-with the standard library: each worker process loads a file once (cached) and slices it.
+Streaming: extxyz, JSON-lines and JSON-list chunks carry byte ranges; a worker seeks to
+``byte_offset`` and reads ``byte_length`` bytes (for ``.gz``/``.bz2`` inputs the offsets are into the
+decompressed stream, so the worker still decompresses, but does not decode, everything before its
+chunk). A JSON list is planned by scanning its bytes for the top-level separators
+(:mod:`preprocess.json_scan`) instead of decoding it, so no process ever holds the whole list. Only a
+top-level JSON object (an Alexandria ``{"entries": [...]}`` dump) is loaded whole, once per process.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from cfdist.crystal import Crystal, InvalidCrystalError, from_ase, from_jarvis, from_pymatgen
+from preprocess.json_scan import JsonScanError, element_count, list_separators, starts_with_list
 
 __all__ = [
     "FORMATS",
@@ -84,8 +87,10 @@ class Chunk:
         path: absolute path of the input (for ``cif`` with ``id_prop.csv``: the directory).
         start: index of the first record within the input (0-based, input order).
         count: number of records.
-        byte_offset: extxyz: byte offset of the first frame; JSON lines: of the first line; else -1.
-        byte_length: extxyz / JSON lines: bytes spanned by the chunk (up to the next chunk); else -1.
+        byte_offset: extxyz: byte offset of the first frame; JSON lines: of the first line; JSON list:
+            just after the ``[`` or comma before the first element; else -1.
+        byte_length: extxyz / JSON lines: bytes spanned by the chunk (up to the next chunk); JSON list:
+            up to (excluding) the separator after the last element; else -1.
         line: extxyz / JSON lines: 1-based line number of the chunk's first record (used to name
             records as ``<path>:line <n>``); -1 when unknown.
     """
@@ -289,7 +294,8 @@ def plan_chunks(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
 
     Counts records without parsing structures: extxyz scans lines for frame boundaries (a malformed
     atom-count line raises ``ValueError`` naming the line: the file cannot be split into frames);
-    JSON lines records line offsets; a JSON list is loaded once; ``ase_db`` counts rows; ``cif``
+    JSON lines records line offsets; a JSON list is scanned for its element boundaries (a top-level
+    object is loaded once); ``ase_db`` counts rows; ``cif``
     counts ``id_prop.csv`` rows (or ``data_`` blocks of a standalone CIF file).
     """
     if fmt not in FORMATS:
@@ -318,6 +324,10 @@ def _plan(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
             frames = [(start, line) for start, _, line in _iter_xyz_frames(f, path)]
         return _byte_chunks(fmt, path, frames, os.path.getsize(path), chunk_size)
     if fmt in ("jarvis", "pymatgen"):
+        with _open_binary(path) as f:
+            is_list = not _is_json_lines(path) and starts_with_list(f.read(1 << 16))
+        if is_list:
+            return _json_list_chunks(fmt, path, chunk_size)
         if _is_json_lines(path):
             records, end = [], 0
             with _open_binary(path) as f:
@@ -331,6 +341,22 @@ def _plan(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
     with _connect_db(path) as db:
         n = db.count()
     return _plain_chunks(fmt, path, n, chunk_size)
+
+
+def _json_list_chunks(fmt: str, path: str, chunk_size: int) -> list[Chunk]:
+    """Chunks of a top-level JSON list as byte spans of its elements (scanned, not decoded)."""
+    with _open_binary(path) as f:
+        try:
+            seps, _ = list_separators(f)
+        except JsonScanError as exc:
+            raise ValueError(f"{path}: not a valid JSON list: {exc}") from None
+        n = element_count(f, seps)
+    chunks = []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        offset = int(seps[start]) + 1  # just after '[' or the comma before element `start`
+        chunks.append(Chunk(fmt, path, start, stop - start, offset, int(seps[stop]) - offset))
+    return chunks
 
 
 def _plain_chunks(fmt: str, path: str, n: int, chunk_size: int) -> list[Chunk]:
@@ -371,7 +397,12 @@ def read_chunk(chunk: Chunk) -> Iterator[RawRecord]:
     elif chunk.format == "extxyz":
         gen = _read_extxyz(chunk)
     elif chunk.format in ("jarvis", "pymatgen"):
-        gen = _read_json_lines(chunk) if _is_json_lines(chunk.path) else _read_json_list(chunk)
+        if _is_json_lines(chunk.path):
+            gen = _read_json_lines(chunk)
+        elif chunk.byte_offset >= 0:
+            gen = _read_json_list_span(chunk)
+        else:
+            gen = _read_json_list(chunk)
     else:
         gen = _read_ase_db(chunk)
     return _exactly(chunk, gen)
@@ -570,6 +601,40 @@ def _read_json_list(chunk: Chunk) -> Iterator[RawRecord]:
     for index in range(chunk.start, min(chunk.start + chunk.count, len(records))):
         source = f"{chunk.path}:{index}"
         yield _guarded(source, index, functools.partial(convert, records[index], source, index))
+
+
+def _read_json_list_span(chunk: Chunk) -> Iterator[RawRecord]:
+    """Decode only this chunk's elements of a JSON list (byte span planned by the scanner)."""
+    convert = _jarvis_record if chunk.format == "jarvis" else _pymatgen_record
+    with _file_errors(chunk.path), _open_binary(chunk.path) as f:
+        f.seek(chunk.byte_offset)
+        body = b"[" + f.read(chunk.byte_length) + b"]"
+    try:
+        records = json.loads(body)
+        if not isinstance(records, list) or len(records) != chunk.count:
+            raise ValueError(f"expected {chunk.count} records")
+        decode = None
+    except ValueError:
+        # Some element is not valid JSON: decode them one by one so only the bad ones are rejected.
+        try:
+            seps, _ = list_separators(io.BytesIO(body))
+        except JsonScanError:
+            seps = np.zeros(0, dtype=np.int64)  # the file changed since planning: _exactly reports it
+        records = [body[seps[k] + 1:seps[k + 1]] for k in range(len(seps) - 1)]
+        decode = json.loads
+    for k, rec in enumerate(records):
+        index = chunk.start + k
+        source = f"{chunk.path}:{index}"
+
+        def build(partial, rec=rec, source=source, index=index):
+            if decode is not None:
+                try:
+                    rec = decode(rec)
+                except ValueError as exc:
+                    raise _RecordError("unparseable", f"not valid JSON ({exc})") from None
+            return convert(rec, source, index, partial)
+
+        yield _guarded(source, index, build)
 
 
 def _read_json_lines(chunk: Chunk) -> Iterator[RawRecord]:

@@ -137,6 +137,31 @@ def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, tmp
     dup = next(r for r in rejects if r["reason"] == "duplicate_id")
     assert dup["source"] == f"{path}:{15 + list(bad).index('duplicate_id')}"  # the later occurrence is rejected
     assert len(manifest["rejected_by_reason"]) == 10
+    assert_manifest_matches_files(manifest, tmp_path / "out")
+
+
+def assert_manifest_matches_files(manifest, out):
+    """Checksums and statistics (summed per chunk by the workers, recomputed for chunks that lost
+    duplicates) equal a fresh pass over the final shard files."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from preprocess.build_shards import StatsAccumulator
+
+    fresh = StatsAccumulator(manifest["targets"])
+    for shard in manifest["shards"]:
+        path = out / shard["file"]
+        assert shard["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert shard["bytes"] == path.stat().st_size and shard["rows"] == pq.read_metadata(path).num_rows
+        fresh.add(shard["split"], pq.read_table(path))
+    expected, got = fresh.summary(), manifest["statistics"]
+    for key in ("element_counts", "atoms_histogram", "entries_histogram", "total_atoms", "total_entries"):
+        assert got[key] == expected[key], key
+    for split, moments in expected["targets"]["e_form"].items():
+        assert got["targets"]["e_form"][split] == pytest.approx(moments, rel=1e-12)
+    for z, value in expected["reference_per_element"]["e_form"].items():
+        assert got["reference_per_element"]["e_form"][z] == pytest.approx(value, rel=1e-6, abs=1e-9)
 
 
 def test_hash_splits_are_deterministic_and_follow_fractions(ray_session, slice_file, tmp_path):

@@ -528,3 +528,27 @@ def test_unreadable_files_name_the_path(tmp_path):
         plan_chunks(str(bad_gz), "jarvis", 5)
     with pytest.raises(OSError, match="corrupt.jsonl.gz"):
         list(read_chunk(Chunk("jarvis", str(bad_gz), 0, 2, 0, 100, 1)))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".json.gz"])
+def test_json_list_chunks_are_byte_spans_and_bad_elements_stay_local(tmp_path, recs, suffix):
+    """A JSON list is planned by scanning (chunks carry byte spans) and a syntactically broken element
+    is rejected on its own instead of failing the file."""
+    good = [json.dumps(r) for r in recs[:10]]
+    broken = '{"id": "broken", "atoms": {"lattice_mat": [1, 2,, 3]}}'  # balanced but not JSON
+    text = "[\n" + ",\n".join(good[:4] + [broken, "[]", "tru"] + good[4:]) + "\n]\n"
+    path = str(tmp_path / f"spans{suffix}")
+    opener = gzip.open if suffix.endswith(".gz") else open
+    with opener(path, "wt") as f:
+        f.write(text)
+    chunks = plan_chunks(path, "jarvis", 4)
+    assert [c.count for c in chunks] == [4, 4, 4, 1]
+    assert all(c.byte_offset > 0 and c.byte_length > 0 for c in chunks)
+    out = [r for c in chunks for r in read_chunk(c)]
+    _check_errors(out, 13, {4: "unparseable", 5: "unparseable", 6: "unparseable"})
+    assert "not valid JSON" in out[4].error and out[4].source == f"{path}:4"
+    assert [r.id for r in out if r.error is None] == [r["id"] for r in recs[:10]]
+    with opener(str(tmp_path / f"cut{suffix}"), "wt") as f:
+        f.write(text[:-40])
+    with pytest.raises(ValueError, match=r"cut.*not closed"):
+        plan_chunks(str(tmp_path / f"cut{suffix}"), "jarvis", 4)

@@ -1,0 +1,160 @@
+"""Byte spans of the elements of a top-level JSON list, found without decoding the elements.
+
+A JARVIS or Materials Project dump is one JSON list of records, often hundreds of MB to GBs.
+Decoding it whole on the driver (to count records) and again in every worker (to slice out a
+chunk) costs time and memory proportional to the file per process. Instead, the planner scans
+the bytes once for the list's top-level separators: a vectorised pass (numpy) over the
+structural characters ``" \\ [ ] { } ,`` that tracks string state (with backslash escapes) and
+bracket depth. Each worker then reads only its chunk's byte range and decodes that.
+
+The scan validates structure only (balanced brackets outside strings, nothing after the list);
+a record that is not valid JSON inside balanced brackets is found when its chunk is decoded and
+becomes a per-record rejection instead of failing the whole file.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import numpy as np
+
+_QUOTE, _BACKSLASH, _COMMA = 34, 92, 44
+_OPEN = (91, 123)  # [ {
+_CLOSE = (93, 125)  # ] }
+_WHITESPACE = b" \t\r\n"
+_BOM = b"\xef\xbb\xbf"
+
+# bytes.translate keeps the structural bytes and zeroes the rest (much faster than a numpy lookup).
+_KEEP_STRUCTURAL = bytes(c if c in (_QUOTE, _BACKSLASH, _COMMA, *_OPEN, *_CLOSE) else 0 for c in range(256))
+_DELTA = np.zeros(256, dtype=np.int16)  # nesting deeper than 32767 levels is not decodable anyway
+_DELTA[list(_OPEN)] = 1
+_DELTA[list(_CLOSE)] = -1
+
+
+class JsonScanError(ValueError):
+    """The bytes are not a well-formed top-level JSON list (message names the byte offset)."""
+
+
+def starts_with_list(head: bytes) -> bool | None:
+    """True when ``head`` (the first bytes of a file) opens a JSON list, False for anything else,
+    None when ``head`` is only whitespace (cannot tell yet)."""
+    text = head[len(_BOM):] if head.startswith(_BOM) else head
+    text = text.lstrip(_WHITESPACE)
+    if not text:
+        return None
+    return text[:1] == b"["
+
+
+def list_separators(stream: BinaryIO, block_size: int = 1 << 24) -> tuple[np.ndarray, int]:
+    """Offsets of the top-level list's separators, and the stream's total length in bytes.
+
+    Returns ``(seps, end)``: ``seps[0]`` is the offset of the opening ``[``, ``seps[1:-1]`` those of
+    the top-level commas and ``seps[-1]`` that of the closing ``]``, so element ``k`` is
+    ``bytes[seps[k] + 1 : seps[k + 1]]`` (with surrounding whitespace). ``[]`` gives two
+    separators and one blank "element": use :func:`element_count`. Raises :class:`JsonScanError`
+    when the stream is not one JSON list: anything but whitespace before ``[`` or after the
+    closing ``]``, unbalanced brackets, an unterminated string or list.
+    """
+    in_string = False  # carried between blocks
+    depth = 0
+    trailing_backslashes = 0
+    started = finished = False
+    seps: list[np.ndarray] = []
+    base = 0
+    while True:
+        block = stream.read(block_size if base else max(block_size, len(_BOM)))
+        if not block:
+            break
+        if not started:
+            lead = block[len(_BOM):] if base == 0 and block.startswith(_BOM) else block
+            lead = lead.lstrip(_WHITESPACE)
+            if lead and lead[:1] != b"[":
+                raise JsonScanError(f"not a JSON list: starts with {lead[:20]!r}")
+            started = bool(lead)
+        if finished:
+            if block.strip(_WHITESPACE):
+                raise JsonScanError(f"extra data after the list at byte {base}")
+            base += len(block)
+            continue
+        data = np.frombuffer(block, dtype=np.uint8)
+        structural = np.frombuffer(block.translate(_KEEP_STRUCTURAL), dtype=np.uint8)
+        pos = np.flatnonzero(structural)
+        kind = structural[pos]
+        is_quote = kind == _QUOTE
+        # A quote after an odd run of backslashes is escaped (rare: checked one by one).
+        if b"\\" in block or trailing_backslashes:
+            quote_pos = pos[is_quote]
+            maybe_escaped = quote_pos[_prev_is_backslash(data, quote_pos, trailing_backslashes)]
+            escaped = [p for p in maybe_escaped.tolist() if _backslash_run(data, p, trailing_backslashes) % 2]
+            if escaped:
+                is_quote &= ~np.isin(pos, escaped)
+            trailing_backslashes = _trailing_backslashes(data, trailing_backslashes)
+        # Outside strings: an even number of unescaped quotes before (plus the carried state).
+        # int8 sums wrap around, which keeps the parity.
+        quote_parity = (np.cumsum(is_quote.view(np.int8), dtype=np.int8) + np.int8(in_string)) & 1
+        outside = (quote_parity == 0) & ~is_quote  # the parity after a quote byte counts it
+        if len(quote_parity):
+            in_string = bool(quote_parity[-1])
+        kind, pos = kind[outside], pos[outside]
+        delta = _DELTA[kind]
+        depth_after = np.cumsum(delta, dtype=np.int16) + np.int16(depth)
+        depth_before = depth_after - delta
+        closes = np.flatnonzero((depth_after == 0) & (delta == -1))
+        keep = ((depth_before == 0) & (delta == 1)) | ((kind == _COMMA) & (depth_before == 1))
+        if len(closes):
+            close = int(closes[0])
+            keep[close] = True
+            keep[close + 1:] = False
+            if block[int(pos[close]) + 1:].strip(_WHITESPACE):
+                raise JsonScanError(f"extra data after the list at byte {base + int(pos[close]) + 1}")
+            finished = True
+        elif len(depth_after) and depth_after.min() < 0:  # cannot happen after a leading '['; kept as a guard
+            raise JsonScanError(f"unbalanced closing bracket at byte {base + int(pos[np.argmax(depth_after < 0)])}")
+        seps.append(pos[keep].astype(np.int64) + base)
+        if len(depth_after):
+            depth = int(depth_after[-1])
+        base += len(block)
+    if not started:
+        raise JsonScanError("empty input: no JSON list")
+    if not finished:
+        what = "inside a string" if in_string else "inside the list"
+        raise JsonScanError(f"the list is not closed: the input ends {what} at byte {base} (truncated?)")
+    return np.concatenate(seps), base
+
+
+def element_count(stream: BinaryIO, seps: np.ndarray) -> int:
+    """Number of list elements given :func:`list_separators`' offsets (0 for ``[]``)."""
+    if len(seps) == 2:
+        stream.seek(int(seps[0]) + 1)
+        if not stream.read(int(seps[1] - seps[0]) - 1).strip(_WHITESPACE):
+            return 0
+    return len(seps) - 1
+
+
+def _prev_is_backslash(data: np.ndarray, quote_pos: np.ndarray, carried: int) -> np.ndarray:
+    prev = quote_pos - 1
+    out = np.zeros(len(quote_pos), dtype=bool)
+    inside = prev >= 0
+    out[inside] = data[prev[inside]] == _BACKSLASH
+    if carried and len(quote_pos) and quote_pos[0] == 0:
+        out[0] = True
+    return out
+
+
+def _backslash_run(data: np.ndarray, quote_at: int, carried: int) -> int:
+    """Number of consecutive backslashes right before ``quote_at`` (continuing into the carry)."""
+    run = 0
+    k = quote_at - 1
+    while k >= 0 and data[k] == _BACKSLASH:
+        run += 1
+        k -= 1
+    return run + (carried if k < 0 else 0)
+
+
+def _trailing_backslashes(data: np.ndarray, carried: int) -> int:
+    run = 0
+    k = len(data) - 1
+    while k >= 0 and data[k] == _BACKSLASH:
+        run += 1
+        k -= 1
+    return run + (carried if k < 0 else 0)

@@ -1,0 +1,71 @@
+"""The JSON-list scanner that plans JSON-list chunks without decoding: element spans agree with the
+json module on random nested data (escapes, brackets inside strings, BOM, tiny read blocks) and
+malformed lists are refused with the byte offset."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+
+from preprocess.json_scan import JsonScanError, element_count, list_separators, starts_with_list
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    def text():
+        return "".join(rng.choice(['a', '"', '\\', '[', ']', '{', '}', ',', ' ', 'é', '\n', '\\"'])
+                       for _ in range(rng.randint(0, 8)))
+    r = rng.random()
+    if depth > 3 or r < 0.3:
+        return rng.choice([1, 2.5, None, True, -1e-3, text()])
+    if r < 0.6:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {text(): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def _elements(raw: bytes, block_size: int) -> list:
+    seps, end = list_separators(io.BytesIO(raw), block_size=block_size)
+    assert end == len(raw)
+    n = element_count(io.BytesIO(raw), seps)
+    return [json.loads(raw[seps[k] + 1:seps[k + 1]]) for k in range(n)]
+
+
+def test_spans_match_json_module_on_random_lists():
+    rng = random.Random(0)
+    for _ in range(1500):
+        values = [_random_value(rng) for _ in range(rng.randint(0, 6))]
+        text = json.dumps(values, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+        raw = (" \n" if rng.random() < 0.3 else "").encode() + text.encode() + (b"\n " if rng.random() < 0.3 else b"")
+        if rng.random() < 0.2:
+            raw = b"\xef\xbb\xbf" + raw  # UTF-8 byte-order mark
+        block = rng.choice([1, 2, 3, 7, 64, 1 << 20])  # state carried across block boundaries
+        assert _elements(raw, block) == values, (raw, block)
+
+
+def test_escaped_quotes_and_backslash_runs_across_blocks():
+    values = [{"a\\": "x\\\\\"]", "b": ["\\\\", "\"[{"]}, "\\\\\\\"", []]
+    raw = json.dumps(values).encode()
+    for block in range(1, 12):
+        assert _elements(raw, block) == values
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"", "empty input"), (b"  \n", "empty input"), (b'{"entries": []}', "not a JSON list"),
+    (b"x[1]", "not a JSON list"), (b"[1, 2", "not closed"), (b'["abc]', "inside a string"),
+    (b"[1]]", "extra data"), (b"]", "not a JSON list"), (b"[1] x", "extra data"), (b"[1]\n[2]", "extra data"), (b"[[1]", "not closed"),
+])
+def test_malformed_lists_are_refused(raw, message):
+    for block in (1, 2, 100):
+        with pytest.raises(JsonScanError, match=message):
+            list_separators(io.BytesIO(raw), block_size=block)
+
+
+def test_empty_list_and_starts_with_list():
+    for raw in (b"[]", b" [ \n ] \n"):
+        seps, _ = list_separators(io.BytesIO(raw))
+        assert element_count(io.BytesIO(raw), seps) == 0
+    assert starts_with_list(b"\xef\xbb\xbf \n[1") is True
+    assert starts_with_list(b'  {"a": 1}') is False
+    assert starts_with_list(b"  \n") is None
