@@ -19,6 +19,7 @@ module costs only numpy.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -164,6 +165,17 @@ class Crystal:
         object.__setattr__(self, "lattice", lattice)
         object.__setattr__(self, "positions", positions)
         object.__setattr__(self, "labels", _normalise_labels(cid, self.labels))
+
+    def relabelled(self, id: str, labels: Mapping[str, float]) -> "Crystal":
+        """A copy with another ``id`` and ``labels``, sharing the (already checked) arrays.
+
+        ``dataclasses.replace`` would re-run the array checks of ``__post_init__``; preprocessing
+        relabels every structure, so this skips them (labels are still normalised)."""
+        cid = str(id)
+        new = copy.copy(self)
+        object.__setattr__(new, "id", cid)
+        object.__setattr__(new, "labels", _normalise_labels(cid, labels))
+        return new
 
     @property
     def n_atoms(self) -> int:

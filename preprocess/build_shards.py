@@ -143,8 +143,6 @@ def estimate_entries(n_atoms: int, volume: float, cutoff: float) -> float:
 def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                   split_of: dict[str, str] | None) -> dict:
     """Read, validate and tabulate one chunk; write its shards and completion record."""
-    import dataclasses
-
     from cfdist.crystal import InvalidCrystalError, check_overlaps, validate
     from cfdist.geometry import image_table
     from cfdist.shards import MAX_ATOMS, TRANSLATION_LIMIT, crystals_to_arrow, shard_metadata, write_shard
@@ -222,7 +220,7 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                                    f"crystal {rid!r}: {len(table):,} image-table entries, budget "
                                    f"{settings.max_entries:,}"))
             continue
-        rows[split].append((dataclasses.replace(crystal, id=rid, labels=kept), table, record.source,
+        rows[split].append((crystal.relabelled(rid, kept), table, record.source,
                             record.forces, record.stress))
     if n_input != chunk.count:
         raise RuntimeError(f"{chunk.path}: chunk {index} planned {chunk.count} records but read {n_input}")

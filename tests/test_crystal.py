@@ -412,3 +412,14 @@ def test_check_overlaps_reuses_a_larger_table(records):
             check_overlaps(bad, 0.5, table)
         messages.append(str(info.value))
     assert messages[0] == messages[1] and "periodic image (-1, 0, 0)" in messages[0]
+
+
+def test_relabelled_copies_id_and_labels_and_shares_arrays():
+    c = Crystal("a", [14, 8], np.eye(3) * 4.0, [[0, 0, 0], [1, 1, 1]], {"e_form": 1.0, "gap": 2.0})
+    r = c.relabelled("b", {"gap": None, "e_form": np.float32(0.5)})
+    assert (c.id, c.labels) == ("a", {"e_form": 1.0, "gap": 2.0})  # original untouched
+    assert r.id == "b" and r.labels["e_form"] == 0.5 and math.isnan(r.labels["gap"])
+    assert type(r.labels["e_form"]) is float
+    assert r.positions is c.positions and r.lattice is c.lattice and r.numbers is c.numbers
+    with pytest.raises(InvalidCrystalError, match="not a number"):
+        c.relabelled("b", {"e_form": "x"})
