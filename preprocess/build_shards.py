@@ -53,6 +53,7 @@ ATOM_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2**31]
 ENTRY_BINS = [0, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2**62]
 N_ELEMENTS = 98
 PROGRESS_DIR = ".progress"
+SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON inputs, removed at the end
 
 
 class BuildError(RuntimeError):
@@ -567,10 +568,13 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     fingerprint = input_fingerprint(paths)
     digest = content_hash(fingerprint, fmt, settings)
     prepare_output(out, digest, overwrite)
-    chunks = [c for p in paths for c in plan_chunks(p, fmt, settings.shard_size)]
-    _write_json_atomic(out / PROGRESS_DIR / "plan.json",
-                       {"content_hash": digest, "n_chunks": len(chunks), "chunks": [asdict(c) for c in chunks]})
-    done = {i for i in range(len(chunks)) if (out / PROGRESS_DIR / f"chunk-{i:06d}.json").exists()}
+    done_files = {int(p.name[6:12]) for p in (out / PROGRESS_DIR).glob("chunk-[0-9]*.json")}
+    chunks = _reusable_plan(out, done_files)
+    if chunks is None:
+        chunks = plan_inputs(paths, fmt, settings.shard_size, out / PROGRESS_DIR / SPILL_DIR)
+        _write_json_atomic(out / PROGRESS_DIR / "plan.json",
+                           {"content_hash": digest, "n_chunks": len(chunks), "chunks": [asdict(c) for c in chunks]})
+    done = {i for i in range(len(chunks)) if i in done_files}
     pending = [(i, c) for i, c in enumerate(chunks) if i not in done]
     total = sum(c.count for c in chunks)
     already = sum(chunks[i].count for i in done)
@@ -581,8 +585,47 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
         ray.init(**_local_ray_args())
     run_chunks(pending, settings, out, workers, total, already)
     manifest = finalize(out, len(chunks), digest, fmt, fingerprint, settings)
+    shutil.rmtree(out / PROGRESS_DIR / SPILL_DIR, ignore_errors=True)  # decompressed copies: no longer needed
     print_summary(manifest)
     return manifest
+
+
+def _reusable_plan(out: Path, done: set[int]) -> list[Chunk] | None:
+    """The chunks of an earlier run of this build (prepare_output checked its content hash), if
+    every pending chunk can still be read (a decompressed copy may have been cleaned up)."""
+    plan_file = out / PROGRESS_DIR / "plan.json"
+    if not plan_file.exists():
+        return None
+    chunks = [Chunk(**c) for c in json.loads(plan_file.read_text())["chunks"]]
+    if any(c.data_path and not os.path.exists(c.data_path) for i, c in enumerate(chunks) if i not in done):
+        return None
+    return chunks
+
+
+def plan_inputs(paths: Sequence[str], fmt: str, shard_size: int, spill_dir: Path) -> list[Chunk]:
+    """Chunks of every input, in input order; several inputs are planned in parallel Ray tasks
+    (planning a compressed input means decompressing it, which is the slow part)."""
+    import ray
+    from tqdm import tqdm
+
+    if len(paths) == 1:
+        print(f"planning {paths[0]} ...", file=sys.stderr)
+        return plan_chunks(paths[0], fmt, shard_size, str(spill_dir))
+    if not ray.is_initialized():
+        ray.init(**_local_ray_args())
+    remote_plan = ray.remote(num_cpus=1)(plan_chunks)
+    refs = [remote_plan.remote(p, fmt, shard_size, str(spill_dir)) for p in paths]
+    with tqdm(total=len(refs), unit="input", desc="planning", file=sys.stderr) as bar:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(ready))
+    try:
+        planned = ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        raise (cause if isinstance(cause, Exception) else exc) from None
+    return [c for chunks in planned for c in chunks]
 
 
 def _remove_partial_files(out: Path) -> None:

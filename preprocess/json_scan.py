@@ -14,6 +14,7 @@ becomes a per-record rejection instead of failing the whole file.
 
 from __future__ import annotations
 
+import re
 from typing import BinaryIO
 
 import numpy as np
@@ -32,48 +33,60 @@ _DELTA[list(_CLOSE)] = -1
 
 
 class JsonScanError(ValueError):
-    """The bytes are not a well-formed top-level JSON list (message names the byte offset)."""
+    """The bytes are not a well-formed JSON document (the message names the byte offset)."""
 
 
-def starts_with_list(head: bytes) -> bool | None:
-    """True when ``head`` (the first bytes of a file) opens a JSON list, False for anything else,
-    None when ``head`` is only whitespace (cannot tell yet)."""
+class NoSuchListError(JsonScanError):
+    """A well-formed top-level object without a list under the requested key."""
+
+
+def first_char(head: bytes) -> bytes:
+    """The first byte of a JSON document after a byte-order mark and whitespace (b"" if none)."""
     text = head[len(_BOM):] if head.startswith(_BOM) else head
-    text = text.lstrip(_WHITESPACE)
-    if not text:
-        return None
-    return text[:1] == b"["
+    return text.lstrip(_WHITESPACE)[:1]
 
 
-def list_separators(stream: BinaryIO, block_size: int = 1 << 24) -> tuple[np.ndarray, int]:
-    """Offsets of the top-level list's separators, and the stream's total length in bytes.
+def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 1 << 24,
+                    copy_to: BinaryIO | None = None) -> tuple[np.ndarray, int]:
+    """Offsets of a JSON list's separators, and the stream's total length in bytes.
 
-    Returns ``(seps, end)``: ``seps[0]`` is the offset of the opening ``[``, ``seps[1:-1]`` those of
-    the top-level commas and ``seps[-1]`` that of the closing ``]``, so element ``k`` is
-    ``bytes[seps[k] + 1 : seps[k + 1]]`` (with surrounding whitespace). ``[]`` gives two
-    separators and one blank "element": use :func:`element_count`. Raises :class:`JsonScanError`
-    when the stream is not one JSON list: anything but whitespace before ``[`` or after the
-    closing ``]``, unbalanced brackets, an unterminated string or list.
+    The list is the whole document (``key=None``) or the value of the top-level object's member
+    ``key`` (e.g. ``"entries"`` of an Alexandria dump). Returns ``(seps, end)``: ``seps[0]`` is the
+    offset of the list's ``[``, ``seps[1:-1]`` those of the commas between its elements and
+    ``seps[-1]`` that of its ``]``, so element ``k`` is ``bytes[seps[k] + 1 : seps[k + 1]]`` (with
+    surrounding whitespace). ``[]`` gives two separators and one blank "element": use
+    :func:`element_count`. Every byte read is also written to ``copy_to`` when given (to keep a
+    decompressed copy without a second pass). Raises :class:`JsonScanError` when the document is
+    not well formed (anything but whitespace around it, unbalanced brackets, an unterminated
+    string) or has no such list.
     """
+    opener = b"[" if key is None else b"{"
+    target = 0 if key is None else 1  # depth outside the wanted list
+    key_pattern = None if key is None else re.compile(
+        rb'[{,\s]\s*"' + re.escape(key.encode()) + rb'"\s*:\s*$')
     in_string = False  # carried between blocks
     depth = 0
     trailing_backslashes = 0
-    started = finished = False
+    started = finished = in_list = list_done = False
     seps: list[np.ndarray] = []
     base = 0
+    tail = b""  # the end of the previous block, to read a key that starts there
     while True:
         block = stream.read(block_size if base else max(block_size, len(_BOM)))
         if not block:
             break
+        if copy_to is not None:
+            copy_to.write(block)
         if not started:
             lead = block[len(_BOM):] if base == 0 and block.startswith(_BOM) else block
             lead = lead.lstrip(_WHITESPACE)
-            if lead and lead[:1] != b"[":
-                raise JsonScanError(f"not a JSON list: starts with {lead[:20]!r}")
+            if lead and lead[:1] != opener:
+                what = "a JSON list" if key is None else "a JSON object"
+                raise JsonScanError(f"not {what}: starts with {lead[:20]!r}")
             started = bool(lead)
         if finished:
             if block.strip(_WHITESPACE):
-                raise JsonScanError(f"extra data after the list at byte {base}")
+                raise JsonScanError(f"extra data after the document at byte {base}")
             base += len(block)
             continue
         data = np.frombuffer(block, dtype=np.uint8)
@@ -99,27 +112,50 @@ def list_separators(stream: BinaryIO, block_size: int = 1 << 24) -> tuple[np.nda
         delta = _DELTA[kind]
         depth_after = np.cumsum(delta, dtype=np.int16) + np.int16(depth)
         depth_before = depth_after - delta
+
+        first = 0  # first token of this block that belongs to the wanted list
+        if not in_list and not list_done:
+            opens = np.flatnonzero((kind == ord("[")) & (depth_before == target))
+            if key_pattern is not None:
+                opens = [k for k in opens.tolist() if key_pattern.search(_before(tail, block, int(pos[k])))]
+            if len(opens):
+                first = int(opens[0])
+                in_list = True
+                seps.append(np.array([base + int(pos[first])], dtype=np.int64))
+                first += 1
+        if in_list:
+            rest = slice(first, None)
+            ends = np.flatnonzero((delta[rest] == -1) & (depth_after[rest] == target))
+            stop = first + int(ends[0]) if len(ends) else len(kind)
+            commas = np.flatnonzero((kind[first:stop] == _COMMA) & (depth_before[first:stop] == target + 1))
+            seps.append(pos[first + commas].astype(np.int64) + base)
+            if len(ends):
+                seps.append(np.array([base + int(pos[stop])], dtype=np.int64))
+                in_list, list_done = False, True
         closes = np.flatnonzero((depth_after == 0) & (delta == -1))
-        keep = ((depth_before == 0) & (delta == 1)) | ((kind == _COMMA) & (depth_before == 1))
         if len(closes):
-            close = int(closes[0])
-            keep[close] = True
-            keep[close + 1:] = False
-            if block[int(pos[close]) + 1:].strip(_WHITESPACE):
-                raise JsonScanError(f"extra data after the list at byte {base + int(pos[close]) + 1}")
+            close = int(pos[closes[0]])
+            if block[close + 1:].strip(_WHITESPACE):
+                raise JsonScanError(f"extra data after the document at byte {base + close + 1}")
             finished = True
-        elif len(depth_after) and depth_after.min() < 0:  # cannot happen after a leading '['; kept as a guard
-            raise JsonScanError(f"unbalanced closing bracket at byte {base + int(pos[np.argmax(depth_after < 0)])}")
-        seps.append(pos[keep].astype(np.int64) + base)
         if len(depth_after):
             depth = int(depth_after[-1])
+        tail = block[-4096:] if len(block) >= 4096 else (tail + block)[-4096:]
         base += len(block)
     if not started:
-        raise JsonScanError("empty input: no JSON list")
+        raise JsonScanError("empty input: no JSON document")
     if not finished:
-        what = "inside a string" if in_string else "inside the list"
-        raise JsonScanError(f"the list is not closed: the input ends {what} at byte {base} (truncated?)")
+        what = "inside a string" if in_string else "inside the document"
+        raise JsonScanError(f"the document is not closed: the input ends {what} at byte {base} (truncated?)")
+    if not list_done:
+        raise NoSuchListError(f"the top-level object has no {key!r} list")
     return np.concatenate(seps), base
+
+
+def _before(tail: bytes, block: bytes, at: int, width: int = 4096) -> bytes:
+    """Up to ``width`` bytes before offset ``at`` of ``block``, continuing into the previous block."""
+    window = block[max(0, at - width):at]
+    return tail[len(tail) - (width - len(window)):] + window if len(window) < width else window
 
 
 def element_count(stream: BinaryIO, seps: np.ndarray) -> int:

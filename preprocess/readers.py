@@ -30,9 +30,11 @@ from __future__ import annotations
 import bz2
 import contextlib
 import csv
+import dataclasses
 import functools
 import glob
 import gzip
+import hashlib
 import io
 import itertools
 import json
@@ -48,7 +50,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from cfdist.crystal import Crystal, InvalidCrystalError, from_ase, from_jarvis, from_pymatgen
-from preprocess.json_scan import JsonScanError, element_count, list_separators, starts_with_list
+from preprocess.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
 
 __all__ = [
     "FORMATS",
@@ -93,6 +95,8 @@ class Chunk:
             up to (excluding) the separator after the last element; else -1.
         line: extxyz / JSON lines: 1-based line number of the chunk's first record (used to name
             records as ``<path>:line <n>``); -1 when unknown.
+        data_path: where the bytes are read from when not ``path``: the decompressed copy of a
+            ``.gz``/``.bz2`` JSON input made while planning (see :func:`plan_chunks`); "" otherwise.
     """
 
     format: str
@@ -102,6 +106,7 @@ class Chunk:
     byte_offset: int = -1
     byte_length: int = -1
     line: int = -1
+    data_path: str = ""
 
 
 @dataclass
@@ -289,14 +294,19 @@ def _walk_inputs(root: str) -> list[str]:
 # ----------------------------------------------------------------------------- planning
 
 
-def plan_chunks(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
+def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) -> list[Chunk]:
     """Deterministic chunks of ``chunk_size`` records (the last may be shorter) in input order.
 
     Counts records without parsing structures: extxyz scans lines for frame boundaries (a malformed
     atom-count line raises ``ValueError`` naming the line: the file cannot be split into frames);
-    JSON lines records line offsets; a JSON list is scanned for its element boundaries (a top-level
-    object is loaded once); ``ase_db`` counts rows; ``cif``
+    JSON lines records line offsets; a JSON list (or the ``entries`` list of a top-level object, as
+    in Alexandria dumps) is scanned for its element boundaries; ``ase_db`` counts rows; ``cif``
     counts ``id_prop.csv`` rows (or ``data_`` blocks of a standalone CIF file).
+
+    ``spill_dir``: for a compressed (``.gz``/``.bz2``) JSON or JSON-lines input, keep the
+    decompressed bytes there while planning (one pass) and point the chunks' ``data_path`` at
+    them, so a worker seeks straight to its chunk instead of decompressing everything before it.
+    An existing complete copy is reused.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} for {path!r}; expected one of {FORMATS}")
@@ -307,10 +317,10 @@ def plan_chunks(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {path!r} does not exist")
     with _file_errors(path):
-        return _plan(path, fmt, chunk_size)
+        return _plan(path, fmt, chunk_size, spill_dir)
 
 
-def _plan(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
+def _plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) -> list[Chunk]:
     if fmt == "cif":
         cif_dir = _cif_dir(path)
         if cif_dir is not None:
@@ -324,32 +334,52 @@ def _plan(path: str, fmt: str, chunk_size: int) -> list[Chunk]:
             frames = [(start, line) for start, _, line in _iter_xyz_frames(f, path)]
         return _byte_chunks(fmt, path, frames, os.path.getsize(path), chunk_size)
     if fmt in ("jarvis", "pymatgen"):
-        with _open_binary(path) as f:
-            is_list = not _is_json_lines(path) and starts_with_list(f.read(1 << 16))
-        if is_list:
-            return _json_list_chunks(fmt, path, chunk_size)
+        compressed = path.lower().endswith((".gz", ".bz2"))
+        spill = _spill_path(spill_dir, path) if spill_dir and compressed else None
+        source = spill if spill and os.path.exists(spill) else path  # a finished copy is reused
+        copy = spill if spill and source == path else None
         if _is_json_lines(path):
             records, end = [], 0
-            with _open_binary(path) as f:
+            with _open_binary(source) as f, _spilling(copy) as sink:
                 for lineno, raw in enumerate(f, 1):
+                    if sink is not None:
+                        sink.write(raw)
                     if raw.strip():
                         records.append((end, lineno))
                     end += len(raw)
-            return _byte_chunks(fmt, path, records, end, chunk_size)
-        return _plain_chunks(fmt, path, len(_json_records(path)), chunk_size)
+            chunks = _byte_chunks(fmt, path, records, end, chunk_size)
+        else:
+            with _open_binary(source) as f:
+                opener = first_char(f.read(1 << 16))
+            if opener not in (b"[", b"{"):
+                return _plain_chunks(fmt, path, len(_json_records(path)), chunk_size)  # raises the error
+            try:
+                chunks = _json_list_chunks(fmt, path, source, chunk_size, None if opener == b"[" else "entries", copy)
+            except _NoEntriesList:
+                # A single record or an ASE JSON database at top level: small, loaded whole.
+                return _plain_chunks(fmt, path, len(_json_records(path)), chunk_size)
+        return [dataclasses.replace(c, data_path=spill) for c in chunks] if spill else chunks
     # ase_db
     with _connect_db(path) as db:
         n = db.count()
     return _plain_chunks(fmt, path, n, chunk_size)
 
 
-def _json_list_chunks(fmt: str, path: str, chunk_size: int) -> list[Chunk]:
-    """Chunks of a top-level JSON list as byte spans of its elements (scanned, not decoded)."""
-    with _open_binary(path) as f:
+class _NoEntriesList(Exception):
+    pass
+
+
+def _json_list_chunks(fmt: str, path: str, source: str, chunk_size: int, key: str | None,
+                      copy: str | None) -> list[Chunk]:
+    """Chunks of a JSON list (the document, or its ``key`` member) as byte spans of its elements."""
+    with _open_binary(source) as f, _spilling(copy) as sink:
         try:
-            seps, _ = list_separators(f)
+            seps, _ = list_separators(f, key=key, copy_to=sink)
+        except NoSuchListError:
+            raise _NoEntriesList() from None
         except JsonScanError as exc:
-            raise ValueError(f"{path}: not a valid JSON list: {exc}") from None
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    with _open_binary(copy or source) as f:
         n = element_count(f, seps)
     chunks = []
     for start in range(0, n, chunk_size):
@@ -357,6 +387,31 @@ def _json_list_chunks(fmt: str, path: str, chunk_size: int) -> list[Chunk]:
         offset = int(seps[start]) + 1  # just after '[' or the comma before element `start`
         chunks.append(Chunk(fmt, path, start, stop - start, offset, int(seps[stop]) - offset))
     return chunks
+
+
+def _spill_path(spill_dir: str, path: str) -> str:
+    """Where the decompressed copy of ``path`` lives: named after the file, unique per path."""
+    name = os.path.basename(path)
+    stem = name[: -len(".bz2")] if name.lower().endswith(".bz2") else name[: -len(".gz")]
+    tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:12]
+    return os.path.join(spill_dir, f"{tag}-{stem}")
+
+
+@contextlib.contextmanager
+def _spilling(target: str | None):
+    """A file to copy decompressed bytes into, renamed to ``target`` only if planning succeeds."""
+    if target is None:
+        yield None
+        return
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _plain_chunks(fmt: str, path: str, n: int, chunk_size: int) -> list[Chunk]:
@@ -606,7 +661,7 @@ def _read_json_list(chunk: Chunk) -> Iterator[RawRecord]:
 def _read_json_list_span(chunk: Chunk) -> Iterator[RawRecord]:
     """Decode only this chunk's elements of a JSON list (byte span planned by the scanner)."""
     convert = _jarvis_record if chunk.format == "jarvis" else _pymatgen_record
-    with _file_errors(chunk.path), _open_binary(chunk.path) as f:
+    with _file_errors(chunk.path), _open_binary(chunk.data_path or chunk.path) as f:
         f.seek(chunk.byte_offset)
         body = b"[" + f.read(chunk.byte_length) + b"]"
     try:
@@ -639,7 +694,7 @@ def _read_json_list_span(chunk: Chunk) -> Iterator[RawRecord]:
 
 def _read_json_lines(chunk: Chunk) -> Iterator[RawRecord]:
     convert = _jarvis_record if chunk.format == "jarvis" else _pymatgen_record
-    with _file_errors(chunk.path), _open_binary(chunk.path) as f:
+    with _file_errors(chunk.path), _open_binary(chunk.data_path or chunk.path) as f:
         f.seek(chunk.byte_offset)
         buf = f.read(chunk.byte_length)
     index = chunk.start

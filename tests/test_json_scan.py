@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from preprocess.json_scan import JsonScanError, element_count, list_separators, starts_with_list
+from preprocess.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
 
 
 def _random_value(rng: random.Random, depth: int = 0):
@@ -25,9 +25,10 @@ def _random_value(rng: random.Random, depth: int = 0):
     return {text(): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
 
 
-def _elements(raw: bytes, block_size: int) -> list:
-    seps, end = list_separators(io.BytesIO(raw), block_size=block_size)
-    assert end == len(raw)
+def _elements(raw: bytes, block_size: int, key: str | None = None) -> list:
+    copy = io.BytesIO()
+    seps, end = list_separators(io.BytesIO(raw), key=key, block_size=block_size, copy_to=copy)
+    assert end == len(raw) and copy.getvalue() == raw
     n = element_count(io.BytesIO(raw), seps)
     return [json.loads(raw[seps[k] + 1:seps[k + 1]]) for k in range(n)]
 
@@ -51,10 +52,28 @@ def test_escaped_quotes_and_backslash_runs_across_blocks():
         assert _elements(raw, block) == values
 
 
+def test_entries_list_of_a_top_level_object():
+    """Alexandria dumps: {"@class": ..., "entries": [...]}; other members (lists too) are skipped,
+    including look-alike keys inside strings and nested objects."""
+    rng = random.Random(1)
+    for _ in range(300):
+        entries = [_random_value(rng) for _ in range(rng.randint(0, 5))]
+        doc = {"@module": "x", "decoy": ['"entries": [1]', {"entries": [9, 9]}], "note": "\\\"entries\":[",
+               "entries": entries, "after": [1, {"entries": 2}]}
+        raw = json.dumps(doc, indent=rng.choice([None, 1])).encode()
+        block = rng.choice([1, 3, 7, 64, 1 << 20])
+        assert _elements(raw, block, key="entries") == entries, (raw, block)
+    with pytest.raises(NoSuchListError):
+        list_separators(io.BytesIO(b'{"entries": 5, "x": {"entries": [1]}}'), key="entries")
+    with pytest.raises(JsonScanError, match="not a JSON object"):
+        list_separators(io.BytesIO(b'[{"entries": [1]}]'), key="entries")
+
+
 @pytest.mark.parametrize("raw, message", [
     (b"", "empty input"), (b"  \n", "empty input"), (b'{"entries": []}', "not a JSON list"),
     (b"x[1]", "not a JSON list"), (b"[1, 2", "not closed"), (b'["abc]', "inside a string"),
-    (b"[1]]", "extra data"), (b"]", "not a JSON list"), (b"[1] x", "extra data"), (b"[1]\n[2]", "extra data"), (b"[[1]", "not closed"),
+    (b"[1]]", "extra data"), (b"]", "not a JSON list"), (b"[1] x", "extra data"), (b"[1]\n[2]", "extra data"),
+    (b"[[1]", "not closed"),
 ])
 def test_malformed_lists_are_refused(raw, message):
     for block in (1, 2, 100):
@@ -62,10 +81,10 @@ def test_malformed_lists_are_refused(raw, message):
             list_separators(io.BytesIO(raw), block_size=block)
 
 
-def test_empty_list_and_starts_with_list():
+def test_empty_list_and_first_char():
     for raw in (b"[]", b" [ \n ] \n"):
         seps, _ = list_separators(io.BytesIO(raw))
         assert element_count(io.BytesIO(raw), seps) == 0
-    assert starts_with_list(b"\xef\xbb\xbf \n[1") is True
-    assert starts_with_list(b'  {"a": 1}') is False
-    assert starts_with_list(b"  \n") is None
+    assert first_char(b"\xef\xbb\xbf \n[1") == b"["
+    assert first_char(b'  {"a": 1}') == b"{"
+    assert first_char(b"  \n") == b""

@@ -286,3 +286,40 @@ def test_skewed_basis_is_stored_reduced_with_identical_predictions(ray_session, 
     torch.manual_seed(0)
     model = Crystalformer().double().eval()
     assert torch.allclose(model.predict([original]), model.predict([stored]), rtol=1e-9)
+
+
+def test_compressed_inputs_are_planned_in_parallel_and_spilled_once(ray_session, megnet_records, tmp_path):
+    """Several .json.gz / .jsonl.bz2 inputs: planned in Ray tasks, each decompressed once into the
+    progress dir for the workers, cleaned up at the end; same shards as the plain files give."""
+    import bz2
+    import gzip
+
+    parts = [megnet_records[:25], megnet_records[25:45], megnet_records[45:60]]
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir()
+    packed.mkdir()
+    for k, part in enumerate(parts):
+        (plain / f"part{k}.json").write_text(json.dumps(part))
+    with gzip.open(packed / "part0.json.gz", "wt") as f:
+        f.write(json.dumps(parts[0]))
+    with gzip.open(packed / "part1.json.gz", "wt") as f:
+        f.write(json.dumps({"@class": "dump", "entries": parts[1]}))  # Alexandria-style container
+    with bz2.open(packed / "part2.json.bz2", "wt") as f:
+        f.write(json.dumps(parts[2]))
+    a = run_build(ray_session, sorted(plain.iterdir()), tmp_path / "a", shard_size=8)
+    b = run_build(ray_session, sorted(packed.iterdir()), tmp_path / "b", shard_size=8)
+    assert a["n_written"] == b["n_written"] == 60 and a["splits"] == b["splits"]
+    plan = json.loads((tmp_path / "b" / ".progress" / "plan.json").read_text())
+    assert all(c["data_path"] and c["byte_offset"] > 0 for c in plan["chunks"])
+    assert not (tmp_path / "b" / ".progress" / "spill").exists()
+    rows = {}
+    for root, manifest in (("a", a), ("b", b)):
+        for shard in manifest["shards"]:
+            table = read_shard(tmp_path / root / shard["file"], ["id", "source"])
+            for rid, source in zip(table["id"].to_pylist(), table["source"].to_pylist()):
+                rows[root, rid] = (shard["split"], source.rsplit(":", 1)[1], source.rsplit(":", 1)[0])
+    for rid in (r["id"] for r in megnet_records[:60]):
+        (split_a, index_a, file_a), (split_b, index_b, file_b) = rows["a", rid], rows["b", rid]
+        assert (split_a, index_a) == (split_b, index_b)
+        assert file_b.startswith(str(packed))  # sources name the input, not the decompressed copy
+    assert run_build(ray_session, sorted(packed.iterdir()), tmp_path / "b", shard_size=8) == b  # plan reused

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -552,3 +553,29 @@ def test_json_list_chunks_are_byte_spans_and_bad_elements_stay_local(tmp_path, r
         f.write(text[:-40])
     with pytest.raises(ValueError, match=r"cut.*not closed"):
         plan_chunks(str(tmp_path / f"cut{suffix}"), "jarvis", 4)
+
+
+def test_alexandria_entries_are_planned_as_byte_spans(files, recs):
+    chunks = plan_chunks(files["pmg_alexandria"], "pymatgen", CHUNK)
+    assert all(c.byte_offset > 0 for c in chunks) and sum(c.count for c in chunks) == N
+    assert [r.id for c in chunks for r in read_chunk(c)] == [r["id"] for r in recs]
+
+
+@pytest.mark.parametrize("key", ["jarvis_json_gz", "jarvis_json_bz2", "jarvis_jsonl_gz"])
+def test_compressed_inputs_spill_once_and_read_the_same(files, tmp_path, key):
+    """With a spill dir, planning keeps the decompressed bytes (one pass) and chunks read them directly."""
+    plain = plan_chunks(files[key], "jarvis", CHUNK)
+    spilled = plan_chunks(files[key], "jarvis", CHUNK, spill_dir=str(tmp_path / "spill"))
+    copies = list((tmp_path / "spill").iterdir())
+    assert len(copies) == 1 and not copies[0].name.endswith((".gz", ".bz2", ".tmp"))
+    opener = gzip.open if key.endswith("gz") else bz2.open
+    with opener(files[key], "rb") as f:
+        assert copies[0].read_bytes() == f.read()
+    assert all(c.data_path == str(copies[0]) for c in spilled)
+    assert [dataclasses_replace(c, data_path="") for c in spilled] == plain
+    for a, b in zip(plain, spilled):
+        assert [(r.id, r.source, r.labels == s.labels) for r, s in zip(read_chunk(a), read_chunk(b))] == \
+               [(r.id, r.source, True) for r in read_chunk(a)]
+    mtime = copies[0].stat().st_mtime_ns
+    assert plan_chunks(files[key], "jarvis", CHUNK, spill_dir=str(tmp_path / "spill")) == spilled
+    assert copies[0].stat().st_mtime_ns == mtime  # reused, not rewritten
