@@ -10,14 +10,15 @@ or, against a running cluster (the script connects to it through RAY_ADDRESS):
 
 Inputs are files, directories or globs in any format of ``preprocess/readers.py`` (CIF
 directory + id_prop.csv, JARVIS JSON, pymatgen JSON, extxyz, ASE db). The driver plans
-deterministic chunks of ``--shard-size`` input records; Ray Data maps every chunk on a
-worker (read -> validate -> image tables -> one zstd Parquet shard per split) and streams
-a summary back. Output::
+deterministic chunks of ``--shard-size`` input records (several inputs in parallel Ray
+tasks; compressed JSON is decompressed once into ``.progress/spill``); Ray Data maps every
+chunk on a worker (read -> validate -> image tables -> one zstd Parquet shard per split,
+its checksum and statistics) and streams a summary back. Output::
 
     DIR/<split>/part-<chunk>.parquet   rows of one chunk for that split (docs/shards.md)
     DIR/manifest.json                   shards, counts, statistics, content hash
     DIR/rejects.jsonl                   every rejected record: id, source, reason, message
-    DIR/.progress/                      per-chunk completion records (resume state)
+    DIR/.progress/                      the plan and per-chunk completion records (resume state)
 
 Every input record is written or rejected (``n_input == n_written + n_rejected`` is
 checked before the manifest is written). Re-running the same command skips finished

@@ -18,11 +18,13 @@ a bad record: a record that cannot be turned into a crystal comes back with ``er
 ``error`` set, so every input record is accounted for. Crystals are **not** validated here.
 
 Streaming: extxyz, JSON-lines and JSON-list chunks carry byte ranges; a worker seeks to
-``byte_offset`` and reads ``byte_length`` bytes (for ``.gz``/``.bz2`` inputs the offsets are into the
-decompressed stream, so the worker still decompresses, but does not decode, everything before its
-chunk). A JSON list is planned by scanning its bytes for the top-level separators
-(:mod:`preprocess.json_scan`) instead of decoding it, so no process ever holds the whole list. Only a
-top-level JSON object (an Alexandria ``{"entries": [...]}`` dump) is loaded whole, once per process.
+``byte_offset`` and reads ``byte_length`` bytes. A JSON list (or the ``entries`` list of an Alexandria
+``{"entries": [...]}`` dump) is planned by scanning its bytes for the separators between elements
+(:mod:`preprocess.json_scan`) instead of decoding it, so no process ever holds the whole list. For
+``.gz``/``.bz2`` inputs the offsets are into the decompressed stream: given a ``spill_dir``, planning
+keeps the decompressed bytes (``Chunk.data_path``) so workers seek directly; without one, each worker
+decompresses (but does not decode) everything before its chunk. Only a single record or an ASE JSON
+database at top level is loaded whole (once per process).
 """
 
 from __future__ import annotations
