@@ -10,7 +10,12 @@ Replicates the real MEGNet slice (3,909 crystals, 1-25 atoms) to ``--n`` structu
 
 and prints structures/s, structures/s per core, the Ray overhead and bytes per structure.
 
-    python bench/preprocess.py [--n 100000] [--shard-size 4096] [--work /tmp/cfdist-bench-pre]
+``--compressed`` adds a reading-only comparison on the same records gzipped (``.json.gz``): plan +
+read every record when each chunk seeks inside the compressed stream (decompressing everything before
+it: quadratic in the file size) vs when planning spills the decompressed bytes once (what
+``build_shards`` does).
+
+    python bench/preprocess.py [--n 100000] [--shard-size 4096] [--work /tmp/cfdist-bench-pre] [--compressed]
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "megnet_slice.json.gz")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cfdist-bench-pre"))
     parser.add_argument("--skip-loop", action="store_true")
+    parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument("--compressed", action="store_true", help="also compare reading a .json.gz with/without spill")
     args = parser.parse_args()
 
     from cfdist.config import CrystalformerConfig
@@ -79,7 +86,7 @@ def main() -> None:
 
     import ray
 
-    for workers in (1, 2):
+    for workers in (() if args.skip_ray else (1, 2)):
         out = args.work / f"ray-{workers}"
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=512 * 1024**2)
         start = time.perf_counter()
@@ -95,12 +102,35 @@ def main() -> None:
     for name, workers, elapsed, written, size in rows:
         print(f"| {name} | {workers} | {elapsed:.1f} | {written / elapsed:,.0f} | {written / elapsed / workers:,.0f} | "
               f"{size / written:,.0f} |")
-    by = {r[0]: r for r in rows}
-    if not args.skip_loop:
+    if not args.skip_loop and not args.skip_ray:
         loop, ray1 = rows[0], rows[1]
         print(f"\nRay overhead (1 worker vs plain loop): {ray1[2] / loop[2]:.2f}x wall time")
-    print(f"scaling 1 -> 2 workers: {rows[-2][2] / rows[-1][2]:.2f}x")
-    del by
+    if not args.skip_ray:
+        print(f"scaling 1 -> 2 workers: {rows[-2][2] / rows[-1][2]:.2f}x")
+    if args.compressed:
+        compressed_reading(raw, args.shard_size)
+
+
+def compressed_reading(raw: Path, shard_size: int) -> None:
+    """Plan + read every record of the gzipped input: seeking in the stream vs a spilled copy."""
+    from preprocess.readers import read_chunk
+
+    packed = raw.with_name(raw.name + ".gz")
+    with open(raw, "rb") as f, gzip.open(packed, "wb", compresslevel=6) as g:
+        shutil.copyfileobj(f, g)
+    print(f"\n# {packed.name}: {packed.stat().st_size / 1e6:.0f} MB gzipped, {raw.stat().st_size / 1e6:.0f} MB raw")
+    print("| reading a .json.gz | plan s | read every record s | total s |")
+    print("|---|---|---|---|")
+    for name, spill in (("seek in the gzip stream per chunk", None), ("spill once while planning", raw.parent / "spill")):
+        if spill is not None and spill.exists():
+            shutil.rmtree(spill)
+        start = time.perf_counter()
+        chunks = plan_chunks(str(packed), "jarvis", shard_size, str(spill) if spill else None)
+        planned = time.perf_counter()
+        n = sum(1 for chunk in chunks for _ in read_chunk(chunk))
+        done = time.perf_counter()
+        print(f"| {name} ({n:,} records, {len(chunks)} chunks) | {planned - start:.1f} | {done - planned:.1f} | "
+              f"{done - start:.1f} |")
 
 
 if __name__ == "__main__":
