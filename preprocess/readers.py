@@ -546,6 +546,10 @@ def _forces_array(value, n_atoms: int, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- JSON (jarvis, pymatgen)
 
 
+_ENTRIES_KEY = re.compile(r'[{,]\s*"entries"\s*:\s*\[')
+_PEEK_OBJECT_LIMIT = 1 << 26  # characters read looking for "entries" before loading an object whole
+
+
 def _peek_json(path: str) -> tuple[Any, list]:
     """(top-level object or None, first few records) without loading a whole JSON list."""
     if _is_json_lines(path):
@@ -577,7 +581,16 @@ def _peek_json(path: str) -> tuple[Any, list]:
                     raise ValueError(f"{path}: empty JSON file")
                 continue
             if text[0] == "{":
-                break  # a dict (Alexandria "entries", ASE JSON db): load it whole (cached for planning)
+                # An Alexandria dump {"entries": [...]}: peek at its first entries; anything else
+                # (an ASE JSON database, a single record) is loaded whole below.
+                found = _ENTRIES_KEY.search(text)
+                if found:
+                    records, complete = _decode_list_prefix(text[found.end() - 1:], _PEEK_RECORDS)
+                    if records or complete:
+                        return None, records
+                if eof or len(buf) > _PEEK_OBJECT_LIMIT:
+                    break
+                continue
             if text[0] != "[":
                 raise ValueError(f"{path}: expected a JSON list or object, starts with {text[:20]!r}")
             records, complete = _decode_list_prefix(text, _PEEK_RECORDS)

@@ -125,6 +125,13 @@ def test_infer_format_peeks_large_json_list(tmp_path, recs):
     path.write_text(body[:-5000])  # truncated: json.load would fail
     assert len(body) > 1 << 17
     assert infer_format(str(path)) == "jarvis"
+    # the same for the entries of an Alexandria-style object (pymatgen entries)
+    entries = json.dumps({"@class": "dump", "entries": [cse_dict(r) for r in recs] * 10})
+    path = tmp_path / "big_alexandria.json.bz2"
+    with bz2.open(path, "wt") as f:
+        f.write(entries[:-5000])
+    assert len(entries) > 1 << 17
+    assert infer_format(str(path)) == "pymatgen"
 
 
 def test_expand_inputs(files, tmp_path):
