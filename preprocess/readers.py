@@ -357,7 +357,7 @@ def _plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) ->
                 return _plain_chunks(fmt, path, len(_json_records(path)), chunk_size)  # raises the error
             try:
                 chunks = _json_list_chunks(fmt, path, source, chunk_size, None if opener == b"[" else "entries", copy)
-            except _NoEntriesList:
+            except NoSuchListError:
                 # A single record or an ASE JSON database at top level: small, loaded whole.
                 return _plain_chunks(fmt, path, len(_json_records(path)), chunk_size)
         return [dataclasses.replace(c, data_path=spill) for c in chunks] if spill else chunks
@@ -367,10 +367,6 @@ def _plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) ->
     return _plain_chunks(fmt, path, n, chunk_size)
 
 
-class _NoEntriesList(Exception):
-    pass
-
-
 def _json_list_chunks(fmt: str, path: str, source: str, chunk_size: int, key: str | None,
                       copy: str | None) -> list[Chunk]:
     """Chunks of a JSON list (the document, or its ``key`` member) as byte spans of its elements."""
@@ -378,7 +374,7 @@ def _json_list_chunks(fmt: str, path: str, source: str, chunk_size: int, key: st
         try:
             seps, _ = list_separators(f, key=key, copy_to=sink)
         except NoSuchListError:
-            raise _NoEntriesList() from None
+            raise  # not an Alexandria dump: _plan loads the object whole instead
         except JsonScanError as exc:
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
     with _open_binary(copy or source) as f:
