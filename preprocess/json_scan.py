@@ -155,7 +155,7 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
 def _before(tail: bytes, block: bytes, at: int, width: int = 4096) -> bytes:
     """Up to ``width`` bytes before offset ``at`` of ``block``, continuing into the previous block."""
     window = block[max(0, at - width):at]
-    return tail[len(tail) - (width - len(window)):] + window if len(window) < width else window
+    return window if len(window) == width else (tail + window)[-width:]
 
 
 def element_count(stream: BinaryIO, seps: np.ndarray) -> int:
