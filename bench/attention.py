@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: sphere-cutoff image-table attention vs the dense-box baseline, on real crystals.
 
-What it measures (batches of real MEGNet structures, ``/work/shared/data/megnet_slice.json.gz``):
+What it measures (batches of real MEGNet structures, ``examples/data/megnet_slice.json.gz``):
 
 1. **One attention layer, forward + backward** (float32, q/k/v (N, 8, 16), edge_proj (8, 16, 64),
    a = -1 / (2 sigma^2) with sigma ~ U[0.3, sigma_max = 1.98] A, all requiring grad):
@@ -14,7 +14,7 @@ What it measures (batches of real MEGNet structures, ``/work/shared/data/megnet_
    preprocessing; their cost is section 5.
 2. **Whole model forward + backward**: default ``Crystalformer()`` (float32, train mode, sigma
    statistics already set, loss = mean of the output) with the table backend vs a dense-box
-   backend (``DenseBoxAttention`` below); geometry = the backend's ``prepare``. Two more rows
+   backend (``cfdist.ops.dense_box.DenseBoxAttention``); geometry = the backend's ``prepare``. Two more rows
    (first ``--slow-batches`` batches) repeat both with ``model.activation_checkpointing = True``.
 3. **Accuracy vs float64 brute force**: per (atom pair, head) S = sum_n exp(a d_n^2) over a
    30 A sphere ("exact"; the Gaussian there is < 1e-49) vs the table (c = 4.5, 6) and the dense
@@ -77,10 +77,6 @@ import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -88,32 +84,18 @@ from cfdist.batch import CrystalBatch, collate  # noqa: E402
 from cfdist.config import CrystalformerConfig  # noqa: E402
 from cfdist.crystal import InvalidCrystalError, from_jarvis, validate  # noqa: E402
 from cfdist.geometry import image_table  # noqa: E402
-from cfdist.graph import PeriodicGraph, gaussian_basis  # noqa: E402
+from cfdist.graph import gaussian_basis  # noqa: E402
 from cfdist.model import Crystalformer, TableAttention  # noqa: E402
-from cfdist.ops.dense_box import DenseBoxGeometry, dense_box_attention  # noqa: E402
+from cfdist.ops.dense_box import DenseBoxAttention, dense_box_attention  # noqa: E402
 from cfdist.ops.periodic_attention import periodic_attention  # noqa: E402
 from cfdist.ops.reference import reference_periodic_attention  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "megnet_slice.json.gz"
+DEFAULT_DATA = Path("examples/data/megnet_slice.json.gz")  # relative to the repository root
 SIGMA_MIN = 0.3  # A; smallest sigma of the random layer inputs (largest is config.sigma_max)
 MB = 1024.0 * 1024.0
 
 
 # ----------------------------------------------------------------------------- backends
-
-
-class DenseBoxAttention:
-    """Model attention backend over the dense (2R+1)^3 box (the reference's PyTorch fallback)."""
-
-    def __init__(self, box_range: int = 2):
-        self.box_range = int(box_range)
-
-    def prepare(self, batch: CrystalBatch, config: CrystalformerConfig, dtype: torch.dtype) -> DenseBoxGeometry:
-        return DenseBoxGeometry.build(batch, self.box_range, config.n_basis, config.gbf_r_max,
-                                      config.gbf_width_scale, dtype)
-
-    def __call__(self, q, k, v, a, geometry, edge_proj):
-        return dense_box_attention(q, k, v, a, geometry, edge_proj)
 
 
 class TimedBackend:

@@ -1,8 +1,8 @@
 """Test MAE on the real MEGNet slice: from scratch (paper recipe) vs fine-tuned from a checkpoint
 trained on the other label (band gap -> e_form and e_form -> band gap), vs the train-mean predictor.
 
-    python preprocess/build_shards.py ../shared/data/megnet_slice.json.gz --out data/megnet_slice \
-        --targets e_form "gap pbe" --split-file ../shared/data/megnet_slice_split.json
+    cfdist preprocess examples/data/megnet_slice.json.gz --out data/megnet_slice \
+        --targets e_form "gap pbe" --split-file examples/data/megnet_slice_split.json
     python bench/finetune.py [--epochs 40] [--swa-epochs 10] [--threads 1] [--out outputs/bench_finetune]
 
 Stage 1 trains both labels from scratch side by side (one process each, ``--threads`` torch
@@ -23,18 +23,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS = {"e_form": "configs/finetune/megnet_slice_eform.yaml", "gap pbe": "configs/finetune/megnet_slice_bandgap.yaml"}
+TASKS = {"e_form": "megnet_slice_eform", "gap pbe": "megnet_slice_bandgap"}  # packaged fine-tuning configs
 
 
 def launch(config: str, run_name: str, args, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "launch" / "finetune.py"), "--config", str(REPO / config),
+    cmd = [sys.executable, "-m", "cfdist.cli", "finetune", "--config", config,
            f"run_name={run_name}", f"output_dir={args.out}", f"epochs={args.epochs}", f"swa_epochs={args.swa_epochs}",
            f"scaling.threads={args.threads}", f"data.shards={args.shards}", f"seed={args.seed}", "overwrite=true",
            *extra]
     log = open(Path(args.out) / f"{run_name}.log", "w")
     print("$", " ".join(f"'{c}'" if " " in c else c for c in cmd), flush=True)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finished(args, name: str) -> bool:
@@ -60,8 +59,8 @@ def main() -> int:
     parser.add_argument("--swa-epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=123)
-    parser.add_argument("--shards", default=str(REPO / "data" / "megnet_slice"))
-    parser.add_argument("--out", default=str(REPO / "outputs" / "bench_finetune"))
+    parser.add_argument("--shards", default=str(Path("data/megnet_slice").resolve()))
+    parser.add_argument("--out", default=str(Path("outputs/bench_finetune").resolve()))
     parser.add_argument("--control", action="store_true", help="also train from scratch for 2 x epochs")
     parser.add_argument("--reuse", action="store_true", help="keep runs that already have results.json")
     args = parser.parse_args()

@@ -25,7 +25,6 @@ import gzip
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -34,18 +33,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from preprocess.build_shards import Settings, build, process_chunk  # noqa: E402
-from preprocess.readers import plan_chunks  # noqa: E402
+from cfdist.io.readers import plan_chunks  # noqa: E402
+from cfdist.preprocess.job import Settings, build, process_chunk  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--shard-size", type=int, default=4096)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "megnet_slice.json.gz")
+    parser.add_argument("--data", type=Path, default=Path("examples/data/megnet_slice.json.gz"),
+                        help="real structures to replicate (default: the example slice, from the repository root)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cfdist-bench-pre"))
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
@@ -113,7 +110,7 @@ def main() -> None:
 
 def compressed_reading(raw: Path, shard_size: int) -> None:
     """Plan + read every record of the gzipped input: seeking in the stream vs a spilled copy."""
-    from preprocess.readers import read_chunk
+    from cfdist.io.readers import read_chunk
 
     packed = raw.with_name(raw.name + ".gz")
     with open(raw, "rb") as f, gzip.open(packed, "wb", compresslevel=6) as g:

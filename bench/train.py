@@ -18,12 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 ROWS = [  # (workers, zero stage, precision, activation checkpointing)
     (1, 0, "fp32", False),
@@ -37,7 +34,7 @@ ROWS = [  # (workers, zero stage, precision, activation checkpointing)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", type=Path, default=REPO / "outputs" / "example" / "shards")
+    parser.add_argument("--shards", type=Path, default=Path("outputs") / "example" / "shards")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cfdist-bench-train"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64, help="max structures per worker and step")
@@ -51,25 +48,22 @@ def main(argv=None) -> int:
     rows = ROWS[:2] if args.quick else ROWS
     steps = 10 if args.quick else args.steps
 
-    from launch.pretrain import check_shards, run_ray
     from cfdist.train.config import load_pretrain_config
+    from cfdist.train.driver import check_shards, resolve, run_ray
 
     results = []
     for workers, stage, precision, ckpt in rows:
         name = f"w{workers}-z{stage}-{precision}" + ("-ckpt" if ckpt else "")
-        cfg = load_pretrain_config(REPO / "configs" / "pretrain" / "megnet_slice.yaml", [
+        cfg = resolve(load_pretrain_config("megnet_slice", [
             f"data.shards={args.shards.resolve()}", f"output_dir={args.out.resolve()}", f"run_name={name}-{int(time.time())}",
             f"max_steps={steps}", "log_every=5", f"val_every={10**6}", f"checkpoint_every={steps}",
             f"data.max_structures={args.batch}", "data.max_entries=1000000", "data.verify_checksums=false",
             f"scaling.num_workers={workers}", "scaling.max_failures=0",
             f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
-            f"deepspeed.activation_checkpointing={str(ckpt).lower()}", "data.val_split="])
-        model_config = cfg.model_config().to_dict()
-        model_config.pop("target_names")
-        cfg.model = model_config
+            f"deepspeed.activation_checkpointing={str(ckpt).lower()}", "data.val_split="]))
         shards = check_shards(cfg)
         t0 = time.perf_counter()
-        run_ray(cfg, shards, argparse.Namespace(address=None, num_cpus=None))
+        run_ray(cfg, shards)
         wall = time.perf_counter() - t0
         logs = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
         logs = [r for r in logs if "structures_per_s" in r]

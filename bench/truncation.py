@@ -60,7 +60,7 @@ def main() -> None:
     for c in args.cs:
         a, t = np.array(shortfall_sigma[c]), np.array(shortfall_table[c])
         print(f"| {c} | {c * sigma_max:.2f} | {a.max():.2e} | {np.median(a):.1e} | {t.max():.2e} | {np.median(t):.1e} |")
-    print("reference box rule (shared/docs/crystalformer.md section 2.1): worst ~3.6e-3")
+    print("reference box rule (docs/model.md, Image tables): worst ~3.6e-3")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 A portable checkpoint (``torch.save`` of a plain dict) holds the model config, float32
 weights and buffers (sigma statistics, target normalisation), the image-table cutoff, the
-cfdist version and a short training summary. :func:`export_deepspeed_checkpoint` builds one
+cfdist version and a short training summary. Every checkpoint is read with
+``torch.load(weights_only=True)`` (:func:`load_checkpoint_file`): tensors, numbers, strings and
+containers only, so opening a checkpoint someone shared can never run code it carries. :func:`export_deepspeed_checkpoint` builds one
 from a DeepSpeed checkpoint of any ZeRO stage and precision (``python -m cfdist.export``).
 
 Training checkpoints (DeepSpeed state per rank + ``cfdist_state.json``) are written by
@@ -14,14 +16,38 @@ Training checkpoints (DeepSpeed state per rank + ``cfdist_state.json``) are writ
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cfdist.fileio import atomic_write
+
 FORMAT = "cfdist-portable-v1"
 STATE_FILE = "cfdist_state.json"
 DEEPSPEED_TAG = "ds"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects beyond tensors and plain data (it could run code)."""
+
+
+def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: plain dicts, lists, tuples, strings, numbers, tensors.
+
+    Raises :class:`UnsafeCheckpointError` for a file that needs anything else to unpickle: cfdist
+    never writes one, and unpickling arbitrary objects can execute code.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds pickled Python objects beyond tensors and plain data "
+            f"({reason}). cfdist checkpoints never do; unpickling such a file can run code it carries. "
+            f"Load it only if you trust its author (torch.load with weights_only off) and re-save the "
+            f"plain parts.") from None
 
 
 def save_portable(path: str | Path, model, *, extra: dict[str, Any] | None = None) -> Path:
@@ -34,9 +60,8 @@ def save_portable(path: str | Path, model, *, extra: dict[str, Any] | None = Non
              for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "cfdist_version": __version__, "model_config": model.config.to_dict(),
                "cutoff": float(model.cutoff), "state_dict": state, "extra": extra or {}}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
@@ -50,7 +75,7 @@ def load(path: str | Path, map_location: str | torch.device = "cpu"):
         path = path / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no portable checkpoint (export one with `python -m cfdist.export RUN OUT`)")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = load_checkpoint_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a cfdist portable checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}); "
                          f"training checkpoints are exported with `python -m cfdist.export`")
@@ -97,7 +122,7 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     else:
-        state = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+        state = load_checkpoint_file(module_file)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

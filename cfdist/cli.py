@@ -1,14 +1,16 @@
 """``cfdist`` command line: one subcommand per pipeline stage.
 
-    cfdist preprocess INPUT... --out DIR ...          (preprocess/build_shards.py)
-    cfdist pretrain --config configs/pretrain/X.yaml   (launch/pretrain.py)
-    cfdist finetune --config configs/finetune/X.yaml   (launch/finetune.py)
-    cfdist prepare-task TASK --out DIR [--source FILE] (download + paper split + preprocess)
-    cfdist export RUN_OR_CHECKPOINT OUT.pt
+    cfdist preprocess INPUT... --out DIR ...            raw structures -> shards (Ray Data job)
+    cfdist pretrain --config NAME_OR_YAML [key=value]    Ray Train + DeepSpeed pretraining
+    cfdist finetune --config NAME_OR_YAML [key=value]    fine-tuning (paper recipe), this process or Ray
+    cfdist prepare-task TASK --out DIR [--source FILE]   download + paper split + preprocess
+    cfdist export RUN_OR_CHECKPOINT OUT.pt               training checkpoint -> portable model.pt
     cfdist evaluate --checkpoint model.pt --data SHARDS_OR_INPUTS [--split test] [--out DIR]
     cfdist predict --checkpoint model.pt INPUT... [--out predictions.csv]
+    cfdist configs [KIND [NAME]]                         list the packaged configs, or print one
 
-``cfdist <command> --help`` documents each one.
+``cfdist <command> --help`` documents each one. ``python launch/pretrain.py`` / ``launch/finetune.py``
+and ``python preprocess/build_shards.py`` are the same commands as scripts (for ``ray job submit``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _predict(argv) -> int:
@@ -69,7 +69,7 @@ def _prepare_task(argv) -> int:
     parser = argparse.ArgumentParser(prog="cfdist prepare-task", description="Download a paper benchmark dataset "
                                      "(or read a local copy), apply the task's exact split rule and preprocess it "
                                      "into shards for `cfdist finetune`.")
-    parser.add_argument("task", choices=sorted(TASKS), help="benchmark task (configs/finetune/<task>.yaml)")
+    parser.add_argument("task", choices=sorted(TASKS), help="benchmark task (its fine-tuning config has the same name)")
     parser.add_argument("--out", required=True, type=Path, help="shard directory to write")
     parser.add_argument("--source", type=Path, default=None,
                         help="local copy of the dataset (.zip as downloaded, .json or .json.gz); default: download")
@@ -92,21 +92,42 @@ def _prepare_task(argv) -> int:
     return 0
 
 
+def _configs(argv) -> int:
+    from cfdist.config import CONFIG_KINDS, packaged_configs, resolve_config
+
+    parser = argparse.ArgumentParser(prog="cfdist configs", description="The configs shipped with cfdist. Any "
+                                     "--config (and model=, deepspeed=) takes one by name; to start your own, "
+                                     "print one into a file and edit it.")
+    parser.add_argument("kind", nargs="?", choices=CONFIG_KINDS, help="model, pretrain, finetune or deepspeed")
+    parser.add_argument("name", nargs="?", help="print this config's YAML")
+    args = parser.parse_args(argv)
+    if args.name:
+        print(resolve_config(args.name, args.kind).read_text(), end="")
+        return 0
+    for kind in [args.kind] if args.kind else CONFIG_KINDS:
+        print(f"{kind}:")
+        for name in packaged_configs(kind):
+            first = next((line[1:].strip() for line in resolve_config(name, kind).read_text().splitlines()
+                          if line.startswith("#")), "")
+            print(f"  {name:24s} {first[:90]}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("preprocess", "pretrain", "finetune", "prepare-task", "export", "evaluate", "predict")
+    commands = ("preprocess", "pretrain", "finetune", "prepare-task", "export", "evaluate", "predict", "configs")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     if command == "preprocess":
-        from preprocess.build_shards import main as run
+        from cfdist.preprocess.cli import main as run
     elif command == "pretrain":
-        from launch.pretrain import main as run
+        from cfdist.train.driver import main as run
     elif command == "finetune":
-        from launch.finetune import main as run
+        from cfdist.finetune.driver import main as run
+    elif command == "configs":
+        run = _configs
     elif command == "prepare-task":
         run = _prepare_task
     elif command == "export":

@@ -1,17 +1,28 @@
-"""Typed model configuration, loaded from YAML; unknown keys are errors.
+"""Typed configuration: the model's hyper-parameters, and the machinery every config uses.
 
-The defaults reproduce the published Crystalformer (design A5 in ``docs/model.md``).
-The single place where the image-table cutoff is derived from a config is
-:func:`table_cutoff`; preprocessing, batching and prediction all call it.
+- :class:`CrystalformerConfig`: the defaults reproduce the published Crystalformer
+  (``docs/model.md``). The single place where the image-table cutoff is derived from a config
+  is :func:`table_cutoff`; preprocessing, batching and prediction all call it.
+- :func:`from_mapping` / :func:`build`: dataclasses from YAML mappings; unknown keys are errors
+  with a did-you-mean hint; nested dataclass sections recurse.
+- :func:`apply_overrides`: ``a.b=value`` command-line overrides (values parsed as YAML).
+- :func:`resolve_config`: a config by packaged name (``crystalformer``, ``megnet_slice``, ``zero2``;
+  shipped inside the package, so a wheel install finds them) or by path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from cfdist.crystal import MAX_Z
+
+CONFIG_KINDS = ("model", "pretrain", "finetune", "deepspeed")
 
 
 class ConfigError(ValueError):
@@ -54,7 +65,7 @@ class CrystalformerConfig:
     gbf_r_max: float = 14.0
     gbf_width_scale: float = 1.0
     cutoff_sigmas: float = 4.5
-    n_elements: int = 98
+    n_elements: int = MAX_Z
     head_hidden: int = 128
     target_names: list[str] = field(default_factory=lambda: ["y"])
     entry_chunk: int = 32
@@ -108,6 +119,8 @@ class CrystalformerConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CrystalformerConfig":
+        """From a YAML file, or a packaged model config by name (``crystalformer``, ``crystalformer_7blocks``, ...)."""
+        path = resolve_config(path, "model")
         return from_mapping(cls, load_yaml(path), source=str(path))
 
 
@@ -149,3 +162,94 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "config"):
         return cls(**dict(data))
     except TypeError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+def packaged_configs(kind: str) -> list[str]:
+    """Names of the configs of ``kind`` shipped with cfdist (``cfdist/configs/<kind>/*.yaml``)."""
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"unknown config kind {kind!r}; kinds: {', '.join(CONFIG_KINDS)}")
+    folder = importlib.resources.files("cfdist.configs") / kind
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config(name_or_path: str | Path, kind: str) -> Path:
+    """The YAML file a config argument names: an existing path as is, else a packaged config.
+
+    Packaged configs are found by name (``megnet_slice``), by ``<kind>/<name>``, or by the
+    repository spelling ``configs/<kind>/<name>.yaml`` that older commands used.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    parts = path.parts
+    name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    # a packaged name is the bare name, or the name under "<kind>/" or "configs/<kind>/"
+    if parts[:-1] in ((), (kind,), ("configs", kind)) and name in packaged_configs(kind):
+        return Path(str(importlib.resources.files("cfdist.configs") / kind / f"{name}.yaml"))
+    raise ConfigError(f"{kind} config {str(name_or_path)!r}: no such file, and no packaged {kind} config of that "
+                      f"name (packaged: {', '.join(packaged_configs(kind))})")
+
+
+def build(cls: type, data: Mapping[str, Any], source: str):
+    """Dataclass ``cls`` from a mapping; nested dataclass fields recurse; unknown keys raise."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    values = dict(data)
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind) and f.name in values:
+            values[f.name] = build(kind, values[f.name] or {}, f"{source}: {f.name}")
+        elif kind is float and isinstance(values.get(f.name), str):
+            # PyYAML (YAML 1.1) reads ``3e-4`` (no dot) as a string; a float field takes it as a number
+            try:
+                values[f.name] = float(values[f.name])
+            except ValueError:
+                raise ConfigError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
+    return from_mapping(cls, values, source=source)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` strings into a nested mapping; values parsed as YAML (``3e-4``, ``[a, b]``, ``true``)."""
+    import yaml
+
+    data = _deep_copy(data)
+    loader = _override_loader()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.load(raw, Loader=loader) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _override_loader():
+    """SafeLoader that also reads YAML 1.2 floats without a dot or exponent sign (``3e-4``, ``1e5``)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
+
+
+def _deep_copy(data):
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

@@ -1,4 +1,6 @@
-"""Shards -> training batches: manifest checks, deterministic shuffling, entry-budget packing.
+"""Shards -> training batches: streaming reads, deterministic shuffling, entry-budget packing.
+
+(Which files a shard directory holds, and the checks before training: :mod:`cfdist.manifest`.)
 
 The trainer never holds a dataset: every rank streams Arrow record batches (from Ray Data's
 ``get_dataset_shard`` or, without Ray, straight from the Parquet files), and this module turns
@@ -19,8 +21,6 @@ batches reproduces the remaining ones (see :class:`DataCursor`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -29,117 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cfdist.shards import SCHEMA_VERSION, ShardError, read_metadata_from_schema, target_columns
-
-MANIFEST = "manifest.json"
-
-
-# ----------------------------------------------------------------------------- manifest
-@dataclass(frozen=True)
-class ShardEntry:
-    """One shard file listed in the manifest."""
-
-    path: Path
-    split: str
-    rows: int
-    bytes: int
-    sha256: str
-
-
-class ShardSet:
-    """A preprocessed shard directory (``DIR/manifest.json`` + ``DIR/<split>/*.parquet``).
-
-    ``verify`` checks everything the trainer relies on *before* any worker starts, so a bad
-    directory fails in seconds with a message naming the file and the problem instead of
-    hours later inside a worker.
-    """
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        path = self.root / MANIFEST
-        if not path.is_file():
-            raise ShardError(f"{self.root}: no {MANIFEST}; is this a directory written by "
-                             f"preprocess/build_shards.py (and did the job finish)?")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ShardError(f"{path}: unreadable manifest ({exc})") from exc
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise ShardError(f"{path}: shard schema version {self.manifest.get('schema_version')!r}, this cfdist "
-                             f"reads {SCHEMA_VERSION}; rebuild the shards")
-        self.cutoff = float(self.manifest["cutoff"])
-        self.targets = list(self.manifest.get("targets", []))
-        self.entries = [ShardEntry(self.root / s["file"], s["split"], int(s["rows"]), int(s["bytes"]), s["sha256"])
-                        for s in self.manifest["shards"]]
-
-    def files(self, split: str) -> list[ShardEntry]:
-        return [e for e in self.entries if e.split == split]
-
-    def n_rows(self, split: str) -> int:
-        return sum(e.rows for e in self.files(split))
-
-    def target_stats(self, target: str, split: str = "train") -> tuple[float, float]:
-        """(mean, std) of a target on a split, from the manifest's statistics."""
-        try:
-            stats = self.manifest["statistics"]["targets"][target][split]
-        except KeyError:
-            raise ShardError(f"{self.root}: manifest has no statistics for target {target!r} on split {split!r} "
-                             f"(targets: {self.targets})") from None
-        std = float(stats["std"]) if stats.get("std") else 1.0
-        return float(stats["mean"]), std if std > 0 else 1.0
-
-    def verify(self, splits: Sequence[str], *, required_cutoff: float | None = None,
-               targets: Sequence[str] = (), checksums: bool = True) -> None:
-        """Raise :class:`ShardError` unless every shard of ``splits`` is usable.
-
-        Checks: the split has shards; the tables' cutoff covers ``required_cutoff`` (a model
-        whose Gaussians reach further than the tables would silently lose terms); the targets
-        exist; each file exists with the manifest's size, a readable Parquet footer whose row
-        count, schema version and cutoff agree with the manifest, and (``checksums``) the
-        manifest's sha256.
-        """
-        if required_cutoff is not None and self.cutoff + 1e-6 < required_cutoff:
-            raise ShardError(f"{self.root}: image tables were built with cutoff {self.cutoff:.4f} A but the model "
-                             f"needs {required_cutoff:.4f} A; rebuild the shards with --model-config pointing at "
-                             f"this model (or lower cutoff_sigmas)")
-        missing = [t for t in targets if t not in self.targets]
-        if missing:
-            raise ShardError(f"{self.root}: target(s) {missing} not in the shards (they hold {self.targets})")
-        for split in splits:
-            if not self.files(split):
-                raise ShardError(f"{self.root}: no shards for split {split!r} "
-                                 f"(splits: {sorted({e.split for e in self.entries})})")
-            for entry in self.files(split):
-                verify_shard_file(entry, self.cutoff, checksum=checksums)
-
-
-def verify_shard_file(entry: ShardEntry, cutoff: float, *, checksum: bool = True) -> None:
-    path = entry.path
-    if not path.is_file():
-        raise ShardError(f"{path}: listed in the manifest but missing")
-    size = path.stat().st_size
-    if size != entry.bytes:
-        raise ShardError(f"{path}: {size:,} bytes, the manifest says {entry.bytes:,} (truncated or rewritten file)")
-    try:
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
-    if meta.num_rows != entry.rows:
-        raise ShardError(f"{path}: {meta.num_rows} rows, the manifest says {entry.rows}")
-    file_meta = read_metadata_from_schema(schema)
-    if file_meta.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema version {file_meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    if abs(float(file_meta.get("cutoff", -1.0)) - cutoff) > 1e-9:
-        raise ShardError(f"{path}: built with cutoff {file_meta.get('cutoff')} A, the manifest says {cutoff} A")
-    if checksum:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != entry.sha256:
-            raise ShardError(f"{path}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
-                             f"{entry.sha256[:12]}... (corrupted or replaced file)")
+from cfdist.shards import ShardError, target_columns
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -157,8 +47,10 @@ def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size:
                       columns: Sequence[str] | None = None, rows_per_read: int = 1024) -> Iterator[pa.Table]:
     """Stream shard files without Ray: rank r reads files r, r + world, ... (in the given order).
 
-    Used by single-process fine-tuning, evaluation and tests; Ray Train runs use
-    ``get_dataset_shard`` instead. Files are read one record batch at a time.
+    Used by pretraining without Ray (one process or torchrun ranks), by ``cfdist evaluate`` /
+    ``predict`` on shards, and by tests; Ray Train runs use ``get_dataset_shard`` instead, and
+    fine-tuning reads whole splits into memory (``cfdist.finetune.loop.SplitData``). Files are
+    read one record batch at a time.
     """
     for path in list(paths)[rank::world_size]:
         try:
@@ -303,14 +195,14 @@ class DataCursor:
 
     epoch: int = 0
     batches: int = 0
-    structures: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "DataCursor":
-        return cls(**data) if data else cls()
+        # checkpoints of cfdist <= 0.1.0 also carry an unused "structures" count
+        return cls(epoch=int(data.get("epoch", 0)), batches=int(data.get("batches", 0))) if data else cls()
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

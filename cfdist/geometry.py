@@ -1,4 +1,4 @@
-"""Lattice-image tables: every (i, j, n) with |p_j + n L - p_i| <= r_c (design A1).
+"""Lattice-image tables: every (i, j, n) with |p_j + n L - p_i| <= r_c (docs/model.md, Image tables).
 
 A table is three integer arrays ``i`` (T,), ``j`` (T,) and ``n`` (T, 3), sorted by
 (i, j, n). Lattice ``L`` is (3, 3) with the lattice vectors as **rows** (pymatgen's

@@ -1,10 +1,11 @@
 """Per-batch periodic geometry, computed once and shared by every layer and head.
 
 From a :class:`~cfdist.batch.CrystalBatch` this derives, on the batch's device:
-entry distances (recomputed from positions and integer translations, design A2, so
-positions and lattice stay differentiable), the (pair) grouping of table entries, each
-pair's smallest squared distance, and the Gaussian basis of every entry laid out in
-fixed-width blocks per query atom for the attention op's blocked product (design A3).
+entry distances (recomputed from positions and integer translations, so positions
+and lattice stay differentiable; docs/model.md, Image tables), the (pair) grouping of
+table entries, each pair's smallest squared distance, and the Gaussian basis of every
+entry laid out in fixed-width blocks per query atom for the attention op's blocked
+product (docs/model.md, Attention op).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Defaults reproduce the published model (4 blocks, d = 128, 8 heads, FFN 512, K = 64;
 853,505 trainable parameters). Each attention layer owns its Gaussian-width statistics
-(``sigma_mean``, ``sigma_std`` buffers, design A4): they start at 0 / 1, are set once by
-the first training forward (pooled over all ranks through ``stats_reducer``), frozen,
-saved in checkpoints, and never changed by inference.
+(``sigma_mean``, ``sigma_std`` buffers; docs/model.md, Sigma statistics): they start at
+0 / 1, are set once by the first training forward (pooled over all ranks through
+``stats_reducer``), frozen, saved in checkpoints, and never changed by inference.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Crystalformer(nn.Module):
         return self.config.cutoff
 
     def reset_parameters(self) -> None:
-        """T-Fixup initialisation (paper section 3.2)."""
+        """T-Fixup initialisation (Huang et al. 2020), as the reference applies it (docs/model.md, Model)."""
         cfg = self.config
         n_layers = cfg.n_blocks
         nn.init.normal_(self.embedding.weight, std=cfg.d_model ** -0.5 * (9 * n_layers) ** -0.25)

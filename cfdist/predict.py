@@ -12,7 +12,6 @@ reads shard directories (their image tables are reused when their cutoff covers 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from cfdist.fileio import atomic_write, write_json_atomic
 
 
 @dataclass
@@ -35,10 +36,10 @@ class Prediction:
 
 
 def iter_input_records(inputs: Sequence[str], fmt: str | None = None, chunk_size: int = 1024):
-    """Raw records of every input, in order (see ``preprocess.readers``), each with an id."""
+    """Raw records of every input, in order (see :mod:`cfdist.io.readers`), each with an id."""
     import dataclasses
 
-    from preprocess.readers import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
+    from cfdist.io.readers import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
 
     paths = expand_inputs(list(inputs))
     if not paths:
@@ -92,7 +93,8 @@ def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[
 
 def predict_shards(model, shard_dir: str | Path, split: str, batch_size: int = 128) -> Iterator[Prediction]:
     """Predict a split of a shard directory, reusing its image tables."""
-    from cfdist.data import ShardSet, iter_local_shards
+    from cfdist.data import iter_local_shards
+    from cfdist.manifest import ShardSet
     from cfdist.shards import collate_arrow, target_columns
 
     shards = ShardSet(shard_dir)
@@ -118,8 +120,7 @@ def write_predictions(rows: Iterable[Prediction], path: str | Path, target_names
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = []
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         header = ["id", "source"] + list(target_names)
         if with_labels:
@@ -132,7 +133,6 @@ def write_predictions(rows: Iterable[Prediction], path: str | Path, target_names
                 line += [_fmt(row.labels.get(t)) for t in target_names]
             writer.writerow(line + [row.error_reason, row.error])
             kept.append(row)
-    tmp.replace(path)
     return kept
 
 
@@ -208,13 +208,6 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     write_json_atomic(out_dir / "metrics.json", result)
     parity_plot(rows, names, metrics, out_dir / "parity.png")
     return result
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON through a temporary file, so a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def _count(items) -> dict:

@@ -1,4 +1,4 @@
-"""The shard schema: crystals and their image tables as Arrow/Parquet rows (design A2).
+"""The shard schema: crystals and their image tables as Arrow/Parquet rows.
 
 One row per crystal. Geometry is stored exactly (float64) and the image table as
 integers (pair atoms + lattice translations); distances are recomputed on the device.

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cfdist.data import (BatchBudget, PackStats, ShardSet, ShuffleBuffer, budgeted_batches, epoch_seed,
+from cfdist.manifest import ShardSet
+from cfdist.data import (BatchBudget, PackStats, ShuffleBuffer, budgeted_batches, epoch_seed,
                          iter_local_shards, pack_boundaries, pack_rows, training_columns)
 from cfdist.shards import SCHEMA_VERSION, ShardError, collate_arrow
 

@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 from conftest import freeze_sigma_stats
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import ROOT as REPO  # noqa: E402
 TINY = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
 TARGETS = ["e_form", "gap pbe"]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
@@ -94,21 +93,21 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     from cfdist.finetune.config import load_finetune_config
 
     with pytest.raises(ConfigError, match="unknown"):
-        load_finetune_config(REPO / "configs/finetune/megnet_slice_eform.yaml", ["transfer.freeze_block=2"])
+        load_finetune_config("megnet_slice_eform", ["transfer.freeze_block=2"])
     with pytest.raises(ConfigError, match="init_from"):
         load_finetune_config(None, ["init_from=finetune"])
     with pytest.raises(ConfigError, match="checkpoint"):
         load_finetune_config(None, ["init_from=pretrained"])
     with pytest.raises(ConfigError, match="swa_epochs"):
         load_finetune_config(None, ["epochs=10", "swa_epochs=11"])
-    cfg = load_finetune_config(REPO / "configs/finetune/jarvis_mbj_bandgap.yaml", ["optim.lr=1e-4"])
+    cfg = load_finetune_config("jarvis_mbj_bandgap", ["optim.lr=1e-4"])
     assert (cfg.epochs, cfg.data.batch_size, cfg.data.targets, cfg.optim.lr) == (1600, 256, ["mbj_bandgap"], 1e-4)
 
 
 def test_parameter_groups_no_decay_on_biases_frozen_left_out_scaled_lr():
     from cfdist import Crystalformer, CrystalformerConfig
     from cfdist.finetune.transfer import freeze
-    from cfdist.train.optim import parameter_groups
+    from cfdist.run.optim import parameter_groups
 
     model = Crystalformer(CrystalformerConfig(**TINY))
     frozen = freeze(model, embedding=True, blocks=1)
@@ -191,7 +190,7 @@ def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
 
 
 def test_missing_labels_are_masked_in_multi_target_training(ft_shards, tmp_path):
-    from cfdist.data import ShardSet
+    from cfdist.manifest import ShardSet
 
     gaps = ShardSet(ft_shards)
     cfg = make_config(ft_shards, tmp_path, epochs=1, swa_epochs=0, data={"targets": TARGETS})
@@ -332,7 +331,7 @@ def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):
 
 # ----------------------------------------------------------------------------- command line and Ray
 def finetune_cli(shards, out, *overrides, timeout=600):
-    return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "configs/finetune/megnet_slice_eform.yaml",
+    return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "megnet_slice_eform",
                 f"data.shards={shards}", f"output_dir={out}", "model=" + json.dumps(TINY), "data.batch_size=8",
                 "log_every=1", *overrides], timeout=timeout)
 
@@ -367,16 +366,16 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_records):
+def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records):
     """cfdist pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the
     other label -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
-    pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "configs/pretrain/megnet_slice.yaml",
+    pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
                f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
                "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
                "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600)
     assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
     ckpt = tmp_path / "pre" / "model.pt"
-    ft = run([sys.executable, "launch/finetune.py", "--config", "configs/finetune/megnet_slice_bandgap.yaml",
+    ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",
               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
               f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)
     assert ft.returncode == 0, (ft.stdout + ft.stderr)[-4000:]
@@ -385,12 +384,12 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     assert results["transfer"]["checkpoint_targets"] == ["e_form"] and results["transfer"]["new_targets"] == ["gap pbe"]
 
     swa = tmp_path / "ft" / "checkpoints" / "swa.pt"
-    (tmp_path / "new.json").write_text(json.dumps(megnet_records[100:105]))
+    (tmp_path / "new.json").write_text(json.dumps(megnet_slice_records[100:105]))
     pred = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", swa, tmp_path / "new.json",
                 "--out", tmp_path / "pred.csv"], timeout=300)
     assert pred.returncode == 0, pred.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
-    assert [r["id"] for r in rows] == [r["id"] for r in megnet_records[100:105]]
+    assert [r["id"] for r in rows] == [r["id"] for r in megnet_slice_records[100:105]]
     assert all(math.isfinite(float(r["gap pbe"])) for r in rows)
     ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", swa, "--data", ft_shards,
               "--split", "test", "--out", tmp_path / "eval"], timeout=300)

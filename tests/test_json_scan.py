@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from preprocess.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
+from cfdist.io.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
 
 
 def _random_value(rng: random.Random, depth: int = 0):

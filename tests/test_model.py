@@ -223,15 +223,14 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 
 def test_shipped_model_configs_load():
-    from pathlib import Path
+    from cfdist.config import packaged_configs
 
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
-    assert configs
-    for path in configs:
-        model = Crystalformer(CrystalformerConfig.from_yaml(path))
+    names = packaged_configs("model")
+    assert {"crystalformer", "crystalformer_7blocks", "crystalformer_simplified"} <= set(names)
+    for name in names:
+        model = Crystalformer(CrystalformerConfig.from_yaml(name))
         assert count_parameters(model) > 0
-    default = CrystalformerConfig.from_yaml(Path(configs[0]).parent / "crystalformer.yaml")
-    assert default == CrystalformerConfig()
+    assert CrystalformerConfig.from_yaml("crystalformer") == CrystalformerConfig()
 
 
 def test_collate_offsets_and_labels(megnet_crystals, model64):

@@ -14,7 +14,7 @@ import torch
 
 from conftest import CUTOFF, freeze_sigma_stats
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import ROOT as REPO  # noqa: E402
 TINY = dict(n_blocks=1, d_model=32, n_heads=4, d_ff=64, n_basis=16, head_hidden=32)
 
 
@@ -162,7 +162,7 @@ def test_evaluate_on_shards_writes_metrics_csv_and_plot(shard_dir, tmp_path):
     """``cfdist evaluate`` on a shard split: files written, metrics equal to a direct computation."""
     from cfdist import Crystalformer, CrystalformerConfig
     from cfdist.checkpoint import save_portable
-    from cfdist.data import ShardSet
+    from cfdist.manifest import ShardSet
     from cfdist.shards import arrow_to_crystals, read_shard
 
     torch.manual_seed(0)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from cfdist.geometry import image_table
 from cfdist.shards import arrow_to_crystals, collate_arrow, read_shard
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import ROOT as REPO  # noqa: E402
 SCRIPT = REPO / "preprocess" / "build_shards.py"
 
 
@@ -31,7 +29,7 @@ def ray_session():
 
 
 def run_build(ray_session, inputs, out, **overrides):
-    from preprocess.build_shards import Settings, build
+    from cfdist.preprocess.job import Settings, build
 
     settings = Settings(**{"cutoff": 8.9095, "targets": ["e_form"], "shard_size": 16, **overrides})
     return build([str(p) for p in inputs], out, settings, workers=2)
@@ -111,10 +109,10 @@ def bad_records(good):
     return bad
 
 
-def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, tmp_path):
+def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, megnet_slice_records, tmp_path):
     good = megnet_records[:30]
     bad = bad_records(good)
-    big = sorted(megnet_records[:400], key=lambda r: len(r["atoms"]["elements"]))[-1]
+    big = sorted(megnet_slice_records[:400], key=lambda r: len(r["atoms"]["elements"]))[-1]
     bad["table_too_large"] = {**json.loads(json.dumps(big)), "id": "bad-big"}
     records = good[:15] + list(bad.values()) + good[15:]
     path = tmp_path / "mixed.json"
@@ -147,7 +145,7 @@ def assert_manifest_matches_files(manifest, out):
 
     import pyarrow.parquet as pq
 
-    from preprocess.build_shards import StatsAccumulator
+    from cfdist.preprocess.statistics import StatsAccumulator
 
     fresh = StatsAccumulator(manifest["targets"])
     for shard in manifest["shards"]:
@@ -183,11 +181,11 @@ def test_stale_output_is_refused_and_rerun_reuses_work(ray_session, slice_file, 
     again = run_build(ray_session, [slice_file], out)  # nothing to do: same manifest, no shard rewritten
     assert again == first
     assert mtimes == {s["file"]: (out / s["file"]).stat().st_mtime_ns for s in again["shards"]}
-    from preprocess.build_shards import BuildError
+    from cfdist.preprocess.splits import BuildError
 
     with pytest.raises(BuildError, match="--overwrite"):
         run_build(ray_session, [slice_file], out, cutoff=6.0)
-    from preprocess.build_shards import Settings, build
+    from cfdist.preprocess.job import Settings, build
 
     manifest = build([str(slice_file)], out, Settings(cutoff=6.0, targets=["e_form"], shard_size=16), overwrite=True)
     assert manifest["cutoff"] == 6.0 and manifest["content_hash"] != first["content_hash"]
@@ -195,9 +193,9 @@ def test_stale_output_is_refused_and_rerun_reuses_work(ray_session, slice_file, 
 
 
 @pytest.mark.slow
-def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_records, tmp_path):
+def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_records, tmp_path):
     raw = tmp_path / "raw.json"
-    raw.write_text(json.dumps(megnet_records[:240]))
+    raw.write_text(json.dumps(megnet_slice_records[:240]))
     args = [raw, "--targets", "e_form", "--shard-size", "8", "--workers", "1", "--cutoff", "8.9095"]
     reference = cli(*args, "--out", tmp_path / "full")
     assert reference.returncode == 0, reference.stderr[-2000:]

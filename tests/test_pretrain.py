@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import ROOT as REPO  # noqa: E402
 TINY_MODEL = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
        "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
@@ -44,7 +44,7 @@ def tiny_shards(tmp_path_factory, megnet_records):
 
 
 def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=()):
-    return run([sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml", *extra_args,
+    return run([sys.executable, "launch/pretrain.py", "--config", "megnet_slice", *extra_args,
                 f"data.shards={shards}", f"output_dir={out}", f"run_name={run_name}",
                 "model=" + json.dumps(TINY_MODEL), "data.max_structures=8", "data.shuffle_rows=16",
                 "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout)
@@ -100,13 +100,13 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
     victim2.write_bytes(bytes(data))
     cases = {truncated: (victim.name, "truncated"), corrupted: (victim2.name, "sha256")}
     for shards, (file_name, word) in cases.items():
-        res = run([sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml", "--no-ray",
+        res = run([sys.executable, "launch/pretrain.py", "--config", "megnet_slice", "--no-ray",
                    f"data.shards={shards}", f"output_dir={tmp_path / 'runs'}", "max_steps=1"], timeout=120)
         assert res.returncode != 0
         assert "ShardError" in res.stderr and file_name in res.stderr and word in res.stderr, res.stderr[-2000:]
         assert not (tmp_path / "runs").exists()  # nothing started
     # the model needs a larger cutoff than the shards hold (6 sigma instead of 4.5)
-    res = run([sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml", "--no-ray",
+    res = run([sys.executable, "launch/pretrain.py", "--config", "megnet_slice", "--no-ray",
                f"data.shards={tiny_shards}", f"output_dir={tmp_path / 'runs'}", "max_steps=1",
                "model=" + json.dumps({**TINY_MODEL, "cutoff_sigmas": 6.0})], timeout=120)
     assert res.returncode != 0 and "cutoff 8.9095 A but the model needs 11.8794 A" in res.stderr, res.stderr[-2000:]
@@ -163,7 +163,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
     import signal
     import time
 
-    cmd = [sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml",
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
            f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=ft", "model=" + json.dumps(TINY_MODEL),
            "data.max_structures=4", "data.verify_checksums=false", "log_every=1", "max_steps=12",
            "checkpoint_every=2", "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
@@ -216,7 +216,7 @@ def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
         assert node.returncode == 0, node.stderr[-2000:]
         job = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", REPO,
                    "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
-                   sys.executable, "launch/pretrain.py", "--config", "configs/pretrain/megnet_slice.yaml",
+                   sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
                    f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
                    "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
                    "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",

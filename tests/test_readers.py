@@ -14,10 +14,10 @@ from dataclasses import replace as dataclasses_replace
 import numpy as np
 import pytest
 
-from preprocess import readers
-from raw_formats import (atoms_of, cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
+from cfdist.io import readers
+from raw_formats import (cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
                          write_extxyz, write_json, write_jsonl)
-from preprocess.readers import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
+from cfdist.io.readers import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
                                 read_chunk)
 
 N = 20

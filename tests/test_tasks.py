@@ -10,11 +10,10 @@ import random
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from paths import ROOT as REPO  # noqa: E402
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
@@ -56,10 +55,10 @@ def _dft3d_records(megnet_records, n):
     return out
 
 
-def test_task_split_filters_rows_without_finite_labels(megnet_records):
+def test_task_split_filters_rows_without_finite_labels(megnet_slice_records):
     from cfdist.finetune.tasks import TASKS, alignn_split, task_split
 
-    records = _dft3d_records(megnet_records, 100)
+    records = _dft3d_records(megnet_slice_records, 100)
     split = task_split(TASKS["jarvis_formation"], records)
     kept = [r["jid"] for r in records if r["optb88vdw_total_energy"] != "na"]
     assert len(kept) == 90
@@ -89,7 +88,7 @@ def test_every_task_has_a_config():
 
     assert len(TASKS) == 9
     for name, task in TASKS.items():
-        cfg = load_finetune_config(REPO / "configs" / "finetune" / f"{name}.yaml")
+        cfg = load_finetune_config(name)
         assert (cfg.data.targets, cfg.epochs, cfg.data.batch_size, cfg.task) == \
             ([task.target], task.epochs, task.batch_size, name)
         assert cfg.data.shards == f"data/{name}" and cfg.swa_epochs == 50
@@ -104,7 +103,7 @@ def _prepare(*args):
 def test_prepare_task_megnet_and_jarvis_from_local_files(megnet_records, tmp_path):
     """The downloaded formats (megnet.json in a zip; dft_3d JSON) -> split file -> shards; every
     record is written or rejected with a reason (rows outside the split: not_in_split_file)."""
-    from cfdist.data import ShardSet
+    from cfdist.manifest import ShardSet
 
     archive = tmp_path / "megnet.zip"
     with zipfile.ZipFile(archive, "w") as zf:

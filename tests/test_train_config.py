@@ -1,4 +1,4 @@
-"""Typed pretraining config (cfdist.train.config), optimiser groups and schedules (cfdist.train.optim)
+"""Typed pretraining config (cfdist.train.config), optimiser groups and schedules (cfdist.run.optim)
 and the rendered DeepSpeed config (cfdist.train.engine.deepspeed_config; deepspeed is not imported)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfdist.config import ConfigError, CrystalformerConfig
-from cfdist.train.config import (REPO, DeepSpeedSection, OptimSection, PretrainConfig, apply_overrides,
-                                 config_from_dict, load_pretrain_config)
+from cfdist.config import ConfigError, CrystalformerConfig, apply_overrides
+from cfdist.run.config import OptimSection
+from cfdist.train.config import DeepSpeedSection, PretrainConfig, config_from_dict, load_pretrain_config
 from cfdist.train.engine import deepspeed_config
-from cfdist.train.optim import lr_factor, make_optimizer, make_scheduler, parameter_groups
+from cfdist.run.optim import lr_factor, make_optimizer, make_scheduler, parameter_groups
 
-SLICE = REPO / "configs" / "pretrain" / "megnet_slice.yaml"
+SLICE = "megnet_slice"  # the packaged pretraining config
 
 
 # ----------------------------------------------------------------------------- config files
@@ -27,7 +27,7 @@ def test_megnet_slice_config_is_parsed():
     assert cfg.data.train_split == "train" and cfg.data.verify_checksums is True  # defaults kept
     assert cfg.optim.lr == 5e-4 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 1e-5
     assert cfg.optim.schedule == "inverse_sqrt" and cfg.optim.inverse_sqrt_t == 4000
-    # `deepspeed: zero2` names configs/deepspeed/zero2.yaml
+    # `deepspeed: zero2` names the packaged deepspeed config zero2
     assert cfg.deepspeed == DeepSpeedSection(zero_stage=2, precision="fp32")
     assert cfg.scaling.num_workers == 2 and cfg.scaling.max_failures == 1 and cfg.scaling.use_gpu is False
     assert cfg.run_dir() == Path("outputs/runs").resolve() / "megnet_slice"
@@ -48,13 +48,13 @@ def test_overrides_are_parsed_as_yaml():
 
 def test_deepspeed_by_name_path_or_mapping():
     assert load_pretrain_config(SLICE, ["deepspeed=zero3"]).deepspeed.zero_stage == 3
-    assert load_pretrain_config(SLICE, ["deepspeed=configs/deepspeed/zero1.yaml"]).deepspeed.zero_stage == 1
+    assert load_pretrain_config(SLICE, ["deepspeed=zero1"]).deepspeed.zero_stage == 1
     # a named file, then an override of one of its fields
     cfg = load_pretrain_config(SLICE, ["deepspeed=zero1", "deepspeed.precision=bf16"])
     assert (cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == (1, "bf16")
     cfg = load_pretrain_config(None, ["deepspeed.zero_stage=2", "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
     assert cfg.deepspeed.zero_stage == 2 and cfg.deepspeed.extra == {"zero_optimization": {"overlap_comm": True}}
-    with pytest.raises(ConfigError, match="deepspeed config 'zero9' not found"):
+    with pytest.raises(ConfigError, match=r"deepspeed config 'zero9': no such file, and no packaged deepspeed config of that name \(packaged: zero0, zero1, zero2, zero3\)"):
         load_pretrain_config(SLICE, ["deepspeed=zero9"])
 
 

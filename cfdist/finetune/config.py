@@ -1,9 +1,9 @@
 """Typed fine-tuning config: YAML file + ``key=value`` overrides, unknown keys rejected.
 
-    python launch/finetune.py --config configs/finetune/megnet_slice_eform.yaml \
+    cfdist finetune --config megnet_slice_eform \
         init_from=pretrained checkpoint=outputs/runs/pretrain/model.pt transfer.freeze_blocks=2
 
-Defaults are the paper's recipe (design doc section 3.4): targets standardised on train, L1
+Defaults are the paper's recipe (docs/model.md, "Fine-tuning recipe"): targets standardised on train, L1
 loss, AdamW lr 5e-4 betas (0.9, 0.98) weight decay 1e-5 (not on biases), lr * sqrt(T / (T + t))
 per step with T = 4000, gradient-norm clip 1.0, SWA over the last ``swa_epochs`` epochs (the
 schedule is held while averaging), best-validation checkpoint. Run directory:
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, load_yaml
-from cfdist.train.config import OptimSection, RunConfigMixin, apply_overrides, build
+from cfdist.config import ConfigError, apply_overrides, build, load_yaml, resolve_config
+from cfdist.run.config import OptimSection, RunConfigMixin
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -106,7 +106,7 @@ class FinetuneConfig(RunConfigMixin):
     seed: int = 123
     init_from: str = "scratch"
     checkpoint: str = ""
-    model: Any = "configs/model/crystalformer.yaml"
+    model: Any = "crystalformer"
     epochs: int = 500
     swa_epochs: int = 50
     log_every: int = 20
@@ -129,6 +129,8 @@ class FinetuneConfig(RunConfigMixin):
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:
+    """YAML file or packaged fine-tuning config name (a paper task: ``megnet_eform``, ...) + overrides."""
+    path = resolve_config(path, "finetune") if path else None
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides))
     return build(FinetuneConfig, data, source=str(path or "config"))

@@ -33,13 +33,16 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
-from cfdist.checkpoint import save_portable
-from cfdist.data import ShardSet, training_columns
+from cfdist.checkpoint import load_checkpoint_file, save_portable
+from cfdist.data import training_columns
+from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.finetune.config import FinetuneConfig
 from cfdist.finetune.transfer import freeze, model_from_pretrained
+from cfdist.manifest import ShardSet
+from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
+from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
+from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.shards import collate_arrow, read_shard
-from cfdist.train.metrics import MetricLogger, peak_memory_mb
-from cfdist.train.optim import lr_factor, parameter_groups
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
 
@@ -103,7 +106,7 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     path = cfg.run_dir() / "checkpoints" / LAST
     if not path.is_file():
         raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint_file(path)
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
     given["data"]["shards"] = str(Path(cfg.data.shards).resolve()) if cfg.data.shards else ""
@@ -128,8 +131,11 @@ class FinetuneTrainer:
     """One rank of a fine-tuning run; ``run()`` returns the results dict (also ``results.json``)."""
 
     def __init__(self, cfg: FinetuneConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                 report=None):
+                 report=None, resume_state: dict | None = None):
+        """``cfg`` is the run's effective config (:func:`cfdist.finetune.driver.prepare`); with
+        ``init_from=resume``, ``resume_state`` is ``last.pt`` if the caller has read it already."""
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.resume_state = resume_state
         self.device = torch.device(device)
         self.report = report  # called with epoch metrics (Ray Train's report when under Ray)
         self.run_dir = cfg.run_dir()
@@ -140,16 +146,17 @@ class FinetuneTrainer:
         from cfdist.config import CrystalformerConfig
         from cfdist.model import Crystalformer
 
-        state = None
-        if self.cfg.init_from == "resume":
-            self.cfg, state = resume_config(self.cfg)
         cfg = self.cfg
+        state = None
+        if cfg.init_from == "resume":
+            state = self.resume_state if self.resume_state is not None else load_checkpoint_file(self.ckpt_dir / LAST)
+            self.resume_state = None
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
         self.train = SplitData(self.shards, cfg.data.train_split, targets)
         self.val = SplitData(self.shards, cfg.data.val_split, targets) if cfg.data.val_split else None
-        stats = {t: self.shards.target_stats(t, cfg.data.train_split) for t in targets}
+        stats = target_stats(self.shards, targets, cfg.data.train_split)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
             model = Crystalformer(CrystalformerConfig.from_dict(state["model_config"]))
@@ -158,9 +165,7 @@ class FinetuneTrainer:
             self.transfer_report.update(report)
         else:
             model = Crystalformer(cfg.model_config())
-            with torch.no_grad():
-                for k, t in enumerate(targets):
-                    model.target_mean[k], model.target_std[k] = stats[t]
+            set_target_normalisation(model, stats)
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
                              f"needs {model.cutoff:.4f} A; re-run preprocessing with --cutoff {model.cutoff:.4f}")
@@ -215,13 +220,13 @@ class FinetuneTrainer:
         self.build()
         cfg = self.cfg
         logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step)
-        window = _new_window()
+        window = StepWindow()
         try:
             while self.epoch < cfg.epochs:
                 swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
                 for indices in self.epoch_batches(self.epoch):
                     n_step = float(self.train.n_labels[indices].sum())
-                    loss_sum, n_labelled, grad_norm, t_data = self.train_step(indices[self.rank::self.world], n_step)
+                    grad_norm = self.train_step(indices[self.rank::self.world], n_step, window)
                     self.step += 1
                     if swa_phase:  # paper: average after every step of the last epochs, lr held
                         if self.swa is None:
@@ -229,14 +234,10 @@ class FinetuneTrainer:
                         self.swa.update_parameters(self.model)
                     else:
                         self.scheduler.step()
-                    window["loss"] += loss_sum
-                    window["n"] += n_labelled
-                    window["structures"] += len(indices)
-                    window["steps"] += 1
-                    window["data_s"] += t_data
+                    window.steps += 1
                     if self.step % cfg.log_every == 0:
                         logger.log(self.step, self.window_metrics(window, grad_norm))
-                        window = _new_window()
+                        window = StepWindow()
                 self.epoch += 1
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
@@ -254,45 +255,38 @@ class FinetuneTrainer:
             logger.close()
         return self.finish() if self.rank == 0 else {}
 
-    def train_step(self, indices: np.ndarray, n_global: float) -> tuple[torch.Tensor, float, torch.Tensor, float]:
+    def train_step(self, indices: np.ndarray, n_global: float, window: StepWindow) -> torch.Tensor:
         """One optimiser step on this rank's ``indices``; ``n_global``: labels in the step on all ranks.
 
-        Returns (summed L1 error, labels counted, pre-clip grad norm, seconds spent collating); the
-        two tensors stay on the device so that a step never waits for it.
+        Adds the step's micro-batches to ``window`` and returns the pre-clip gradient norm; the
+        loss and the norm stay on the device so that a step never waits for it.
         """
         self.ddp.train()
         t0 = time.perf_counter()
         chunks = [self.train.batch(c).to(self.device)
                   for c in self.train.micro_batches(indices, self.cfg.data.max_entries)]
-        n_local = float(self.train.n_labels[indices].sum())
         t_data = time.perf_counter() - t0
-        mean = self.model.target_mean.float()
-        std = self.model.target_std.float()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)  # stays on the device until a log step reads it
         for k, batch in enumerate(chunks):
-            target = (batch.labels.float() - mean) / std
-            mask = torch.isfinite(target)
             sync = k == len(chunks) - 1
             context = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with context:
-                pred = self.ddp(batch).float()
-                err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
+                err, mask = masked_abs_error(self.ddp(batch).float(), normalised_targets(self.model, batch.labels))
+                err = err.sum()
                 # mean over the step's labels on all ranks (DDP averages gradients over ranks)
                 (err * (self.world / max(n_global, 1.0))).backward()
-            loss_sum += err.detach()
+            # host label counts (SplitData.n_labels) keep the step free of device syncs
+            window.add(batch, err.detach(), 0.0, t_data if k == 0 else 0.0)
+        window.labelled += float(self.train.n_labels[indices].sum())
         params = [p for p in self.model.parameters() if p.requires_grad]
         # pre-clip total norm; max_norm=inf measures without clipping when clipping is off
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
-        return loss_sum, n_local, grad_norm, t_data
+        return grad_norm
 
-    def window_metrics(self, w: dict, grad_norm: torch.Tensor) -> dict:
-        wall = max(time.perf_counter() - w["t0"], 1e-9)
-        return {"loss": float(w["loss"]) / max(w["n"], 1.0), "lr": float(self.optimizer.param_groups[0]["lr"]),
-                "grad_norm": float(grad_norm), "epoch": self.epoch, "structures_per_s": w["structures"] / wall,
-                "data_wait_pct": 100.0 * w["data_s"] / wall, "step_time_s": wall / max(w["steps"], 1),
-                "peak_memory_mb": peak_memory_mb(self.device)}
+    def window_metrics(self, w: StepWindow, grad_norm: torch.Tensor) -> dict:
+        return {**w.summary(), "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": float(grad_norm),
+                "epoch": self.epoch, "peak_memory_mb": peak_memory_mb(self.device)}
 
     # -- evaluation and checkpoints ------------------------------------------------------
     @torch.no_grad()
@@ -305,13 +299,10 @@ class FinetuneTrainer:
         step = self.cfg.data.eval_batch_size
         for start in range(0, len(data), step):
             batch = data.batch(np.arange(start, min(start + step, len(data)))).to(self.device)
-            pred = model(batch).double().cpu()
-            labels = batch.labels.double().cpu()
-            mask = torch.isfinite(labels)
-            std, mean = model.target_std.double().cpu(), model.target_mean.double().cpu()
-            err = torch.where(mask, (pred - (torch.nan_to_num(labels) - mean) / std).abs(), torch.zeros_like(pred))
+            target = normalised_targets(model, batch.labels.cpu(), torch.float64)
+            err, mask = masked_abs_error(model(batch).double().cpu(), target)
             abs_norm += err.sum(0).numpy()
-            abs_orig += (err * std).sum(0).numpy()
+            abs_orig += (err * model.target_std.double().cpu()).sum(0).numpy()
             count += mask.sum(0).numpy()
         model.train(was_training)
         out = {"val_loss": float(abs_norm.sum() / count.sum()) if count.sum() else float("nan")}
@@ -339,19 +330,18 @@ class FinetuneTrainer:
                  "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "best_epoch": self.best_epoch,
                  "transfer_report": self.transfer_report, "config": self.cfg.to_dict(),
                  "model_config": self.model.config.to_dict()}
-        tmp = self.ckpt_dir / f".{LAST}.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.ckpt_dir / LAST)
+        with atomic_write(self.ckpt_dir / LAST) as tmp:
+            torch.save(state, tmp)
 
     def finish(self) -> dict:
         """Save the SWA model, evaluate best / SWA / final on the test split, write results.json."""
-        from cfdist.predict import evaluate, write_json_atomic
+        from cfdist.predict import evaluate
 
         cfg = self.cfg
         models = {"final": self.model}
         if self.swa is not None:
-            save_portable(self.ckpt_dir / SWA, self.swa_model(), extra=self.extra("swa"))
             models["swa"] = self.swa_model()
+            save_portable(self.ckpt_dir / SWA, models["swa"], extra=self.extra("swa"))
         if (self.ckpt_dir / BEST).is_file():
             from cfdist.checkpoint import load
 
@@ -385,18 +375,13 @@ class FinetuneTrainer:
         return out
 
 
-def _new_window() -> dict:
-    """Accumulators of one logging window (loss and label counts, structures, steps, data time)."""
-    return {"t0": time.perf_counter(), "loss": 0.0, "n": 0.0, "structures": 0, "steps": 0, "data_s": 0.0}
-
-
 # ----------------------------------------------------------------------------- entry points
-def local_finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune in this process."""
+def local_finetune(cfg: FinetuneConfig, resume_state: dict | None = None) -> dict:
+    """Fine-tune in this process (``cfg``: the effective config, see :func:`cfdist.finetune.driver.prepare`)."""
     if cfg.scaling.threads > 0:
         torch.set_num_threads(cfg.scaling.threads)
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
-    return FinetuneTrainer(cfg, device=device).run()
+    return FinetuneTrainer(cfg, device=device, resume_state=resume_state).run()
 
 
 def ray_finetune_loop(loop_config: dict) -> None:

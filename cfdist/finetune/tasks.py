@@ -1,9 +1,9 @@
-"""The paper's nine benchmark tasks: where the data comes from, the exact split rules (design doc
-section 4.4), and ``cfdist prepare-task`` (download -> split file -> shards).
+"""The paper's nine benchmark tasks: where the data comes from, the exact split rules, and
+``cfdist prepare-task`` (download -> split file -> shards).
 
     cfdist prepare-task megnet_eform --out data/megnet_eform            # downloads (needs internet)
     cfdist prepare-task megnet_eform --out data/megnet_eform --source megnet.json.zip   # a local copy
-    python launch/finetune.py --config configs/finetune/megnet_eform.yaml
+    cfdist finetune --config megnet_eform
 
 Split rules (as the reference, Matformer and PotNet use them, so results compare like with like):
 
@@ -186,14 +186,13 @@ def prepare_task(name: str, out: str | Path, *, source: str | Path | None = None
     """Download (or read ``source``), write ``out/split.json`` with the task's rule, and preprocess
     into ``out/`` (shards + manifest + rejects). Returns the manifest."""
     from cfdist.config import CrystalformerConfig
-    from cfdist.train.config import REPO
-    from preprocess.build_shards import Settings, build
+    from cfdist.preprocess.job import Settings, build
 
     if name not in TASKS:
         raise SystemExit(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
     task, out = TASKS[name], Path(out)
     dataset = DATASETS[task.dataset]
-    cutoff = cutoff or CrystalformerConfig.from_yaml(REPO / "configs" / "model" / "crystalformer.yaml").cutoff
+    cutoff = cutoff or CrystalformerConfig.from_yaml("crystalformer").cutoff
     raw = out.parent / f"{out.name}_raw"
     raw.mkdir(parents=True, exist_ok=True)
     if task.rule == "files":

@@ -5,19 +5,26 @@ of a fixed box n in [-R, R]^3 ((2R + 1)^3 images), with the (E, images, K) Gauss
 basis tensor materialised once per layer and the heads looped, as the reference's
 ``IndexedLatticeformerEncoder`` does (R = ``lattice_range`` = 2 there).
 
-It exists as the baseline of ``bench/attention.py`` and for parity with checkpoints
-trained on the reference's box rule. Its time and memory grow as N^2 (2R+1)^3 K.
+It exists as the baseline of ``bench/attention.py``: the same model math over the box the
+reference truncates to, to measure what the sphere-cutoff image tables save. It is not a
+checkpoint-compatibility layer (the box rule is only approximately cell-invariant). Its time
+and memory grow as N^2 (2R+1)^3 K. :class:`DenseBoxAttention` plugs it into
+:class:`cfdist.Crystalformer` as an attention backend.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cfdist.batch import CrystalBatch
 from cfdist.graph import gaussian_basis
+
+if TYPE_CHECKING:
+    from cfdist.config import CrystalformerConfig
 
 
 @dataclass
@@ -93,3 +100,17 @@ def dense_box_attention(q, k, v, a, geometry: DenseBoxGeometry, edge_proj=None) 
         values = values + torch.stack(betas, dim=1).to(acc)
     out = values.new_zeros(n_atoms, n_heads, head_dim).index_add_(0, pi, p[:, :, None] * values)
     return out.to(v.dtype)
+
+
+class DenseBoxAttention:
+    """Model attention backend over the dense (2R+1)^3 box (the reference's PyTorch fallback)."""
+
+    def __init__(self, box_range: int = 2):
+        self.box_range = int(box_range)
+
+    def prepare(self, batch: CrystalBatch, config: CrystalformerConfig, dtype: torch.dtype) -> DenseBoxGeometry:
+        return DenseBoxGeometry.build(batch, self.box_range, config.n_basis, config.gbf_r_max,
+                                      config.gbf_width_scale, dtype)
+
+    def __call__(self, q, k, v, a, geometry, edge_proj):
+        return dense_box_attention(q, k, v, a, geometry, edge_proj)

@@ -1,4 +1,4 @@
-"""The efficient periodic-attention op used for training (design A3).
+"""The efficient periodic-attention op used for training (docs/model.md, Attention op).
 
 For query atom i, head h, key atom j and table entries t of the pair (i, j):
 
@@ -12,7 +12,7 @@ T x H x K (or N^2 x box x K) is ever formed: the last sum is one (H x W)(W x K) 
 per block of W entries of a query atom, followed by a (K -> d_h) projection per atom.
 Peak extra memory is O(T H + P H d_h + R H K) with R ~ T / W blocks.
 
-Exponents, log-sum-exp and softmax run in at least float32 (design A4).
+Exponents, log-sum-exp and softmax run in at least float32.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The training loop, read top to bottom: restore -> (stream -> pack -> step -> log/validate/checkpoint).
 
-It runs inside Ray Train workers (:func:`ray_train_loop`, launched by ``launch/pretrain.py``)
+It runs inside Ray Train workers (:func:`ray_train_loop`, launched by :mod:`cfdist.train.driver`)
 or in plain processes (:func:`local_train_loop`: one process, or torchrun ranks), and differs
 between the two only in the :class:`WorkerContext` (where rows come from, where checkpoints go).
 
@@ -13,8 +13,9 @@ packed batches are sized.
 
 Resume: checkpoints are taken at optimiser-step boundaries and store a :class:`DataCursor`
 (epoch, micro-batches consumed in it). A restored rank replays its epoch stream and skips that
-many batches; with Ray Data's ``preserve_order`` and the seeded shuffle the stream is the same,
-so a resumed run continues with exactly the batches an uninterrupted one would have used.
+many batches; with Ray Data's ``preserve_order`` (:func:`ray_datasets`) and the seeded shuffle the
+stream is the same, so a resumed run continues with exactly the batches an uninterrupted one
+would have used.
 """
 
 from __future__ import annotations
@@ -27,19 +28,22 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
-from cfdist.data import BatchBudget, DataCursor, PackStats, ShardSet, budgeted_batches, iter_local_shards, \
-    pack_rows, training_columns
+from cfdist.data import BatchBudget, DataCursor, PackStats, budgeted_batches, iter_local_shards, pack_rows, \
+    training_columns
+from cfdist.fileio import write_json_atomic
+from cfdist.manifest import ShardSet
+from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
+from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
 from cfdist.shards import collate_arrow
 from cfdist.train.config import PretrainConfig, config_from_dict
 from cfdist.train.engine import build_engine, init_distributed
-from cfdist.train.metrics import MetricLogger, peak_memory_mb
 
 
 # ----------------------------------------------------------------------------- worker contexts
@@ -61,12 +65,35 @@ class WorkerContext:
     def latest_checkpoint(self):
         yield None
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
+        """Every rank calls ``write(directory)`` (its DeepSpeed shard + rank 0's state file); the
+        context then makes the directory the run's newest checkpoint."""
         raise NotImplementedError
 
 
+def ray_datasets(cfg: PretrainConfig, shards: ShardSet) -> tuple[dict, Any]:
+    """The Ray Data datasets ("train", "val") of a run and the ``DataConfig`` that splits them.
+
+    ``preserve_order``: the same rows reach the same rank in the same order on every run. Exact
+    resume depends on it: a restored rank replays its epoch stream and skips the batches its
+    :class:`DataCursor` says it consumed, which is only correct if the replay is the same stream.
+    """
+    import pyarrow.parquet as pq
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    files = shards.files(cfg.data.train_split)
+    columns = training_columns(pq.read_schema(files[0].path), cfg.data.targets)
+    splits = {"train": cfg.data.train_split, **({"val": cfg.data.val_split} if cfg.data.val_split else {})}
+    datasets = {name: ray.data.read_parquet([str(e.path) for e in shards.files(split)], columns=columns, shuffle=None)
+                for name, split in splits.items()}
+    return datasets, DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True))
+
+
 class RayContext(WorkerContext):
-    """Inside a Ray Train worker: datasets "train" / "val" come from ``get_dataset_shard``."""
+    """Inside a Ray Train worker: datasets "train" / "val" (:func:`ray_datasets`) come from
+    ``get_dataset_shard``; checkpoints are reported to Ray Train, which persists them."""
 
     def __init__(self, cfg: PretrainConfig, columns: list[str]):
         import ray.train
@@ -102,12 +129,13 @@ class RayContext(WorkerContext):
         with checkpoint.as_directory() as path:
             yield Path(path)
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        name = f"checkpoint_{int(metrics['step']):09d}" if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        with tempfile.TemporaryDirectory(prefix="cfdist-ckpt-") as tmp:
+            write(Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_{step:09d}")
 
 
 class LocalContext(WorkerContext):
@@ -122,43 +150,41 @@ class LocalContext(WorkerContext):
         self.cfg, self.columns, self.shards = cfg, columns, shards
         self.checkpoints = cfg.run_dir() / "checkpoints"
 
-    def _files(self, split: str):
-        return [e.path for e in self.shards.files(split)]
+    def _tables(self, split: str):
+        return iter_local_shards([e.path for e in self.shards.files(split)], rank=self.rank,
+                                 world_size=self.world_size, columns=self.columns,
+                                 rows_per_read=self.cfg.data.rows_per_read)
 
     def train_tables(self, epoch: int):
-        return iter_local_shards(self._files(self.cfg.data.train_split), rank=self.rank, world_size=self.world_size,
-                                 columns=self.columns, rows_per_read=self.cfg.data.rows_per_read)
+        return self._tables(self.cfg.data.train_split)
 
     def val_tables(self):
-        return iter_local_shards(self._files(self.cfg.data.val_split), rank=self.rank, world_size=self.world_size,
-                                 columns=self.columns, rows_per_read=self.cfg.data.rows_per_read)
+        return self._tables(self.cfg.data.val_split)
 
     @contextmanager
     def latest_checkpoint(self):
         done = sorted(self.checkpoints.glob("step_*/" + STATE_FILE)) if self.checkpoints.is_dir() else []
         yield done[-1].parent if done else None
 
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is None:
-            return
-        # every rank wrote its own files into checkpoint_dir (a shared directory here)
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
+        # every rank writes its files into one scratch directory (shared here); rank 0 then renames
+        # it into place, so a checkpoint directory with a state file is always complete
+        scratch = self.checkpoints / f".tmp_step_{step:09d}" / f"step_{step:09d}"
+        if self.rank == 0:
+            scratch.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        write(scratch)
         dist.barrier()
         if self.rank == 0:
-            final = self.checkpoints / checkpoint_dir.name
+            final = self.checkpoints / scratch.name
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(checkpoint_dir, final)
+            os.replace(scratch, final)
+            shutil.rmtree(scratch.parent, ignore_errors=True)
             kept = sorted(self.checkpoints.glob("step_*/" + STATE_FILE))
             for old in kept[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old.parent, ignore_errors=True)
         dist.barrier()
-
-    def checkpoint_scratch(self, step: int) -> Path:
-        path = self.checkpoints / f".tmp_step_{step:09d}" / f"step_{step:09d}"
-        if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        return path
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -179,9 +205,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
         model = Crystalformer(cfg.model_config())
-        for k, target in enumerate(self.targets):
-            mean, std = self.shards.target_stats(target, cfg.data.train_split)
-            model.target_mean[k], model.target_std[k] = mean, std
+        set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
         model.to(self.ctx.device)
         self.engine, self.optimizer, self.scheduler = build_engine(
             model, cfg.deepspeed, cfg.optim, cfg.max_steps, cfg.data.max_structures)
@@ -212,11 +236,6 @@ class Trainer:
         dist.all_reduce(t)
         return t.cpu().tolist()
 
-    def normalised_targets(self, labels: torch.Tensor) -> torch.Tensor:
-        mean = self.model.target_mean.to(labels)
-        std = self.model.target_std.to(labels)
-        return (labels - mean) / std
-
     def batch_to_device(self, table):
         batch = collate_arrow(table, self.targets, cutoff=self.shards.cutoff)
         return batch.to(self.ctx.device)
@@ -226,7 +245,7 @@ class Trainer:
         self.build()
         cfg, ctx = self.cfg, self.ctx
         logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
-        window = self.new_window()
+        window = StepWindow()
         metrics: dict[str, Any] = {}
         dropped_tail = 0
         try:
@@ -252,22 +271,16 @@ class Trainer:
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     loss_sum = self.micro_step(batch, labelled)
                     self.cursor.batches += 1
-                    window["data_s"] += t_data
-                    window["step_s"] += time.perf_counter() - t0
-                    window["structures"] += batch.n_crystals
-                    window["atoms"] += int(batch.n_atoms.sum())
-                    window["entries"] += batch.n_entries
-                    window["loss_sum"] += loss_sum
-                    window["labelled"] += n_labelled
+                    window.add(batch, loss_sum, n_labelled, t_data, time.perf_counter() - t0)
                     if not boundary:
                         continue
                     self.step += 1
-                    window["steps"] += 1
+                    window.steps += 1
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                         metrics = self.window_metrics(window)
                         metrics["dropped_tail"] = dropped_tail
                         logger.log(self.step, metrics)
-                        window = self.new_window()
+                        window = StepWindow()
                     if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
                         val = self.validate()
                         metrics.update(val)
@@ -275,9 +288,10 @@ class Trainer:
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                         self.checkpoint(metrics)
                 if epoch_done:
+                    if pack_stats.batches == 0:  # nothing at all, not even batches skipped on resume
+                        raise RuntimeError(f"rank {ctx.rank}: the train split yielded no batches in epoch "
+                                           f"{self.cursor.epoch}; use fewer workers than train shard rows")
                     self.cursor = DataCursor(epoch=self.cursor.epoch + 1)
-                    if pack_stats.batches == 0 and self.cursor.batches == 0:
-                        raise RuntimeError(f"rank {ctx.rank}: the train split yielded no batches")
         finally:
             logger.close()
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
@@ -285,10 +299,9 @@ class Trainer:
 
     def micro_step(self, batch, labelled_global: float) -> float:
         """Forward + backward + (boundary) optimiser step; returns this rank's summed L1 error."""
-        target = self.normalised_targets(batch.labels.to(torch.float32))
-        pred = self.engine(batch).float()
-        mask = torch.isfinite(target)
-        err = torch.where(mask, (pred - torch.nan_to_num(target)).abs(), torch.zeros_like(pred)).sum()
+        target = normalised_targets(self.model, batch.labels)
+        err, _ = masked_abs_error(self.engine(batch).float(), target)
+        err = err.sum()
         loss = err * (self.ctx.world_size / max(labelled_global, 1.0))
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
@@ -300,29 +313,15 @@ class Trainer:
         self.engine.step()
         return float(err.detach())
 
-    def new_window(self) -> dict:
-        return {"t0": time.perf_counter(), "steps": 0, "data_s": 0.0, "step_s": 0.0, "structures": 0,
-                "atoms": 0, "entries": 0, "loss_sum": 0.0, "labelled": 0.0}
-
-    def window_metrics(self, w: dict) -> dict:
-        wall = max(time.perf_counter() - w["t0"], 1e-9)
-        tot = self.all_sum([w["structures"], w["atoms"], w["entries"], w["loss_sum"], w["labelled"], w["data_s"]])
-        world = self.ctx.world_size
+    def window_metrics(self, w: StepWindow) -> dict:
+        tot = self.all_sum([w.structures, w.atoms, w.entries, w.loss_sum, w.labelled, w.data_s])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
-        return {
-            "loss": tot[3] / max(tot[4], 1.0),
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "structures_per_step": tot[0] / max(w["steps"], 1),
-            "structures_per_s": tot[0] / wall, "structures_per_s_per_worker": tot[0] / wall / world,
-            "atoms_per_s": tot[1] / wall, "entries_per_s": tot[2] / wall,
-            "entries_per_s_per_worker": tot[2] / wall / world,
-            "data_wait_pct": 100.0 * tot[5] / world / wall,
-            "step_time_s": wall / max(w["steps"], 1),
-            "peak_memory_mb": peak_memory_mb(self.ctx.device),
-            "epoch": self.cursor.epoch,
-        }
+        metrics = w.summary(world=self.ctx.world_size, totals=tot)
+        metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
+                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
+        return metrics
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -358,34 +357,24 @@ class Trainer:
     def _accumulate_val(self, table, err_sum, count) -> None:
         batch = self.batch_to_device(table)
         pred = self.model.denormalize(self.engine(batch).float()).double().cpu()
-        labels = batch.labels.double().cpu()
-        mask = torch.isfinite(labels)
-        err = torch.where(mask, (pred - torch.nan_to_num(labels)).abs(), torch.zeros_like(pred))
+        err, mask = masked_abs_error(pred, batch.labels.double().cpu())
         err_sum += err.sum(0).numpy()
         count += mask.sum(0).numpy()
 
     def checkpoint(self, metrics: dict) -> None:
-        """All ranks save their DeepSpeed state, then report the directory (Ray persists it)."""
+        """All ranks save their DeepSpeed state; the context persists the directory."""
         buffers = {name: (buf.item() if buf.numel() == 1 else buf.float().cpu().tolist())
                    for name, buf in self.model.named_buffers() if buf.is_floating_point()}
         state = {"step": self.step, "cursor": self.cursor.to_dict(), "run_name": self.cfg.run_name,
                  "model_config": self.model.config.to_dict(), "config": self.cfg.to_dict(), "buffers": buffers}
         client = {"step": self.step, "cursor": self.cursor.to_dict()}
-        if isinstance(self.ctx, LocalContext):
-            scratch = self.ctx.checkpoint_scratch(self.step)
-            self._save(scratch, client, state)
-            self.ctx.report(_scalars(metrics, self.step), scratch)
-            if self.ctx.rank == 0:
-                shutil.rmtree(scratch.parent, ignore_errors=True)
-            return
-        with tempfile.TemporaryDirectory(prefix="cfdist-ckpt-") as tmp:
-            self._save(Path(tmp), client, state)
-            self.ctx.report(_scalars(metrics, self.step), Path(tmp))
 
-    def _save(self, path: Path, client: dict, state: dict) -> None:
-        self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state=client)
-        if self.ctx.rank == 0:
-            (path / STATE_FILE).write_text(json.dumps(state, indent=1, default=_json_default))
+        def write(path: Path) -> None:
+            self.engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, client_state=client)
+            if self.ctx.rank == 0:
+                write_json_atomic(path / STATE_FILE, state, indent=1, default=_json_default)
+
+        self.ctx.save_checkpoint(self.step, write, _scalars(metrics, self.step))
 
 
 def _scalars(metrics: dict, step: int) -> dict:
@@ -404,10 +393,10 @@ def _json_default(obj):
 
 # ----------------------------------------------------------------------------- entry points
 def ray_train_loop(loop_config: dict) -> None:
-    """``train_loop_per_worker`` of the Ray TorchTrainer built by ``launch/pretrain.py``."""
-    import ray.data
+    """``train_loop_per_worker`` of the Ray TorchTrainer built by :func:`cfdist.train.driver.run_ray`."""
+    from cfdist.run.ray_cluster import quiet_ray_data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)

@@ -13,9 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
 TINY_MODEL = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
 
 
@@ -25,7 +22,8 @@ def main() -> None:
     import torch.distributed as dist
 
     from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoint, load
-    from cfdist.train.config import build, PretrainConfig
+    from cfdist.config import build
+    from cfdist.train.config import PretrainConfig
     from cfdist.train.loop import local_train_loop
 
     shards, out, specs = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]

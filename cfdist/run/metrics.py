@@ -1,4 +1,5 @@
-"""Per-step metrics: JSONL file + TensorBoard events in the run directory, tqdm bar on rank 0."""
+"""Per-step metrics: JSONL file + TensorBoard events in the run directory, tqdm bar on rank 0,
+and the logging window both training loops accumulate between log steps."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import json
 import resource
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -70,3 +72,46 @@ class MetricLogger:
             self.writer.close()
         if self.file is not None:
             self.file.close()
+
+
+@dataclass
+class StepWindow:
+    """What a rank did since the last log step; :meth:`summary` turns it into rates.
+
+    ``loss_sum`` may be a device tensor (the fine-tuning loop keeps it there so that a step
+    never waits for the device); it is read once, at the log step.
+    """
+
+    t0: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    structures: int = 0
+    atoms: int = 0
+    entries: int = 0
+    loss_sum: Any = 0.0
+    labelled: float = 0.0
+    data_s: float = 0.0
+
+    def add(self, batch, loss_sum, labelled: float, data_s: float) -> None:
+        """One micro-batch (a :class:`cfdist.batch.CrystalBatch`) with its summed loss and label count."""
+        self.structures += batch.n_crystals
+        self.atoms += int(batch.n_atoms.sum())
+        self.entries += batch.n_entries
+        self.loss_sum += loss_sum
+        self.labelled += labelled
+        self.data_s += data_s
+
+    def summary(self, world: int = 1, totals: Sequence[float] | None = None) -> dict:
+        """Loss and throughput. ``totals``: [structures, atoms, entries, loss_sum, labelled, data_s]
+        summed over the ``world`` ranks (default: this rank's own)."""
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        structures, atoms, entries, loss_sum, labelled, data_s = totals if totals is not None else (
+            self.structures, self.atoms, self.entries, float(self.loss_sum), self.labelled, self.data_s)
+        steps = max(self.steps, 1)
+        return {
+            "loss": float(loss_sum) / max(labelled, 1.0),
+            "structures_per_step": structures / steps,
+            "structures_per_s": structures / wall, "structures_per_s_per_worker": structures / wall / world,
+            "atoms_per_s": atoms / wall, "entries_per_s": entries / wall, "entries_per_s_per_worker": entries / wall / world,
+            "data_wait_pct": 100.0 * data_s / world / wall,
+            "step_time_s": wall / steps,
+        }

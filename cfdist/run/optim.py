@@ -1,4 +1,4 @@
-"""AdamW parameter groups and learning-rate schedules (paper recipe: section 3.4 of the design doc)."""
+"""AdamW parameter groups and learning-rate schedules (the paper recipe by default; docs/model.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cfdist.config import ConfigError
-from cfdist.train.config import OptimSection
+from cfdist.run.config import OptimSection
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, *, scaled_blocks: int = 0,

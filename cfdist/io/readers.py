@@ -1,4 +1,4 @@
-"""Readers for the preprocessing stage: plan deterministic chunks on the driver, read them on workers.
+"""Readers of raw structure files (preprocessing and prediction): plan deterministic chunks on the driver, read them on workers.
 
 Supported input formats (:data:`FORMATS`):
 
@@ -20,7 +20,7 @@ a bad record: a record that cannot be turned into a crystal comes back with ``er
 Streaming: extxyz, JSON-lines and JSON-list chunks carry byte ranges; a worker seeks to
 ``byte_offset`` and reads ``byte_length`` bytes. A JSON list (or the ``entries`` list of an Alexandria
 ``{"entries": [...]}`` dump) is planned by scanning its bytes for the separators between elements
-(:mod:`preprocess.json_scan`) instead of decoding it, so no process ever holds the whole list. For
+(:mod:`cfdist.io.json_scan`) instead of decoding it, so no process ever holds the whole list. For
 ``.gz``/``.bz2`` inputs the offsets are into the decompressed stream: given a ``spill_dir``, planning
 keeps the decompressed bytes (``Chunk.data_path``) so workers seek directly; without one, each worker
 decompresses (but does not decode) everything before its chunk. Only a single record or an ASE JSON
@@ -52,12 +52,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from cfdist.crystal import Crystal, InvalidCrystalError, from_ase, from_jarvis, from_pymatgen
-from preprocess.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
+from cfdist.fileio import atomic_write
+from cfdist.io.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
 
 __all__ = [
     "FORMATS",
     "Chunk",
     "RawRecord",
+    "default_id",
     "infer_format",
     "expand_inputs",
     "plan_chunks",
@@ -401,15 +403,8 @@ def _spilling(target: str | None):
     if target is None:
         yield None
         return
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(target) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def _plain_chunks(fmt: str, path: str, n: int, chunk_size: int) -> list[Chunk]:

@@ -1,0 +1,145 @@
+"""The fine-tuning driver: config -> effective config (resume) -> shard check -> run directory ->
+this process or Ray Train workers -> results.
+
+    cfdist finetune --config megnet_slice_eform [key=value ...]                 # in this process
+    cfdist finetune --config megnet_slice_eform init_from=pretrained checkpoint=model.pt transfer.freeze_blocks=2
+    cfdist finetune --config megnet_slice_eform run_name=NAME init_from=resume    # continue an interrupted run
+    ray job submit --working-dir . -- python launch/finetune.py --config ... scaling.num_workers=4
+
+The run directory ``<output_dir>/<run_name>/`` gets the resolved config, versions and git SHA,
+``metrics.jsonl`` + TensorBoard, ``checkpoints/{best,swa,final}.pt`` (portable; ``cfdist.load``)
+and ``last.pt`` (resume state), ``evaluation/<model>/`` (metrics.json, predictions.csv,
+parity.png on the test split) and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from cfdist.finetune.config import FinetuneConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cfdist finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="fine-tuning config: a packaged name (megnet_slice_eform, a paper task "
+                                         "such as megnet_eform) or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=100 init_from=pretrained")
+    parser.add_argument("--address", default=None, help="Ray cluster address when scaling.num_workers >= 1")
+    return parser.parse_args(argv)
+
+
+def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
+    """(the effective config of the run, the resume state or None).
+
+    For ``init_from=resume`` the effective config is the run's own saved one and the state is
+    ``last.pt`` (read once, here). Paths are resolved, the shards and the run directory checked
+    and the run files written.
+    """
+    from cfdist.finetune.loop import LAST, resume_config
+    from cfdist.manifest import ShardSet
+    from cfdist.run.runinfo import write_run_files
+
+    if not cfg.data.shards:
+        raise SystemExit("data.shards is not set: pass data.shards=DIR (written by `cfdist preprocess` "
+                         "or `cfdist prepare-task`)")
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    run_dir = cfg.run_dir()
+    state = None
+    if cfg.init_from == "resume":
+        if not (run_dir / "checkpoints" / LAST).is_file():
+            raise SystemExit(f"init_from=resume: {run_dir / 'checkpoints' / LAST} does not exist")
+        cfg, state = resume_config(cfg)  # a run continues with the settings it started with
+    cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    if cfg.checkpoint:
+        cfg.checkpoint = str(Path(cfg.checkpoint).resolve())
+        if not Path(cfg.checkpoint).exists():
+            raise SystemExit(f"checkpoint={cfg.checkpoint}: not found")
+    if cfg.init_from == "scratch" and not isinstance(cfg.model, dict):
+        model = cfg.model_config().to_dict()
+        model.pop("target_names")
+        cfg.model = model
+    shards = ShardSet(cfg.data.shards)
+    splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
+    model = cfg.model_config() if cfg.init_from == "scratch" else None  # others: checked when loaded
+    shards.verify(splits, required_cutoff=model.cutoff if model else None, targets=cfg.data.targets,
+                  n_elements=model.n_elements if model else None, checksums=True)
+    if cfg.init_from != "resume" and (run_dir / "checkpoints").exists():
+        if not cfg.overwrite:
+            raise SystemExit(f"{run_dir} already holds a run: continue it with init_from=resume, pick another "
+                             f"run_name, or pass overwrite=true to start over")
+        for name in ("checkpoints", "tensorboard", "evaluation", "ray"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "results.json", "run_info.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    write_run_files(run_dir, cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"))
+    print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {shards.n_rows(s):,}' for s in splits)} structures); "
+          f"run directory: {run_dir}", flush=True)
+    return cfg, state
+
+
+def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
+    """The fine-tuning loop on ``scaling.num_workers`` Ray Train workers (DDP); returns results.json."""
+    import os
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cfdist.finetune.loop import ray_finetune_loop
+    from cfdist.run.ray_cluster import init_ray
+
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    init_ray(address=address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), use_gpu=cfg.scaling.use_gpu,
+             object_store_memory=1 << 29)
+    trainer = TorchTrainer(
+        ray_finetune_loop, train_loop_config={"config": cfg.to_dict()},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir())))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return json.loads((cfg.run_dir() / "results.json").read_text())
+
+
+def run(cfg: FinetuneConfig, address: str | None = None) -> dict:
+    """Prepare, then train where the *effective* config says (a resumed run keeps its own scaling)."""
+    from cfdist.finetune.loop import local_finetune
+
+    cfg, state = prepare(cfg)
+    t0 = time.perf_counter()
+    # Ray workers read last.pt themselves (each needs the state); here it is passed on, not re-read
+    results = run_ray(cfg, address) if cfg.scaling.num_workers >= 1 else local_finetune(cfg, resume_state=state)
+    print(f"fine-tuning finished in {time.perf_counter() - t0:.1f} s -> {cfg.run_dir()}")
+    return results
+
+
+def print_results(results: dict) -> None:
+    test = results.get("test")
+    if not test:
+        print("no test split: see results.json for validation metrics")
+        return
+    print(f"\ntest split ({results['epochs']} epochs, best val epoch {results['best_epoch']}):")
+    print("| model | target | n | MAE | RMSE | R^2 |\n|---|---|---|---|---|---|")
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for name, targets in test.items():
+        for target, m in targets.items():
+            print(f"| {name} | {target} | {m['n']} | {fmt(m.get('mae'))} | {fmt(m.get('rmse'))} | {fmt(m.get('r2'))} |")
+
+
+def main(argv=None) -> int:
+    from cfdist.finetune.config import load_finetune_config
+
+    args = parse_args(argv)
+    print_results(run(load_finetune_config(args.config, args.overrides), args.address))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The run layer pretraining and fine-tuning share.
+
+    config.py       OptimSection, RunConfigMixin (run directory, model config), resolve_model_config
+    objective.py    target statistics and standardisation, the masked L1 error
+    optim.py        AdamW parameter groups (no decay on biases, lr-scaled blocks), lr schedules
+    metrics.py      metrics.jsonl + TensorBoard + progress bar; logging windows; peak memory
+    runinfo.py      config.yaml and run_info.jsonl (versions, git SHA) of every run
+    ray_cluster.py  joining or starting the Ray cluster (one bootstrap for every job)
+"""

@@ -1,0 +1,57 @@
+"""Joining or starting the Ray cluster a job runs on: one bootstrap for preprocessing, pretraining
+and fine-tuning.
+
+- Under ``ray job submit`` (``RAY_ADDRESS`` set) or with an explicit address, the job joins that
+  cluster. Otherwise it starts a local instance sized for the work (``num_cpus``: logical CPUs;
+  Ray Data needs CPUs beside the train workers or its reads starve).
+- ``RAY_AUTH_MODE`` defaults to ``disabled``: a plain ``ray.init()`` writes a token file that later
+  makes ``ray start`` / ``ray job submit`` fail with authentication errors.
+- Workers get ``DS_ACCELERATOR`` (DeepSpeed's accelerator: cpu or cuda) and the auth mode.
+- Ray's own INFO chatter and Ray Data's progress bars are turned off; our progress bars and
+  summaries stay. Environment overrides for tests and small machines: ``CFDIST_RAY_NUM_CPUS``,
+  ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on loopback), ``CFDIST_RAY_OBJECT_STORE`` (bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def runtime_env(use_gpu: bool = False) -> dict[str, Any]:
+    """The runtime environment every Ray worker of a cfdist job gets."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return {"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+                         "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}}
+
+
+def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu: bool = False,
+             object_store_memory: int = 1 << 30, include_dashboard: bool = False) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS``, or start a local instance; reuse one already started."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"runtime_env": runtime_env(use_gpu), "logging_level": logging.WARNING}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            if os.environ.get("CFDIST_RAY_NUM_CPUS"):
+                num_cpus = int(os.environ["CFDIST_RAY_NUM_CPUS"])
+            if os.environ.get("CFDIST_RAY_NODE_IP"):
+                kwargs["_node_ip_address"] = os.environ["CFDIST_RAY_NODE_IP"]
+            memory = int(os.environ.get("CFDIST_RAY_OBJECT_STORE", object_store_memory))
+            ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard, object_store_memory=memory, **kwargs)
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """No Ray Data progress bars or INFO lines in this process (call it in workers too)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,1 +1,0 @@
-"""Preprocessing stage: readers for raw structure files and the Ray Data job that builds shards."""
