@@ -299,3 +299,35 @@ def test_collate_packed_table(shard_dir):
     assert batch.entry_i.shape[0] == int(pa.compute.sum(table["n_entries"]).as_py())
     assert batch.cutoff == CUTOFF
     np.testing.assert_array_equal(batch.labels[:, 0].numpy(), table["y.e_form"].to_numpy())
+
+
+def test_model_with_too_few_elements_is_refused_by_the_shard_check(shard_dir, megnet_crystals):
+    """Regression: a model whose one-hot embedding is smaller than the data's highest Z used to fail
+    with an IndexError inside model.embed; the shard check now names the element and the fix."""
+    from cfdist.shards import ShardError
+
+    sset = ShardSet(shard_dir)
+    highest = max(int(z) for c in megnet_crystals[:60] for z in c.numbers)
+    assert sset.max_element == highest
+    sset.verify(["train"], n_elements=highest, checksums=False)
+    with pytest.raises(ShardError, match=f"element Z={highest} but the model embeds only Z = 1..{highest - 1}"):
+        sset.verify(["train"], n_elements=highest - 1, checksums=False)
+
+
+def test_the_pretraining_driver_checks_elements_before_any_worker(shard_dir, tmp_path):
+    from cfdist.shards import ShardError
+    from cfdist.train.config import load_pretrain_config
+    from cfdist.train.driver import check_shards, resolve
+
+    cfg = resolve(load_pretrain_config("megnet_slice", [f"data.shards={shard_dir}", f"output_dir={tmp_path}",
+                                                         "model={n_elements: 20, cutoff_sigmas: 4.49}", "data.val_split="]))
+    with pytest.raises(ShardError, match=r"model embeds only Z = 1\.\.20"):
+        check_shards(cfg)
+    assert not (tmp_path / "megnet_slice").exists()
+
+
+def test_data_cursor_reads_checkpoints_of_older_versions():
+    from cfdist.data import DataCursor
+
+    assert DataCursor.from_dict({"epoch": 3, "batches": 7, "structures": 123}) == DataCursor(epoch=3, batches=7)
+    assert DataCursor.from_dict(None) == DataCursor()

@@ -148,8 +148,8 @@ def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
     snapshots = []
 
     class Recording(FinetuneTrainer):
-        def train_step(self, indices, n_global):
-            out = super().train_step(indices, n_global)
+        def train_step(self, indices, n_global, window):
+            out = super().train_step(indices, n_global, window)
             snapshots.append((self.epoch, self.optimizer.param_groups[0]["lr"],
                               {k: v.detach().clone() for k, v in self.model.named_parameters()}))
             return out
@@ -312,6 +312,39 @@ def test_resume_keeps_the_runs_own_settings(ft_shards, pretrained_ckpt, tmp_path
     for name, value in source.state_dict().items():
         if name.startswith("blocks.0."):
             assert torch.equal(swa.state_dict()[name], value), name
+
+
+def test_resume_through_the_driver_runs_with_the_saved_settings_and_reads_last_pt_once(ft_shards, tmp_path,
+                                                                                    monkeypatch):
+    """Regression: with init_from=resume the driver used to dispatch on the command line's scaling
+    (threads, workers, device) instead of the run's saved settings, so the documented exact resume
+    (threads=1) was silently lost, and last.pt was read twice."""
+    from cfdist.finetune import driver, loop
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterOne(FinetuneTrainer):
+        def save_last(self):
+            super().save_last()
+            raise Stop
+
+    with pytest.raises(Stop):
+        trainer_run(make_config(ft_shards, tmp_path, epochs=2, swa_epochs=1, scaling={"threads": 1}), StopAfterOne)
+    reads = []
+    real = loop.load_checkpoint_file
+    monkeypatch.setattr(loop, "load_checkpoint_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        given = make_config(ft_shards, tmp_path, init_from="resume", epochs=9, scaling={"threads": 2})
+        results = driver.run(given)
+        assert torch.get_num_threads() == 1  # the run's own setting decided how it ran
+    finally:
+        torch.set_num_threads(threads)
+    assert results["epochs"] == 2
+    assert [p.name for p in reads] == ["last.pt"]
 
 
 def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):

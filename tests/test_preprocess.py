@@ -56,6 +56,10 @@ def test_round_trip_tables_and_manifest(ray_session, slice_file, megnet_records,
     out = tmp_path / "shards"
     manifest = run_build(ray_session, [slice_file], out, split_file=str(split_file))
     assert manifest["n_input"] == 60 and manifest["n_written"] == 60 and manifest["n_rejected"] == 0
+    # regression: the manifest's content hash is the build's (it was once the last shard's sha256)
+    plan = json.loads((out / ".progress" / "plan.json").read_text())
+    assert manifest["content_hash"] == plan["content_hash"]
+    assert manifest["content_hash"] not in {s["sha256"] for s in manifest["shards"]}
     assert manifest["splits"] == {"train": 40, "val": 10, "test": 10}
     by_id = {r["id"]: r for r in megnet_records[:60]}
     seen = []

@@ -117,7 +117,7 @@ def test_model_config_takes_the_data_targets():
     model_cfg = cfg.model_config()
     assert isinstance(model_cfg, CrystalformerConfig)
     assert model_cfg.target_names == ["e_form", "band_gap"] and model_cfg.n_targets == 2
-    assert model_cfg.n_blocks == CrystalformerConfig().n_blocks  # from configs/model/crystalformer.yaml
+    assert model_cfg.n_blocks == CrystalformerConfig().n_blocks  # from the packaged crystalformer config
     inline = load_pretrain_config(None, ["model={n_blocks: 2, target_names: [y]}", "data.targets=[t]"]).model_config()
     assert inline.n_blocks == 2 and inline.target_names == ["t"]
 

@@ -1,8 +1,13 @@
-"""Fine-tuning on small labelled datasets: config, transfer from a portable checkpoint, the loop, paper tasks.
+"""Fine-tuning on small labelled datasets.
 
-    python launch/finetune.py --config configs/finetune/megnet_slice_eform.yaml [key=value ...]
-    cfdist finetune --config ...            (same)
-    cfdist prepare-task megnet_eform --out data/megnet_eform   (download + split + preprocess)
+    config.py     FinetuneConfig (+ sections): the paper's recipe as defaults
+    transfer.py   a model from a portable checkpoint (head modes), freezing
+    loop.py       the loop: in-memory splits, epochs of seeded permutations, SWA, best / last checkpoints
+    tasks.py      the paper's benchmark tasks: downloads and exact split rules (cfdist prepare-task)
+    driver.py     effective config (resume), checks, run directory, this process or Ray Train workers
+
+    cfdist finetune --config megnet_slice_eform [key=value ...]       (or python launch/finetune.py ...)
+    cfdist prepare-task megnet_eform --out data/megnet_eform          (download + split + preprocess)
 """
 
 from cfdist.finetune.config import FinetuneConfig, load_finetune_config

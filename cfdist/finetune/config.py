@@ -28,7 +28,7 @@ class FinetuneData:
     """Shards and batches.
 
     Attributes:
-        shards: shard directory written by ``preprocess/build_shards.py`` (or ``cfdist prepare-task``).
+        shards: shard directory written by ``cfdist preprocess`` (or ``cfdist prepare-task``).
         targets: label columns to fit (one model output each).
         train_split / val_split / test_split: split names in the manifest ("" = none).
         batch_size: structures per optimiser step (paper: 128 for MEGNet tasks, 256 for JARVIS).

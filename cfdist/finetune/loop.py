@@ -132,8 +132,9 @@ class FinetuneTrainer:
 
     def __init__(self, cfg: FinetuneConfig, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
                  report=None, resume_state: dict | None = None):
-        """``cfg`` is the run's effective config (:func:`cfdist.finetune.driver.prepare`); with
-        ``init_from=resume``, ``resume_state`` is ``last.pt`` if the caller has read it already."""
+        """With ``init_from=resume`` the run's saved config and ``last.pt`` replace ``cfg`` unless the
+        caller passes ``resume_state`` (then ``cfg`` is already the effective config:
+        :func:`cfdist.finetune.driver.prepare` reads both once)."""
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.resume_state = resume_state
         self.device = torch.device(device)
@@ -146,11 +147,10 @@ class FinetuneTrainer:
         from cfdist.config import CrystalformerConfig
         from cfdist.model import Crystalformer
 
+        state, self.resume_state = self.resume_state, None
+        if self.cfg.init_from == "resume" and state is None:  # not read by the driver: read it here, once
+            self.cfg, state = resume_config(self.cfg)
         cfg = self.cfg
-        state = None
-        if cfg.init_from == "resume":
-            state = self.resume_state if self.resume_state is not None else load_checkpoint_file(self.ckpt_dir / LAST)
-            self.resume_state = None
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)

@@ -1,5 +1,5 @@
 """Building the model to fine-tune from a portable checkpoint, and freezing layers (per-layer
-learning rates: :func:`cfdist.train.optim.parameter_groups`).
+learning rates: :func:`cfdist.run.optim.parameter_groups`).
 
 Heads (``transfer.head``): the Crystalformer head is ``Linear(d, hidden) -> ReLU -> Linear(hidden,
 n_targets)``; output row k and ``target_mean[k]`` / ``target_std[k]`` belong to target k.

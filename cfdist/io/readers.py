@@ -64,6 +64,10 @@ __all__ = [
     "expand_inputs",
     "plan_chunks",
     "read_chunk",
+    "UnknownFormatError",
+    "TruncatedInputError",
+    "json_lines_cut",
+    "read_json_prefix",
 ]
 
 FORMATS = ("cif", "jarvis", "pymatgen", "extxyz", "ase_db")
@@ -160,6 +164,26 @@ def _file_errors(path: str):
         raise OSError(f"cannot read {path!r}: {type(exc).__name__}: {exc}") from exc
 
 
+class UnknownFormatError(ValueError):
+    """:func:`infer_format` cannot tell what an input holds (unknown extension, unrecognised records)."""
+
+
+class TruncatedInputError(ValueError):
+    """:func:`read_json_prefix` reached the end of the data inside the list or a record (a cut file).
+
+    Attributes:
+        path: the input.
+        n_read: records yielded before the cut (complete ones, good or rejected).
+        detail: where the data stops, in words.
+    """
+
+    def __init__(self, path: str, n_read: int, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path = path
+        self.n_read = n_read
+        self.detail = detail
+
+
 class _RecordError(Exception):
     """A single record cannot be read (becomes an error record, never escapes read_chunk)."""
 
@@ -198,7 +222,8 @@ def _open_text(path: str):
 
 
 def infer_format(path: str) -> str:
-    """Format of one input (see :data:`FORMATS`); ``ValueError`` naming the path if unknown.
+    """Format of one input (see :data:`FORMATS`); :class:`UnknownFormatError` (a ``ValueError``) naming
+    the path if unknown, ``ValueError`` if a JSON input cannot be decoded.
 
     Directories with ``id_prop.csv``, ``id_prop.csv`` itself and ``*.cif`` are ``cif``; ``.xyz`` /
     ``.extxyz`` are ``extxyz``; ``.db`` is ``ase_db``. JSON containers are told apart by their first
@@ -209,7 +234,7 @@ def infer_format(path: str) -> str:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ID_PROP)):
             return "cif"
-        raise ValueError(f"cannot infer the format of directory {path!r}: it has no {ID_PROP}")
+        raise UnknownFormatError(f"cannot infer the format of directory {path!r}: it has no {ID_PROP}")
     if os.path.basename(path) == ID_PROP:
         return "cif"
     suffix = _suffix_of(path)
@@ -231,10 +256,11 @@ def infer_format(path: str) -> str:
                 return fmt
         what = "no records" if not records else f"first record keys {sorted(map(str, records[0]))[:12]}" \
             if isinstance(records[0], Mapping) else f"first record is a {type(records[0]).__name__}"
-        raise ValueError(f"cannot infer the format of {path!r}: neither JARVIS ('atoms' with 'lattice_mat') "
-                         f"nor pymatgen ('@class', 'structure', or 'lattice' + 'sites') records ({what})")
-    raise ValueError(f"cannot infer the format of {path!r}: unknown extension (known: cif directory with "
-                     f"{ID_PROP}, {', '.join(_KNOWN_SUFFIXES)})")
+        raise UnknownFormatError(f"cannot infer the format of {path!r}: neither JARVIS ('atoms' with "
+                                 f"'lattice_mat') nor pymatgen ('@class', 'structure', or 'lattice' + 'sites') "
+                                 f"records ({what})")
+    raise UnknownFormatError(f"cannot infer the format of {path!r}: unknown extension (known: cif directory with "
+                             f"{ID_PROP}, {', '.join(_KNOWN_SUFFIXES)})")
 
 
 def _classify_record(rec: Any) -> str | None:
@@ -773,6 +799,286 @@ def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRec
                                           f"'structure' key (keys: {sorted(map(str, rec))[:12]})")
     crystal = from_pymatgen(structure, id=rid or source, labels=labels)
     return RawRecord(source, index, rid, crystal, labels)
+
+
+# ----------------------------------------------------------------------------- cut JSON inputs (prediction)
+
+# Prediction reads what it can of a JSON input that planning refuses (a partial download); the
+# preprocessing job keeps refusing such a file (plan_chunks raises), so shards never hold half a file.
+
+_SALVAGE_BLOCK = 1 << 20
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_ELEMENT_TOKENS = re.compile(r'["\[\]{},]')
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_CUT_HINT = "the rest of the file is missing (cut short, e.g. an interrupted download)"
+
+
+def json_lines_cut(path: str) -> bool:
+    """Whether an uncompressed JSON-lines input ends inside a record: its last line has no newline and
+    is not valid JSON. (:func:`plan_chunks` accepts such a file and :func:`read_chunk` rejects its last
+    line as ``unparseable``; a cut ``.gz``/``.bz2`` stream already fails planning.) False otherwise."""
+    path = os.fspath(path)
+    if not _is_json_lines(path) or path.lower().endswith((".gz", ".bz2")) or not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            tail = f.read(step) + tail
+            if tail.endswith(b"\n"):
+                return False
+            cut = tail.rfind(b"\n")
+            if cut >= 0:
+                tail = tail[cut + 1:]
+                break
+    if not tail.strip():
+        return False
+    try:
+        json.loads(tail)
+    except ValueError:
+        return True
+    return False
+
+
+class _CutStream:
+    """Blocks of a (possibly compressed) input. A compressed stream that breaks off (a cut ``.gz`` /
+    ``.bz2``) just ends, with the error kept in ``broken``, once some data has come out of it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = _open_binary(path)
+        self.broken: str | None = None
+        self.eof = False
+        self.n_bytes = 0
+
+    def read(self, size: int) -> bytes:
+        if self.eof:
+            return b""
+        try:
+            data = self.file.read(size)
+        except (EOFError, zlib.error, OSError) as exc:
+            if isinstance(exc, (FileNotFoundError, PermissionError)) or not self.n_bytes:
+                raise OSError(f"cannot read {self.path!r}: {type(exc).__name__}: {exc}") from exc
+            self.broken, data = f"{type(exc).__name__}: {exc}", b""
+        self.n_bytes += len(data)
+        self.eof = not data
+        return data
+
+    def close(self):
+        self.file.close()
+
+    def cut(self, n_read: int, where: str) -> TruncatedInputError:
+        broken = f" (the compressed stream breaks off: {self.broken})" if self.broken else ""
+        return TruncatedInputError(self.path, n_read, f"the file ends {where}{broken}; {n_read} complete "
+                                                      f"record(s) before the cut, {_CUT_HINT}")
+
+
+def _element_end(text: str, pos: int) -> int | None:
+    """Offset of the ``,`` / ``]`` ending the list element at ``text[pos]``; None if it does not end in ``text``."""
+    depth = 0
+    while True:
+        m = _ELEMENT_TOKENS.search(text, pos)
+        if m is None:
+            return None
+        c, at = m.group(), m.start()
+        if c == '"':
+            s = _JSON_STRING.match(text, at)
+            if s is None:
+                return None
+            pos = s.end()
+            continue
+        if c in "[{":
+            depth += 1
+        elif depth == 0:
+            return at
+        elif c in "]}":
+            depth -= 1
+        pos = at + 1
+
+
+def _json_list_elements(path: str) -> Iterator[tuple[int, str, Any, str | None]]:
+    """(index, source, decoded element or None, decode error or None) of a JSON list read as a stream."""
+    import codecs
+
+    stream = _CutStream(path)
+    text_of = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    decoder = json.JSONDecoder()
+    buf, pos = "", 0
+
+    def more() -> bool:
+        """Read on (at least doubling what is held); False at the end of the data."""
+        nonlocal buf, pos
+        buf, pos = buf[pos:], 0
+        while not stream.eof:
+            data = stream.read(max(_SALVAGE_BLOCK, len(buf)))
+            text = text_of.decode(data, final=stream.eof)
+            if text:
+                buf += text
+                return True
+        return False
+
+    def skip_ws() -> bool:
+        nonlocal pos
+        while True:
+            pos = _JSON_WS.match(buf, pos).end()
+            if pos < len(buf):
+                return True
+            if not more():
+                return False
+
+    try:
+        if not skip_ws():
+            if stream.broken:
+                raise stream.cut(0, "before the first record")
+            raise ValueError(f"{path}: empty JSON file")
+        top_level = buf[pos] == "["
+        if buf[pos] == "{":  # an Alexandria dump {"entries": [...]}
+            while (found := _ENTRIES_KEY.search(buf, pos)) is None:
+                if len(buf) > _PEEK_OBJECT_LIMIT or not more():
+                    raise ValueError(f"{path}: a JSON object without an 'entries' list (a single record or an "
+                                     f"ASE database) cannot be read in part")
+            pos = found.end()
+        elif top_level:
+            pos += 1
+        else:
+            raise ValueError(f"{path}: expected a JSON list or object, starts with {buf[pos:pos + 20]!r}")
+        index = 0
+        while True:
+            if not skip_ws():
+                raise stream.cut(index, "inside the list" if index == 0 else f"after record {index - 1}, "
+                                                                            f"before the list is closed")
+            if index == 0 and buf[pos] == "]":
+                pos += 1
+                break
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                    if end == len(buf) and more():
+                        continue  # a number may go on in the next block
+                    err = None
+                except ValueError as exc:
+                    end = _element_end(buf, pos)
+                    if end is None:
+                        if more():
+                            continue
+                        raise stream.cut(index, f"inside record {index}") from None
+                    obj, err = None, str(exc)
+                break
+            yield index, f"{path}:{index}", obj, err
+            index += 1
+            pos = end
+            if not skip_ws():
+                raise stream.cut(index, f"after record {index - 1}, before the list is closed")
+            if buf[pos] == ",":
+                pos += 1
+            elif buf[pos] == "]":
+                pos += 1
+                break
+            else:
+                raise ValueError(f"{path}: not valid JSON after record {index - 1}: expected ',' or ']', got "
+                                 f"{buf[pos:pos + 20]!r}")
+        if top_level and skip_ws():
+            raise ValueError(f"{path}: not valid JSON: extra data after the list ({buf[pos:pos + 20]!r})")
+    finally:
+        stream.close()
+
+
+def _json_lines_elements(path: str) -> Iterator[tuple[int, str, Any, str | None]]:
+    """(index, source, decoded record or None, decode error or None) of a JSON-lines input."""
+    stream = _CutStream(path)
+    tail, lineno, index = b"", 0, 0
+
+    def element(raw: bytes):
+        try:
+            return index, f"{path}:line {lineno}", json.loads(raw), None
+        except ValueError as exc:
+            return index, f"{path}:line {lineno}", None, str(exc)
+
+    try:
+        while data := stream.read(_SALVAGE_BLOCK):
+            lines = (tail + data).split(b"\n")
+            tail = lines.pop()
+            for raw in lines:
+                lineno += 1
+                if raw.strip():
+                    yield element(raw)
+                    index += 1
+        if tail.strip():
+            lineno += 1
+            item = element(tail)
+            if item[3] is not None:
+                raise stream.cut(index, f"inside line {lineno} (record {index})")
+            yield item
+            index += 1
+        if stream.broken:
+            raise stream.cut(index, f"after line {lineno}")
+    finally:
+        stream.close()
+
+
+def read_json_prefix(path: str, fmt: str | None = None) -> Iterator[RawRecord]:
+    """Every record of a JSON-list or JSON-lines input up to where its data stops, for prediction.
+
+    For inputs :func:`plan_chunks` refuses because they are cut short (a JSON list that is not closed,
+    a ``.gz``/``.bz2`` stream that breaks off) and JSON-lines files whose last line is cut
+    (:func:`json_lines_cut`). The file is streamed once: records are yielded as by :func:`read_chunk`
+    (a bad element or line is an ``unparseable`` record, sources ``<path>:<index>`` /
+    ``<path>:line <n>``). ``fmt`` None: inferred from the first records as :func:`infer_format` does.
+
+    Raises :class:`TruncatedInputError` after the last complete record when the data stops inside the
+    list or a record; :class:`UnknownFormatError` when the first records are neither JARVIS nor
+    pymatgen; ``ValueError`` / ``OSError`` when the file is not a JSON list (or ``entries`` dump) or
+    JSON lines at all, or has other damage (after the records before it). Returns normally when the
+    data turns out to be complete.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if fmt is not None and fmt not in ("jarvis", "pymatgen"):
+        raise ValueError(f"read_json_prefix reads jarvis or pymatgen JSON, not {fmt!r} ({path!r})")
+    elements = _json_lines_elements(path) if _is_json_lines(path) else _json_list_elements(path)
+    converters = {"jarvis": _jarvis_record, "pymatgen": _pymatgen_record}
+    convert = converters.get(fmt)
+    pending: list[tuple[int, str, Any, str | None]] = []
+
+    def build(item) -> RawRecord:
+        index, source, obj, err = item
+        if err is not None:
+            return _error_record(source, index, None, "unparseable", f"not valid JSON ({err})")
+        return _guarded(source, index, functools.partial(convert, obj, source, index))
+
+    def undetermined() -> Iterator[RawRecord]:
+        """Records held while the format is unknown: only undecodable ones need no format."""
+        decoded = [obj for _, _, obj, err in pending if err is None]
+        if decoded:
+            what = (f"first record keys {sorted(map(str, decoded[0]))[:12]}" if isinstance(decoded[0], Mapping)
+                    else f"first record is a {type(decoded[0]).__name__}")
+            raise UnknownFormatError(f"cannot infer the format of {path!r}: neither JARVIS ('atoms' with "
+                                     f"'lattice_mat') nor pymatgen ('@class', 'structure', or 'lattice' + "
+                                     f"'sites') records ({what})")
+        yield from map(build, pending)
+        pending.clear()
+
+    try:
+        for item in elements:
+            if convert is None:
+                pending.append(item)
+                decoded = [obj for _, _, obj, err in pending if err is None]
+                found = next(filter(None, map(_classify_record, decoded)), None)
+                if found is None:
+                    if len(decoded) >= _PEEK_RECORDS:
+                        yield from undetermined()
+                    continue
+                convert = converters[found]
+                yield from map(build, pending)
+                pending.clear()
+                continue
+            yield build(item)
+    except TruncatedInputError:
+        yield from undetermined()
+        raise
+    yield from undetermined()
 
 
 # ----------------------------------------------------------------------------- extxyz

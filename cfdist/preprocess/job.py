@@ -19,6 +19,7 @@ input, cutoff or setting changes the content hash and the job refuses to mix wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -195,19 +196,28 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
     return {"chunk": index, "n_input": n_input, "n_written": n_written, "n_rejected": len(rejects)}
 
 
-class ChunkProcessor:
-    """Ray Data UDF (one per worker): holds the settings and split map, processes chunk rows."""
+@functools.lru_cache(maxsize=2)
+def _split_map(path: str, mtime_ns: int, size: int) -> dict[str, str]:
+    """A split file's id -> split map, parsed once per worker process (Ray reuses task workers);
+    keyed by the file's identity so an edited file is re-read."""
+    return load_split_file(path)
 
-    def __init__(self, settings: dict, out_dir: str):
-        self.settings = Settings(**settings)
-        self.out_dir = out_dir
-        # Inputs, split file and output live on storage every worker sees (a shared FS on clusters).
-        self.split_of = load_split_file(self.settings.split_file) if self.settings.split_file else None
 
-    def __call__(self, batch: dict) -> dict:
-        results = [process_chunk(int(i), Chunk(**json.loads(c)), self.settings, self.out_dir, self.split_of)
-                   for i, c in zip(batch["index"], batch["chunk"])]
-        return {key: np.array([r[key] for r in results]) for key in results[0]}
+def process_chunks(batch: dict, settings: dict, out_dir: str) -> dict:
+    """Ray Data task UDF: :func:`process_chunk` for every chunk of ``batch`` (one per call).
+
+    A plain function in a task pool rather than an actor class: Ray keeps an actor's constructor
+    arguments in the object store to restart it, and logs an error about it for every actor.
+    Inputs, split file and output live on storage every worker sees (a shared FS on clusters).
+    """
+    settings = Settings(**settings)
+    split_of = None
+    if settings.split_file:
+        stat = os.stat(settings.split_file)
+        split_of = _split_map(settings.split_file, stat.st_mtime_ns, stat.st_size)
+    results = [process_chunk(int(i), Chunk(**json.loads(c)), settings, out_dir, split_of)
+               for i, c in zip(batch["index"], batch["chunk"])]
+    return {key: np.array([r[key] for r in results]) for key in results[0]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +272,12 @@ def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, 
     if not pending:
         return
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False
     items = [{"index": i, "chunk": json.dumps(asdict(c))} for i, c in pending]
     concurrency = max(1, min(len(items), workers or int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(ChunkProcessor, batch_size=1, num_cpus=1, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                        fn_constructor_kwargs={"settings": asdict(settings), "out_dir": str(out)})
+    ds = ds.map_batches(process_chunks, batch_size=1, num_cpus=1, concurrency=concurrency,
+                        fn_kwargs={"settings": asdict(settings), "out_dir": str(out)})
     start = time.perf_counter()
     done_structs = 0
     with tqdm(total=total_input, initial=already, unit="struct", desc="shards", mininterval=2.0,

@@ -7,7 +7,8 @@ and fine-tuning.
 - ``RAY_AUTH_MODE`` defaults to ``disabled``: a plain ``ray.init()`` writes a token file that later
   makes ``ray start`` / ``ray job submit`` fail with authentication errors.
 - Workers get ``DS_ACCELERATOR`` (DeepSpeed's accelerator: cpu or cuda) and the auth mode.
-- Ray's own INFO chatter and Ray Data's progress bars are turned off; our progress bars and
+- Ray's own INFO chatter and Ray Data's progress bars are turned off in the driver and, through
+  a worker setup hook (:func:`quiet_logs`), in every worker and actor; our progress bars and
   summaries stay. Environment overrides for tests and small machines: ``CFDIST_RAY_NUM_CPUS``,
   ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on loopback), ``CFDIST_RAY_OBJECT_STORE`` (bytes).
 """
@@ -23,7 +24,8 @@ def runtime_env(use_gpu: bool = False) -> dict[str, Any]:
     """The runtime environment every Ray worker of a cfdist job gets."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return {"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
-                         "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]}}
+                         "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]},
+            "worker_process_setup_hook": "cfdist.run.ray_cluster.quiet_logs"}
 
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu: bool = False,
@@ -48,10 +50,21 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu
 
 
 def quiet_ray_data() -> None:
-    """No Ray Data progress bars or INFO lines in this process (call it in workers too)."""
+    """No Ray Data progress bars or Ray INFO lines in this process."""
     import ray.data
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_logs()
+
+
+def quiet_logs() -> None:
+    """Ray Data / Train / Tune log warnings and errors only; known harmless deprecation notices of
+    our dependencies are dropped. The worker setup hook of every cfdist job."""
+    import warnings
+
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Progress bars disabled" is announced with a warning on every run
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # DeepSpeed's ZeRO calls a torch.distributed function torch has deprecated (not ours to change)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

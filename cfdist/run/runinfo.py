@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def versions() -> dict:
@@ -26,7 +25,8 @@ def versions() -> dict:
 
 
 def git_sha() -> str:
-    for cwd in (REPO, Path.cwd()):
+    # the checkout cfdist runs from (an editable install, or a job's working dir), then the cwd
+    for cwd in (Path(__file__).resolve().parent, Path.cwd()):
         try:
             out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
             if out.returncode == 0:

@@ -1,8 +1,8 @@
-"""Training: typed run config, DeepSpeed engine, optimiser schedules, metrics, the per-worker loop.
+"""Pretraining on Ray Train + DeepSpeed (the run layer it shares with fine-tuning: :mod:`cfdist.run`).
 
-    config.py    PretrainConfig (+ sections), YAML + key=value overrides, run directory
-    optim.py     AdamW parameter groups (no decay on biases), inverse-sqrt / warmup-cosine schedules
+    config.py    PretrainConfig (+ data, DeepSpeed and scaling sections), YAML + key=value overrides
     engine.py    DeepSpeed config from our typed settings; engine construction
-    metrics.py   per-step throughput / data-wait metrics to JSONL + TensorBoard
-    loop.py      the Ray Train (or torchrun / single-process) training loop
+    loop.py      the per-rank training loop (Ray Train workers, torchrun ranks or one process), the
+                 Ray datasets it streams and the resume contract
+    driver.py    shard check, run directory, Ray bootstrap, TorchTrainer, export (cfdist pretrain)
 """

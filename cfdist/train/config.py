@@ -22,7 +22,7 @@ class DataSection:
     """Where the shards are and how batches are cut.
 
     Attributes:
-        shards: shard directory written by ``preprocess/build_shards.py``.
+        shards: shard directory written by ``cfdist preprocess``.
         targets: label columns to train on (the model gets one output per target).
         train_split / val_split: split names in the manifest (val_split "" = no validation).
         max_entries / max_atoms / max_structures: per-rank micro-batch budget (cfdist.data.BatchBudget).

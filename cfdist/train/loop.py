@@ -271,7 +271,7 @@ class Trainer:
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     loss_sum = self.micro_step(batch, labelled)
                     self.cursor.batches += 1
-                    window.add(batch, loss_sum, n_labelled, t_data, time.perf_counter() - t0)
+                    window.add(batch, loss_sum, n_labelled, t_data)
                     if not boundary:
                         continue
                     self.step += 1
