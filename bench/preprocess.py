@@ -83,9 +83,11 @@ def main() -> None:
 
     import ray
 
+    from cfdist.run.ray_cluster import init_ray
+
     for workers in (() if args.skip_ray else (1, 2)):
         out = args.work / f"ray-{workers}"
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=512 * 1024**2)
+        init_ray(num_cpus=2, object_store_memory=512 * 1024**2)
         start = time.perf_counter()
         manifest = build([str(raw)], out, settings, workers=workers)
         elapsed = time.perf_counter() - start

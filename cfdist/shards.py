@@ -10,7 +10,6 @@ Arrow table: :func:`collate_arrow` turns a record batch into a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cfdist.fileio import atomic_write
 from cfdist.geometry import ImageTable
 
 if TYPE_CHECKING:
@@ -290,13 +290,10 @@ def write_shard(path: str | Path, table: pa.Table, metadata: dict, row_group_siz
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            METADATA_KEY: json.dumps(metadata).encode()})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     # No dictionary encoding: ids are unique and geometry/table values rarely repeat, so the
     # dictionary attempt only costs time and ~12% more bytes (measured on the MEGNet slice).
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, use_dictionary=False)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=True) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, use_dictionary=False)
 
 
 def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:

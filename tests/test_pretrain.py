@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from paths import ROOT as REPO  # noqa: E402
+from ray_cluster_fixture import descendants, free_port, local_cluster
+
 TINY_MODEL = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
        "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
@@ -43,8 +45,9 @@ def tiny_shards(tmp_path_factory, megnet_records):
     return out
 
 
-def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=()):
-    return run([sys.executable, "launch/pretrain.py", "--config", "megnet_slice", *extra_args,
+def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=()):
+    """``launch/pretrain.py`` on the tiny shards; ``launcher``: e.g. ``("-m", "torch.distributed.run", ...)``."""
+    return run([sys.executable, *launcher, "launch/pretrain.py", "--config", "megnet_slice", *extra_args,
                 f"data.shards={shards}", f"output_dir={out}", f"run_name={run_name}",
                 "model=" + json.dumps(TINY_MODEL), "data.max_structures=8", "data.shuffle_rows=16",
                 "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout)
@@ -113,6 +116,21 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
+    """Regression: `--no-ray` under torchrun made every rank verify (hash) all shards and append to
+    config.yaml / run_info.jsonl (one line per rank per start). Only rank 0 may do that."""
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    res = pretrain_cli(tiny_shards, tmp_path, "tr", "max_steps=2", "data.verify_checksums=true",
+                       extra_args=("--no-ray",), launcher=launcher, timeout=300)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, output[-4000:]
+    assert len((tmp_path / "tr" / "run_info.jsonl").read_text().splitlines()) == 1
+    assert output.count("shards ok:") == 1, output[-4000:]
+    import cfdist
+
+    cfdist.load(tmp_path / "tr" / "model.pt")
+
+
 @pytest.mark.slow
 def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 6; equal to a 6-step run."""
@@ -152,9 +170,26 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def ray_worker_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_path):
+    """Regression (the loop's end-of-epoch check tested a counter it had just reset): under torchrun
+    without Ray each rank reads every world-th train file, so with one train file rank 1 has no rows;
+    the run must stop with a message saying so, not spin or hang."""
+    shards = tmp_path / "one_train_file"
+    shutil.copytree(tiny_shards, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    train = [e for e in manifest["shards"] if e["split"] == "train"]
+    manifest["shards"] = [e for e in manifest["shards"] if e["split"] != "train"] + train[:1]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    res = pretrain_cli(shards, tmp_path, "empty_rank", "max_steps=3", "data.val_split=", timeout=300,
+                       extra_args=("--no-ray",), launcher=launcher)
+    assert res.returncode != 0
+    assert "rank 1: the train split yielded no batches in epoch 0" in res.stdout + res.stderr, res.stderr[-3000:]
+
+
+def ray_worker_pids(driver_pid: int) -> list[int]:
+    """The Ray Train workers of the run ``driver_pid`` started (never another cluster's)."""
+    return sorted(descendants(driver_pid, b"RayTrainWorker"))
 
 
 @pytest.mark.slow
@@ -177,7 +212,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
                 if metrics_file.exists() else []
             # checkpoints at 2 and 4; by step 5 the step-2 one is surely registered with the controller
             if steps and max(steps) >= 5:
-                pids = ray_worker_pids()
+                pids = ray_worker_pids(proc.pid)
                 if pids:
                     killed = pids[-1]
                     os.kill(killed, signal.SIGKILL)
@@ -203,18 +238,8 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
 def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
     """Two raylets (127.0.0.2 / .3), one worker per node (STRICT_SPREAD), ZeRO-3 + bf16 + activation
     checkpointing, submitted with `ray job submit`: the job succeeds, the loss falls, the export loads."""
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs_port = 6379 + os.getpid() % 200 + 500
-    dash_port = 8265 + os.getpid() % 200 + 300
-    head = run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.2", "--port", gcs_port, "--num-cpus", "2",
-                "--dashboard-host", "127.0.0.1", "--dashboard-port", dash_port, "--include-dashboard", "true",
-                "--disable-usage-stats"], timeout=120)
-    assert head.returncode == 0, head.stderr[-2000:]
-    try:
-        node = run([ray_bin, "start", "--address", f"127.0.0.2:{gcs_port}", "--node-ip-address", "127.0.0.3",
-                    "--num-cpus", "2", "--disable-usage-stats"], timeout=120)
-        assert node.returncode == 0, node.stderr[-2000:]
-        job = run([ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", REPO,
+    with local_cluster(nodes=2, num_cpus=2, env=ENV) as cluster:
+        job = run([cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", REPO,
                    "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
                    sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
                    f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
@@ -230,8 +255,6 @@ def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
 
         assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
         assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
-    finally:
-        run([ray_bin, "stop", "--force"], timeout=120)
     losses = [r["loss"] for r in metrics(tmp_path / "multinode") if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     import cfdist

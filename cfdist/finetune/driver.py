@@ -91,7 +91,7 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cfdist.finetune.loop import ray_finetune_loop
-    from cfdist.run.ray_cluster import init_ray
+    from cfdist.run.ray_cluster import init_ray, train_logging_config
 
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     init_ray(address=address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), use_gpu=cfg.scaling.use_gpu,
@@ -101,7 +101,7 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir())))
+        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()), logging_config=train_logging_config()))
     result = trainer.fit()
     if result.error is not None:
         raise result.error

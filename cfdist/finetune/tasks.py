@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cfdist.fileio import atomic_write
+
 SPLITS = ("train", "val", "test")
 
 
@@ -142,21 +144,18 @@ def download(url: str, dest: Path) -> Path:
 
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     request = urllib.request.Request(url, headers={"User-Agent": "cfdist"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(tmp, "wb") as fh:
+        with atomic_write(dest) as tmp, urllib.request.urlopen(request, timeout=60) as response, \
+                open(tmp, "wb") as fh:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", file=sys.stderr) as bar:
                 while chunk := response.read(1 << 20):
                     fh.write(chunk)
                     bar.update(len(chunk))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RuntimeError(f"download of {url} failed ({exc}); on a machine without internet, fetch the file "
                            f"elsewhere and pass it with --source") from exc
-    tmp.replace(dest)
     return dest
 
 
@@ -221,9 +220,8 @@ def prepare_task(name: str, out: str | Path, *, source: str | Path | None = None
         flat = raw / f"{dataset.name}-{key}.json.gz"
         if zipfile.is_zipfile(source):
             if not flat.is_file():
-                with gzip.open(flat.with_suffix(".tmp"), "wt") as fh:
+                with atomic_write(flat) as tmp, gzip.open(tmp, "wt") as fh:
                     json.dump(records, fh)
-                flat.with_suffix(".tmp").replace(flat)
             inputs = [str(flat)]
         else:
             inputs = [str(source)]

@@ -16,7 +16,6 @@ how it resumes: :mod:`cfdist.preprocess.job`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -74,7 +73,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     args = parse_args(argv)
     try:
         build(args.inputs, args.out, settings_from_args(args), args.format, args.workers, args.overwrite)

@@ -276,7 +276,7 @@ def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, 
     items = [{"index": i, "chunk": json.dumps(asdict(c))} for i, c in pending]
     concurrency = max(1, min(len(items), workers or int(ray.cluster_resources().get("CPU", 1))))
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(process_chunks, batch_size=1, num_cpus=1, concurrency=concurrency,
+    ds = ds.map_batches(process_chunks, batch_size=1, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=concurrency),
                         fn_kwargs={"settings": asdict(settings), "out_dir": str(out)})
     start = time.perf_counter()
     done_structs = 0

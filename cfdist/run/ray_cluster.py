@@ -49,6 +49,13 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu
     quiet_ray_data()
 
 
+def train_logging_config():
+    """Ray Train's own log level (its controller and workers configure logging from the RunConfig)."""
+    import ray
+
+    return ray.LoggingConfig(log_level="WARNING")
+
+
 def quiet_ray_data() -> None:
     """No Ray Data progress bars or Ray INFO lines in this process."""
     import ray.data
@@ -61,6 +68,8 @@ def quiet_logs() -> None:
     """Ray Data / Train / Tune log warnings and errors only; known harmless deprecation notices of
     our dependencies are dropped. The worker setup hook of every cfdist job."""
     import warnings
+
+    import ray.data  # noqa: F401  (it configures its loggers on import; set the levels after that)
 
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -69,7 +69,7 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cfdist.run.ray_cluster import init_ray
+    from cfdist.run.ray_cluster import init_ray, train_logging_config
     from cfdist.train.loop import ray_datasets, ray_train_loop
 
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2  # + Ray Data's readers
@@ -87,7 +87,8 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
         dataset_config=data_config,
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             logging_config=train_logging_config()),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -97,7 +98,6 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoint
     from cfdist.run.runinfo import write_run_files
     from cfdist.train.config import load_pretrain_config
