@@ -49,7 +49,16 @@ class CrystalformerConfig:
             sigma (r_c = c * r0 / sqrt(b)).
         n_elements: size of the one-hot species input (Z = 1..n_elements).
         head_hidden: hidden width of the output MLP.
-        target_names: names of the predicted targets; the head has one output per name.
+        target_names: names of the predicted (intensive, mean-pooled) targets; the property
+            head has one output per name. May be empty for an energy-only model.
+        energy: add the energy head: per-atom energies summed per crystal on top of per-element
+            reference energies (extensive, eV); forces and stress by autograd
+            (:meth:`cfdist.Crystalformer.forward` with ``forces`` / ``stress``).
+        envelope: multiply the within-pair image weights by a smooth switch that falls from 1 at
+            ``cutoff - envelope_width`` to 0 at the cutoff with a continuous derivative, so energy
+            and forces are continuous when atoms cross the cutoff (needed for MD and relaxations).
+            None: on for energy models, off otherwise (the paper's property model is unchanged).
+        envelope_width: width of the switching shell (A).
         entry_chunk: entries per block in the blocked basis product of the attention op
             (a speed knob, not a model parameter).
     """
@@ -68,10 +77,15 @@ class CrystalformerConfig:
     n_elements: int = MAX_Z
     head_hidden: int = 128
     target_names: list[str] = field(default_factory=lambda: ["y"])
+    energy: bool = False
+    envelope: bool | None = None
+    envelope_width: float = 1.0
     entry_chunk: int = 32
 
     def __post_init__(self) -> None:
         self.target_names = list(self.target_names)
+        if self.envelope is None:
+            self.envelope = bool(self.energy)
         checks = [
             (self.n_blocks >= 1, "n_blocks must be >= 1"),
             (self.d_model >= 1 and self.n_heads >= 1, "d_model and n_heads must be >= 1"),
@@ -84,7 +98,11 @@ class CrystalformerConfig:
             (self.gbf_r_max > 0 and self.gbf_width_scale > 0, "gbf_r_max and gbf_width_scale must be > 0"),
             (self.cutoff_sigmas > 0, "cutoff_sigmas must be > 0"),
             (1 <= self.n_elements <= 118, "n_elements must be in 1..118"),
-            (len(self.target_names) >= 1, "target_names must name at least one target"),
+            (len(self.target_names) >= 1 or self.energy,
+             "target_names must name at least one target (or energy=True for an energy-only model)"),
+            (self.envelope_width > 0, "envelope_width must be > 0"),
+            (not self.envelope or self.envelope_width < self.cutoff_sigmas * self.r0 / math.sqrt(self.rho_lower_bound),
+             "envelope_width must be smaller than the cutoff"),
             (len(set(self.target_names)) == len(self.target_names), "target_names must be unique"),
             (self.entry_chunk >= 1, "entry_chunk must be >= 1"),
         ]

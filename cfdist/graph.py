@@ -31,6 +31,9 @@ class PeriodicGraph:
         pair_j: (P,) key atom of each pair.
         pair_d2_min: (P,) smallest squared distance among the pair's entries (detached:
             it only shifts the log-sum-exp and cancels exactly in the gradient).
+        entry_weight: (T,) smooth cutoff envelope f(d) in [0, 1] multiplying each entry's
+            within-pair weight (1 inside ``cutoff - width``, 0 from the cutoff on, C^1 between);
+            None when the model has no envelope.
         basis_blocks: (R, W, K) Gaussian basis of the entries, W entries per block, each
             block holding entries of one query atom, zero padded; None when K = 0.
         entry_slot: (T,) flat position of each entry in the (R * W) block layout.
@@ -44,6 +47,7 @@ class PeriodicGraph:
     pair_i: torch.Tensor
     pair_j: torch.Tensor
     pair_d2_min: torch.Tensor
+    entry_weight: torch.Tensor | None
     basis_blocks: torch.Tensor | None
     entry_slot: torch.Tensor
     block_atom: torch.Tensor
@@ -58,8 +62,11 @@ class PeriodicGraph:
 
     @classmethod
     def build(cls, batch: CrystalBatch, *, n_basis: int, gbf_r_max: float, gbf_width_scale: float,
-              block_width: int, dtype: torch.dtype) -> "PeriodicGraph":
-        """Derive the graph of ``batch``; geometry in ``max(dtype, float32)`` precision."""
+              block_width: int, dtype: torch.dtype, envelope: tuple[float, float] | None = None) -> "PeriodicGraph":
+        """Derive the graph of ``batch``; geometry in ``max(dtype, float32)`` precision.
+
+        ``envelope``: (cutoff, width) of the smooth cutoff switch (:func:`cutoff_envelope`), or None.
+        """
         geo_dtype = torch.promote_types(dtype, torch.float32)
         positions = batch.positions.to(geo_dtype)
         lattice = batch.lattice.to(geo_dtype)
@@ -92,15 +99,29 @@ class PeriodicGraph:
         n_blocks = int(blocks_per_atom.sum())
         block_atom = torch.repeat_interleave(torch.arange(n_atoms_total, device=i.device), blocks_per_atom)
 
+        # clamp keeps the gradient finite (zero) at the self image, where d = 0
+        distance = torch.sqrt(d2.clamp_min(1e-30))
+        entry_weight = None if envelope is None else cutoff_envelope(distance, *envelope)
         basis_blocks = None
         if n_basis > 0:
-            # clamp keeps the gradient finite (zero) at the self image, where d = 0
-            basis = gaussian_basis(torch.sqrt(d2.clamp_min(1e-30)), n_basis, gbf_r_max, gbf_width_scale).to(dtype)
+            basis = gaussian_basis(distance, n_basis, gbf_r_max, gbf_width_scale).to(dtype)
             basis_blocks = basis.new_zeros(n_blocks * width, n_basis).index_copy(0, entry_slot, basis)
             basis_blocks = basis_blocks.view(n_blocks, width, n_basis)
         return cls(n_atoms_total=n_atoms_total, entry_i=i, entry_pair=entry_pair, entry_d2=d2,
-                   pair_i=pair_i, pair_j=pair_j, pair_d2_min=pair_d2_min, basis_blocks=basis_blocks,
+                   pair_i=pair_i, pair_j=pair_j, pair_d2_min=pair_d2_min, entry_weight=entry_weight,
+                   basis_blocks=basis_blocks,
                    entry_slot=entry_slot, block_atom=block_atom)
+
+
+def cutoff_envelope(distance: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
+    """Smooth switch f(d): 1 for d <= cutoff - width, 0 for d >= cutoff, 1 - 3x^2 + 2x^3 between
+    (x = (d - cutoff + width) / width), so f and df/dd are continuous everywhere.
+
+    Multiplying every image's weight exp(a d^2) by f makes the attention, and so an energy
+    model's energy and forces, continuous when an atom or image crosses the cutoff.
+    """
+    x = ((distance - (cutoff - width)) / width).clamp(0.0, 1.0)
+    return 1.0 - x * x * (3.0 - 2.0 * x)
 
 
 def gaussian_basis(distance: torch.Tensor, n_basis: int, r_max: float, width_scale: float) -> torch.Tensor:

@@ -1,7 +1,11 @@
 """Crystalformer: atom embedding -> encoder blocks of periodic attention -> mean pool -> MLP.
 
 Defaults reproduce the published model (4 blocks, d = 128, 8 heads, FFN 512, K = 64;
-853,505 trainable parameters). Each attention layer owns its Gaussian-width statistics
+853,505 trainable parameters). An energy model (``CrystalformerConfig(energy=True)``) adds an
+energy head: per-atom energies from the final atom states, summed per crystal in float64 on
+top of per-element reference energies; forces and stress come from autograd through the
+geometry (positions and a symmetric strain of positions and lattice), so they are exactly
+the derivatives of the energy. Each attention layer owns its Gaussian-width statistics
 (``sigma_mean``, ``sigma_std`` buffers; docs/model.md, Sigma statistics): they start at
 0 / 1, are set once by the first training forward (pooled over all ranks through
 ``stats_reducer``), frozen, saved in checkpoints, and never changed by inference.
@@ -9,7 +13,10 @@ Defaults reproduce the published model (4 blocks, d = 128, 8 heads, FFN 512, K =
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,6 +28,25 @@ from cfdist.batch import CrystalBatch, collate
 from cfdist.config import CrystalformerConfig
 from cfdist.graph import PeriodicGraph
 from cfdist.ops.periodic_attention import periodic_attention
+
+
+@dataclass
+class EnergyOutput:
+    """What an energy model's forward returns (B crystals, N atoms).
+
+    Attributes:
+        energy: (B,) total energy per crystal (eV), float64.
+        forces: (N, 3) -dE/dr (eV/A), or None when not requested.
+        stress: (B, 3, 3) (1/V) dE/d(strain) in eV/A^3 (ASE's convention: a compressed cell,
+            which lowers its energy by expanding, has negative diagonal stress; the pressure is
+            -trace / 3), or None when not requested.
+        properties: (B, n_targets) property-head outputs in normalised units ((B, 0) if none).
+    """
+
+    energy: torch.Tensor
+    forces: torch.Tensor | None
+    stress: torch.Tensor | None
+    properties: torch.Tensor
 
 
 def distributed_sum(stats: torch.Tensor) -> torch.Tensor:
@@ -37,7 +63,8 @@ class TableAttention:
     def prepare(self, batch: CrystalBatch, config: CrystalformerConfig, dtype: torch.dtype) -> PeriodicGraph:
         return PeriodicGraph.build(batch, n_basis=config.n_basis, gbf_r_max=config.gbf_r_max,
                                    gbf_width_scale=config.gbf_width_scale, block_width=config.entry_chunk,
-                                   dtype=dtype)
+                                   dtype=dtype,
+                                   envelope=(config.cutoff, config.envelope_width) if config.envelope else None)
 
     def __call__(self, q, k, v, a, geometry, edge_proj):
         return periodic_attention(q, k, v, a, geometry, edge_proj)
@@ -135,9 +162,16 @@ class Crystalformer(nn.Module):
         self.embedding = nn.Linear(config.n_elements, config.d_model, bias=False)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_blocks))
         self.head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.ReLU(),
-                                  nn.Linear(config.head_hidden, config.n_targets))
+                                  nn.Linear(config.head_hidden, config.n_targets)) if config.n_targets else None
         self.register_buffer("target_mean", torch.zeros(config.n_targets))
         self.register_buffer("target_std", torch.ones(config.n_targets))
+        if config.energy:
+            # per-atom energy = energy_scale * head(x) + the atom's element reference (eV/atom);
+            # the references are fitted on the training data and kept in float64 (_apply)
+            self.energy_head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.SiLU(),
+                                             nn.Linear(config.head_hidden, 1))
+            self.register_buffer("element_energy", torch.zeros(config.n_elements, dtype=torch.float64))
+            self.register_buffer("energy_scale", torch.ones(()))
         self.attention_backend: Any = TableAttention()
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -165,8 +199,21 @@ class Crystalformer(nn.Module):
                 # Xavier on W^E viewed as one (H d_h) x K matrix, gain K^-1/2.
                 flat = att.edge_proj.data.view(-1, cfg.n_basis)
                 nn.init.xavier_uniform_(flat, gain=cfg.n_basis ** -0.5)
-        for lin in (self.head[0], self.head[2]):
-            lin.reset_parameters()
+        if self.head is not None:
+            for lin in (self.head[0], self.head[2]):
+                lin.reset_parameters()
+        if cfg.energy:
+            for lin in (self.energy_head[0], self.energy_head[2]):
+                lin.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # .float() / .half() / .to(dtype) would round the reference energies (tens to hundreds
+        # of eV per crystal) to float32; they stay float64 and follow the module's device only.
+        reference = self.element_energy.detach().clone() if self.config.energy else None
+        super()._apply(fn, recurse)
+        if reference is not None:
+            self.element_energy = reference.to(device=self.target_mean.device, dtype=torch.float64)
+        return self
 
     def set_stats_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace how the first-batch sigma statistics (count, sum, sum of squares) are summed across ranks."""
@@ -199,13 +246,73 @@ class Crystalformer(nn.Module):
                 x = block(x, geometry, self.attention_backend)
         return x
 
-    def forward(self, batch: CrystalBatch) -> torch.Tensor:
-        """(B, n_targets) predictions in normalised target units."""
-        x = self.encode(batch)
+    def forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False):
+        """Property model: (B, n_targets) predictions in normalised target units.
+
+        Energy model: an :class:`EnergyOutput` (energies, and forces / stress when asked; the
+        graph for them is kept (``create_graph``) while training, so a loss on forces trains).
+        """
+        if not self.config.energy:
+            return self.properties(self.encode(batch), batch)
+        return self.energy_forward(batch, forces=forces, stress=stress)
+
+    def properties(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) atom states -> (B, n_targets): mean pooling and the property head."""
+        if self.head is None:  # an energy-only model
+            return x.new_zeros(batch.n_crystals, 0)
         counts = batch.n_atoms.to(x.device)
         pooled = x.new_zeros(len(counts), x.shape[1]).index_add_(0, batch.atom_crystal, x)
         pooled = pooled / counts[:, None].to(x.dtype)
         return self.head(pooled)
+
+    def energy_forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False,
+                       create_graph: bool | None = None) -> EnergyOutput:
+        """Energies (B,) in float64 and, on request, forces and stress by autograd.
+
+        Stress: a symmetric strain eps (B, 3, 3) acts on positions and lattice, r -> r (1 + eps);
+        sigma = (1/V) dE/d(eps) at eps = 0 (ASE's convention). ``create_graph`` (default: in
+        training mode) keeps the graph of forces and stress so that a loss on them trains.
+        """
+        if not self.config.energy:
+            raise ValueError("energy_forward needs an energy model (CrystalformerConfig(energy=True))")
+        create_graph = self.training if create_graph is None else create_graph
+        geo_dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)
+        positions = batch.positions.to(geo_dtype)
+        lattice = batch.lattice.to(geo_dtype)
+        inputs = []
+        if forces:
+            positions = positions.detach().requires_grad_(True)
+            inputs.append(positions)
+        strain = None
+        if stress:
+            strain = torch.zeros_like(lattice, requires_grad=True)
+            inputs.append(strain)
+            deform = torch.eye(3, dtype=geo_dtype, device=lattice.device) + 0.5 * (strain + strain.transpose(1, 2))
+            positions = torch.bmm(positions.unsqueeze(1), deform[batch.atom_crystal]).squeeze(1)
+            lattice = torch.bmm(lattice, deform)
+        if inputs:
+            batch = dataclass_replace(batch, positions=positions, lattice=lattice)
+        with torch.enable_grad() if inputs else contextlib.nullcontext():
+            x = self.encode(batch)
+            energy = self.crystal_energy(x, batch)
+            grads = [None, None]
+            if inputs:
+                found = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+                grads = [found[0] if forces else None, found[-1] if stress else None]
+        out_forces = -grads[0] if forces else None
+        out_stress = None
+        if stress:
+            volume = torch.linalg.det(batch.lattice.detach().to(geo_dtype)).abs()
+            out_stress = grads[1] / volume[:, None, None]
+        return EnergyOutput(energy=energy, forces=out_forces, stress=out_stress, properties=self.properties(x, batch))
+
+    def crystal_energy(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) atom states -> (B,) float64 energies: sum of scaled per-atom head outputs plus
+        the occupancy-weighted element references, accumulated in float64."""
+        per_atom = self.energy_head(x).squeeze(-1).double() * self.energy_scale.double()
+        reference = self.element_energy[batch.species_z - 1] * batch.species_occupancy.to(torch.float64)
+        per_atom = per_atom.index_add(0, batch.species_site, reference.to(per_atom.device))
+        return per_atom.new_zeros(batch.n_crystals).index_add_(0, batch.atom_crystal, per_atom)
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)

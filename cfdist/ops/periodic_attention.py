@@ -2,8 +2,8 @@
 
 For query atom i, head h, key atom j and table entries t of the pair (i, j):
 
-    alpha_ijh = log sum_t exp(a_ih d_t^2)                      (periodic spatial encoding)
-    w_th      = exp(a_ih d_t^2 - alpha_ijh)                    (within-pair weights)
+    alpha_ijh = log sum_t f_t exp(a_ih d_t^2)                  (periodic spatial encoding)
+    w_th      = f_t exp(a_ih d_t^2 - alpha_ijh)                (within-pair weights)
     p_ijh     = softmax_j(q_ih . k_jh / sqrt(d_h) + alpha_ijh)
     y_ih      = sum_j p_ijh v_jh + W^E_h sum_{t of i} (p_{i j(t) h} w_th) B_t
 
@@ -12,6 +12,7 @@ T x H x K (or N^2 x box x K) is ever formed: the last sum is one (H x W)(W x K) 
 per block of W entries of a query atom, followed by a (K -> d_h) projection per atom.
 Peak extra memory is O(T H + P H d_h + R H K) with R ~ T / W blocks.
 
+f_t is the smooth cutoff envelope of energy models (``graph.entry_weight``; 1 without one).
 Exponents, log-sum-exp and softmax run in at least float32.
 """
 
@@ -46,7 +47,12 @@ def periodic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: tor
     # Within-pair weights, shifted by each pair's nearest image so every exponent is <= 0.
     rel_d2 = (graph.entry_d2 - graph.pair_d2_min[entry_pair]).to(acc)
     unnorm = torch.exp(a[graph.entry_i] * rel_d2[:, None])  # (T, H)
+    if graph.entry_weight is not None:
+        unnorm = unnorm * graph.entry_weight.to(acc)[:, None]
     pair_sum = unnorm.new_zeros(graph.n_pairs, n_heads).index_add_(0, entry_pair, unnorm)  # (P, H)
+    if graph.entry_weight is not None:
+        # a pair whose images all lie at or beyond the cutoff has weight 0 (its p underflows to 0)
+        pair_sum = pair_sum.clamp_min(torch.finfo(acc).tiny)
     alpha = a[pair_i] * graph.pair_d2_min.to(acc)[:, None] + torch.log(pair_sum)  # (P, H)
 
     # Softmax over the key atoms j of each query atom i (pairs are sorted by i).

@@ -16,7 +16,7 @@ import torch
 
 
 def reference_periodic_attention(q, k, v, a, entry_i, entry_j, entry_distance, entry_basis=None,
-                                 edge_proj=None) -> torch.Tensor:
+                                 edge_proj=None, entry_weight=None) -> torch.Tensor:
     """Pseudo-finite attention, written for readability.
 
     Args:
@@ -26,10 +26,12 @@ def reference_periodic_attention(q, k, v, a, entry_i, entry_j, entry_distance, e
         entry_distance: (T,) image distances |p_j + nL - p_i|.
         entry_basis: (T, K) Gaussian basis of each entry (needed with ``edge_proj``).
         edge_proj: (H, d_h, K) per-head W^E, or None for no beta term.
+        entry_weight: (T,) cutoff envelope f_t multiplying each image's weight, or None (all 1).
     Returns:
         (N, H, d_h).
     """
     n_atoms, n_heads, head_dim = q.shape
+    log_weight = None if entry_weight is None else torch.log(entry_weight)
     outputs = []
     for i in range(n_atoms):
         logits, values = [], []
@@ -37,6 +39,8 @@ def reference_periodic_attention(q, k, v, a, entry_i, entry_j, entry_distance, e
         for j in torch.unique(entry_j[mine]).tolist():
             sel = mine & (entry_j == j)
             phi = a[i][:, None] * entry_distance[sel][None, :] ** 2  # (H, images)
+            if log_weight is not None:
+                phi = phi + log_weight[sel][None, :]
             alpha = torch.logsumexp(phi, dim=1)  # (H,)
             value = v[j]
             if edge_proj is not None:
