@@ -22,45 +22,58 @@ from pathlib import Path
 
 def _predict(argv) -> int:
     parser = argparse.ArgumentParser(prog="cfdist predict", description="Predict targets for structures in any "
-                                     "input format; unreadable or invalid structures get an error row.")
+                                     "input format; unreadable or invalid structures, and input files that "
+                                     "cannot be read, get an error row. Exit status 1 when nothing could be "
+                                     "predicted (or, with --strict, when anything failed).")
     parser.add_argument("inputs", nargs="+", help="files, directories or globs (CIF, JARVIS/pymatgen JSON, extxyz, ASE db)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="portable checkpoint (model.pt)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
     parser.add_argument("--format", default=None, help="input format (default: inferred per file)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file or structure "
+                        "failed (the CSV is written all the same)")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
-    from cfdist.predict import iter_input_records, predict_records, write_predictions
+    from cfdist.predict import (
+        exit_status,
+        iter_input_records,
+        predict_records,
+        row_counts,
+        write_predictions,
+    )
 
     model = load(args.checkpoint, map_location=args.device).to(args.device)
-    rows = write_predictions(predict_records(model, iter_input_records(args.inputs, args.format), args.batch_size),
-                             args.out, model.config.target_names)
-    failed = sum(r.values is None for r in rows)
-    print(f"{len(rows)} structures -> {args.out} ({len(rows) - failed} predicted, {failed} with an error row)")
-    return 0
+    rows = write_predictions(predict_records(model, iter_input_records(args.inputs, args.format, on_error="row"),
+                                             args.batch_size), args.out, model.config.target_names)
+    counts = row_counts(rows)
+    print(f"{counts['rows']} rows -> {args.out}: {counts['summary']}")
+    return exit_status(counts, [r.error for r in rows if r.scope == "file"], args.strict)
 
 
 def _evaluate(argv) -> int:
     parser = argparse.ArgumentParser(prog="cfdist evaluate", description="MAE / RMSE / R^2 per target, "
-                                     "predictions CSV and parity plot.")
+                                     "predictions CSV and parity plot. Raw inputs that cannot be read get "
+                                     "error rows, as in `cfdist predict`.")
     parser.add_argument("--checkpoint", required=True, type=Path)
     parser.add_argument("--data", required=True, nargs="+", help="a shard directory, or labelled raw inputs")
     parser.add_argument("--split", default="test", help="split of a shard directory (default test)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"))
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file or structure "
+                        "failed (the outputs are written all the same)")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
-    from cfdist.predict import evaluate
+    from cfdist.predict import evaluate, exit_status
 
     result = evaluate(load(args.checkpoint), args.data, args.out, split=args.split, batch_size=args.batch_size)
     print("| target | n | MAE | RMSE | R^2 |\n|---|---|---|---|---|")
     for name, m in result["targets"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
         print(f"| {name} | {m['n']} | {fmt(m['mae'])} | {fmt(m['rmse'])} | {fmt(m['r2'])} |")
-    print(f"{result['n_structures']} structures ({result['n_failed']} failed) -> {args.out}/"
-          f"{{metrics.json, predictions.csv, parity.png}}")
-    return 0
+    counts = result["counts"]
+    print(f"{counts['rows']} rows -> {args.out}/{{metrics.json, predictions.csv, parity.png}}: {counts['summary']}")
+    return exit_status(counts, [f["error"] for f in result["failed_inputs"]], args.strict)
 
 
 def _prepare_task(argv) -> int:

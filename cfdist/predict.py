@@ -5,14 +5,19 @@
 
 Inputs are anything the preprocessor reads (CIF files or directories, JARVIS / pymatgen JSON,
 extxyz, ASE db). Tables are built with the checkpoint's cutoff. A structure that cannot be read
-or fails validation gets a row with the reason instead of stopping the batch. Evaluation also
-reads shard directories (their image tables are reused when their cutoff covers the model's).
+or fails validation gets a row with the reason instead of stopping the batch; so does an input
+file that cannot be found, opened or recognised (one row naming the file, reason in
+:data:`FILE_REASONS`), and a JSON list or JSON-lines file cut short gives its complete records and
+one ``truncated`` row for the rest. Evaluation also reads shard directories (their image tables are
+reused when their cutoff covers the model's).
 """
 
 from __future__ import annotations
 
 import csv
+import glob
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -21,11 +26,17 @@ import numpy as np
 import torch
 
 from cfdist.fileio import atomic_write, write_json_atomic
+from cfdist.io import readers
+from cfdist.io.readers import RawRecord
 
 
 @dataclass
 class Prediction:
-    """One output row: predictions (de-normalised) or the reason there are none."""
+    """One output row: predictions (de-normalised) or the reason there are none.
+
+    ``scope`` is ``"record"`` for a structure, ``"file"`` for an input that could not be read (at all,
+    or past a cut: ``error_reason`` one of :data:`FILE_REASONS`; ``source`` is the path).
+    """
 
     id: str
     source: str
@@ -33,22 +44,163 @@ class Prediction:
     labels: dict[str, float] = field(default_factory=dict)
     error_reason: str = ""
     error: str = ""
+    scope: str = "record"
 
 
-def iter_input_records(inputs: Sequence[str], fmt: str | None = None, chunk_size: int = 1024):
-    """Raw records of every input, in order (see :mod:`cfdist.io.readers`), each with an id."""
+# Why a whole input (or the rest of one) gave no records.
+FILE_REASONS = ("not_found", "permission_denied", "unknown_format", "unreadable_file", "truncated", "empty")
+
+
+@dataclass
+class FileError(RawRecord):
+    """An input (or the rest of one) that yields no records: ``source`` is its path, ``id`` its file
+    name, ``index`` -1, ``error_reason`` one of :data:`FILE_REASONS`."""
+
+
+def file_error(path: str, reason: str, detail: str) -> FileError:
+    """The error record for an input that cannot be read; the message starts with the path and reason."""
+    name = os.path.basename(os.path.normpath(path)) or path
+    return FileError(source=path, index=-1, id=name, crystal=None, labels={}, error_reason=reason,
+                     error=f"{path}: {reason}: {detail}")
+
+
+def iter_input_records(inputs: Sequence[str], fmt: str | None = None, chunk_size: int = 1024,
+                       on_error: str = "raise"):
+    """Raw records of every input, in order (see :mod:`cfdist.io.readers`), each with an id.
+
+    A record that cannot be read is an error record either way. An input that cannot be found,
+    opened, recognised or planned: ``on_error="raise"`` raises (as the preprocessor does);
+    ``on_error="row"`` yields one file error record for it instead (``error_reason`` in
+    :data:`FILE_REASONS`, ``source`` the path, ``id`` the file name) and goes on with the other
+    inputs. With ``"row"`` a JSON list or JSON-lines input that is cut short yields its complete
+    records and then one ``truncated`` file error for the rest.
+    """
+    if on_error not in ("raise", "row"):
+        raise ValueError(f"on_error must be 'raise' or 'row', got {on_error!r}")
+    if on_error == "raise":
+        paths = readers.expand_inputs(list(inputs))
+        if not paths:
+            raise FileNotFoundError(f"no input structures found in {list(inputs)}")
+        for path in paths:
+            for chunk in readers.plan_chunks(path, fmt or readers.infer_format(path), chunk_size):
+                yield from _with_ids(chunk.path, readers.read_chunk(chunk))
+        return
+    for path, problem in _expand_each(inputs):
+        if problem is not None:
+            yield problem
+        else:
+            yield from _read_input(path, fmt, chunk_size)
+
+
+def _with_ids(path: str, records: Iterable[RawRecord]) -> Iterator[RawRecord]:
+    """Records without an id get the one the preprocessor gives them (split files match)."""
     import dataclasses
 
-    from cfdist.io.readers import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
+    for record in records:
+        yield record if record.id else dataclasses.replace(record, id=readers.default_id(path, record.index))
 
-    paths = expand_inputs(list(inputs))
-    if not paths:
-        raise FileNotFoundError(f"no input structures found in {list(inputs)}")
-    for path in paths:
-        for chunk in plan_chunks(path, fmt or infer_format(path), chunk_size):
-            for record in read_chunk(chunk):
-                # records without an id get the one the preprocessor gives them (split files match)
-                yield record if record.id else dataclasses.replace(record, id=default_id(chunk.path, record.index))
+
+def _expand_each(inputs: Sequence[str]) -> list[tuple[str, FileError | None]]:
+    """(path, None) for every input found, (the pattern's path, file error) for a pattern that gives
+    none; sorted by path as :func:`cfdist.io.readers.expand_inputs` sorts."""
+    found: dict[str, FileError | None] = {}
+    for pattern in inputs:
+        try:
+            for path in readers.expand_inputs([pattern]):
+                found[path] = None
+        except FileNotFoundError as exc:
+            path = os.path.abspath(os.path.expanduser(os.fspath(pattern)))
+            found.setdefault(path, _pattern_error(path, exc, glob.has_magic(path) and bool(glob.glob(path))))
+    return sorted(found.items())
+
+
+def _pattern_error(path: str, exc: Exception, matched: bool) -> FileError:
+    """Why an input pattern gave no input: a broken link, an unreadable or empty directory, a glob
+    matching no file of a known format (``matched``), nothing there."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return file_error(path, "not_found", f"broken symbolic link (to {os.readlink(path)!r})")
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            return file_error(path, "permission_denied", "directory cannot be listed (permission denied)")
+        files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path)
+                       for f in names if not f.startswith("."))
+        known = f"{readers.ID_PROP} or files ending in {', '.join(readers.KNOWN_SUFFIXES)}"
+        if not files:
+            return file_error(path, "empty", f"directory holds no files (looked for {known})")
+        return file_error(path, "unknown_format", f"directory holds no structure files: {len(files)} file(s) "
+                          f"({', '.join(files[:5])}{', ...' if len(files) > 5 else ''}), none is {known}")
+    return file_error(path, "unknown_format" if matched else "not_found", str(exc))
+
+
+def _read_input(path: str, fmt: str | None, chunk_size: int) -> Iterator[RawRecord]:
+    """Records of one input; whatever stops the input becomes one file error (after the records before it)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        yield file_error(path, "empty", "the file is empty (0 bytes)")
+        return
+    is_json = readers.is_json_input(path) and fmt in (None, "jarvis", "pymatgen")
+    if is_json and readers.json_lines_cut(path):  # read_chunk would reject the cut line as a record
+        yield from _read_cut_json(path, fmt, chunk_size, None)
+        return
+    try:
+        chunks = readers.plan_chunks(path, fmt or readers.infer_format(path), chunk_size)
+    except Exception as exc:  # noqa: BLE001 - one input must not stop the others
+        if is_json and not isinstance(exc, (FileNotFoundError, PermissionError)):
+            yield from _read_cut_json(path, fmt, chunk_size, exc)  # a cut list still holds records; "[]" is empty
+        else:
+            yield file_error(path, _file_reason(exc), _message(exc, path))
+        return
+    if not chunks:
+        yield file_error(path, "empty", "the input holds no structures")
+        return
+    n = 0
+    try:
+        for chunk in chunks:
+            for record in _with_ids(chunk.path, readers.read_chunk(chunk)):
+                yield record
+                n += 1
+    except Exception as exc:  # noqa: BLE001 - read_chunk raises only when the input cannot be opened
+        yield file_error(path, _file_reason(exc), _message(exc, path) + (f" (after {n} record(s))" if n else ""))
+
+
+def _read_cut_json(path: str, fmt: str | None, chunk_size: int,
+                   planning_error: Exception | None) -> Iterator[RawRecord]:
+    """Records of a JSON input planning refused, up to where its data stops; then one file error."""
+    n = 0
+    try:
+        for record in _with_ids(path, readers.read_json_prefix(path, fmt, chunk_size)):
+            yield record
+            n += 1
+    except readers.TruncatedInputError as exc:
+        yield file_error(path, "truncated", exc.detail)
+    except Exception as exc:  # noqa: BLE001
+        # not a cut list: planning's message is the familiar one unless records came first
+        shown = planning_error if planning_error is not None and not n and not isinstance(
+            exc, (readers.UnknownFormatError, PermissionError)) else exc
+        yield file_error(path, _file_reason(shown), _message(shown, path))
+    else:
+        if not n:
+            yield file_error(path, "empty", "the input holds no structures")
+
+
+def _file_reason(exc: Exception) -> str:
+    if isinstance(exc, PermissionError) or isinstance(exc.__cause__, PermissionError):
+        return "permission_denied"
+    if isinstance(exc, FileNotFoundError):
+        return "not_found"
+    if isinstance(exc, readers.UnknownFormatError):
+        return "unknown_format"
+    if isinstance(exc, readers.TruncatedInputError):
+        return "truncated"
+    return "unreadable_file"
+
+
+def _message(exc: Exception, path: str) -> str:
+    """The exception's message, without a leading copy of the path (the row's message starts with it)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
+    for prefix in (f"{path}: ", f"{path!r}: ", f"{path}:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].lstrip()
+    return text if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
 def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
@@ -74,7 +226,8 @@ def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[
         return out
 
     for index, record in enumerate(records):
-        row = Prediction(id=record.id, source=record.source, values=None, labels=dict(record.labels))
+        row = Prediction(id=record.id, source=record.source, values=None, labels=dict(record.labels),
+                         scope="file" if isinstance(record, FileError) else "record")
         if record.crystal is None:
             row.error_reason, row.error = record.error_reason or "unparseable", record.error or "unreadable"
             pending.append((row, None, None))
@@ -189,7 +342,9 @@ def parity_plot(rows: Sequence[Prediction], target_names: Sequence[str], metrics
 
 def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test", batch_size: int = 64) -> dict:
     """Predict ``data`` (one shard directory, or raw inputs with labels) and write
-    ``metrics.json``, ``predictions.csv`` and ``parity.png`` to ``out_dir``; returns the metrics."""
+    ``metrics.json``, ``predictions.csv`` and ``parity.png`` to ``out_dir``; returns the metrics (and
+    :func:`row_counts` under ``counts``). Raw inputs that cannot be read give error rows (see
+    :func:`iter_input_records` with ``on_error="row"``), listed under ``failed_inputs``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(model.config.target_names)
@@ -197,17 +352,50 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
         rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
         source = {"shards": str(Path(data[0]).resolve()), "split": split}
     else:
-        rows = predict_records(model, iter_input_records(data), batch_size=batch_size)
+        rows = predict_records(model, iter_input_records(data, on_error="row"), batch_size=batch_size)
         source = {"inputs": [str(Path(d).resolve()) for d in data]}
     rows = write_predictions(rows, out_dir / "predictions.csv", names, with_labels=True)
     metrics = regression_metrics(rows, names)
+    counts = row_counts(rows)
     failed = [r for r in rows if r.values is None]
-    result = {"targets": metrics, "n_structures": len(rows), "n_failed": len(failed),
-              "failed_by_reason": _count(r.error_reason for r in failed), "data": source,
-              "checkpoint": getattr(model, "checkpoint_info", {})}
+    result = {"targets": metrics, "n_structures": len(rows), "n_predicted": counts["predicted"],
+              "n_failed": counts["failed"], "n_failed_files": counts["failed_files"],
+              "n_failed_records": counts["failed_records"],
+              "failed_by_reason": _count(r.error_reason for r in failed),
+              "failed_inputs": [{"source": r.source, "reason": r.error_reason, "error": r.error}
+                                for r in failed if r.scope == "file"],
+              "data": source, "checkpoint": getattr(model, "checkpoint_info", {})}
     write_json_atomic(out_dir / "metrics.json", result)
     parity_plot(rows, names, metrics, out_dir / "parity.png")
-    return result
+    return {**result, "counts": counts}
+
+
+def row_counts(rows: Sequence[Prediction]) -> dict:
+    """Rows, predicted, failed (split into file rows and record rows) and the summary in words,
+    e.g. ``20 predicted; 5 failed (2 files, 3 records)``."""
+    failed_files = sum(r.values is None and r.scope == "file" for r in rows)
+    failed = sum(r.values is None for r in rows)
+    failed_records = failed - failed_files
+    summary = (f"{len(rows) - failed} predicted; {failed} failed ({failed_files} file{'s' * (failed_files != 1)}, "
+               f"{failed_records} record{'s' * (failed_records != 1)})")
+    return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed, "failed_files": failed_files,
+            "failed_records": failed_records, "summary": summary}
+
+
+def exit_status(counts: dict, file_errors: Sequence[str], strict: bool = False) -> int:
+    """Exit status of ``cfdist predict`` / ``evaluate``: 1 when nothing was predicted or, with ``strict``,
+    when any file or record failed; else 0. Prints the file errors and the verdict to stderr."""
+    import sys
+
+    for error in file_errors:
+        print(f"input failed: {error}", file=sys.stderr)
+    if not counts["predicted"]:
+        print("error: nothing could be predicted (see the error_reason and error columns)", file=sys.stderr)
+        return 1
+    if strict and counts["failed"]:
+        print(f"error (--strict): {counts['failed']} of {counts['rows']} rows failed", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _count(items) -> dict:

@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from cfdist.io.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
+from cfdist.io.json_scan import (JsonScanError, NoSuchListError, TruncatedJsonError, element_count, first_char,
+                                 list_separators)
 
 
 def _random_value(rng: random.Random, depth: int = 0):
@@ -88,3 +89,54 @@ def test_empty_list_and_first_char():
     assert first_char(b"\xef\xbb\xbf \n[1") == b"["
     assert first_char(b'  {"a": 1}') == b"{"
     assert first_char(b"  \n") == b""
+
+
+def _cut_report(raw: bytes, cut: int, key: str | None = None) -> TruncatedJsonError:
+    with pytest.raises(TruncatedJsonError, match="not closed") as info:
+        list_separators(io.BytesIO(raw[:cut]), key=key, block_size=random.Random(cut).choice([2, 7, 64, 1 << 20]))
+    return info.value
+
+
+def test_a_cut_list_reports_its_complete_elements():
+    """Cutting a well-formed list anywhere before its end (inside strings, escapes, nested values, between
+    elements) raises TruncatedJsonError whose separators are exactly the full document's before the cut:
+    every element followed by a comma is complete and decodes to the original value."""
+    rng = random.Random(2)
+    n_cuts = 0
+    for _ in range(200):
+        values = [_random_value(rng) for _ in range(rng.randint(1, 6))]
+        raw = json.dumps(values, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5).encode()
+        full, _ = list_separators(io.BytesIO(raw))
+        for cut in sorted(rng.sample(range(1, len(raw)), min(8, len(raw) - 1))):
+            exc = _cut_report(raw, cut)
+            assert exc.end == cut and not exc.closed
+            assert exc.seps.tolist() == full[full < cut].tolist(), (raw, cut)
+            complete = [json.loads(raw[exc.seps[k] + 1:exc.seps[k + 1]]) for k in range(len(exc.seps) - 1)]
+            assert complete == values[:len(complete)], (raw, cut)
+            n_cuts += 1
+    assert n_cuts > 1000
+
+
+def test_a_cut_entries_list_reports_its_complete_elements():
+    """The Alexandria form {"entries": [...]}: cut before the list (no separators), inside it (its complete
+    elements) or after it (closed, every element)."""
+    rng = random.Random(3)
+    for _ in range(120):
+        entries = [_random_value(rng) for _ in range(rng.randint(1, 5))]
+        doc = {"@module": "x", "decoy": ['"entries": [1]', {"entries": [9, 9]}], "entries": entries, "after": [1]}
+        raw = json.dumps(doc, indent=rng.choice([None, 1])).encode()
+        full, _ = list_separators(io.BytesIO(raw), key="entries")
+        for cut in rng.sample(range(1, len(raw)), 6):
+            exc = _cut_report(raw, cut, key="entries")
+            assert exc.seps.tolist() == full[full < cut].tolist(), (raw, cut)
+            assert exc.closed == (full[-1] < cut) and exc.end == cut
+            complete = [json.loads(raw[exc.seps[k] + 1:exc.seps[k + 1]]) for k in range(len(exc.seps) - 1)]
+            assert complete == entries[:len(complete)], (raw, cut)
+
+
+def test_escapes_at_the_cut():
+    """A cut right after a backslash (inside a string) or between escaped quotes keeps the state."""
+    raw = json.dumps(["a\\", "b\"c,", {"d": "e\\\","}, 3]).encode()
+    full, _ = list_separators(io.BytesIO(raw))
+    for cut in range(1, len(raw)):
+        assert _cut_report(raw, cut).seps.tolist() == full[full < cut].tolist(), cut

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,9 +117,200 @@ def test_bad_structures_get_error_rows_not_a_crash(portable, megnet_records, tmp
     out = tmp_path / "pred.csv"
     run = _cli("predict", "--checkpoint", portable, path, "--out", out)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "6 structures" in run.stdout and "2 with an error row" in run.stdout
+    assert f"6 rows -> {out}: 4 predicted; 2 failed (0 files, 2 records)" in run.stdout
     csv_rows = {r["id"]: r for r in _read_csv(out)}
     assert csv_rows["overlap"]["e_form"] == "" and "closer than" in csv_rows["overlap"]["error"]
+
+
+# ---- broken input files: one error row each, the other inputs predicted
+
+# kind -> the reason of the broken file's row
+BROKEN_KINDS = {
+    "truncated_list": "truncated",       # a JSON list cut inside its 5th record (partial download)
+    "truncated_lines": "truncated",      # JSON lines cut inside the 4th line
+    "truncated_gz": "truncated",         # a .json.gz whose compressed stream breaks off
+    "invalid_json": "unreadable_file",
+    "garbage_extxyz": "unreadable_file",
+    "dir_without_structures": "unknown_format",
+    "empty_dir": "empty",
+    "unreadable": "permission_denied",   # not_found for a dangling symlink when running as root
+    "unknown_extension": "unknown_format",
+    "empty_file": "empty",
+}
+
+
+def _write_broken(kind: str, where: Path, records: list[dict]) -> tuple[Path, str, list[str], bool]:
+    """A broken input of ``kind`` under ``where``: (path, reason of its row, ids of the records before the
+    cut, whether only a non-empty prefix of those ids is readable: a compressed stream's cut is not
+    aligned with the records)."""
+    import gzip
+
+    where.mkdir()
+    reason = BROKEN_KINDS[kind]
+    parts = [json.dumps(r) for r in records]
+    ids = [r["id"] for r in records]
+    if kind == "truncated_list":
+        path = where / "cut.json"
+        path.write_text("[" + ", ".join(parts[:4]) + ", " + parts[4][: len(parts[4]) // 2])
+        return path, reason, ids[:4], False
+    if kind == "truncated_lines":
+        path = where / "cut.jsonl"
+        path.write_text("\n".join(parts[:3]) + "\n" + parts[3][: len(parts[3]) // 2])
+        return path, reason, ids[:3], False
+    if kind == "truncated_gz":
+        path = where / "cut.json.gz"
+        data = gzip.compress(("[" + ", ".join(parts) + "]").encode())
+        path.write_bytes(data[: len(data) * 2 // 3])
+        return path, reason, ids, True
+    if kind == "invalid_json":
+        path = where / "bad.json"
+        path.write_text('{"id": "x", "atoms": {"lattice_mat": [[4, 0, 0], oops]}}')
+    elif kind == "garbage_extxyz":
+        path = where / "bad.xyz"
+        path.write_text("this is not an extxyz file\n1.0 2.0 3.0\n")
+    elif kind == "dir_without_structures":
+        path = where / "notes"
+        path.mkdir()
+        (path / "readme.txt").write_text("no structures here\n")
+    elif kind == "empty_dir":
+        path = where / "nothing"
+        path.mkdir()
+    elif kind == "unreadable":
+        if os.geteuid() != 0:
+            path = where / "locked.cif"
+            path.write_text("data_x\n")
+            path.chmod(0)
+        else:  # root reads any file whatever its mode: a link to nowhere is unreadable for everyone
+            path = where / "gone.json"
+            path.symlink_to(where / "deleted.json")
+            reason = "not_found"
+    elif kind == "unknown_extension":
+        path = where / "POSCAR.vasp"
+        path.write_text("Si\n1.0\n5.4 0 0\n0 5.4 0\n0 0 5.4\nSi\n1\nDirect\n0 0 0\n")
+    else:
+        path = where / "empty.json"
+        path.write_bytes(b"")
+    return path, reason, [], False
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_KINDS))
+def test_broken_input_file_gets_one_error_row(kind, portable, megnet_records, tmp_path, capsys):
+    """``cfdist predict good.json BROKEN``: the good structures (and any complete records before a cut)
+    are predicted, the broken file gets one row naming it and the reason; exit 0, or 1 with --strict
+    or when nothing could be predicted."""
+    from cfdist.cli import main
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(megnet_records[:3]))
+    broken, reason, cut_ids, prefix_only = _write_broken(kind, tmp_path / "in", megnet_records[10:16])
+    out = tmp_path / "pred.csv"
+    run = _cli("predict", "--checkpoint", portable, good, broken, "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    rows = _read_csv(out)
+    predicted = [r["id"] for r in rows if not r["error_reason"]]
+    n_cut = len(predicted) - 3
+    if prefix_only:
+        assert 0 < n_cut < len(cut_ids)
+        cut_ids = cut_ids[:n_cut]
+    assert predicted == [r["id"] for r in megnet_records[:3]] + cut_ids  # inputs sorted by path
+    assert all(np.isfinite(float(r[t])) for r in rows if not r["error_reason"] for t in ("e_form", "other"))
+    failed = [r for r in rows if r["error_reason"]]
+    assert len(failed) == 1, failed
+    row = failed[0]
+    assert row["error_reason"] == reason, row
+    assert row["id"] == broken.name and row["source"] == str(broken)
+    assert row["error"].startswith(f"{broken}: {reason}: ") and row["e_form"] == ""
+    assert f"{len(rows)} rows -> {out}: {len(predicted)} predicted; 1 failed (1 file, 0 records)" in run.stdout
+    assert f"input failed: {broken}: {reason}" in run.stderr
+    if reason == "truncated":
+        assert f"{len(cut_ids)} complete record(s) before the cut" in row["error"]
+
+    # --strict: the same CSV, exit status 1
+    out.unlink()
+    assert main(["predict", "--checkpoint", str(portable), str(good), str(broken), "--out", str(out),
+                 "--strict"]) == 1
+    assert _read_csv(out) == rows
+    # the broken file alone: exit 1 unless records before a cut were predicted
+    alone = tmp_path / "alone.csv"
+    assert main(["predict", "--checkpoint", str(portable), str(broken), "--out", str(alone)]) == (0 if cut_ids else 1)
+    assert [r["error_reason"] for r in _read_csv(alone)] == [""] * len(cut_ids) + [reason]
+    assert "nothing could be predicted" in capsys.readouterr().err or cut_ids
+
+
+def test_evaluate_raw_inputs_with_a_truncated_file(portable, megnet_records, tmp_path, capsys):
+    """``cfdist evaluate`` on labelled raw inputs: a cut JSON list gives its complete records (with their
+    labels in the metrics) and one ``truncated`` row; --strict and nothing-predicted exit 1."""
+    from cfdist.cli import main
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(megnet_records[:3]))
+    cut, _, cut_ids, _ = _write_broken("truncated_list", tmp_path / "in", megnet_records[10:16])
+    out = tmp_path / "eval"
+    run = _cli("evaluate", "--checkpoint", portable, "--data", good, cut, "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["n_structures"], metrics["n_predicted"], metrics["n_failed"]) == (8, 7, 1)
+    assert (metrics["n_failed_files"], metrics["n_failed_records"]) == (1, 0)
+    assert metrics["failed_by_reason"] == {"truncated": 1}
+    assert [(f["source"], f["reason"]) for f in metrics["failed_inputs"]] == [(str(cut), "truncated")]
+    assert metrics["targets"]["e_form"]["n"] == 7 and metrics["targets"]["other"]["n"] == 0
+    rows = _read_csv(out / "predictions.csv")
+    assert [r["id"] for r in rows if not r["error_reason"]] == [r["id"] for r in megnet_records[:3]] + cut_ids
+    truth = {r["id"]: r["e_form"] for r in megnet_records}
+    assert all(float(r["e_form_true"]) == pytest.approx(truth[r["id"]], rel=1e-5)
+               for r in rows if not r["error_reason"])
+    assert f"8 rows -> {out}/{{metrics.json, predictions.csv, parity.png}}: 7 predicted; 1 failed (1 file, " \
+           f"0 records)" in run.stdout
+    assert (out / "parity.png").is_file()
+
+    args = ["evaluate", "--checkpoint", str(portable), "--out", str(tmp_path / "eval2"), "--data"]
+    assert main(args + [str(good), str(cut), "--strict"]) == 1
+    bad, *_ = _write_broken("invalid_json", tmp_path / "bad", [])
+    assert main(args + [str(bad)]) == 1
+    assert "nothing could be predicted" in capsys.readouterr().err
+
+
+def test_input_errors_in_python(megnet_records, tmp_path, monkeypatch):
+    """iter_input_records: on_error="raise" (the default, as the preprocessor) still raises; "row" turns
+    permission errors, failures while reading and globs without usable matches into file rows."""
+    from cfdist.io import readers
+    from cfdist.predict import FileError, iter_input_records
+
+    cut, _, cut_ids, _ = _write_broken("truncated_list", tmp_path / "in", megnet_records[10:16])
+    with pytest.raises(ValueError, match="not closed"):  # preprocessing keeps refusing a cut file
+        readers.plan_chunks(str(cut), "jarvis", 4)
+    with pytest.raises(ValueError, match="not closed"):
+        list(iter_input_records([str(cut)]))
+    rows = list(iter_input_records([str(cut)], on_error="row"))
+    assert [r.id for r in rows] == cut_ids + ["cut.json"] and isinstance(rows[-1], FileError)
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(megnet_records[:5]))
+    locked = tmp_path / "locked.cif"
+    locked.write_text("data_x\n")
+    (tmp_path / "notes.txt").write_text("x")
+    real_plan, real_read = readers.plan_chunks, readers.read_chunk
+
+    def plan(path, fmt, chunk_size):
+        if path == str(locked):  # chmod does not stop root: refuse as the OS would
+            raise PermissionError(13, "Permission denied", path)
+        return real_plan(path, fmt, chunk_size)
+
+    def read(chunk):  # the file goes away after its first 2 records
+        for k, record in enumerate(real_read(chunk)):
+            if k == 2:
+                raise OSError(f"cannot read {chunk.path!r}: EOFError: gone")
+            yield record
+
+    monkeypatch.setattr(readers, "plan_chunks", plan)
+    monkeypatch.setattr(readers, "read_chunk", read)
+    rows = list(iter_input_records([str(good), str(locked), str(tmp_path / "*.txt")], on_error="row"))
+    got = [(r.id, r.error_reason) for r in rows]
+    assert got == [("*.txt", "unknown_format"),  # sorted by path, as expand_inputs sorts
+                   (megnet_records[0]["id"], None), (megnet_records[1]["id"], None),
+                   ("good.json", "unreadable_file"), ("locked.cif", "permission_denied")]
+    assert "(after 2 record(s))" in rows[3].error and rows[4].error.endswith("permission_denied: Permission denied")
 
 
 def test_records_without_ids_get_the_preprocessors_ids(megnet_records, tmp_path):

@@ -586,3 +586,94 @@ def test_compressed_inputs_spill_once_and_read_the_same(files, tmp_path, key):
     mtime = copies[0].stat().st_mtime_ns
     assert plan_chunks(files[key], "jarvis", CHUNK, spill_dir=str(tmp_path / "spill")) == spilled
     assert copies[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+
+
+# ---- cut files (prediction reads the complete records before the cut)
+
+
+def _cut_case(kind: str, recs: list[dict], inside: bool = True) -> tuple[str, str, str]:
+    """(file name, complete text, text cut inside record 5, or else right after it) of a JSON input of ``kind``."""
+    broken = '{"id": "broken", "atoms": {"lattice_mat": [1, 2,, 3]}}'  # balanced but not JSON: a record error
+    parts = [json.dumps(r) for r in recs[:2]] + [broken] + [json.dumps(r) for r in recs[2:]]
+    if kind == "alexandria":
+        parts = [json.dumps(cse_dict(r)) for r in recs]
+        name, text = "alexandria.json.bz2", '{"@module": "x", "entries": [' + ", ".join(parts) + '], "n": 1}'
+    elif kind.startswith("jsonl"):
+        name, text = "cut" + kind.replace("jsonl", ".jsonl"), "\n".join(parts) + "\n"
+    else:
+        name, text = "cut" + kind.replace("json", ".json"), "[\n" + ",\n".join(parts) + "\n]\n"
+    at = text.index(parts[5])
+    return name, text, text[:at + (len(parts[5]) // 2 if inside else len(parts[5]))]
+
+
+def _prefix(path: str) -> tuple[list, readers.TruncatedInputError]:
+    """read_json_prefix's records and cut; a compressed input is overwritten after the first record (the
+    records come from the copy decompressed while scanning, not from decompressing it again)."""
+    out = []
+    with pytest.raises(readers.TruncatedInputError) as info:
+        for record in readers.read_json_prefix(path, chunk_size=2):
+            out.append(record)
+            if len(out) == 1 and path.endswith((".gz", ".bz2")):
+                with open(path, "wb") as f:
+                    f.write(b"\x1f\x8b\x08\x00 not gzip any more")
+    return out, info.value
+
+
+def _rows(records, path):
+    return [(r.index, r.id, r.source.replace(path, "P"), r.error_reason, json.dumps(r.labels)) for r in records]
+
+
+@pytest.mark.parametrize("kind, inside", [("json", True), ("json.gz", True), ("json.bz2", True), ("jsonl", True),
+                                          ("jsonl.gz", True), ("alexandria", True), ("json", False),
+                                          ("alexandria", False)])
+def test_read_json_prefix_reads_the_complete_records_before_a_cut(tmp_path, recs, kind, inside):
+    """A JSON list, JSON-lines file or Alexandria dump cut inside record 5 (the compressed stream intact):
+    planning refuses it; read_json_prefix yields records 0-4 exactly as reading the whole file does (the
+    bad element 2 an unparseable record), then TruncatedInputError naming the cut. A list cut right after
+    record 5 (only its end missing) gives records 0-5."""
+    name, text, cut_text = _cut_case(kind, recs, inside)
+    n = 5 if inside else 6
+    whole, cut = tmp_path / "whole" / name, tmp_path / "cut" / name
+    for path, body in ((whole, text), (cut, cut_text)):
+        path.parent.mkdir()
+        opener = gzip.open if name.endswith(".gz") else bz2.open if name.endswith(".bz2") else open
+        with opener(path, "wt") as f:
+            f.write(body)
+    expected = _rows(_read_all(str(whole), chunk_size=3)[1][:n], str(whole))
+    if not kind.startswith("jsonl"):  # a cut last line is a record to planning (predict checks json_lines_cut)
+        with pytest.raises(ValueError, match="not closed"):
+            plan_chunks(str(cut), infer_format(str(whole)), 3)
+    out, exc = _prefix(str(cut))
+    assert _rows(out, str(cut)) == expected
+    assert exc.n_read == n and f"{n} complete record(s) before the cut" in str(exc)
+    assert exc.detail.startswith("the file ends inside line 6 (record 5)" if kind.startswith("jsonl") else
+                                 "the file ends inside record 5" if inside else
+                                 "the file ends after record 5, before the list is closed")
+    assert readers.json_lines_cut(str(cut)) == (kind == "jsonl")
+
+
+@pytest.mark.parametrize("kind", ["json.gz", "jsonl.gz", "json.bz2"])
+def test_read_json_prefix_of_a_broken_compressed_stream(tmp_path, recs, kind):
+    """A .gz/.bz2 whose compressed bytes are cut: the records decompressed before the break (a prefix of the
+    whole file's, fewer for bz2's large blocks), then the cut naming the stream error. A stream that only
+    lacks its last bytes (the gzip trailer) gives every record and still reports the break."""
+    name, text, _ = _cut_case(kind, recs)
+    whole = tmp_path / name
+    opener = gzip.open if name.endswith(".gz") else bz2.open
+    with opener(whole, "wt") as f:
+        f.write(text)
+    expected = _rows(_read_all(str(whole))[1], str(whole))
+    data = whole.read_bytes()
+    for keep in (len(data) // 2, len(data) - 4):
+        cut = tmp_path / f"{keep}" / name
+        cut.parent.mkdir()
+        cut.write_bytes(data[:keep])
+        with pytest.raises(OSError, match="EOFError"):
+            plan_chunks(str(cut), "jarvis", 3)
+        out, exc = _prefix(str(cut))
+        assert _rows(out, str(cut)) == expected[:len(out)] and exc.n_read == len(out)
+        assert "the compressed stream breaks off: EOFError" in exc.detail
+        if keep == len(data) - 4:
+            assert len(out) == len(expected)
+        elif name.endswith(".gz"):
+            assert 0 < len(out) < len(expected)

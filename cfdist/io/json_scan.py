@@ -40,6 +40,26 @@ class NoSuchListError(JsonScanError):
     """A well-formed top-level object without a list under the requested key."""
 
 
+class TruncatedJsonError(JsonScanError):
+    """The input ends before the document is closed (a cut file), with what the scan found before.
+
+    Attributes:
+        seps: the list's separators before the cut, as :func:`list_separators` gives them: its ``[``
+            and the commas between its elements (and its ``]`` when ``closed``); empty when the input
+            ends before the list starts. Elements ``0 .. len(seps) - 2`` are complete; unless
+            ``closed``, the bytes after ``seps[-1]`` are the cut element (blank when the data stops
+            right after a separator).
+        end: the number of bytes read.
+        closed: whether the list itself was closed (only the enclosing object is cut).
+    """
+
+    def __init__(self, message: str, seps: np.ndarray, end: int, closed: bool):
+        super().__init__(message)
+        self.seps = seps
+        self.end = end
+        self.closed = closed
+
+
 def first_char(head: bytes) -> bytes:
     """The first byte of a JSON document after a byte-order mark and whitespace (b"" if none)."""
     text = head[len(_BOM):] if head.startswith(_BOM) else head
@@ -58,7 +78,8 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
     :func:`element_count`. Every byte read is also written to ``copy_to`` when given (to keep a
     decompressed copy without a second pass). Raises :class:`JsonScanError` when the document is
     not well formed (anything but whitespace around it, unbalanced brackets, an unterminated
-    string) or has no such list.
+    string) or has no such list; :class:`TruncatedJsonError` (a subclass) when the input ends
+    before the document is closed.
     """
     opener = b"[" if key is None else b"{"
     target = 0 if key is None else 1  # depth outside the wanted list
@@ -146,7 +167,9 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
         raise JsonScanError("empty input: no JSON document")
     if not finished:
         what = "inside a string" if in_string else "inside the document"
-        raise JsonScanError(f"the document is not closed: the input ends {what} at byte {base} (truncated?)")
+        found = np.concatenate(seps) if seps else np.zeros(0, dtype=np.int64)
+        raise TruncatedJsonError(f"the document is not closed: the input ends {what} at byte {base} (truncated?)",
+                                 found, base, list_done)
     if not list_done:
         raise NoSuchListError(f"the top-level object has no {key!r} list")
     return np.concatenate(seps), base

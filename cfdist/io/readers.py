@@ -25,6 +25,11 @@ Streaming: extxyz, JSON-lines and JSON-list chunks carry byte ranges; a worker s
 keeps the decompressed bytes (``Chunk.data_path``) so workers seek directly; without one, each worker
 decompresses (but does not decode) everything before its chunk. Only a single record or an ASE JSON
 database at top level is loaded whole (once per process).
+
+Cut files: planning refuses a JSON list that is not closed or a compressed stream that breaks off
+(preprocessing never builds shards from part of a file). Prediction instead reads such a file with
+:func:`read_json_prefix`: the same scan finds where the data stops, the complete records before it are
+read as ordinary chunks, then :class:`TruncatedInputError` says where the file was cut.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import math
 import os
 import re
 import sqlite3
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -53,10 +59,12 @@ import numpy as np
 
 from cfdist.crystal import Crystal, InvalidCrystalError, from_ase, from_jarvis, from_pymatgen
 from cfdist.fileio import atomic_write
-from cfdist.io.json_scan import JsonScanError, NoSuchListError, element_count, first_char, list_separators
+from cfdist.io.json_scan import (JsonScanError, NoSuchListError, TruncatedJsonError, element_count, first_char,
+                                 list_separators)
 
 __all__ = [
     "FORMATS",
+    "KNOWN_SUFFIXES",
     "Chunk",
     "RawRecord",
     "default_id",
@@ -64,6 +72,7 @@ __all__ = [
     "expand_inputs",
     "plan_chunks",
     "read_chunk",
+    "is_json_input",
     "UnknownFormatError",
     "TruncatedInputError",
     "json_lines_cut",
@@ -76,7 +85,8 @@ ID_PROP = "id_prop.csv"
 _JSON_SUFFIXES = (".json", ".json.gz", ".json.bz2")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2")
 _XYZ_SUFFIXES = (".xyz", ".extxyz")
-_KNOWN_SUFFIXES = (".cif", ".db") + _XYZ_SUFFIXES + _JSON_SUFFIXES + _JSONL_SUFFIXES
+# the file name endings of inputs (expand_inputs picks up these, and directories with id_prop.csv)
+KNOWN_SUFFIXES = (".cif", ".db") + _XYZ_SUFFIXES + _JSON_SUFFIXES + _JSONL_SUFFIXES
 _PYMATGEN_CLASSES = frozenset({"Structure", "ComputedStructureEntry", "ComputedEntry"})
 # Keys that name a record rather than label it (never turned into labels).
 _ID_KEYS = ("id", "jid", "material_id", "mp_id", "entry_id", "name")
@@ -169,7 +179,8 @@ class UnknownFormatError(ValueError):
 
 
 class TruncatedInputError(ValueError):
-    """:func:`read_json_prefix` reached the end of the data inside the list or a record (a cut file).
+    """:func:`read_json_prefix` reached the end of the data inside the list or a record, or a compressed
+    stream that breaks off (a cut file).
 
     Attributes:
         path: the input.
@@ -198,7 +209,7 @@ class _RecordError(Exception):
 
 def _suffix_of(path: str) -> str | None:
     low = path.lower()
-    for suffix in sorted(_KNOWN_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(KNOWN_SUFFIXES, key=len, reverse=True):
         if low.endswith(suffix):
             return suffix
     return None
@@ -206,6 +217,11 @@ def _suffix_of(path: str) -> str | None:
 
 def _is_json_lines(path: str) -> bool:
     return path.lower().endswith(_JSONL_SUFFIXES)
+
+
+def is_json_input(path: str) -> bool:
+    """Whether ``path`` names a JSON list or JSON-lines input (plain, ``.gz`` or ``.bz2``) by its extension."""
+    return os.fspath(path).lower().endswith(_JSON_SUFFIXES + _JSONL_SUFFIXES)
 
 
 def _open_binary(path: str):
@@ -260,7 +276,7 @@ def infer_format(path: str) -> str:
                                  f"'lattice_mat') nor pymatgen ('@class', 'structure', or 'lattice' + 'sites') "
                                  f"records ({what})")
     raise UnknownFormatError(f"cannot infer the format of {path!r}: unknown extension (known: cif directory with "
-                             f"{ID_PROP}, {', '.join(_KNOWN_SUFFIXES)})")
+                             f"{ID_PROP}, {', '.join(KNOWN_SUFFIXES)})")
 
 
 def _classify_record(rec: Any) -> str | None:
@@ -369,14 +385,8 @@ def _plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) ->
         source = spill if spill and os.path.exists(spill) else path  # a finished copy is reused
         copy = spill if spill and source == path else None
         if _is_json_lines(path):
-            records, end = [], 0
             with _open_binary(source) as f, _spilling(copy) as sink:
-                for lineno, raw in enumerate(f, 1):
-                    if sink is not None:
-                        sink.write(raw)
-                    if raw.strip():
-                        records.append((end, lineno))
-                    end += len(raw)
+                records, end, _, _ = _json_lines_offsets(f, sink)
             chunks = _byte_chunks(fmt, path, records, end, chunk_size)
         else:
             with _open_binary(source) as f:
@@ -407,12 +417,30 @@ def _json_list_chunks(fmt: str, path: str, source: str, chunk_size: int, key: st
             raise ValueError(f"{path}: not valid JSON: {exc}") from None
     with _open_binary(copy or source) as f:
         n = element_count(f, seps)
+    return _list_chunks(fmt, path, seps, n, chunk_size)
+
+
+def _list_chunks(fmt: str, path: str, seps: np.ndarray, n: int, chunk_size: int) -> list[Chunk]:
+    """Chunks of the first ``n`` elements of a JSON list, element ``k`` spanning ``seps[k] + 1 : seps[k + 1]``."""
     chunks = []
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         offset = int(seps[start]) + 1  # just after '[' or the comma before element `start`
         chunks.append(Chunk(fmt, path, start, stop - start, offset, int(seps[stop]) - offset))
     return chunks
+
+
+def _json_lines_offsets(f, sink=None) -> tuple[list[tuple[int, int]], int, int, bytes]:
+    """(byte offset, line number) of every non-blank line of a JSON-lines stream, the stream's length,
+    its number of lines and its last line; every line is also written to ``sink`` when given."""
+    records, end, lineno, raw = [], 0, 0, b""
+    for lineno, raw in enumerate(f, 1):
+        if sink is not None:
+            sink.write(raw)
+        if raw.strip():
+            records.append((end, lineno))
+        end += len(raw)
+    return records, end, lineno, raw
 
 
 def _spill_path(spill_dir: str, path: str) -> str:
@@ -805,11 +833,9 @@ def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRec
 
 # Prediction reads what it can of a JSON input that planning refuses (a partial download); the
 # preprocessing job keeps refusing such a file (plan_chunks raises), so shards never hold half a file.
+# The cut is found by the planning scan itself (a TruncatedJsonError from json_scan, or the last line
+# of JSON lines); the complete records before it are planned as ordinary chunks and read by read_chunk.
 
-_SALVAGE_BLOCK = 1 << 20
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-_ELEMENT_TOKENS = re.compile(r'["\[\]{},]')
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _CUT_HINT = "the rest of the file is missing (cut short, e.g. an interrupted download)"
 
 
@@ -834,251 +860,144 @@ def json_lines_cut(path: str) -> bool:
             if cut >= 0:
                 tail = tail[cut + 1:]
                 break
-    if not tail.strip():
-        return False
+    return bool(tail.strip()) and not _decodes(tail)
+
+
+def _decodes(raw: bytes) -> bool:
     try:
-        json.loads(tail)
+        json.loads(raw)
     except ValueError:
+        return False
+    return True
+
+
+class _EndsAtBreak(io.RawIOBase):
+    """A (possibly compressed) binary stream that just ends where a compressed stream breaks off (a cut
+    ``.gz`` / ``.bz2``: ``EOFError``; a corrupt block after some data: ``OSError`` / ``zlib.error``),
+    with the error kept in ``broken``."""
+
+    def __init__(self, f):
+        self.f, self.broken, self.n_bytes = f, None, 0
+
+    def readable(self) -> bool:
         return True
-    return False
 
-
-class _CutStream:
-    """Blocks of a (possibly compressed) input. A compressed stream that breaks off (a cut ``.gz`` /
-    ``.bz2``) just ends, with the error kept in ``broken``, once some data has come out of it."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.file = _open_binary(path)
-        self.broken: str | None = None
-        self.eof = False
-        self.n_bytes = 0
-
-    def read(self, size: int) -> bytes:
-        if self.eof:
-            return b""
+    def readinto(self, buffer) -> int:
+        if self.broken:
+            return 0
         try:
-            data = self.file.read(size)
+            data = self.f.read1(len(buffer))  # one raw read: what came out before a break is kept
         except (EOFError, zlib.error, OSError) as exc:
-            if isinstance(exc, (FileNotFoundError, PermissionError)) or not self.n_bytes:
-                raise OSError(f"cannot read {self.path!r}: {type(exc).__name__}: {exc}") from exc
+            if isinstance(exc, (FileNotFoundError, PermissionError)) or not (self.n_bytes or
+                                                                             isinstance(exc, EOFError)):
+                raise
             self.broken, data = f"{type(exc).__name__}: {exc}", b""
+        buffer[:len(data)] = data
         self.n_bytes += len(data)
-        self.eof = not data
-        return data
+        return len(data)
 
     def close(self):
-        self.file.close()
-
-    def cut(self, n_read: int, where: str) -> TruncatedInputError:
-        broken = f" (the compressed stream breaks off: {self.broken})" if self.broken else ""
-        return TruncatedInputError(self.path, n_read, f"the file ends {where}{broken}; {n_read} complete "
-                                                      f"record(s) before the cut, {_CUT_HINT}")
+        self.f.close()
+        super().close()
 
 
-def _element_end(text: str, pos: int) -> int | None:
-    """Offset of the ``,`` / ``]`` ending the list element at ``text[pos]``; None if it does not end in ``text``."""
-    depth = 0
-    while True:
-        m = _ELEMENT_TOKENS.search(text, pos)
-        if m is None:
-            return None
-        c, at = m.group(), m.start()
-        if c == '"':
-            s = _JSON_STRING.match(text, at)
-            if s is None:
-                return None
-            pos = s.end()
-            continue
-        if c in "[{":
-            depth += 1
-        elif depth == 0:
-            return at
-        elif c in "]}":
-            depth -= 1
-        pos = at + 1
-
-
-def _json_list_elements(path: str) -> Iterator[tuple[int, str, Any, str | None]]:
-    """(index, source, decoded element or None, decode error or None) of a JSON list read as a stream."""
-    import codecs
-
-    stream = _CutStream(path)
-    text_of = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-    decoder = json.JSONDecoder()
-    buf, pos = "", 0
-
-    def more() -> bool:
-        """Read on (at least doubling what is held); False at the end of the data."""
-        nonlocal buf, pos
-        buf, pos = buf[pos:], 0
-        while not stream.eof:
-            data = stream.read(max(_SALVAGE_BLOCK, len(buf)))
-            text = text_of.decode(data, final=stream.eof)
-            if text:
-                buf += text
-                return True
-        return False
-
-    def skip_ws() -> bool:
-        nonlocal pos
-        while True:
-            pos = _JSON_WS.match(buf, pos).end()
-            if pos < len(buf):
-                return True
-            if not more():
-                return False
-
-    try:
-        if not skip_ws():
-            if stream.broken:
-                raise stream.cut(0, "before the first record")
-            raise ValueError(f"{path}: empty JSON file")
-        top_level = buf[pos] == "["
-        if buf[pos] == "{":  # an Alexandria dump {"entries": [...]}
-            while (found := _ENTRIES_KEY.search(buf, pos)) is None:
-                if len(buf) > _PEEK_OBJECT_LIMIT or not more():
-                    raise ValueError(f"{path}: a JSON object without an 'entries' list (a single record or an "
-                                     f"ASE database) cannot be read in part")
-            pos = found.end()
-        elif top_level:
-            pos += 1
-        else:
-            raise ValueError(f"{path}: expected a JSON list or object, starts with {buf[pos:pos + 20]!r}")
-        index = 0
-        while True:
-            if not skip_ws():
-                raise stream.cut(index, "inside the list" if index == 0 else f"after record {index - 1}, "
-                                                                            f"before the list is closed")
-            if index == 0 and buf[pos] == "]":
-                pos += 1
-                break
-            while True:
-                try:
-                    obj, end = decoder.raw_decode(buf, pos)
-                    if end == len(buf) and more():
-                        continue  # a number may go on in the next block
-                    err = None
-                except ValueError as exc:
-                    end = _element_end(buf, pos)
-                    if end is None:
-                        if more():
-                            continue
-                        raise stream.cut(index, f"inside record {index}") from None
-                    obj, err = None, str(exc)
-                break
-            yield index, f"{path}:{index}", obj, err
-            index += 1
-            pos = end
-            if not skip_ws():
-                raise stream.cut(index, f"after record {index - 1}, before the list is closed")
-            if buf[pos] == ",":
-                pos += 1
-            elif buf[pos] == "]":
-                pos += 1
-                break
-            else:
-                raise ValueError(f"{path}: not valid JSON after record {index - 1}: expected ',' or ']', got "
-                                 f"{buf[pos:pos + 20]!r}")
-        if top_level and skip_ws():
-            raise ValueError(f"{path}: not valid JSON: extra data after the list ({buf[pos:pos + 20]!r})")
-    finally:
-        stream.close()
-
-
-def _json_lines_elements(path: str) -> Iterator[tuple[int, str, Any, str | None]]:
-    """(index, source, decoded record or None, decode error or None) of a JSON-lines input."""
-    stream = _CutStream(path)
-    tail, lineno, index = b"", 0, 0
-
-    def element(raw: bytes):
-        try:
-            return index, f"{path}:line {lineno}", json.loads(raw), None
-        except ValueError as exc:
-            return index, f"{path}:line {lineno}", None, str(exc)
-
-    try:
-        while data := stream.read(_SALVAGE_BLOCK):
-            lines = (tail + data).split(b"\n")
-            tail = lines.pop()
-            for raw in lines:
-                lineno += 1
-                if raw.strip():
-                    yield element(raw)
-                    index += 1
-        if tail.strip():
-            lineno += 1
-            item = element(tail)
-            if item[3] is not None:
-                raise stream.cut(index, f"inside line {lineno} (record {index})")
-            yield item
-            index += 1
-        if stream.broken:
-            raise stream.cut(index, f"after line {lineno}")
-    finally:
-        stream.close()
-
-
-def read_json_prefix(path: str, fmt: str | None = None) -> Iterator[RawRecord]:
+def read_json_prefix(path: str, fmt: str | None = None, chunk_size: int = 1024) -> Iterator[RawRecord]:
     """Every record of a JSON-list or JSON-lines input up to where its data stops, for prediction.
 
     For inputs :func:`plan_chunks` refuses because they are cut short (a JSON list that is not closed,
     a ``.gz``/``.bz2`` stream that breaks off) and JSON-lines files whose last line is cut
-    (:func:`json_lines_cut`). The file is streamed once: records are yielded as by :func:`read_chunk`
-    (a bad element or line is an ``unparseable`` record, sources ``<path>:<index>`` /
-    ``<path>:line <n>``). ``fmt`` None: inferred from the first records as :func:`infer_format` does.
+    (:func:`json_lines_cut`). The file is scanned as planning scans it (a compressed one is
+    decompressed once, into a temporary copy); its complete records are planned as chunks and yielded
+    by :func:`read_chunk` (a bad element or line is an ``unparseable`` record). ``fmt`` None: inferred
+    from the first complete records as :func:`infer_format` does.
 
     Raises :class:`TruncatedInputError` after the last complete record when the data stops inside the
-    list or a record; :class:`UnknownFormatError` when the first records are neither JARVIS nor
-    pymatgen; ``ValueError`` / ``OSError`` when the file is not a JSON list (or ``entries`` dump) or
-    JSON lines at all, or has other damage (after the records before it). Returns normally when the
-    data turns out to be complete.
+    list or a record (or the compressed stream breaks off after it); :class:`UnknownFormatError` when
+    the first records are neither JARVIS nor pymatgen; ``ValueError`` / ``OSError`` when the file is
+    not a JSON list (or ``entries`` dump) or JSON lines at all, or has other damage. Returns normally
+    when the data turns out to be complete.
     """
     path = os.path.abspath(os.fspath(path))
     if fmt is not None and fmt not in ("jarvis", "pymatgen"):
         raise ValueError(f"read_json_prefix reads jarvis or pymatgen JSON, not {fmt!r} ({path!r})")
-    elements = _json_lines_elements(path) if _is_json_lines(path) else _json_list_elements(path)
-    converters = {"jarvis": _jarvis_record, "pymatgen": _pymatgen_record}
-    convert = converters.get(fmt)
-    pending: list[tuple[int, str, Any, str | None]] = []
+    compressed = path.lower().endswith((".gz", ".bz2"))
+    with tempfile.TemporaryDirectory(prefix="cfdist-cut-") if compressed else contextlib.nullcontext() as tmp:
+        with _file_errors(path):
+            chunks, cut = _plan_prefix(path, fmt, chunk_size, _spill_path(tmp, path) if tmp else None)
+        for chunk in chunks:
+            yield from read_chunk(chunk)
+    if cut is not None:
+        raise cut
 
-    def build(item) -> RawRecord:
-        index, source, obj, err = item
-        if err is not None:
-            return _error_record(source, index, None, "unparseable", f"not valid JSON ({err})")
-        return _guarded(source, index, functools.partial(convert, obj, source, index))
 
-    def undetermined() -> Iterator[RawRecord]:
-        """Records held while the format is unknown: only undecodable ones need no format."""
-        decoded = [obj for _, _, obj, err in pending if err is None]
-        if decoded:
-            what = (f"first record keys {sorted(map(str, decoded[0]))[:12]}" if isinstance(decoded[0], Mapping)
-                    else f"first record is a {type(decoded[0]).__name__}")
-            raise UnknownFormatError(f"cannot infer the format of {path!r}: neither JARVIS ('atoms' with "
-                                     f"'lattice_mat') nor pymatgen ('@class', 'structure', or 'lattice' + "
-                                     f"'sites') records ({what})")
-        yield from map(build, pending)
-        pending.clear()
+def _plan_prefix(path: str, fmt: str | None, chunk_size: int,
+                 spill: str | None) -> tuple[list[Chunk], TruncatedInputError | None]:
+    """Chunks of the complete records of a JSON input up to where its data stops, and the cut (None
+    when the data is complete). ``spill``: where to keep the decompressed bytes of a compressed input."""
+    whole = False  # the JSON document is complete
+    with io.BufferedReader(_EndsAtBreak(_open_binary(path)), 1 << 20) as f, _spilling(spill) as sink:
+        if _is_json_lines(path):
+            lines, end, lineno, last = _json_lines_offsets(f, sink)
+        else:
+            key = "entries" if first_char(f.peek(1 << 16)) == b"{" else None
+            try:
+                seps, end = list_separators(f, key=key, copy_to=sink)
+                closed = whole = True
+            except TruncatedJsonError as exc:
+                seps, end, closed = exc.seps, exc.end, exc.closed
+            except JsonScanError as exc:
+                if not f.raw.broken or f.raw.n_bytes:
+                    raise ValueError(f"{path}: not valid JSON: {exc}") from None
+                seps, end, closed = np.zeros(0, dtype=np.int64), 0, False  # broken before any data
+        broken = f.raw.broken
+    source = spill or path
+    if _is_json_lines(path):
+        if last.strip() and not last.endswith(b"\n") and not _decodes(last):
+            lines.pop()
+            end -= len(last)
+            where = f"inside line {lineno} (record {len(lines)})"
+        else:
+            where = f"after line {lineno}" if broken else None
+        n, plan = len(lines), functools.partial(_byte_chunks, path=path, records=lines, end=end,
+                                                chunk_size=chunk_size)
+    else:
+        n, tail = max(len(seps) - 1, 0), b""
+        if closed:
+            with open(source, "rb") as g:
+                n = element_count(g, seps)
+        elif len(seps):
+            with open(source, "rb") as g:
+                g.seek(int(seps[-1]) + 1)
+                tail = g.read(end - int(seps[-1]) - 1).strip()
+            if tail[-1:] in (b"}", b"]") and _decodes(tail):  # only the list's end is missing
+                seps, n, tail = np.append(seps, end), n + 1, b""
+        if whole:
+            where = "after the end of the JSON document" if broken else None
+        elif closed:
+            where = f"after the {key!r} list, before the document is closed"
+        elif not len(seps):  # the data stops before the list starts
+            where = "before the first record" if key is None else \
+                f"inside the top-level object, before any {key!r} list"
+        elif tail:
+            where = f"inside record {n}"
+        else:
+            where = f"after record {n - 1}, before the list is closed" if n else "inside the list"
+        plan = functools.partial(_list_chunks, path=path, seps=seps, n=n, chunk_size=chunk_size)
+    cut = None if where is None else TruncatedInputError(
+        path, n, f"the file ends {where}" + (f" (the compressed stream breaks off: {broken})" if broken else "")
+        + f"; {n} complete record(s) before the cut, {_CUT_HINT}")
+    chunks = plan(fmt or _prefix_format(path, source)) if n else []
+    return [dataclasses.replace(c, data_path=spill) for c in chunks] if spill else chunks, cut
 
+
+def _prefix_format(path: str, source: str) -> str:
+    """:func:`infer_format` of ``path`` read from ``source`` (its decompressed copy), naming ``path``."""
     try:
-        for item in elements:
-            if convert is None:
-                pending.append(item)
-                decoded = [obj for _, _, obj, err in pending if err is None]
-                found = next(filter(None, map(_classify_record, decoded)), None)
-                if found is None:
-                    if len(decoded) >= _PEEK_RECORDS:
-                        yield from undetermined()
-                    continue
-                convert = converters[found]
-                yield from map(build, pending)
-                pending.clear()
-                continue
-            yield build(item)
-    except TruncatedInputError:
-        yield from undetermined()
-        raise
-    yield from undetermined()
+        return infer_format(source)
+    except ValueError as exc:
+        if source == path:
+            raise
+        raise type(exc)(str(exc).replace(source, path)) from None
 
 
 # ----------------------------------------------------------------------------- extxyz
