@@ -15,6 +15,7 @@ import pytest
 from cfdist.geometry import image_table
 from cfdist.shards import arrow_to_crystals, collate_arrow, read_shard
 
+from paths import EXAMPLE_DATA, require
 from paths import ROOT as REPO  # noqa: E402
 SCRIPT = REPO / "preprocess" / "build_shards.py"
 
@@ -239,6 +240,12 @@ def test_cli_errors_are_clear(tmp_path, slice_file):
     assert res.returncode == 2 and "unknown split name" in res.stderr
     res = cli(slice_file, "--out", tmp_path / "o3", "--split-fractions", "0.5", "0.5", "0.5")
     assert res.returncode == 2 and "summing to 1" in res.stderr
+    good_split = tmp_path / "good_split.json"
+    good_split.write_text(json.dumps({"train": ["mp-1"]}))
+    res = cli(slice_file, "--out", tmp_path / "o4", "--split-file", good_split, "--split-group", "composition")
+    assert res.returncode == 2 and "--split-group and --split-file cannot be combined" in res.stderr
+    res = cli(slice_file, "--out", tmp_path / "o5", "--split-group", "traj")
+    assert res.returncode == 2 and "expected meta:NAME" in res.stderr
 
 
 @pytest.mark.parametrize("key,target,extra", [
@@ -325,3 +332,160 @@ def test_compressed_inputs_are_planned_in_parallel_and_spilled_once(ray_session,
         assert (split_a, index_a) == (split_b, index_b)
         assert file_b.startswith(str(packed))  # sources name the input, not the decompressed copy
     assert run_build(ray_session, sorted(packed.iterdir()), tmp_path / "b", shard_size=8) == b  # plan reused
+
+
+# --------------------------------------------------------------------------------------------
+# Group splits (--split-group): every member of a group lands in one split
+
+
+def _xyz_frames(path):
+    """The frames of a (gzipped) extxyz file as raw text, in file order."""
+    import gzip
+
+    with (gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)) as f:
+        lines = f.read().splitlines(keepends=True)
+    frames, i = [], 0
+    while i < len(lines):
+        n = int(lines[i])
+        frames.append("".join(lines[i:i + n + 2]))
+        i += n + 2
+    return frames
+
+
+def _info(frame, key):
+    import re
+
+    found = re.search(rf"\b{key}=(\S+)", frame.split("\n", 2)[1])
+    return found.group(1) if found else None
+
+
+@pytest.fixture(scope="module")
+def mptrj_groups(tmp_path_factory):
+    """Real MPtrj frames where trajectories have several frames: every frame of the 42 multi-frame
+    trajectories of mptrj-highest-stress-1k (103 frames, file order, so a trajectory's frames fall in
+    different chunks), with 3 frames of random-TP (no mptrj_traj_id) among them.
+
+    Returns (path, traj): traj[i] is frame i's mptrj_traj_id (None for the TP frames); the frames
+    have no id of their own, so a frame's id is ``<file name>:<i>``."""
+    from collections import Counter
+
+    stress = _xyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-highest-stress-1k.extxyz.gz"))
+    counts = Counter(_info(f, "mptrj_traj_id") for f in stress)
+    frames = [f for f in stress if counts[_info(f, "mptrj_traj_id")] > 1]
+    tp = _xyz_frames(require(EXAMPLE_DATA / "mptrj" / "random-TP.extxyz.gz"))[:3]
+    for k, frame in zip((10, 50, 90), tp):
+        frames.insert(k, frame)
+    path = tmp_path_factory.mktemp("mptrj") / "mptrj_groups.extxyz"
+    path.write_text("".join(frames))
+    return path, [_info(f, "mptrj_traj_id") for f in frames]
+
+
+def _split_of_ids(manifest, out):
+    """id -> split of every written row (read back from the shards)."""
+    got = {}
+    for shard in manifest["shards"]:
+        for rid in read_shard(out / shard["file"], ["id"])["id"].to_pylist():
+            assert rid not in got
+            got[rid] = shard["split"]
+    return got
+
+
+def _splits_per_group(split_of, group_of):
+    """group -> set of splits its written members are in."""
+    out = {}
+    for rid, split in split_of.items():
+        out.setdefault(group_of[rid], set()).add(split)
+    return out
+
+
+def test_group_split_keeps_each_trajectory_in_one_split(ray_session, mptrj_groups, tmp_path):
+    path, traj = mptrj_groups
+    ids = [f"{path.name}:{i}" for i in range(len(traj))]
+    traj_of = dict(zip(ids, traj))
+    n_traj = len(set(traj) - {None})
+    assert n_traj == 42 and len(traj) == 106
+    group = {"targets": ["energy"], "split_group": "meta:mptrj_traj_id"}
+    a = run_build(ray_session, [path], tmp_path / "a", shard_size=16, **group)
+    assert a["settings"]["split_group"] == "meta:mptrj_traj_id"
+    # the 3 frames without a trajectory id are rejected, never silently dropped or grouped by id
+    assert a["n_written"] == 103 and a["rejected_by_reason"] == {"missing_group": 3}
+    rejects = [json.loads(line) for line in (tmp_path / "a" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rejects) == sorted(rid for rid in ids if traj_of[rid] is None)
+    assert all(r["reason"] == "missing_group" and "mptrj_traj_id" in r["message"] for r in rejects)
+
+    split_of = _split_of_ids(a, tmp_path / "a")
+    per_traj = _splits_per_group(split_of, traj_of)
+    assert len(per_traj) == n_traj and None not in per_traj
+    assert all(len(splits) == 1 for splits in per_traj.values()), \
+        {t: s for t, s in per_traj.items() if len(s) > 1}
+    counts = {split: sum(1 for s in per_traj.values() if s == {split}) for split in ("train", "val", "test")}
+    assert all(counts.values()), counts  # no split is empty
+    assert a["split_groups"] == {"key": "meta:mptrj_traj_id", "groups": counts, "grouped_by_id": 0}
+
+    # a rebuild (other chunking, other directory) assigns every frame the same split
+    b = run_build(ray_session, [path], tmp_path / "b", shard_size=50, **group)
+    assert _split_of_ids(b, tmp_path / "b") == split_of and b["split_groups"] == a["split_groups"]
+
+    # the same frames split by id DO straddle trajectories (what the group split is for)
+    by_id = run_build(ray_session, [path], tmp_path / "by_id", shard_size=16, targets=["energy"])
+    assert "split_groups" not in by_id and by_id["n_written"] == 106
+    straddling = [t for t, s in _splits_per_group(_split_of_ids(by_id, tmp_path / "by_id"), traj_of).items()
+                  if t is not None and len(s) > 1]
+    assert len(straddling) >= 5, straddling
+    assert by_id["content_hash"] != a["content_hash"]
+
+    # --split-group-missing id: the frames without the key are kept, each its own group
+    c = run_build(ray_session, [path], tmp_path / "c", shard_size=16, split_group_missing="id", **group)
+    assert c["n_written"] == 106 and c["n_rejected"] == 0
+    assert c["split_groups"]["grouped_by_id"] == 3
+    assert sum(c["split_groups"]["groups"].values()) == n_traj + 3
+    split_c = _split_of_ids(c, tmp_path / "c")
+    assert {rid: s for rid, s in split_c.items() if traj_of[rid] is not None} == split_of
+    assert all(split_c[rid] == by_id_split for rid, by_id_split in _split_of_ids(by_id, tmp_path / "by_id").items()
+               if traj_of[rid] is None)  # grouped by its id = where the by-id split puts it
+
+
+@pytest.mark.filterwarnings("ignore:No Pauling electronegativity")  # pymatgen, noble-gas frames
+def test_composition_group_split_keeps_each_formula_in_one_split(ray_session, mptrj_groups, tmp_path):
+    import io
+
+    import ase.io
+    from pymatgen.core import Composition
+
+    path, _ = mptrj_groups
+    frames = _xyz_frames(path)
+    formula_of = {f"{path.name}:{i}": Composition(ase.io.read(io.StringIO(f), format="extxyz").get_chemical_formula())
+                  .reduced_formula for i, f in enumerate(frames)}
+    n_formulas = len(set(formula_of.values()))
+    m = run_build(ray_session, [path], tmp_path / "out", shard_size=16, targets=["energy"], split_group="composition")
+    assert m["n_written"] == 106 and m["n_rejected"] == 0
+    per_formula = _splits_per_group(_split_of_ids(m, tmp_path / "out"), formula_of)
+    assert len(per_formula) == n_formulas < 106
+    assert all(len(s) == 1 for s in per_formula.values()), {f: s for f, s in per_formula.items() if len(s) > 1}
+    assert sum(m["split_groups"]["groups"].values()) == n_formulas
+    assert sum(1 for v in m["split_groups"]["groups"].values() if v) >= 2
+
+
+def test_group_spec_parsing_and_keys(megnet_crystals):
+    from cfdist.preprocess.splits import BuildError, group_key, parse_group_spec, reduced_formula
+
+    meta = {"mptrj_traj_id": "mp-1080834"}
+    rid = "mp-1080834-0-1"
+    assert group_key(parse_group_spec("meta:mptrj_traj_id"), rid, meta, None) == "mp-1080834"
+    assert group_key(parse_group_spec("meta:internal_id"), rid, meta, None) is None
+    assert group_key(parse_group_spec("id-prefix:-:2"), rid, {}, None) == "mp-1080834"
+    assert group_key(parse_group_spec("id-prefix:-"), rid, {}, None) == "mp-1080834-0"
+    assert group_key(parse_group_spec("id-prefix:-:5"), rid, {}, None) is None  # too few fields
+    assert group_key(parse_group_spec("id-prefix:_"), rid, {}, None) is None  # no separator
+    assert group_key(parse_group_spec("id-prefix:::1"), "a.xyz:3", {}, None) == "a.xyz"
+    for bad in ("", "meta:", "traj", "composition:x", "id-prefix", "id-prefix:-:0"):
+        with pytest.raises(BuildError):
+            parse_group_spec(bad)
+    from pymatgen.core import Composition
+
+    from cfdist.crystal import to_pymatgen
+
+    for crystal in megnet_crystals[:20]:
+        key = group_key(parse_group_spec("composition"), crystal.id, {}, crystal)
+        assert key == reduced_formula(crystal)
+        assert Composition(key).reduced_formula == to_pymatgen(crystal).composition.reduced_formula

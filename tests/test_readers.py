@@ -204,6 +204,7 @@ def test_jarvis_roundtrip(files, recs, key):
         assert set(got.labels) == {"e_form", "gap pbe"}
         assert got.crystal.id == rec["id"]
         assert got.forces is None and got.stress is None
+        assert got.meta == {}  # the MEGNet records hold no strings besides their id
     if key == "jarvis_jsonl":
         # blank lines (before records 5 and 11) are skipped; sources name the physical line
         assert out[0].source == f"{files[key]}:line 1"
@@ -225,15 +226,18 @@ def test_pymatgen_roundtrip(files, recs, key):
         n_atoms = len(rec["atoms"]["elements"])
         if key == "pmg_structures":
             _assert_labels(got.labels, {"e_form": rec["e_form"]})
+            assert got.meta == {}
         elif key == "pmg_wrapped_jsonl":
             _assert_labels(got.labels, {"e_form": rec["e_form"], "gap pbe": rec["gap pbe"], "nelements": 2})
             assert "formula" not in got.labels and "material_id" not in got.labels
+            assert got.meta == {"formula": "x"}  # string fields, not the id (material_id) or structure
         else:
             raw = rec["e_form"] * n_atoms
             _assert_labels(got.labels, {"energy": raw - 0.25, "uncorrected_energy": raw, "correction": -0.25,
                                         "energy_per_atom": (raw - 0.25) / n_atoms, "e_form": rec["e_form"],
                                         "gap pbe": rec["gap pbe"]})
             assert "note" not in got.labels
+            assert got.meta == {"note": "x"}  # the entry's data strings; no @module/@class, no entry_id
 
 
 def test_extxyz_roundtrip(files, recs):
@@ -253,6 +257,58 @@ def test_extxyz_roundtrip(files, recs):
         np.testing.assert_allclose(got.stress, stress, atol=1e-6)
         _assert_labels(got.labels, {"energy": rec["e_form"] * n_atoms, "energy_per_atom": rec["e_form"]})
         assert "config_type" not in got.labels and "mp_id" not in got.labels
+        assert got.meta == {"config_type": "bulk"}  # info strings; mp_id is the id, so not meta
+
+
+def test_extxyz_meta_carries_mptrj_trajectory_ids():
+    """Real MPtrj frames: the string entries of each frame's info line (mptrj_traj_id, ...) land in
+    RawRecord.meta, exactly as written; numbers stay labels; the -TP frames carry internal_id instead."""
+    import re
+
+    from paths import FIXTURES, require
+
+    path = str(require(FIXTURES / "mptrj_24.extxyz"))
+    with open(path) as f:
+        headers = [line for line in f.read().splitlines() if line.startswith("Lattice=")]
+    _, out = _read_all(path)
+    assert len(out) == len(headers) == 24
+    n_traj = 0
+    for got, header in zip(out, headers):
+        assert got.ok, got.error
+        traj = re.search(r"\bmptrj_traj_id=(\S+)", header)
+        if traj:
+            n_traj += 1
+            assert got.meta["mptrj_traj_id"] == traj.group(1)
+            assert got.meta["mptrj_snapshot_id"] == re.search(r"\bmptrj_snapshot_id=(\S+)", header).group(1)
+            assert got.meta["source"] == "MPtrj"
+        else:
+            assert "mptrj_traj_id" not in got.meta
+            assert got.meta["internal_id"] == re.search(r"\binternal_id=(\S+)", header).group(1)
+        assert all(isinstance(v, str) for v in got.meta.values())
+        assert "energy" not in got.meta and "energy" in got.labels
+    assert n_traj == 12
+
+
+def test_meta_is_bounded_and_leaves_out_ids_and_structures(tmp_path, recs):
+    """Only short string values, at most MAX_META_FIELDS of them; never the id or the structure."""
+    import ase.db
+
+    from raw_formats import atoms_of
+
+    many = {f"s{k:03d}": f"v{k}" for k in range(readers.MAX_META_FIELDS + 10)}
+    rec = {**recs[0], "formula": "Ac", "long": "x" * readers.MAX_META_CHARS, "nested": {"a": "b"},
+           "flag": True, "tags": ["a", "b"]}
+    path = str(tmp_path / "one.json")
+    write_json(path, [rec, {**recs[1], **many}])
+    _, (first, second) = _read_all(path)
+    assert first.meta == {"formula": "Ac"} and first.id == recs[0]["id"]
+    assert len(second.meta) == readers.MAX_META_FIELDS
+    assert second.meta == dict(list(many.items())[:readers.MAX_META_FIELDS])
+    db_path = str(tmp_path / "kvp.db")
+    with ase.db.connect(db_path) as db:
+        db.write(atoms_of(recs[0]), material_id=recs[0]["id"], prototype="rocksalt", e_form=1.0)
+    _, (row,) = _read_all(db_path)
+    assert row.id == recs[0]["id"] and row.meta == {"prototype": "rocksalt"} and row.labels["e_form"] == 1.0
 
 
 def test_ase_db_roundtrip(files, recs):

@@ -141,6 +141,10 @@ class RawRecord:
         stress: (3, 3) eV/A^3 if present (Voigt input is expanded).
         error_reason: None, ``"unparseable"`` or an :class:`InvalidCrystalError` reason.
         error: human-readable message naming the source and the problem.
+        meta: string-valued metadata of the record (extxyz ``info`` strings such as
+            ``mptrj_traj_id``, ASE db ``key_value_pairs`` strings, string fields of a JSON record
+            other than its id and structure); bounded by :func:`_string_meta`. Used to group
+            records (``cfdist preprocess --split-group meta:<name>``); not stored in shards.
     """
 
     source: str
@@ -152,6 +156,7 @@ class RawRecord:
     stress: np.ndarray | None = None
     error_reason: str | None = None
     error: str | None = None
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -562,11 +567,38 @@ def _numeric_labels(mapping: Mapping, exclude: Iterable[str] = ()) -> dict[str, 
 
 
 def _first_id(mapping: Mapping, keys: Iterable[str]) -> str | None:
+    key = _id_key(mapping, keys)
+    return None if key is None else str(mapping[key])
+
+
+def _id_key(mapping: Mapping, keys: Iterable[str]) -> str | None:
+    """The first of ``keys`` that gives ``mapping`` an id (what :func:`_first_id` reads)."""
     for key in keys:
         value = mapping.get(key)
         if value is not None and value != "":
-            return str(value)
+            return key
     return None
+
+
+MAX_META_FIELDS = 64  # RawRecord.meta keeps at most this many entries (the first, in the record's key order)
+MAX_META_CHARS = 200  # ... and only string values shorter than this
+
+
+def _string_meta(mapping: Mapping, exclude: Iterable[str] = (), into: dict[str, str] | None = None
+                 ) -> dict[str, str]:
+    """The short string values of ``mapping`` (``RawRecord.meta``): str keys and values, values
+    shorter than :data:`MAX_META_CHARS`, at most :data:`MAX_META_FIELDS` entries, keys in
+    ``exclude`` and ``@``-prefixed keys (pymatgen's ``@module``/``@class``) left out. With
+    ``into``, entries are added to it without replacing existing keys."""
+    skip = set(exclude)
+    out: dict[str, str] = {} if into is None else into
+    for key, value in mapping.items():
+        if len(out) >= MAX_META_FIELDS:
+            break
+        if (isinstance(key, str) and isinstance(value, str) and len(value) < MAX_META_CHARS
+                and key not in skip and not key.startswith("@") and key not in out):
+            out[key] = str(value)
+    return out
 
 
 def _stress_3x3(value, where: str) -> np.ndarray:
@@ -782,7 +814,8 @@ def _jarvis_record(rec: Any, source: str, index: int, partial: dict) -> RawRecor
     if "atoms" not in rec:
         raise _RecordError("unparseable", f"record {rid or index!r} has no 'atoms' field")
     crystal = from_jarvis(rec["atoms"], id=rid or source, labels=labels)
-    return RawRecord(source, index, rid, crystal, labels)
+    meta = _string_meta(rec, exclude=("atoms", _id_key(rec, ("id", "jid", "material_id"))))
+    return RawRecord(source, index, rid, crystal, labels, meta=meta)
 
 
 def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRecord:
@@ -799,6 +832,7 @@ def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRec
 
         rid = partial["id"] = _first_id(rec, ("entry_id",))
         data = rec.get("data") if isinstance(rec.get("data"), Mapping) else {}
+        meta = _string_meta(data, into=_string_meta(rec, exclude=("entry_id", "structure", "data")))
         entry = ComputedStructureEntry.from_dict(rec)
         structure = entry.structure
         labels = {
@@ -813,6 +847,7 @@ def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRec
     elif "structure" in rec:
         rid = partial["id"] = _first_id(rec, ("material_id", "id", "mp_id", "entry_id"))
         labels = partial["labels"] = _numeric_labels(rec, exclude=("structure",) + _ID_KEYS)
+        meta = _string_meta(rec, exclude=("structure", _id_key(rec, ("material_id", "id", "mp_id", "entry_id"))))
         sdict = rec["structure"]
         if not isinstance(sdict, Mapping):
             raise _RecordError("unparseable", f"'structure' must be a Structure dict, got {type(sdict).__name__}")
@@ -821,12 +856,13 @@ def _pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRec
         props = rec.get("properties") if isinstance(rec.get("properties"), Mapping) else {}
         rid = partial["id"] = _first_id(props, ("id", "material_id", "mp_id", "entry_id"))
         labels = partial["labels"] = _numeric_labels(props, exclude=_ID_KEYS)
+        meta = _string_meta(props, exclude=(_id_key(props, ("id", "material_id", "mp_id", "entry_id")),))
         structure = Structure.from_dict(rec)
     else:
         raise _RecordError("unparseable", "not a pymatgen Structure / ComputedStructureEntry dict and no "
                                           f"'structure' key (keys: {sorted(map(str, rec))[:12]})")
     crystal = from_pymatgen(structure, id=rid or source, labels=labels)
-    return RawRecord(source, index, rid, crystal, labels)
+    return RawRecord(source, index, rid, crystal, labels, meta=meta)
 
 
 # ----------------------------------------------------------------------------- cut JSON inputs (prediction)
@@ -1072,6 +1108,7 @@ def _extxyz_record(data: bytes, source: str, index: int, partial: dict) -> RawRe
         raise _RecordError("unparseable", f"extxyz frame does not parse ({type(exc).__name__}: {exc})") from None
     info = atoms.info
     rid = partial["id"] = _first_id(info, ("id", "mp_id", "material_id", "name"))
+    meta = _string_meta(info, exclude=(_id_key(info, ("id", "mp_id", "material_id", "name")),))
     # ASE >= 3.23 moves energy/forces/stress into a SinglePointCalculator; older versions keep them
     # in info/arrays. Take both (calculator first).
     results = dict(getattr(atoms.calc, "results", None) or {}) if atoms.calc is not None else {}
@@ -1089,7 +1126,7 @@ def _extxyz_record(data: bytes, source: str, index: int, partial: dict) -> RawRe
     stress = results.get("stress", info.get("stress"))
     stress = None if stress is None else _stress_3x3(stress, where)
     crystal = from_ase(atoms, id=where, labels=labels)
-    return RawRecord(source, index, rid, crystal, labels, forces=forces, stress=stress)
+    return RawRecord(source, index, rid, crystal, labels, forces=forces, stress=stress, meta=meta)
 
 
 # ----------------------------------------------------------------------------- ASE db
@@ -1129,6 +1166,7 @@ def _read_ase_db(chunk: Chunk) -> Iterator[RawRecord]:
 def _ase_row_record(row, source: str, index: int, partial: dict) -> RawRecord:
     kvp = row.key_value_pairs or {}
     rid = partial["id"] = _first_id(kvp, ("id", "material_id")) or str(row.unique_id)
+    meta = _string_meta(kvp, exclude=(_id_key(kvp, ("id", "material_id")),))
     labels: dict[str, float] = {}
     for key in ("energy", "free_energy"):
         value = row.get(key)
@@ -1143,7 +1181,7 @@ def _ase_row_record(row, source: str, index: int, partial: dict) -> RawRecord:
     stress = row.get("stress")
     stress = None if stress is None else _stress_3x3(stress, rid)
     crystal = from_ase(atoms, id=rid, labels=labels)
-    return RawRecord(source, index, rid, crystal, labels, forces=forces, stress=stress)
+    return RawRecord(source, index, rid, crystal, labels, forces=forces, stress=stress, meta=meta)
 
 
 # ----------------------------------------------------------------------------- CIF

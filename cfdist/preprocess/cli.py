@@ -2,7 +2,8 @@
 
     cfdist preprocess INPUT... --out DIR [--format FMT] [--targets e_form gap]
         [--model-config crystalformer | --cutoff 8.91]
-        [--split-file split.json | --split-fractions 0.8 0.1 0.1] [--shard-size 4096]
+        [--split-file split.json | --split-fractions 0.8 0.1 0.1] [--split-group meta:mptrj_traj_id]
+        [--shard-size 4096]
 
 or, against a running cluster (the job connects to it through RAY_ADDRESS):
 
@@ -41,6 +42,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     sp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                     help="hash-based split fractions (default 0.8 0.1 0.1)")
     parser.add_argument("--split-salt", default="cfdist", help="salt of the hash-based split")
+    parser.add_argument("--split-group", metavar="KEY", default=None,
+                        help="hash a group key instead of the id, so a whole group lands in one split: "
+                             "meta:NAME (a record's metadata string, e.g. meta:mptrj_traj_id), id-prefix:SEP "
+                             "(the id up to its last SEP), id-prefix:SEP:N (its first N SEP-separated fields) "
+                             "or composition (reduced formula); not with --split-file")
+    parser.add_argument("--split-group-missing", choices=("reject", "id"), default="reject",
+                        help="a record without a group key: reject it (reason missing_group, the default) "
+                             "or group it by its own id")
     parser.add_argument("--shard-size", type=int, default=4096, help="input records per chunk (shard)")
     parser.add_argument("--max-entries", type=int, default=500_000, help="image-table entry budget per structure")
     parser.add_argument("--min-distance", type=float, default=0.5, help="reject atoms closer than this (A)")
@@ -64,12 +73,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         cutoff = table_cutoff(CrystalformerConfig.from_yaml(args.model_config or "crystalformer"))
     if args.shard_size < 1:
         raise BuildError("--shard-size must be >= 1")
+    if args.split_group is not None and args.split_file:
+        raise BuildError("--split-group and --split-file cannot be combined (a split file assigns every id itself; "
+                         "group the ids in the file instead)")
     return Settings(cutoff=cutoff, targets=list(args.targets), shard_size=args.shard_size,
                     split_file=str(Path(args.split_file).resolve()) if args.split_file else None,
                     split_fractions=list(args.split_fractions or [0.8, 0.1, 0.1]), split_salt=args.split_salt,
                     min_distance=args.min_distance, min_volume=args.min_volume, max_entries=args.max_entries,
                     allow_missing_labels=args.allow_missing_labels, with_forces=args.with_forces,
-                    with_stress=args.with_stress)
+                    with_stress=args.with_stress, split_group=args.split_group,
+                    split_group_missing=args.split_group_missing)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,9 @@ The driver (:func:`build`) plans deterministic chunks of ``shard_size`` input re
 inputs in parallel Ray tasks; compressed JSON is decompressed once into ``.progress/spill``);
 Ray Data maps every chunk on a worker (:func:`process_chunk`: read -> validate -> image tables
 -> one zstd Parquet shard per split, its checksum and statistics) and streams a summary back;
-:func:`finalize` drops duplicate ids and writes ``rejects.jsonl`` and the manifest. Output::
+:func:`finalize` drops duplicate ids and writes ``rejects.jsonl`` and the manifest. The split of a
+record is a salted hash of its id, or of its group key with ``Settings.split_group`` (frames of one
+trajectory stay together; :mod:`cfdist.preprocess.splits`), or a split file's entry. Output::
 
     DIR/<split>/part-<chunk>.parquet   rows of one chunk for that split (docs/shards.md)
     DIR/manifest.json                   shards, counts, statistics, content hash (cfdist.manifest)
@@ -36,7 +38,8 @@ import numpy as np
 
 from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
 from cfdist.io.readers import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
-from cfdist.preprocess.splits import SPLITS, BuildError, hash_split, load_split_file
+from cfdist.preprocess.splits import (MISSING_GROUP, SPLITS, BuildError, group_key, hash_split, load_split_file,
+                                      missing_group_detail, parse_group_spec)
 from cfdist.preprocess.statistics import StatsAccumulator
 from cfdist.run.ray_cluster import init_ray
 
@@ -60,7 +63,13 @@ class Settings:
     allow_missing_labels: bool = False
     with_forces: bool = False
     with_stress: bool = False
+    split_group: str | None = None  # None: hash of the id; else a group spec (cfdist.preprocess.splits)
+    split_group_missing: str = "reject"  # a record without a group key: "reject" (missing_group) or "id"
 
+
+# Fields added after the first release: left out of the content hash while they hold their
+# default, so builds that do not use them keep the hash (and the resumable output) they had.
+_HASH_IF_SET = {"split_group": None, "split_group_missing": "reject"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +107,10 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
 
     out = Path(out_dir)
     rows: dict[str, list] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)  # group key of every row (group splits only)
+    fallback: dict[str, list[int]] = defaultdict(list)  # rows grouped by their id (--split-group-missing id)
+    # a split file wins (build() refuses to combine the two)
+    group_spec = parse_group_spec(settings.split_group) if settings.split_group and split_of is None else None
     rejects: list[dict] = []
     n_input = 0
     for record in read_chunk(chunk):
@@ -134,6 +147,16 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                 rejects.append(_reject(rid, record.source, "not_in_split_file",
                                        f"crystal {rid!r}: id not found in the split file"))
                 continue
+        elif group_spec is not None:
+            group = group_key(group_spec, rid, record.meta, crystal)
+            used_id = group is None
+            if used_id and settings.split_group_missing != "id":
+                rejects.append(_reject(rid, record.source, "missing_group",
+                                       f"crystal {rid!r}: no split group for --split-group "
+                                       f"{settings.split_group}: {missing_group_detail(group_spec)}"))
+                continue
+            group = rid if used_id else group
+            split = hash_split(group, settings.split_fractions, settings.split_salt)
         else:
             split = hash_split(rid, settings.split_fractions, settings.split_salt)
         if crystal.n_atoms > MAX_ATOMS:
@@ -171,6 +194,10 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
             continue
         rows[split].append((crystal.relabelled(rid, kept), table, record.source,
                             record.forces, record.stress))
+        if group_spec is not None:
+            if used_id:
+                fallback[split].append(len(groups[split]))
+            groups[split].append(group)
     if n_input != chunk.count:
         raise RuntimeError(f"{chunk.path}: chunk {index} planned {chunk.count} records but read {n_input}")
 
@@ -188,6 +215,10 @@ def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
         # Checksums and statistics here, in parallel, rather than in a serial pass on the driver.
         shards[split] = {"file": rel, "ids": [c.id for c in crystals], "sources": sources,
                          "bytes": (out / rel).stat().st_size, "sha256": sha256_file(out / rel)}
+        if group_spec is not None:  # for the manifest's split_groups (finalize)
+            shards[split]["groups"] = groups[split]
+            if fallback[split]:
+                shards[split]["group_fallback"] = fallback[split]
     stats.save(out / PROGRESS_DIR / f"chunk-{index:06d}.stats.npz")
     record = {"chunk": index, "input": asdict(chunk), "n_input": n_input, "rejects": rejects, "shards": shards,
               "dropped": {}}
@@ -241,8 +272,9 @@ def input_fingerprint(paths: Sequence[str]) -> list[dict]:
 def content_hash(inputs: list[dict], fmt: str, settings: Settings) -> str:
     from cfdist.shards import SCHEMA_VERSION
 
+    hashed = {k: v for k, v in asdict(settings).items() if k not in _HASH_IF_SET or v != _HASH_IF_SET[k]}
     spec = {"schema_version": SCHEMA_VERSION, "format": fmt, "inputs": [i["sha256"] for i in inputs],
-            "settings": asdict(settings)}
+            "settings": hashed}
     if settings.split_file:
         spec["split_file_sha256"] = sha256_file(Path(settings.split_file))
         spec["settings"] = {**spec["settings"], "split_file": None}
@@ -324,6 +356,10 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
     stats = StatsAccumulator(settings.targets)
     shards, rejects = [], []
     n_input = 0
+    # Group splits: the distinct group keys of the written rows per split (the workers list every
+    # row's key next to its id, so this is a pass over the completion records, not over the shards).
+    group_of: dict[str, str] = {}
+    n_fallback = 0
     for rec in records:
         n_input += rec["n_input"]
         rejects.extend(rec["rejects"])
@@ -342,6 +378,15 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
                 rejects.append(_reject(rid, shard["sources"][row], "duplicate_id",
                                        f"crystal {rid!r}: id already used by an earlier record"))
             rows = len(shard["ids"]) - len(rec["dropped"].get(split, []))
+            if settings.split_group:
+                gone = set(rec["dropped"].get(split, []))
+                n_fallback += len(set(shard.get("group_fallback", [])) - gone)
+                for row, group in enumerate(shard["groups"]):
+                    if row in gone:
+                        continue
+                    first = group_of.setdefault(group, split)
+                    if first != split:  # cannot happen: the split is a function of the group key
+                        raise BuildError(f"group {group!r} is in both {first!r} and {split!r}")
             if rows == 0:
                 path.unlink(missing_ok=True)
                 continue
@@ -360,9 +405,16 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
     reasons: dict[str, int] = defaultdict(int)
     for r in rejects:
         reasons[r["reason"]] += 1
+    extra = {}
+    if settings.split_group:
+        per_split = {split: 0 for split in SPLITS}
+        for split in group_of.values():
+            per_split[split] += 1
+        extra["split_groups"] = {"key": settings.split_group, "groups": per_split,
+                                 "grouped_by_id": n_fallback}
     return write_manifest(out, cutoff=settings.cutoff, targets=settings.targets, shards=shards,
                           statistics=stats.summary(), n_input=n_input, rejected_by_reason=reasons,
-                          content_hash=digest, format=fmt, inputs=inputs, settings=asdict(settings))
+                          content_hash=digest, format=fmt, inputs=inputs, settings=asdict(settings), **extra)
 
 
 def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
@@ -384,6 +436,16 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
                          f"{settings.split_fractions}")
     if settings.split_file:
         load_split_file(settings.split_file)  # fail early on a malformed file
+    if settings.split_group is not None:
+        if settings.split_file:
+            raise BuildError("--split-group and --split-file cannot be combined (a split file assigns every "
+                             "id itself; group the ids in the file instead)")
+        parse_group_spec(settings.split_group)  # fail early on a malformed spec
+    if settings.split_group_missing not in MISSING_GROUP:
+        raise BuildError(f"--split-group-missing must be one of {list(MISSING_GROUP)}, "
+                         f"got {settings.split_group_missing!r}")
+    if settings.split_group is None and settings.split_group_missing != "reject":
+        raise BuildError("--split-group-missing only applies with --split-group")
 
     print(f"hashing {len(paths)} input(s) ...", file=sys.stderr)
     fingerprint = input_fingerprint(paths)
