@@ -18,8 +18,9 @@ _EXPORTS = {
     "ImageTable": "cfdist.geometry", "image_table": "cfdist.geometry",
     "CrystalformerConfig": "cfdist.config", "table_cutoff": "cfdist.config",
     "CrystalBatch": "cfdist.batch", "collate": "cfdist.batch",
-    "Crystalformer": "cfdist.model", "count_parameters": "cfdist.model",
+    "Crystalformer": "cfdist.model", "count_parameters": "cfdist.model", "EnergyOutput": "cfdist.model",
     "load": "cfdist.checkpoint", "save_portable": "cfdist.checkpoint",
+    "CrystalformerCalculator": "cfdist.calculator",  # needs ase
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

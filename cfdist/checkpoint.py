@@ -3,8 +3,10 @@
     cfdist.load("outputs/runs/pretrain/model.pt").predict(structures)
 
 A portable checkpoint (``torch.save`` of a plain dict) holds the model config, float32
-weights and buffers (sigma statistics, target normalisation), the image-table cutoff, the
-cfdist version and a short training summary. Every checkpoint is read with
+weights and buffers (sigma statistics, target normalisation; an energy model's per-element
+reference energies stay float64), the model kind (``"property"``, ``"energy"`` or
+``"energy+property"``, :func:`model_kind`), the image-table cutoff, the cfdist version and a
+short training summary. :func:`load` returns either kind. Every checkpoint is read with
 ``torch.load(weights_only=True)`` (:func:`load_checkpoint_file`): tensors, numbers, strings and
 containers only, so opening a checkpoint someone shared can never run code it carries. :func:`export_deepspeed_checkpoint` builds one
 from a DeepSpeed checkpoint of any ZeRO stage and precision (``python -m cfdist.export``).
@@ -50,23 +52,58 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
             f"plain parts.") from None
 
 
+def model_kind(config) -> str:
+    """``"property"`` (the paper's mean-pooled heads only), ``"energy"`` (energy head only) or
+    ``"energy+property"`` (both: a multi-task model) for a :class:`cfdist.CrystalformerConfig`."""
+    if not config.energy:
+        return "property"
+    return "energy+property" if config.n_targets else "energy"
+
+
+# Tensors the model keeps in float64 whatever its dtype (Crystalformer._apply); portable
+# checkpoints keep them float64 too. Everything else floating is stored as float32.
+FLOAT64_TENSORS = ("element_energy",)
+
+
+def portable_state_dict(model) -> dict[str, torch.Tensor]:
+    """CPU copy of ``model.state_dict()``: floating tensors float32, except :data:`FLOAT64_TENSORS`
+    (an energy model's per-element reference energies, eV/atom), which stay float64."""
+    state = {}
+    for name, value in model.state_dict().items():
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            value = value.to(torch.float64 if name in FLOAT64_TENSORS else torch.float32)
+        state[name] = value
+    return state
+
+
 def save_portable(path: str | Path, model, *, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (a :class:`cfdist.Crystalformer`) as a portable checkpoint."""
+    """Write ``model`` (a :class:`cfdist.Crystalformer`) as a portable checkpoint.
+
+    Weights and buffers are stored in float32 whatever the model's dtype, except an energy model's
+    ``element_energy`` (eV/atom), which stays float64. The payload records the model kind
+    (:func:`model_kind`).
+    """
     from cfdist import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").float() if v.is_floating_point() else v.detach().to("cpu")
-             for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "cfdist_version": __version__, "model_config": model.config.to_dict(),
-               "cutoff": float(model.cutoff), "state_dict": state, "extra": extra or {}}
+    state = portable_state_dict(model)
+    payload = {"format": FORMAT, "cfdist_version": __version__, "kind": model_kind(model.config),
+               "model_config": model.config.to_dict(), "cutoff": float(model.cutoff), "state_dict": state,
+               "extra": extra or {}}
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Portable checkpoint -> :class:`cfdist.Crystalformer` in eval mode (float32)."""
+    """Portable checkpoint -> :class:`cfdist.Crystalformer` in eval mode (float32 weights).
+
+    Loads every kind: property models (also those written before checkpoints recorded a kind),
+    energy models (reference energies float64) and multi-task models. ``model.checkpoint_info``
+    holds ``kind``, ``cfdist_version``, ``cutoff`` and ``extra``.
+    """
     from cfdist.config import CrystalformerConfig
     from cfdist.model import Crystalformer
 
@@ -79,10 +116,16 @@ def load(path: str | Path, map_location: str | torch.device = "cpu"):
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a cfdist portable checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}); "
                          f"training checkpoints are exported with `python -m cfdist.export`")
-    model = Crystalformer(CrystalformerConfig.from_dict(payload["model_config"]))
+    config = CrystalformerConfig.from_dict(payload["model_config"])
+    kind = model_kind(config)
+    recorded = payload.get("kind", "property")  # checkpoints before the energy model: property models
+    if recorded != kind:
+        raise ValueError(f"{path}: checkpoint says it holds a {recorded!r} model but its config describes "
+                         f"a {kind!r} model; the file is inconsistent")
+    model = Crystalformer(config)
     model.load_state_dict(payload["state_dict"], strict=True)
     model.eval()
-    model.checkpoint_info = {k: payload[k] for k in ("cfdist_version", "cutoff", "extra")}
+    model.checkpoint_info = {"kind": kind, **{k: payload[k] for k in ("cfdist_version", "cutoff", "extra")}}
     return model
 
 
@@ -123,7 +166,8 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     else:
         state = load_checkpoint_file(module_file)["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(torch.float64 if k in FLOAT64_TENSORS else torch.float32) if v.is_floating_point() else v
+            for k, v in state.items()}
 
 
 def export_deepspeed_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> Path:
@@ -137,7 +181,8 @@ def export_deepspeed_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> 
     state = deepspeed_fp32_state_dict(checkpoint_dir)
     # Statistics buffers at full precision from the state file (a bf16 engine rounds module buffers).
     for name, value in info.get("buffers", {}).items():
-        state[name] = torch.tensor(value, dtype=torch.float32).reshape(model.get_buffer(name).shape)
+        buffer = model.get_buffer(name)
+        state[name] = torch.tensor(value, dtype=buffer.dtype).reshape(buffer.shape)
     model.load_state_dict(state, strict=True)
     return save_portable(out, model, extra={"step": info["step"], "epoch": info["cursor"]["epoch"],
                                             "run_name": info.get("run_name"), "targets": info["model_config"]["target_names"],

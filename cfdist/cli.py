@@ -38,6 +38,7 @@ def _predict(argv) -> int:
     from cfdist.predict import (
         exit_status,
         iter_input_records,
+        output_names,
         predict_records,
         row_counts,
         write_predictions,
@@ -45,7 +46,7 @@ def _predict(argv) -> int:
 
     model = load(args.checkpoint, map_location=args.device).to(args.device)
     rows = write_predictions(predict_records(model, iter_input_records(args.inputs, args.format, on_error="row"),
-                                             args.batch_size), args.out, model.config.target_names)
+                                             args.batch_size), args.out, output_names(model))
     counts = row_counts(rows)
     print(f"{counts['rows']} rows -> {args.out}: {counts['summary']}")
     return exit_status(counts, [r.error for r in rows if r.scope == "file"], args.strict)

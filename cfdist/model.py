@@ -39,7 +39,7 @@ class EnergyOutput:
         forces: (N, 3) -dE/dr (eV/A), or None when not requested.
         stress: (B, 3, 3) (1/V) dE/d(strain) in eV/A^3 (ASE's convention: a compressed cell,
             which lowers its energy by expanding, has negative diagonal stress; the pressure is
-            -trace / 3), or None when not requested.
+            -trace / 3; eV/A^3 x 160.21766 = GPa), or None when not requested. Symmetric.
         properties: (B, n_targets) property-head outputs in normalised units ((B, 0) if none).
     """
 
@@ -277,22 +277,22 @@ class Crystalformer(nn.Module):
             raise ValueError("energy_forward needs an energy model (CrystalformerConfig(energy=True))")
         create_graph = self.training if create_graph is None else create_graph
         geo_dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)
-        positions = batch.positions.to(geo_dtype)
-        lattice = batch.lattice.to(geo_dtype)
         inputs = []
-        if forces:
-            positions = positions.detach().requires_grad_(True)
-            inputs.append(positions)
-        strain = None
-        if stress:
-            strain = torch.zeros_like(lattice, requires_grad=True)
-            inputs.append(strain)
-            deform = torch.eye(3, dtype=geo_dtype, device=lattice.device) + 0.5 * (strain + strain.transpose(1, 2))
-            positions = torch.bmm(positions.unsqueeze(1), deform[batch.atom_crystal]).squeeze(1)
-            lattice = torch.bmm(lattice, deform)
-        if inputs:
-            batch = dataclass_replace(batch, positions=positions, lattice=lattice)
-        with torch.enable_grad() if inputs else contextlib.nullcontext():
+        # (under torch.no_grad too, e.g. in predict: the derivatives need a graph of the geometry)
+        with torch.enable_grad() if (forces or stress) else contextlib.nullcontext():
+            positions = batch.positions.to(geo_dtype)
+            lattice = batch.lattice.to(geo_dtype)
+            if forces:
+                positions = positions.detach().requires_grad_(True)
+                inputs.append(positions)
+            if stress:
+                strain = torch.zeros_like(lattice, requires_grad=True)
+                inputs.append(strain)
+                deform = torch.eye(3, dtype=geo_dtype, device=lattice.device) + 0.5 * (strain + strain.transpose(1, 2))
+                positions = torch.bmm(positions.unsqueeze(1), deform[batch.atom_crystal]).squeeze(1)
+                lattice = torch.bmm(lattice, deform)
+            if inputs:
+                batch = dataclass_replace(batch, positions=positions, lattice=lattice)
             x = self.encode(batch)
             energy = self.crystal_energy(x, batch)
             grads = [None, None]
@@ -318,16 +318,29 @@ class Crystalformer(nn.Module):
         return y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
 
     @torch.no_grad()
-    def predict(self, structures: Sequence[Any], batch_size: int = 64, *, validate: bool = True) -> torch.Tensor:
-        """Predict targets for pymatgen Structures, ASE Atoms or :class:`cfdist.Crystal` records.
+    def predict(self, structures: Sequence[Any], batch_size: int = 64, *, validate: bool = True,
+                forces: bool = False, stress: bool = False) -> torch.Tensor | dict[str, Any]:
+        """Predict for pymatgen Structures, ASE Atoms or :class:`cfdist.Crystal` records.
 
-        Runs in eval mode (sigma statistics untouched), builds image tables with the
-        model's cutoff, and returns (n, n_targets) de-normalised predictions in the
-        model's dtype (``model.double().predict(...)`` computes in float64).
+        Runs in eval mode (sigma statistics untouched) and builds image tables with the
+        model's cutoff.
+
+        Property model (``energy=False``): returns (n, n_targets) de-normalised predictions in
+        the model's dtype (``model.double().predict(...)`` computes in float64); ``forces`` and
+        ``stress`` must stay False.
+
+        Energy model: returns a dict with ``"energy"`` (n,) float64 total energies (eV), with
+        ``"forces"`` a list of n (N_i, 3) tensors (eV/A, -dE/dr) when ``forces``, with
+        ``"stress"`` (n, 3, 3) (eV/A^3, ASE's sign convention: (1/V) dE/d(strain); multiply by
+        ``ase.units.GPa**-1`` ~ 160.2 for GPa) when ``stress``, and one (n,) de-normalised tensor
+        per property name when the model also has property heads (multi-task).
         """
         from cfdist.crystal import from_record, validate as validate_crystal
         from cfdist.geometry import image_table
 
+        energy_model = self.config.energy
+        if (forces or stress) and not energy_model:
+            raise ValueError("forces and stress need an energy model (CrystalformerConfig(energy=True))")
         param = self.embedding.weight
         was_training = self.training
         self.eval()
@@ -339,10 +352,37 @@ class Crystalformer(nn.Module):
                     crystals = [validate_crystal(c) for c in crystals]
                 tables = [image_table(c.lattice, c.positions, self.cutoff) for c in crystals]
                 batch = collate(crystals, tables).to(param.device)
-                outputs.append(self.denormalize(self(batch)))
-            if not outputs:
-                return param.new_zeros(0, self.config.n_targets)
-            return torch.cat(outputs)
+                if energy_model:
+                    # energy_forward builds the strained geometry before its own enable_grad block
+                    with torch.enable_grad() if (forces or stress) else contextlib.nullcontext():
+                        out = self.energy_forward(batch, forces=forces, stress=stress, create_graph=False)
+                    split = batch.n_atoms.tolist()
+                    outputs.append((out.energy.detach(),
+                                    list(out.forces.detach().split(split)) if forces else None,
+                                    out.stress.detach() if stress else None,
+                                    self.denormalize(out.properties.detach())))
+                else:
+                    outputs.append(self.denormalize(self(batch)))
+            if not energy_model:
+                if not outputs:
+                    return param.new_zeros(0, self.config.n_targets)
+                return torch.cat(outputs)
+            geo_dtype = torch.promote_types(param.dtype, torch.float32)
+            result: dict[str, Any] = {
+                "energy": torch.cat([o[0] for o in outputs]) if outputs
+                else torch.zeros(0, dtype=torch.float64, device=param.device)}
+            if forces:
+                result["forces"] = [f for o in outputs for f in o[1]]
+            if stress:
+                result["stress"] = torch.cat([o[2] for o in outputs]) if outputs \
+                    else torch.zeros(0, 3, 3, dtype=geo_dtype, device=param.device)
+            properties = torch.cat([o[3] for o in outputs]) if outputs \
+                else param.new_zeros(0, self.config.n_targets)
+            for k, name in enumerate(self.config.target_names):
+                if name in result or name in ("forces", "stress"):
+                    raise ValueError(f"property name {name!r} clashes with a key of predict's result")
+                result[name] = properties[:, k]
+            return result
         finally:
             self.train(was_training)
 

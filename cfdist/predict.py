@@ -218,7 +218,7 @@ def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[
         if ok:
             batch = collate([c for _, c, _ in ok], [t for _, _, t in ok]).to(device)
             with torch.no_grad():
-                values = model.denormalize(model(batch)).double().cpu().tolist()
+                values = batch_values(model, batch)
             for (row, _, _), v in zip(ok, values):
                 row.values = v
         out = [row for row, _, _ in pending]
@@ -252,7 +252,7 @@ def predict_shards(model, shard_dir: str | Path, split: str, batch_size: int = 1
 
     shards = ShardSet(shard_dir)
     shards.verify([split], required_cutoff=model.cutoff, checksums=False)
-    names = model.config.target_names
+    names = output_names(model)
     device = model.embedding.weight.device
     model.eval()
     for table in iter_local_shards([e.path for e in shards.files(split)], rows_per_read=batch_size):
@@ -260,11 +260,29 @@ def predict_shards(model, shard_dir: str | Path, split: str, batch_size: int = 1
         labelled = [n for n in names if n in have]
         batch = collate_arrow(table, labelled or None, cutoff=shards.cutoff).to(device)
         with torch.no_grad():
-            values = model.denormalize(model(batch)).double().cpu().tolist()
+            values = batch_values(model, batch)
         labels = batch.labels.tolist() if batch.labels is not None else [[] for _ in values]
         sources = table["source"].to_pylist() if "source" in table.column_names else [str(shard_dir)] * len(values)
         for rid, src, v, y in zip(batch.ids, sources, values, labels):
             yield Prediction(id=rid, source=src, values=v, labels=dict(zip(labelled, y)))
+
+
+def output_names(model) -> list[str]:
+    """The prediction columns of ``model``: an energy model's ``energy`` (eV) and ``energy_per_atom``
+    (eV/atom) first, then its property targets."""
+    names = list(model.config.target_names)
+    return ["energy", "energy_per_atom", *names] if model.config.energy else names
+
+
+def batch_values(model, batch) -> list[list[float]]:
+    """One row of :func:`output_names` values per crystal of ``batch`` (original units)."""
+    if not model.config.energy:
+        return model.denormalize(model(batch)).double().cpu().tolist()
+    out = model(batch)
+    energy = out.energy.detach().double()
+    columns = [energy[:, None], (energy / batch.n_atoms.to(energy))[:, None],
+               model.denormalize(out.properties.detach()).double()]
+    return torch.cat(columns, 1).cpu().tolist()
 
 
 def write_predictions(rows: Iterable[Prediction], path: str | Path, target_names: Sequence[str],
@@ -347,7 +365,7 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     :func:`iter_input_records` with ``on_error="row"``), listed under ``failed_inputs``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = list(model.config.target_names)
+    names = output_names(model)
     if len(data) == 1 and (Path(data[0]) / "manifest.json").is_file():
         rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
         source = {"shards": str(Path(data[0]).resolve()), "split": split}

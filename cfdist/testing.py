@@ -11,6 +11,7 @@ Use them for your own models too::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Mapping, Sequence
 
@@ -169,3 +170,176 @@ def standard_transforms(crystal: Crystal, rng: np.random.Generator) -> dict[str,
         "reflection + translation": lambda c: rigid_motion(c, reflection, translation),
         "atom permutation": lambda c: permute_atoms(c, perm),
     }
+
+
+# ----------------------------------------------------------------------------- energy models
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivariance:
+    """A transform together with how an energy model's outputs must follow it.
+
+    Attributes:
+        transform: the crystal transform (as in :func:`standard_transforms`).
+        atom_map: (N',) new atom k is a copy of old atom ``atom_map[k]``.
+        rotation: (3, 3) Cartesian rotation (or rotation-reflection) R applied to the crystal:
+            forces become F[atom_map] R^T and the stress R sigma R^T.
+        multiplicity: the new cell holds ``multiplicity`` copies of the old one (energy scales with it).
+    """
+
+    transform: Transform
+    atom_map: np.ndarray
+    rotation: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3))
+    multiplicity: int = 1
+
+
+def standard_equivariances(crystal: Crystal, rng: np.random.Generator) -> dict[str, Equivariance]:
+    """The transforms of :func:`standard_transforms` with their atom maps, rotations and multiplicities."""
+    n = crystal.n_atoms
+    wrap = rng.integers(-2, 3, size=(n, 3))
+    perm = rng.permutation(n)
+    unimodular = random_unimodular(rng)
+    rotation, reflection = random_rotation(rng), random_rotation(rng, improper=True)
+    translation = rng.normal(size=3) * 5
+    same = np.arange(n)
+    return {
+        "supercell 2x1x1": Equivariance(lambda c: supercell(c, np.diag([2, 1, 1])), np.tile(same, 2), multiplicity=2),
+        "supercell 2x2x2": Equivariance(lambda c: supercell(c, 2 * np.eye(3)), np.tile(same, 8), multiplicity=8),
+        "supercell non-diagonal": Equivariance(lambda c: supercell(c, [[1, 1, 0], [-1, 1, 0], [0, 1, 2]]),
+                                               np.tile(same, 4), multiplicity=4),
+        "unimodular basis change": Equivariance(lambda c: change_basis(c, unimodular), same),
+        "wrapping by lattice vectors": Equivariance(lambda c: shift_by_lattice(c, wrap), same),
+        "rotation + translation": Equivariance(lambda c: rigid_motion(c, rotation, translation), same, rotation),
+        "reflection + translation": Equivariance(lambda c: rigid_motion(c, reflection, translation), same, reflection),
+        "atom permutation": Equivariance(lambda c: permute_atoms(c, perm), perm),
+    }
+
+
+def assert_equivariant(predict: Callable[[Sequence[Crystal]], Mapping[str, object]], crystal: Crystal,
+                       equivariances: Mapping[str, Equivariance], rtol: float = 1e-6, atol: float = 1e-12) -> None:
+    """Assert that an energy model's outputs follow every named :class:`Equivariance`.
+
+    ``predict`` maps a list of crystals to a mapping with ``"energy"`` ((n,) tensor) and optionally
+    ``"forces"`` (list of (N_i, 3)) and ``"stress"`` ((n, 3, 3)), e.g.
+    ``lambda cs: model.predict(cs, forces=True, stress=True)``. Checks: the energy is invariant up to
+    the multiplicity of a supercell, forces are permuted / tiled and rotated with the atoms, the
+    stress (intensive) is rotated. Tolerances are relative to the largest value of each output.
+    """
+
+    def outputs(c):
+        out = predict([c])
+        energy = float(torch.as_tensor(out["energy"]).double().reshape(-1)[0])
+        forces = None if out.get("forces") is None else torch.as_tensor(out["forces"][0]).detach().double().numpy()
+        stress = None if out.get("stress") is None else torch.as_tensor(out["stress"][0]).detach().double().numpy()
+        return energy, forces, stress
+
+    def check(name, what, got, expected):
+        err = float(np.abs(np.asarray(got) - np.asarray(expected)).max(initial=0.0))
+        scale = float(np.abs(np.asarray(expected)).max(initial=0.0))
+        if not err <= atol + rtol * scale:
+            raise AssertionError(f"{crystal.id}: {what} changed under {name!r}: max abs diff {err:.3e} "
+                                 f"(relative {err / max(scale, 1e-300):.3e}, rtol {rtol})")
+
+    energy, forces, stress = outputs(crystal)
+    for name, eq in equivariances.items():
+        new_energy, new_forces, new_stress = outputs(eq.transform(crystal))
+        r = np.asarray(eq.rotation, dtype=np.float64)
+        check(name, "energy", new_energy, eq.multiplicity * energy)
+        if forces is not None:
+            check(name, "forces", new_forces, forces[np.asarray(eq.atom_map)] @ r.T)
+        if stress is not None:
+            check(name, "stress", new_stress, r @ stress @ r.T)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run a block with torch and OpenBLAS on one thread each.
+
+    Tiny models on a small or shared machine lose far more to idle thread pools competing for
+    cores (torch's OpenMP pool and the OpenBLAS pools of numpy / scipy, which ASE's cell filters
+    call for 3x3 matrix functions) than they gain; a relaxation can run 10x slower. Linux only for
+    OpenBLAS (libraries found in /proc/self/maps); elsewhere only torch's threads are set.
+    """
+    import ctypes
+
+    torch_threads = torch.get_num_threads()
+    restore = []
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower() and line.split()[-1].startswith("/")})
+    except OSError:
+        paths = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    restore.append((setter, int(getter())))
+                    setter(1)
+                    break
+            else:
+                continue
+            break
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        for setter, threads in restore:
+            setter(threads)
+
+
+def morse_like_energy_model(depth: float = 1.0, stiffness: float = 1.5, bond: float = 2.6, cap: float = 5.0,
+                            dtype: torch.dtype = torch.float64, **config):
+    """An energy model with hand-set weights whose energy is a known smooth many-body potential.
+
+    For relaxation and MD tests that need minima without training. One block, one head, all
+    weights zero except: the edge projection copies the K = 16 Gaussian basis functions into the
+    atom state, the output projection is the identity, and the energy head reads them out. With
+    q = k = v = 0 every image t of atom i (self image included) gets the attention weight
+    c_t = g_t / sum_t' g_t', g_t = exp(-d_t^2 / (2 r0^2)) f(d_t) (f: the cutoff envelope), and
+
+        E = sum_i [ E_ref(Z_i) + sum_k w_k silu(eps m_ik) ],   m_ik = sum_t c_t b_k(d_t),
+
+    with w_k = 2 phi(mu_k) / (eps sqrt(2 pi)), eps = 0.01: close to sum_t c_t phi~(d_t), an
+    attention-weighted mean over the images of a Gaussian-smoothed Morse function
+    phi(d) = min(depth ((1 - e^{-s(d - bond)})^2 - 1), cap) (eV; s = ``stiffness`` 1/A). Crystals
+    relax to nearest-neighbour distances near ``bond``; compressed cells have positive pressure.
+    Element references E_ref(Z) = -1 - 3 (Z - 1) / 97 eV (any crystal, all species alike).
+    ``config`` overrides :class:`cfdist.CrystalformerConfig` fields (e.g. ``cutoff_sigmas``).
+    """
+    import math
+
+    from cfdist.config import CrystalformerConfig
+    from cfdist.model import Crystalformer
+
+    k = 16
+    settings = {"energy": True, "n_blocks": 1, "d_model": k, "n_heads": 1, "d_ff": k, "n_basis": k, "head_hidden": k,
+                "gbf_r_max": 8.0, "target_names": [], **config}
+    model = Crystalformer(CrystalformerConfig(**settings)).to(dtype).eval()
+    cfg = model.config
+    if (cfg.n_blocks, cfg.d_model, cfg.n_heads, cfg.n_basis, cfg.head_hidden) != (1, k, 1, k, k):
+        raise ValueError("morse_like_energy_model needs n_blocks=1, d_model=n_basis=head_hidden=16, n_heads=1")
+    centres = np.arange(1, k + 1) * cfg.gbf_r_max / k
+    x = np.exp(-stiffness * (centres - bond))
+    phi = np.minimum(depth * (x * x - 2.0 * x), cap) / math.sqrt(2.0 * math.pi)
+    eps = 1e-2
+    attention = model.blocks[0].attention
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        attention.edge_proj[0, torch.arange(k), torch.arange(k)] = 1.0
+        attention.out_proj.weight.copy_(torch.eye(k))
+        model.energy_head[0].weight.copy_(eps * torch.eye(k))
+        model.energy_head[2].weight[0].copy_(torch.from_numpy(2.0 * phi / eps))
+        attention.sigma_mean.fill_(0.0)
+        attention.sigma_std.fill_(1.0)
+        attention.sigma_ready.fill_(True)
+        model.energy_scale.fill_(1.0)
+        model.element_energy.copy_(-1.0 - 3.0 * torch.arange(cfg.n_elements, dtype=torch.float64) / 97.0)
+    return model
