@@ -334,6 +334,25 @@ def test_compressed_inputs_are_planned_in_parallel_and_spilled_once(ray_session,
     assert run_build(ray_session, sorted(packed.iterdir()), tmp_path / "b", shard_size=8) == b  # plan reused
 
 
+def test_shipped_compressed_extxyz_builds_shards_directly(ray_session, tmp_path):
+    """The repository's MPtrj-style frames are shipped as .extxyz.gz: built as they are (no manual
+    gunzip), with forces and stress; the stream is decompressed once into the spill dir, removed at the end."""
+    path = require(EXAMPLE_DATA / "mptrj" / "mpf-TP.extxyz.gz")
+    out = tmp_path / "out"
+    manifest = run_build(ray_session, [path], out, targets=["energy"], shard_size=256,
+                         with_forces=True, with_stress=True)
+    assert manifest["n_input"] == 1069 == manifest["n_written"] + manifest["n_rejected"]
+    assert manifest["n_written"] > 1000, manifest["rejected_by_reason"]
+    plan = json.loads((out / ".progress" / "plan.json").read_text())
+    assert [c["count"] for c in plan["chunks"]] == [256] * 4 + [45]
+    assert all(c["data_path"] for c in plan["chunks"]) and plan["chunks"][-1]["byte_offset"] > 0
+    assert not (out / ".progress" / "spill").exists()
+    table = read_shard(out / manifest["shards"][0]["file"])
+    assert all(s.startswith(f"{path}:line ") for s in table["source"].to_pylist())
+    assert all(len(f) == 3 * n for f, n in zip(table["forces"].to_pylist(), table["n_atoms"].to_pylist()))
+    assert all(s is not None and len(s) == 9 for s in table["stress"].to_pylist())
+
+
 # --------------------------------------------------------------------------------------------
 # Group splits (--split-group): every member of a group lands in one split
 

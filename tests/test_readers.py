@@ -644,6 +644,71 @@ def test_compressed_inputs_spill_once_and_read_the_same(files, tmp_path, key):
     assert copies[0].stat().st_mtime_ns == mtime  # reused, not rewritten
 
 
+def _record_content(rec):
+    """What a record holds, apart from where it came from (id and source name the input)."""
+    c = rec.crystal
+    return (rec.index, rec.error_reason, c.numbers.tolist(), c.lattice.tolist(), c.positions.tolist(),
+            json.dumps(c.labels), json.dumps(rec.labels), rec.forces.tolist(), rec.stress.tolist(),
+            sorted(rec.meta.items()))
+
+
+@pytest.mark.parametrize("suffix", [".extxyz.gz", ".extxyz.bz2", ".xyz.gz", ".xyz.bz2"])
+@pytest.mark.parametrize("spill", [False, True])
+def test_compressed_extxyz_reads_like_the_plain_file(tmp_path, suffix, spill):
+    """Real MPtrj frames gzipped / bz2'd: inferred as extxyz, planned over the decompressed stream (the
+    same byte spans as the plain file, chunks of 5 crossing frame boundaries), read back with the same
+    crystals, labels, forces, stress and meta; sources name the compressed input. With a spill dir the
+    stream is decompressed once while planning and workers read the copy; without one (``cfdist
+    predict``) each chunk decompresses the stream up to itself."""
+    from paths import FIXTURES, require
+
+    plain = str(require(FIXTURES / "mptrj_24.extxyz"))
+    packed = str(tmp_path / f"mptrj_24{suffix}")
+    with open(plain, "rb") as f:
+        data = f.read()
+    with (gzip.open if suffix.endswith(".gz") else bz2.open)(packed, "wb") as f:
+        f.write(data)
+    assert infer_format(packed) == "extxyz" and suffix in readers.KNOWN_SUFFIXES
+    assert not readers.is_json_input(packed)
+    assert expand_inputs([str(tmp_path / "*")]) == [packed]
+
+    spill_dir = str(tmp_path / "spill") if spill else None
+    want_chunks, want = _read_all(plain, chunk_size=5)
+    chunks = plan_chunks(packed, "extxyz", 5, spill_dir=spill_dir)
+    assert [c.count for c in chunks] == [5, 5, 5, 5, 4]
+    assert [(c.start, c.count, c.byte_offset, c.byte_length, c.line) for c in chunks] == \
+           [(c.start, c.count, c.byte_offset, c.byte_length, c.line) for c in want_chunks]
+    assert all(c.path == packed for c in chunks)
+    if spill:
+        copies = list((tmp_path / "spill").iterdir())
+        assert len(copies) == 1 and copies[0].read_bytes() == data
+        assert all(c.data_path == str(copies[0]) for c in chunks)
+        mtime = copies[0].stat().st_mtime_ns
+        assert plan_chunks(packed, "extxyz", 5, spill_dir=spill_dir) == chunks
+        assert copies[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+    else:
+        assert all(c.data_path == "" for c in chunks)
+    got = [r for c in chunks for r in read_chunk(c)]
+    assert len(got) == len(want) == 24 and all(r.ok for r in got), [r.error for r in got if not r.ok]
+    assert [_record_content(r) for r in got] == [_record_content(r) for r in want]
+    assert [r.source for r in got] == [r.source.replace(plain, packed) for r in want]
+    assert [r.id for r in got] == [r.id for r in want]
+
+
+def test_cut_compressed_extxyz_is_refused(tmp_path):
+    """A .extxyz.gz whose stream breaks off cannot be planned (never shards from part of a file), and no
+    partial spill copy is left behind."""
+    from paths import FIXTURES, require
+
+    data = gzip.compress(require(FIXTURES / "mptrj_24.extxyz").read_bytes())
+    path = tmp_path / "cut.extxyz.gz"
+    path.write_bytes(data[: len(data) // 2])
+    for spill_dir in (None, str(tmp_path / "spill")):
+        with pytest.raises(OSError, match="cut.extxyz.gz"):
+            plan_chunks(str(path), "extxyz", 5, spill_dir=spill_dir)
+    assert not (tmp_path / "spill").exists() or not list((tmp_path / "spill").iterdir())
+
+
 # ---- cut files (prediction reads the complete records before the cut)
 
 

@@ -9,7 +9,8 @@ Supported input formats (:data:`FORMATS`):
 * ``pymatgen``: the same containers holding ``Structure.as_dict()``, ``ComputedStructureEntry.as_dict()``
   or ``{"structure": ..., "material_id": ..., <labels>}`` dicts; a top-level ``{"entries": [...]}`` dict
   (Alexandria dumps) is accepted too.
-* ``extxyz``: extended XYZ (MPtrj style) with energy / forces / stress, read through ASE frame by frame.
+* ``extxyz``: extended XYZ (MPtrj style) with energy / forces / stress, read through ASE frame by frame
+  (``.xyz``, ``.extxyz``, ``.xyz.gz``, ``.xyz.bz2``, ``.extxyz.gz``, ``.extxyz.bz2``).
 * ``ase_db``: an ASE database (``.db``), rows in id order.
 
 The driver calls :func:`expand_inputs`, :func:`infer_format` and :func:`plan_chunks`; workers call
@@ -21,10 +22,10 @@ Streaming: extxyz, JSON-lines and JSON-list chunks carry byte ranges; a worker s
 ``byte_offset`` and reads ``byte_length`` bytes. A JSON list (or the ``entries`` list of an Alexandria
 ``{"entries": [...]}`` dump) is planned by scanning its bytes for the separators between elements
 (:mod:`cfdist.io.json_scan`) instead of decoding it, so no process ever holds the whole list. For
-``.gz``/``.bz2`` inputs the offsets are into the decompressed stream: given a ``spill_dir``, planning
-keeps the decompressed bytes (``Chunk.data_path``) so workers seek directly; without one, each worker
-decompresses (but does not decode) everything before its chunk. Only a single record or an ASE JSON
-database at top level is loaded whole (once per process).
+``.gz``/``.bz2`` inputs (JSON and extxyz) the offsets are into the decompressed stream: given a
+``spill_dir``, planning keeps the decompressed bytes (``Chunk.data_path``) so workers seek directly;
+without one, each worker decompresses (but does not decode) everything before its chunk. Only a single
+record or an ASE JSON database at top level is loaded whole (once per process).
 
 Cut files: planning refuses a JSON list that is not closed or a compressed stream that breaks off
 (preprocessing never builds shards from part of a file). Prediction instead reads such a file with
@@ -84,7 +85,7 @@ FORMATS = ("cif", "jarvis", "pymatgen", "extxyz", "ase_db")
 ID_PROP = "id_prop.csv"
 _JSON_SUFFIXES = (".json", ".json.gz", ".json.bz2")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2")
-_XYZ_SUFFIXES = (".xyz", ".extxyz")
+_XYZ_SUFFIXES = (".xyz", ".extxyz", ".xyz.gz", ".xyz.bz2", ".extxyz.gz", ".extxyz.bz2")
 # the file name endings of inputs (expand_inputs picks up these, and directories with id_prop.csv)
 KNOWN_SUFFIXES = (".cif", ".db") + _XYZ_SUFFIXES + _JSON_SUFFIXES + _JSONL_SUFFIXES
 _PYMATGEN_CLASSES = frozenset({"Structure", "ComputedStructureEntry", "ComputedEntry"})
@@ -114,7 +115,8 @@ class Chunk:
         line: extxyz / JSON lines: 1-based line number of the chunk's first record (used to name
             records as ``<path>:line <n>``); -1 when unknown.
         data_path: where the bytes are read from when not ``path``: the decompressed copy of a
-            ``.gz``/``.bz2`` JSON input made while planning (see :func:`plan_chunks`); "" otherwise.
+            ``.gz``/``.bz2`` JSON or extxyz input made while planning (see :func:`plan_chunks`); ""
+            otherwise.
     """
 
     format: str
@@ -247,9 +249,10 @@ def infer_format(path: str) -> str:
     the path if unknown, ``ValueError`` if a JSON input cannot be decoded.
 
     Directories with ``id_prop.csv``, ``id_prop.csv`` itself and ``*.cif`` are ``cif``; ``.xyz`` /
-    ``.extxyz`` are ``extxyz``; ``.db`` is ``ase_db``. JSON containers are told apart by their first
-    records: an ``atoms`` dict with ``lattice_mat`` is ``jarvis``; pymatgen ``@class`` tags, a
-    ``structure`` key or ``lattice`` + ``sites`` is ``pymatgen`` (an ASE JSON database is ``ase_db``).
+    ``.extxyz`` (plain, ``.gz`` or ``.bz2``) are ``extxyz``; ``.db`` is ``ase_db``. JSON containers are
+    told apart by their first records: an ``atoms`` dict with ``lattice_mat`` is ``jarvis``; pymatgen
+    ``@class`` tags, a ``structure`` key or ``lattice`` + ``sites`` is ``pymatgen`` (an ASE JSON database
+    is ``ase_db``).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -354,7 +357,7 @@ def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = No
     in Alexandria dumps) is scanned for its element boundaries; ``ase_db`` counts rows; ``cif``
     counts ``id_prop.csv`` rows (or ``data_`` blocks of a standalone CIF file).
 
-    ``spill_dir``: for a compressed (``.gz``/``.bz2``) JSON or JSON-lines input, keep the
+    ``spill_dir``: for a compressed (``.gz``/``.bz2``) JSON, JSON-lines or extxyz input, keep the
     decompressed bytes there while planning (one pass) and point the chunks' ``data_path`` at
     them, so a worker seeks straight to its chunk instead of decompressing everything before it.
     An existing complete copy is reused.
@@ -380,15 +383,18 @@ def _plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) ->
         if os.path.isdir(path):
             raise ValueError(f"cif input {path!r} is a directory without {ID_PROP}")
         return _plain_chunks(fmt, path, len(_cif_blocks(path)), chunk_size)
+    compressed = path.lower().endswith((".gz", ".bz2"))
+    spill = _spill_path(spill_dir, path) if spill_dir and compressed and fmt != "ase_db" else None
+    source = spill if spill and os.path.exists(spill) else path  # a finished copy is reused
+    copy = spill if spill and source == path else None
     if fmt == "extxyz":
-        with open(path, "rb") as f:
-            frames = [(start, line) for start, _, line in _iter_xyz_frames(f, path)]
-        return _byte_chunks(fmt, path, frames, os.path.getsize(path), chunk_size)
+        # offsets into the decompressed stream of a .gz/.bz2 input, which is copied to `copy` on the way
+        with _open_binary(source) as f, _spilling(copy) as sink:
+            frames = [(start, line) for start, _, line in _iter_xyz_frames(f, path, copy_to=sink)]
+            end = f.tell()  # the (decompressed) length
+        chunks = _byte_chunks(fmt, path, frames, end, chunk_size)
+        return [dataclasses.replace(c, data_path=spill) for c in chunks] if spill else chunks
     if fmt in ("jarvis", "pymatgen"):
-        compressed = path.lower().endswith((".gz", ".bz2"))
-        spill = _spill_path(spill_dir, path) if spill_dir and compressed else None
-        source = spill if spill and os.path.exists(spill) else path  # a finished copy is reused
-        copy = spill if spill and source == path else None
         if _is_json_lines(path):
             with _open_binary(source) as f, _spilling(copy) as sink:
                 records, end, _, _ = _json_lines_offsets(f, sink)
@@ -1040,18 +1046,21 @@ def _prefix_format(path: str, source: str) -> str:
 
 
 def _iter_xyz_frames(lines: Iterable[bytes], path: str, offset0: int = 0,
-                     line0: int = 1) -> Iterator[tuple[int, int, int]]:
+                     line0: int = 1, copy_to=None) -> Iterator[tuple[int, int, int]]:
     """Yield (start byte, end byte, first line number) per frame of an (ext)xyz byte-line stream.
 
     Frames are an atom-count line, a comment line and ``count`` atom lines (plus optional
     ``VEC1..3`` lines). Blank lines between frames are skipped. A last frame with fewer lines than
     announced is still yielded (it will fail to parse). A count line that is not an integer raises
-    ``ValueError`` with the line number.
+    ``ValueError`` with the line number. ``copy_to``: a binary file every line read is also written
+    to (the spill copy of a compressed input; complete once the generator is exhausted).
     """
     it = iter(lines)
     pos, lineno = offset0, line0 - 1
     pending: list[int] | None = None
     for line in it:
+        if copy_to is not None:
+            copy_to.write(line)
         lineno += 1
         start = pos
         pos += len(line)
@@ -1071,6 +1080,8 @@ def _iter_xyz_frames(lines: Iterable[bytes], path: str, offset0: int = 0,
         if pending is not None:
             yield tuple(pending)
         body = list(itertools.islice(it, natoms + 1))
+        if copy_to is not None:
+            copy_to.writelines(body)
         pos += sum(map(len, body))
         pending = [start, pos, lineno]
         lineno += len(body)
@@ -1079,7 +1090,8 @@ def _iter_xyz_frames(lines: Iterable[bytes], path: str, offset0: int = 0,
 
 
 def _read_extxyz(chunk: Chunk) -> Iterator[RawRecord]:
-    with _file_errors(chunk.path), open(chunk.path, "rb") as f:
+    # a .gz/.bz2 input without a spill copy: seeking decompresses (but does not parse) what comes before
+    with _file_errors(chunk.path), _open_binary(chunk.data_path or chunk.path) as f:
         f.seek(chunk.byte_offset)
         buf = f.read(chunk.byte_length)
     line0 = chunk.line if chunk.line > 0 else 1

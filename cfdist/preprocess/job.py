@@ -1,7 +1,7 @@
 """The preprocessing job: raw structure files -> content-hashed Parquet shards (Ray Data).
 
 The driver (:func:`build`) plans deterministic chunks of ``shard_size`` input records (several
-inputs in parallel Ray tasks; compressed JSON is decompressed once into ``.progress/spill``);
+inputs in parallel Ray tasks; compressed JSON and extxyz are decompressed once into ``.progress/spill``);
 Ray Data maps every chunk on a worker (:func:`process_chunk`: read -> validate -> image tables
 -> one zstd Parquet shard per split, its checksum and statistics) and streams a summary back;
 :func:`finalize` drops duplicate ids and writes ``rejects.jsonl`` and the manifest. The split of a
@@ -44,7 +44,7 @@ from cfdist.preprocess.statistics import StatsAccumulator
 from cfdist.run.ray_cluster import init_ray
 
 PROGRESS_DIR = ".progress"
-SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON inputs, removed at the end
+SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON / extxyz inputs, removed at the end
 
 
 @dataclass
