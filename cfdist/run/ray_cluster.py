@@ -9,8 +9,10 @@ and fine-tuning.
 - Workers get ``DS_ACCELERATOR`` (DeepSpeed's accelerator: cpu or cuda) and the auth mode.
 - Ray's own INFO chatter and Ray Data's progress bars are turned off in the driver and, through
   a worker setup hook (:func:`quiet_logs`), in every worker and actor; our progress bars and
-  summaries stay. Environment overrides for tests and small machines: ``CFDIST_RAY_NUM_CPUS``,
-  ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on loopback), ``CFDIST_RAY_OBJECT_STORE`` (bytes).
+  summaries stay. Environment settings for tests and small machines: ``CFDIST_RAY_NUM_CPUS`` (the
+  logical CPUs of a local instance when the job does not size it itself; training jobs do, since
+  Ray Data needs CPUs beside the train workers), ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on
+  loopback), ``CFDIST_RAY_OBJECT_STORE`` (bytes).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu
         if address:
             ray.init(address=address, **kwargs)
         else:
-            if os.environ.get("CFDIST_RAY_NUM_CPUS"):
+            if num_cpus is None and os.environ.get("CFDIST_RAY_NUM_CPUS"):
                 num_cpus = int(os.environ["CFDIST_RAY_NUM_CPUS"])
             if os.environ.get("CFDIST_RAY_NODE_IP"):
                 kwargs["_node_ip_address"] = os.environ["CFDIST_RAY_NODE_IP"]
