@@ -63,14 +63,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # before numpy / torch are imported (section 5 is single-core)
 
 import argparse  # noqa: E402
-import gc  # noqa: E402
 import gzip  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -89,6 +87,7 @@ from cfdist.model import Crystalformer, TableAttention  # noqa: E402
 from cfdist.ops.dense_box import DenseBoxAttention, dense_box_attention  # noqa: E402
 from cfdist.ops.periodic_attention import periodic_attention  # noqa: E402
 from cfdist.ops.reference import reference_periodic_attention  # noqa: E402
+from memory import PeakRSS, _proc_status_kb  # noqa: E402  (bench/memory.py)
 
 DEFAULT_DATA = Path("examples/data/megnet_slice.json.gz")  # relative to the repository root
 SIGMA_MIN = 0.3  # A; smallest sigma of the random layer inputs (largest is config.sigma_max)
@@ -122,41 +121,6 @@ def make_backend(method: dict):
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def _proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-class PeakRSS:
-    """Peak resident memory added by the enclosed code: VmHWM (reset on entry) - VmRSS on entry."""
-
-    def __enter__(self):
-        gc.collect()
-        self.baseline_kb = _proc_status_kb("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current RSS
-            self.method = "VmHWM reset"
-        except OSError:
-            self.method = "ru_maxrss"
-        return self
-
-    def rss_now_mb(self) -> float:
-        return (_proc_status_kb("VmRSS") - self.baseline_kb) / 1024.0
-
-    def __exit__(self, *exc):
-        if self.method == "VmHWM reset":
-            peak_kb = _proc_status_kb("VmHWM")
-        else:
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        self.peak_mb = (peak_kb - self.baseline_kb) / 1024.0
-        self.baseline_mb = self.baseline_kb / 1024.0
-        return False
 
 
 # ----------------------------------------------------------------------------- inputs

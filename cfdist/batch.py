@@ -37,6 +37,10 @@ class CrystalBatch:
         labels: (B, n_targets) float64 targets, NaN where missing; None if not requested.
         ids: crystal ids, in batch order.
         cutoff: the image-table cutoff (A) all tables were built with.
+        forces: (N, 3) float64 force labels (eV/A), NaN rows for crystals without forces; None if
+            not requested (energy training: :func:`cfdist.shards.collate_arrow` with ``forces=True``).
+        stress: (B, 3, 3) float64 stress labels (eV/A^3, ASE convention), NaN for crystals without
+            one; None if not requested.
     """
 
     positions: torch.Tensor
@@ -52,6 +56,8 @@ class CrystalBatch:
     labels: torch.Tensor | None
     ids: list[str]
     cutoff: float
+    forces: torch.Tensor | None = None
+    stress: torch.Tensor | None = None
 
     @property
     def n_crystals(self) -> int:

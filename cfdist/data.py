@@ -37,10 +37,13 @@ TRAINING_COLUMNS = ("id", "n_atoms", "numbers", "lattice", "positions", "disorde
                     "disorder_occupancy", "n_entries", "table_counts", "table_code")
 
 
-def training_columns(schema: pa.Schema, targets: Sequence[str]) -> list[str]:
-    """Columns a training batch needs (skips ``source``, forces, unused targets)."""
+def training_columns(schema: pa.Schema, targets: Sequence[str], *, forces: bool = False,
+                     stress: bool = False) -> list[str]:
+    """Columns a training batch needs (skips ``source``, unused targets, and the ``forces`` /
+    ``stress`` columns unless the run trains on them and the shards hold them)."""
     have = set(target_columns(schema))
-    return list(TRAINING_COLUMNS) + [f"y.{t}" for t in targets if t in have]
+    extra = [name for name, wanted in (("forces", forces), ("stress", stress)) if wanted and name in schema.names]
+    return list(TRAINING_COLUMNS) + [f"y.{t}" for t in targets if t in have] + extra
 
 
 def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size: int = 1,

@@ -199,14 +199,29 @@ def _flat_fixed(column) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False)
 
 
+def _optional_rows(column, width: int, lengths: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(valid (B,) bool, float64 values of the valid rows, flat) of a nullable list column whose
+    row r holds ``lengths[r] * width`` values; a row of the wrong length is a :class:`ShardError`."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).astype(bool)
+    values = arr.filter(pa.array(valid)).flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+    if len(values) != int(lengths[valid].sum()) * width:
+        raise ShardError(f"column {name!r}: {len(values)} values for {int(lengths[valid].sum())} rows of "
+                         f"{width} (a row has the wrong length)")
+    return valid, values
+
+
 def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
-                  cutoff: float | None = None) -> "CrystalBatch":
+                  cutoff: float | None = None, *, forces: bool = False, stress: bool = False) -> "CrystalBatch":
     """Vectorised shard rows -> :class:`CrystalBatch` (no Python loop over rows or atoms).
 
     Args:
         table: shard rows (any slice of a shard, or rows concatenated from several).
         target_names: targets to put in ``labels`` (columns ``y.<name>``).
         cutoff: cutoff the tables were built with (defaults to the schema metadata).
+        forces / stress: fill ``batch.forces`` (N, 3) / ``batch.stress`` (B, 3, 3) (float64, NaN
+            for crystals whose row is null) from the ``forces`` / ``stress`` columns; left None
+            when not asked or when the table has no such column.
     """
     import torch
 
@@ -255,6 +270,17 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
             raise ShardError(f"shard has no target column(s) {missing}; it holds {sorted(available)}")
         labels = torch.from_numpy(np.stack([_rows(table[f"y.{name}"]).astype(np.float64) for name in target_names],
                                            axis=1).reshape(n_rows, len(target_names)))
+    force_labels = stress_labels = None
+    if forces and "forces" in table.column_names:
+        valid, values = _optional_rows(table["forces"], 3, n_atoms, "forces")
+        full = np.full((n_total, 3), np.nan)
+        full[np.repeat(valid, n_atoms)] = values.reshape(-1, 3)
+        force_labels = torch.from_numpy(full)
+    if stress and "stress" in table.column_names:
+        valid, values = _optional_rows(table["stress"], 9, np.ones(n_rows, dtype=np.int64), "stress")
+        full = np.full((n_rows, 3, 3), np.nan)
+        full[valid] = values.reshape(-1, 3, 3)
+        stress_labels = torch.from_numpy(full)
     return CrystalBatch(
         positions=torch.from_numpy(positions.astype(np.float64).reshape(-1, 3)),
         lattice=torch.from_numpy(lattice.astype(np.float64)),
@@ -269,6 +295,8 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         labels=labels,
         ids=table["id"].to_pylist(),
         cutoff=float(cutoff),
+        forces=force_labels,
+        stress=stress_labels,
     )
 
 

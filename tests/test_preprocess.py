@@ -328,7 +328,7 @@ def test_compressed_inputs_are_planned_in_parallel_and_spilled_once(ray_session,
             for rid, source in zip(table["id"].to_pylist(), table["source"].to_pylist()):
                 rows[root, rid] = (shard["split"], source.rsplit(":", 1)[1], source.rsplit(":", 1)[0])
     for rid in (r["id"] for r in megnet_records[:60]):
-        (split_a, index_a, file_a), (split_b, index_b, file_b) = rows["a", rid], rows["b", rid]
+        (split_a, index_a, _), (split_b, index_b, file_b) = rows["a", rid], rows["b", rid]
         assert (split_a, index_a) == (split_b, index_b)
         assert file_b.startswith(str(packed))  # sources name the input, not the decompressed copy
     assert run_build(ray_session, sorted(packed.iterdir()), tmp_path / "b", shard_size=8) == b  # plan reused

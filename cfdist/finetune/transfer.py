@@ -1,8 +1,14 @@
 """Building the model to fine-tune from a portable checkpoint, and freezing layers (per-layer
-learning rates: :func:`cfdist.run.optim.parameter_groups`).
+learning rates: :func:`cfdist.run.optim.parameter_groups`); starting a pretraining run from a
+checkpoint's encoder (:func:`init_from_checkpoint`, pretraining's ``init_from``).
 
 Heads (``transfer.head``): the Crystalformer head is ``Linear(d, hidden) -> ReLU -> Linear(hidden,
 n_targets)``; output row k and ``target_mean[k]`` / ``target_std[k]`` belong to target k.
+
+Transfer both ways: an energy checkpoint (``energy: true``, no property head) fine-tunes into a
+property model (the encoder is copied, the property head is new); a property checkpoint starts an
+energy pretraining run (``init_from``: the encoder is copied, the energy head is new and the
+reference energies are fitted on the run's data).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
     checkpoint knows, fresh rows for new ones; ``keep`` requires identical targets;
     ``replace`` re-initialises the head. New targets are standardised with ``train_stats``.
 
+    An energy checkpoint gives a property model (``energy`` off; the energy head and reference
+    energies are left behind, the encoder, including its cutoff envelope, is copied): with
+    ``auto`` the property head is new unless the checkpoint also has one (a multi-task model).
+
     Returns (model, report) where report says which targets were copied and which are new.
     """
     from cfdist.checkpoint import load
@@ -35,16 +45,16 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
     if head == "keep" and old != targets:
         raise ConfigError(f"transfer.head=keep needs the checkpoint's targets {old}, got data.targets {targets}; "
                           f"use transfer.head=auto or replace")
-    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets})
+    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False})
     model = Crystalformer(config)  # fresh head initialisation for whatever is not copied below
-    state = {k: v for k, v in source.state_dict().items() if not k.startswith("head.") and k not in
-             ("target_mean", "target_std")}
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "energy_head.")) and k not in
+             ("target_mean", "target_std", "element_energy", "energy_scale")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) == {k for k in model.state_dict() if k.startswith("head.")} | \
         {"target_mean", "target_std"}, (missing, unexpected)
     copied: list[str] = []
     with torch.no_grad():
-        if head != "replace":
+        if head != "replace" and source.head is not None:
             model.head[0].load_state_dict(source.head[0].state_dict())
             for k, name in enumerate(targets):
                 if name in old:
@@ -60,8 +70,72 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
                 model.target_mean[k], model.target_std[k] = train_stats[name]
     report = {"checkpoint": str(path), "checkpoint_targets": old, "head": head, "copied_targets": copied,
               "new_targets": [t for t in targets if t not in copied],
+              "checkpoint_energy_model": bool(source.config.energy),
               "sigma_stats_ready": model.sigma_stats_ready}
     return model, report
+
+
+# Hyper-parameters that define the encoder's weights and what they compute; pretraining's
+# init_from copies an encoder only into a model that agrees on all of them.
+ENCODER_KEYS = ("n_blocks", "d_model", "n_heads", "d_ff", "n_basis", "r0", "rho_lower_bound", "rho_beta",
+                "gbf_r_max", "gbf_width_scale", "cutoff_sigmas", "n_elements")
+
+
+def encoder_mismatch(config: CrystalformerConfig, source: CrystalformerConfig) -> dict[str, tuple]:
+    """{key: (config's value, source's value)} for the encoder hyper-parameters that differ."""
+    return {k: (getattr(config, k), getattr(source, k)) for k in ENCODER_KEYS
+            if getattr(config, k) != getattr(source, k)}
+
+
+def check_encoder(config: CrystalformerConfig, source: CrystalformerConfig, path) -> None:
+    """:class:`ConfigError` naming the differing keys unless ``source``'s encoder fits ``config``."""
+    diff = encoder_mismatch(config, source)
+    if diff:
+        wanted = {k: getattr(source, k) for k in ENCODER_KEYS}
+        raise ConfigError(f"init_from={path}: the run's model differs from the checkpoint's encoder in "
+                          + ", ".join(f"{k} ({a} here, {b} there)" for k, (a, b) in diff.items())
+                          + f"; set model to the checkpoint's architecture, e.g. model={wanted}")
+
+
+def init_from_checkpoint(model, path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Start a pretraining model from the portable checkpoint ``path`` (pretraining's ``init_from``).
+
+    Copies the encoder (embedding, blocks and their frozen sigma statistics). An energy model
+    also gets the checkpoint's energy head, reference energies and energy scale when the
+    checkpoint is an energy model (else they stay fresh and the trainer fits the references); a
+    property model gets the checkpoint's property head and normalisation when both predict the
+    same targets. The cutoff envelope is a model setting, not a weight: a property checkpoint
+    (no envelope) trained as an energy model runs with the energy model's envelope.
+
+    Returns (report, buffers): ``buffers`` are the copied buffers at full precision, for the caller
+    to write again after a DeepSpeed engine has cast the module (bf16 would round them).
+    """
+    from cfdist.checkpoint import load
+
+    source = load(path)
+    check_encoder(model.config, source.config, path)
+    prefixes = ["embedding.", "blocks."]
+    energy_head = property_head = None
+    if model.config.energy:
+        energy_head = "kept" if source.config.energy else "fresh"
+        if source.config.energy:
+            prefixes += ["energy_head.", "element_energy", "energy_scale"]
+    if model.head is not None:
+        same = source.head is not None and list(source.config.target_names) == list(model.config.target_names)
+        property_head = "kept" if same else "fresh"
+        if same:
+            prefixes += ["head.", "target_mean", "target_std"]
+    state = {k: v for k, v in source.state_dict().items() if k.startswith(tuple(prefixes))}
+    own = model.state_dict()
+    missing = [k for k in own if k.startswith(tuple(prefixes)) and k not in state]
+    if missing:
+        raise ConfigError(f"init_from={path}: the checkpoint lacks {missing[:5]}")
+    model.load_state_dict(state, strict=False)
+    buffers = {name: value.detach().clone() for name, value in state.items() if name in dict(model.named_buffers())}
+    report = {"init_from": str(path), "checkpoint_kind": "energy" if source.config.energy else "property",
+              "copied": sorted({k.split(".")[0] for k in state}), "energy_head": energy_head,
+              "property_head": property_head}
+    return report, buffers
 
 
 def freeze(model: nn.Module, *, embedding: bool, blocks: int) -> list[str]:

@@ -115,3 +115,53 @@ class StepWindow:
             "data_wait_pct": 100.0 * data_s / world / wall,
             "step_time_s": wall / steps,
         }
+
+
+# metric names of an energy model's components (training: "mae/<name>", validation: "val_mae/<name>")
+COMPONENT_METRICS = {"energy": "energy_mev_per_atom", "forces": "forces_mev_per_A", "stress": "stress_gpa"}
+
+
+@dataclass
+class ComponentWindow:
+    """An energy model's per-component sums since the last log step (or over a validation pass).
+
+    ``abs_sum[c]``: summed absolute errors in report units (meV/atom, meV/A, GPa); ``count[c]``:
+    labels (structures, force components, stress components); ``loss_sum[c]``: summed elementwise
+    loss (loss units); ``weighted_loss``: this rank's share of the step losses (their sum over
+    ranks, divided by the micro-steps, is the mean training loss).
+    """
+
+    abs_sum: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
+    loss_sum: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
+    count: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
+    weighted_loss: float = 0.0
+    micro_steps: int = 0
+
+    def add(self, abs_sum: dict, loss_sum: dict, count: dict, weighted_loss: float = 0.0) -> None:
+        """One micro-batch's sums for the components it has (a subset of energy, forces, stress)."""
+        for c, value in abs_sum.items():
+            self.abs_sum[c] += float(value)
+            self.loss_sum[c] += float(loss_sum.get(c, 0.0))
+            self.count[c] += float(count[c])
+        self.weighted_loss += float(weighted_loss)
+        self.micro_steps += 1
+
+    def values(self) -> list[float]:
+        """Flat sums to all-reduce (:meth:`summary` takes them back)."""
+        return ([self.abs_sum[c] for c in COMPONENT_METRICS] + [self.loss_sum[c] for c in COMPONENT_METRICS]
+                + [self.count[c] for c in COMPONENT_METRICS] + [self.weighted_loss])
+
+    @staticmethod
+    def summary(totals: Sequence[float], prefix: str, micro_steps: int = 0) -> dict:
+        """MAE (and mean loss) per component with labels, from :meth:`values` summed over ranks;
+        ``micro_steps`` (> 0 for training windows) adds ``loss``, the mean weighted step loss."""
+        k = len(COMPONENT_METRICS)
+        abs_sum, loss_sum, count = totals[:k], totals[k:2 * k], totals[2 * k:3 * k]
+        out = {}
+        for c, (name, metric) in enumerate(COMPONENT_METRICS.items()):
+            if count[c]:
+                out[f"{prefix}mae/{metric}"] = abs_sum[c] / count[c]
+                out[f"{prefix}loss/{name}"] = loss_sum[c] / count[c]
+        if micro_steps:
+            out["loss"] = totals[3 * k] / micro_steps
+        return out

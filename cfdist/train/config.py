@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, apply_overrides, build, load_yaml, resolve_config
-from cfdist.run.config import OptimSection, RunConfigMixin
+from cfdist.config import ConfigError, CrystalformerConfig, apply_overrides, build, load_yaml, resolve_config
+from cfdist.run.config import OptimSection, RunConfigMixin, resolve_model_config
+
+LOSS_KINDS = ("l1", "l2", "huber")
 
 
 @dataclass
@@ -29,6 +31,12 @@ class DataSection:
         shuffle_rows: streaming shuffle window per rank (rows); 0 = stream order.
         rows_per_read: Arrow rows fetched per read from the stream.
         verify_checksums: sha256 every shard against the manifest before training.
+        force_memory_factor: an energy model trained on forces or stress keeps the autograd graph
+            of the forces for the double backward, so a micro-batch costs more memory per
+            image-table entry; such runs pack at most ``max_entries / force_memory_factor``
+            entries per micro-batch (``max_atoms`` and ``max_structures`` unchanged). The default
+            is the ratio of peak memory per entry measured with and without forces and stress
+            (README, "Training on energies, forces and stress").
     """
 
     shards: str = ""
@@ -41,6 +49,51 @@ class DataSection:
     shuffle_rows: int = 2_048
     rows_per_read: int = 256
     verify_checksums: bool = True
+    force_memory_factor: float = 2.5
+
+    def __post_init__(self):
+        if not self.force_memory_factor >= 1.0:
+            raise ConfigError(f"data.force_memory_factor must be >= 1, got {self.force_memory_factor}")
+
+
+@dataclass
+class LossSection:
+    """The loss of an energy model (``model.energy: true``); property models ignore it (L1 on
+    standardised targets, :mod:`cfdist.run.objective`).
+
+    loss = energy_weight * L(E / N) + forces_weight * L(F) + stress_weight * L(sigma), each term the
+    mean of the elementwise ``kind`` loss over the step's labels across all ranks: energies per atom
+    (eV/atom) over labelled structures, forces (eV/A) over labelled force components, stress (GPa,
+    converted from the shards' eV/A^3) over labelled stress components. Missing labels (NaN) are
+    masked. A zero weight switches the term off (for forces and stress the model then skips that
+    derivative).
+
+    Defaults are CHGNet's (Deng et al., "CHGNet as a pretrained universal neural network potential
+    for charge-informed atomistic modelling", Nat. Mach. Intell. 5, 1031 (2023); ``chgnet.trainer.
+    Trainer`` and ``CombinedLoss``): energy per atom 1, forces 1, stress 0.1 with the same units
+    (eV/atom, eV/A, GPa), and the Huber loss with ``delta`` 0.1 of its ``CombinedLoss`` (CHGNet's
+    trainer also offers MSE, its default criterion: ``kind: l2`` here, and MAE: ``l1``).
+
+    kind: ``l1`` |r|, ``l2`` r^2, ``huber`` (torch's: r^2 / 2 below ``huber_delta``, else
+        delta (|r| - delta / 2)), r in the units above.
+    """
+
+    energy_weight: float = 1.0
+    forces_weight: float = 1.0
+    stress_weight: float = 0.1
+    kind: str = "huber"
+    huber_delta: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ConfigError(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {self.kind!r}")
+        for name in ("energy_weight", "forces_weight", "stress_weight"):
+            if not float(getattr(self, name)) >= 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
+            raise ConfigError("loss: at least one of energy_weight, forces_weight, stress_weight must be > 0")
+        if not self.huber_delta > 0:
+            raise ConfigError(f"loss.huber_delta must be > 0, got {self.huber_delta}")
 
 
 @dataclass
@@ -80,7 +133,17 @@ class ScalingSection:
 
 @dataclass
 class PretrainConfig(RunConfigMixin):
-    """Everything a pretraining run needs; ``model`` is a model config path or an inline mapping."""
+    """Everything a pretraining run needs; ``model`` is a model config path or an inline mapping.
+
+    An energy model (``model: {energy: true, ...}``) trains on energies, forces and stress with the
+    ``loss`` section; ``data.targets`` then names the one label column holding the total energy per
+    structure (eV, e.g. ``[energy]`` for extxyz inputs), and the model gets no property head.
+    ``init_from``: a portable checkpoint (``model.pt``) whose encoder (embedding, blocks and their
+    sigma statistics) starts the run; its architecture must equal ``model``'s (the energy switch,
+    envelope and heads may differ). An energy checkpoint also gives an energy model its energy head
+    and reference energies; a property checkpoint gives a property model with the same targets its
+    head. Ignored when the run resumes from its own checkpoint.
+    """
 
     run_name: str = "pretrain"
     output_dir: str = "outputs/runs"
@@ -91,7 +154,9 @@ class PretrainConfig(RunConfigMixin):
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     model: Any = "crystalformer"
+    init_from: str = ""
     data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
@@ -100,6 +165,17 @@ class PretrainConfig(RunConfigMixin):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def model_config(self) -> CrystalformerConfig:
+        """The model config: ``target_names`` = ``data.targets`` for a property model; an energy
+        model has no property targets (its one data target is the energy label)."""
+        config = resolve_model_config(self.model, self.data.targets)
+        if config.energy:
+            if len(self.data.targets) != 1:
+                raise ConfigError(f"an energy model (model.energy: true) trains on one label, the total energy per "
+                                  f"structure (eV): set data.targets to it, e.g. [energy]; got {self.data.targets}")
+            config.target_names = []
+        return config
 
 
 

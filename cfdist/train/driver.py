@@ -42,6 +42,8 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (a directory written by `cfdist preprocess`)")
     cfg.data.shards = str(Path(cfg.data.shards).resolve())
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    if cfg.init_from:
+        cfg.init_from = str(Path(cfg.init_from).resolve())
     model = cfg.model_config().to_dict()
     model.pop("target_names")
     cfg.model = model
@@ -58,10 +60,40 @@ def check_shards(cfg: PretrainConfig):
     t0 = time.perf_counter()
     shards.verify(splits, required_cutoff=model.cutoff, targets=cfg.data.targets, n_elements=model.n_elements,
                   checksums=cfg.data.verify_checksums)
+    check_energy_run(cfg, shards)
     n = {s: shards.n_rows(s) for s in splits}
     print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {k:,}' for s, k in n.items())} structures, "
           f"cutoff {shards.cutoff:.4f} A; verified in {time.perf_counter() - t0:.1f} s)", flush=True)
     return shards
+
+
+def check_energy_run(cfg: PretrainConfig, shards) -> None:
+    """An energy run's label columns exist (forces / stress when weighted), and ``init_from`` names a
+    checkpoint whose encoder fits the model: fail here, before any worker starts."""
+    import pyarrow.parquet as pq
+
+    from cfdist.shards import ShardError
+    from cfdist.train.loop import label_columns_wanted
+
+    forces, stress = label_columns_wanted(cfg)
+    splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
+    for split in splits:
+        for entry in shards.files(split):
+            names = pq.read_schema(entry.path).names
+            for column, wanted, flag, weight in (("forces", forces, "--with-forces", "forces_weight"),
+                                                  ("stress", stress, "--with-stress", "stress_weight")):
+                if wanted and column not in names:
+                    raise ShardError(f"{entry.path}: no {column!r} column, but the run trains on {column} "
+                                     f"(loss.{weight} > 0); rebuild the shards with `cfdist preprocess "
+                                     f"{flag}` or set loss.{weight}=0")
+    if cfg.init_from:
+        from cfdist.checkpoint import load
+        from cfdist.config import ConfigError
+        from cfdist.finetune.transfer import check_encoder
+
+        if not Path(cfg.init_from).is_file():
+            raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
+        check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
 
 
 def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: int | None = None) -> Path | None:

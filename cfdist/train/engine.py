@@ -8,7 +8,8 @@ to ``deepspeed.initialize``; DeepSpeed's own fused/CPU optimisers would need a C
 from __future__ import annotations
 
 import os
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ from cfdist.run.config import OptimSection
 from cfdist.run.optim import make_optimizer, make_scheduler
 from cfdist.train.config import DeepSpeedSection
 
-FLOAT_BUFFERS_KEPT_FP32 = ("sigma_mean", "sigma_std", "target_mean", "target_std")
+FLOAT_BUFFERS_KEPT_FP32 = ("sigma_mean", "sigma_std", "target_mean", "target_std", "energy_scale")
+FLOAT_BUFFERS_KEPT_FP64 = ("element_energy",)
 
 
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch: int) -> dict[str, Any]:
@@ -79,12 +81,61 @@ def build_engine(model: nn.Module, ds: DeepSpeedSection, optim: OptimSection, ma
 
 
 def keep_float_buffers(module: nn.Module) -> None:
-    """Undo DeepSpeed's half-precision cast of the statistics buffers (sigma and target moments).
+    """Undo DeepSpeed's half-precision cast of the statistics buffers (sigma and target moments,
+    an energy model's energy scale), and check that the reference energies stayed float64.
 
     In bf16 a sigma mean of ~3 would be rounded to 3 significant digits; the buffers are
-    tiny, so they stay float32 (the model casts them where used).
+    tiny, so they stay float32 (the model casts them where used). ``element_energy`` (tens of eV
+    per atom, summed over hundreds of atoms) must never pass through a half-precision cast: the
+    model's ``_apply`` keeps it float64 under ``.half()`` / ``.bfloat16()``; a cast that bypassed
+    it would already have rounded the values, so that is an error, not something to undo.
     """
     for name, buf in module.named_buffers():
-        if name.rsplit(".", 1)[-1] in FLOAT_BUFFERS_KEPT_FP32 and buf.is_floating_point() and buf.dtype != torch.float32:
+        short = name.rsplit(".", 1)[-1]
+        if short in FLOAT_BUFFERS_KEPT_FP32 and buf.is_floating_point() and buf.dtype != torch.float32:
             buf.data = buf.data.float()
+        if short in FLOAT_BUFFERS_KEPT_FP64 and buf.dtype != torch.float64:
+            raise RuntimeError(f"buffer {name} became {buf.dtype} inside the DeepSpeed engine; reference "
+                               f"energies must stay float64")
 
+
+_HOLD_ID = -1  # a pseudo sub-module id (DeepSpeed's module ids are >= 0)
+
+
+@contextmanager
+def zero3_parameters_held(engine, enabled: bool = True) -> Iterator[None]:
+    """Keep every ZeRO-3 parameter of the engine's module gathered for the duration (forward and
+    backward of an energy model); a no-op when ``enabled`` is False or the parameters are not
+    ZeRO-3 ones.
+
+    ZeRO-3 gathers a module's parameters in hooks around the module's forward and around the
+    backward of its outputs, and releases them after. An energy model defeats both: its forward
+    returns an :class:`cfdist.model.EnergyOutput` (hooks cannot see the tensors inside, so the
+    backward finds released parameters), and the forces are ``autograd.grad`` of the energy taken
+    with ``create_graph``: the loss's backward then runs the derivative graph, whose nodes use the
+    weights but are no module's forward or backward, so no hook gathers them (it fails with shape
+    errors against the released, empty parameters). Here all parameters are gathered up front
+    (``deepspeed.zero.GatheredParameters``) and pinned by a pseudo active sub-module, so the hooks'
+    releases are no-ops until the context ends and partitions them again. Modules whose backward
+    hooks fired without their post-backward hook (the ``autograd.grad`` inside an eval forward)
+    are drained at the end, as DeepSpeed does after a backward. ZeRO-3 still partitions gradients
+    and optimiser states; what is lost is the parameter partitioning during a micro-step (0.85M
+    parameters for the paper's model: a few MB).
+    """
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_id")] if enabled else []
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for p in params:
+            p.ds_active_sub_modules.add(_HOLD_ID)
+        try:
+            yield
+        finally:
+            offload = getattr(engine.optimizer, "parameter_offload", None)
+            if offload is not None:
+                offload.release_backward_leftovers()  # its releases are no-ops while the hold is on
+            for p in params:
+                p.ds_active_sub_modules.clear()  # the micro-step's forward and backward are over

@@ -11,6 +11,19 @@ of a rank's L1 errors times world / global label count, so after DeepSpeed's gra
 the gradient is that of the mean over all labelled structures of the step, however unevenly the
 packed batches are sized.
 
+Energy models (``model.energy``): the forward returns energies and, when the ``loss`` section
+weights them, forces and stress (by autograd, the graph kept for the double backward). The loss
+is w_E L(E / N) + w_F L(F) + w_S L(sigma) (:class:`cfdist.train.config.LossSection`), each term a
+rank's summed elementwise loss times world / the step's global label count of that component
+(structures, force components, stress components; all-reduced with ``has_batch``), so the
+gradient is again that of the global mean per component. Whether forces / stress are computed is
+fixed by the config, never by a batch's labels, so every rank runs the same passes and collectives
+(under ZeRO-3 the parameters are gathered for the whole micro-step:
+:func:`cfdist.train.engine.zero3_parameters_held`). Per-element reference energies are fitted on
+the train split at the start (:func:`cfdist.run.objective.fit_element_energies`, rank 0,
+broadcast) unless the run resumes or starts from an energy checkpoint (``init_from``); they and
+the energy scale are saved in every checkpoint (float64, exact).
+
 Resume: checkpoints are taken at optimiser-step boundaries and store a :class:`DataCursor`
 (epoch, micro-batches consumed in it). A restored rank replays its epoch stream and skips that
 many batches; with Ray Data's ``preserve_order`` (:func:`ray_datasets`) and the seeded shuffle the
@@ -39,11 +52,13 @@ from cfdist.data import BatchBudget, DataCursor, PackStats, budgeted_batches, it
     training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
-from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
-from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
+from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
+from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_counts, energy_residuals,
+                                  fit_element_energies, masked_abs_error, normalised_targets,
+                                  set_target_normalisation, target_stats)
 from cfdist.shards import collate_arrow
 from cfdist.train.config import PretrainConfig, config_from_dict
-from cfdist.train.engine import build_engine, init_distributed
+from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
 
 
 # ----------------------------------------------------------------------------- worker contexts
@@ -84,7 +99,8 @@ def ray_datasets(cfg: PretrainConfig, shards: ShardSet) -> tuple[dict, Any]:
     from ray.train import DataConfig
 
     files = shards.files(cfg.data.train_split)
-    columns = training_columns(pq.read_schema(files[0].path), cfg.data.targets)
+    forces, stress = label_columns_wanted(cfg)
+    columns = training_columns(pq.read_schema(files[0].path), cfg.data.targets, forces=forces, stress=stress)
     splits = {"train": cfg.data.train_split, **({"val": cfg.data.val_split} if cfg.data.val_split else {})}
     datasets = {name: ray.data.read_parquet([str(e.path) for e in shards.files(split)], columns=columns, shuffle=None)
                 for name, split in splits.items()}
@@ -194,8 +210,12 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, ctx: WorkerContext, shards: ShardSet):
         self.cfg, self.ctx, self.shards = cfg, ctx, shards
         self.targets = list(cfg.data.targets)
-        self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
+        self.model_config = cfg.model_config()
+        self.energy = bool(self.model_config.energy)
+        self.want_forces, self.want_stress = label_columns_wanted(cfg)
+        self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
+        self.init_report: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -204,25 +224,65 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
-        model = Crystalformer(cfg.model_config())
+        model = Crystalformer(self.model_config)
         set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
-        model.to(self.ctx.device)
-        self.engine, self.optimizer, self.scheduler = build_engine(
-            model, cfg.deepspeed, cfg.optim, cfg.max_steps, cfg.data.max_structures)
-        self.model = self.engine.module
         self.step, self.cursor = 0, DataCursor()
         with self.ctx.latest_checkpoint() as path:
+            copied_buffers: dict[str, torch.Tensor] = {}
+            if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
+                from cfdist.finetune.transfer import init_from_checkpoint
+
+                self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
+                if self.ctx.rank == 0:
+                    print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
+            model.to(self.ctx.device)
+            self.engine, self.optimizer, self.scheduler = build_engine(
+                model, cfg.deepspeed, cfg.optim, cfg.max_steps, cfg.data.max_structures)
+            self.model = self.engine.module
             if path is not None:
                 self.restore(path)
+                return
+            # statistics buffers after the engine's precision cast, at full precision
+            with torch.no_grad():
+                for name, value in copied_buffers.items():
+                    buf = self.model.get_buffer(name)
+                    buf.copy_(value.to(device=buf.device, dtype=buf.dtype))
+            if self.energy and self.init_report.get("energy_head") != "kept":
+                self.fit_reference_energies()
+
+    def fit_reference_energies(self) -> None:
+        """Least-squares reference energies on the train split (rank 0) -> every rank's model."""
+        n = self.model_config.n_elements
+        values = torch.zeros(n + 1, dtype=torch.float64)
+        if self.ctx.rank == 0:
+            t0 = time.perf_counter()
+            fit = fit_element_energies([e.path for e in self.shards.files(self.cfg.data.train_split)],
+                                       self.targets[0], n)
+            values = torch.from_numpy(np.concatenate([fit["element_energy"], [fit["energy_scale"]]]))
+            how = ("the residual's" if fit["scale_from"] == "residual"
+                   else "fallback: too few structures per element for")
+            print(f"reference energies: least squares on {fit['structures']:,} train structures, "
+                  f"{len(fit['elements'])} elements; per-atom residual std {fit['residual_std']:.4f} eV/atom; "
+                  f"energy scale {fit['energy_scale']:.4f} eV/atom ({how} dof-corrected std) "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        if self.ctx.world_size > 1:
+            values = values.to(self.ctx.device) if self.ctx.backend == "nccl" else values
+            dist.broadcast(values, src=0)
+            values = values.cpu()
+        with torch.no_grad():
+            self.model.element_energy.copy_(values[:n].to(self.model.element_energy.device))
+            self.model.energy_scale.fill_(float(values[n]))
 
     def restore(self, path: Path) -> None:
         load_path, client = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
         if load_path is None:
             raise RuntimeError(f"{path}: DeepSpeed found no checkpoint with tag {DEEPSPEED_TAG!r}")
         state = json.loads((path / STATE_FILE).read_text())
-        for name, value in state["buffers"].items():  # exact float32 statistics
-            buf = self.model.get_buffer(name)
-            buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
+        with torch.no_grad():
+            for name, value in state["buffers"].items():  # exact float32 statistics, float64 references
+                buf = self.model.get_buffer(name)
+                buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
+        self.init_report = state.get("init_from", {})
         self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
         if self.ctx.rank == 0:
             print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, "
@@ -237,15 +297,25 @@ class Trainer:
         return t.cpu().tolist()
 
     def batch_to_device(self, table):
-        batch = collate_arrow(table, self.targets, cutoff=self.shards.cutoff)
+        batch = collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
+                              stress=self.want_stress)
         return batch.to(self.ctx.device)
+
+    def label_counts(self, batch) -> list[float]:
+        """Labels of a micro-batch: [n] for property models, [energies, force components, stress
+        components] for energy models (all-reduced with has_batch to scale the loss)."""
+        if batch is None:
+            return [0.0] * (3 if self.energy else 1)
+        if self.energy:
+            return energy_label_counts(batch, self.want_forces, self.want_stress)
+        return [float(torch.isfinite(batch.labels).sum())]
 
     # -- training ------------------------------------------------------------------------
     def run(self) -> dict:
         self.build()
         cfg, ctx = self.cfg, self.ctx
         logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
-        window = StepWindow()
+        window, components = StepWindow(), ComponentWindow()
         metrics: dict[str, Any] = {}
         dropped_tail = 0
         try:
@@ -261,26 +331,29 @@ class Trainer:
                     table = next(batches, None)
                     batch = self.batch_to_device(table) if table is not None else None
                     t_data = time.perf_counter() - t0
-                    n_labelled = float(torch.isfinite(batch.labels).sum()) if batch is not None else 0.0
-                    have, labelled = self.all_sum([1.0 if batch is not None else 0.0, n_labelled])
+                    counts = self.label_counts(batch)
+                    have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
                     if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
                         if batch is not None:  # drain this rank's tail (counted, not trained on)
                             dropped_tail += batch.n_crystals + sum(t.num_rows for t in batches)
                         epoch_done = True
                         break
                     boundary = self.engine.is_gradient_accumulation_boundary()
-                    loss_sum = self.micro_step(batch, labelled)
+                    if self.energy:
+                        loss_sum = self.energy_micro_step(batch, labelled, components)
+                    else:
+                        loss_sum = self.micro_step(batch, labelled[0])
                     self.cursor.batches += 1
-                    window.add(batch, loss_sum, n_labelled, t_data)
+                    window.add(batch, loss_sum, counts[0], t_data)
                     if not boundary:
                         continue
                     self.step += 1
                     window.steps += 1
                     if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        metrics = self.window_metrics(window)
+                        metrics = self.window_metrics(window, components if self.energy else None)
                         metrics["dropped_tail"] = dropped_tail
                         logger.log(self.step, metrics)
-                        window = StepWindow()
+                        window, components = StepWindow(), ComponentWindow()
                     if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
                         val = self.validate()
                         metrics.update(val)
@@ -305,48 +378,99 @@ class Trainer:
         loss = err * (self.ctx.world_size / max(labelled_global, 1.0))
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
-        if boundary and self.cfg.deepspeed.zero_stage == 0 and self.cfg.deepspeed.precision == "fp32":
-            # DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
-            # (and already averaged over ranks at the boundary), so measure before the step clips them.
-            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        self.record_grad_norm(boundary)
         self.engine.step()
         return float(err.detach())
 
-    def window_metrics(self, w: StepWindow) -> dict:
+    def energy_micro_step(self, batch, labelled_global: list[float], window: ComponentWindow) -> float:
+        """Forward (energies, and forces / stress when weighted) + backward + (boundary) step.
+
+        Each component's term is this rank's summed elementwise loss times world / the global
+        label count of that component, so after DeepSpeed's averaging the gradient is that of
+        sum_c w_c mean_c. Returns this rank's share of the step loss (summed over ranks: the loss).
+        """
+        lc = self.cfg.loss
+        weights = {"energy": lc.energy_weight, "forces": lc.forces_weight, "stress": lc.stress_weight}
+        world = self.ctx.world_size
+        abs_sum, loss_sum, count = {}, {}, {}
+        n_globals = dict(zip(("energy", "forces", "stress"), labelled_global))
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        with zero3_parameters_held(self.engine, self.cfg.deepspeed.zero_stage == 3):
+            out = self.engine(batch, forces=self.want_forces, stress=self.want_stress)
+            loss = out.energy.new_zeros(())
+            for name, (res, mask) in energy_residuals(out, batch).items():
+                n_global = n_globals[name]
+                terms = elementwise_loss(res, lc.kind, lc.huber_delta)
+                term_sum = torch.where(mask, terms, torch.zeros_like(terms)).sum()
+                if weights[name] > 0 and n_global > 0:
+                    loss = loss + weights[name] * term_sum * (world / n_global)
+                abs_sum[name] = float(res.detach().abs().sum()) * REPORT_SCALE[name]
+                loss_sum[name] = float(term_sum.detach())
+                count[name] = float(mask.sum())
+            self.engine.backward(loss.float())
+        self.record_grad_norm(boundary)
+        self.engine.step()
+        share = float(loss.detach()) / world
+        window.add(abs_sum, loss_sum, count, share)
+        return share
+
+    def record_grad_norm(self, boundary: bool) -> None:
+        """DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
+        (and already averaged over ranks at the boundary), so measure before the step clips them."""
+        if boundary and self.cfg.deepspeed.zero_stage == 0 and self.cfg.deepspeed.precision == "fp32":
+            norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+    def window_metrics(self, w: StepWindow, components: ComponentWindow | None = None) -> dict:
         tot = self.all_sum([w.structures, w.atoms, w.entries, w.loss_sum, w.labelled, w.data_s])
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
         metrics = w.summary(world=self.ctx.world_size, totals=tot)
+        if components is not None:
+            metrics.update(ComponentWindow.summary(self.all_sum(components.values()), "",
+                                                   micro_steps=components.micro_steps))
         metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
         return metrics
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """MAE per target (original units) over this rank's part of the val split, summed over ranks.
+        """MAE per target (original units) over this rank's part of the val split, summed over ranks
+        (energy models: per component, in meV/atom, meV/A and GPa).
 
         ZeRO-3 gathers parameters inside every forward, so there ranks run in lockstep until all
         are done; a rank that has finished repeats a forward on its last batch (not counted).
+        Property models run under ``no_grad``; energy models need autograd for forces and stress
+        (the model differentiates with respect to the geometry only and keeps no graph in eval).
         """
         self.engine.eval()
         k = len(self.targets)
+        window = ComponentWindow()
         err_sum, count = np.zeros(k), np.zeros(k)
+
+        def accumulate(table, counted: bool = True) -> None:
+            if self.energy:
+                self._accumulate_energy_val(table, window if counted else ComponentWindow())
+            else:
+                with torch.no_grad():
+                    self._accumulate_val(table, err_sum if counted else np.zeros(k), count if counted else np.zeros(k))
+
         lockstep = self.cfg.deepspeed.zero_stage == 3 and self.ctx.world_size > 1
         last = None
         for table in pack_rows(self.ctx.val_tables(), self.budget):
             if lockstep:
                 self.all_sum([1.0])
-            self._accumulate_val(table, err_sum, count)
+            accumulate(table)
             last = table
         if lockstep:
             while self.all_sum([0.0])[0] > 0:
                 if last is None:
                     raise RuntimeError(f"rank {self.ctx.rank} got no validation rows under ZeRO-3; "
                                        "use a val split with at least as many structures as workers")
-                self._accumulate_val(last, np.zeros(k), np.zeros(k))
+                accumulate(last, counted=False)
         self.engine.train()
+        if self.energy:
+            return ComponentWindow.summary(self.all_sum(window.values()), "val_")
         totals = self.all_sum(list(err_sum) + list(count))
         out = {}
         for t, name in enumerate(self.targets):
@@ -361,12 +485,31 @@ class Trainer:
         err_sum += err.sum(0).numpy()
         count += mask.sum(0).numpy()
 
+    def _accumulate_energy_val(self, table, window: ComponentWindow) -> None:
+        batch = self.batch_to_device(table)
+        with torch.enable_grad(), zero3_parameters_held(self.engine, self.cfg.deepspeed.zero_stage == 3):
+            # forces / stress are derivatives; in eval mode the model keeps no graph of them
+            out = self.engine(batch, forces=self.want_forces, stress=self.want_stress)
+        lc = self.cfg.loss
+        abs_sum, loss_sum, count = {}, {}, {}
+        for name, (res, mask) in energy_residuals(out, batch).items():
+            res = res.detach()
+            terms = elementwise_loss(res, lc.kind, lc.huber_delta)
+            abs_sum[name] = float(res.abs().sum()) * REPORT_SCALE[name]
+            loss_sum[name] = float(torch.where(mask, terms, torch.zeros_like(terms)).sum())
+            count[name] = float(mask.sum())
+        window.add(abs_sum, loss_sum, count)
+
     def checkpoint(self, metrics: dict) -> None:
         """All ranks save their DeepSpeed state; the context persists the directory."""
-        buffers = {name: (buf.item() if buf.numel() == 1 else buf.float().cpu().tolist())
+        # JSON numbers round-trip a float64 exactly: reference energies keep all their digits
+        buffers = {name: (buf.item() if buf.numel() == 1 else
+                          (buf.double() if buf.dtype == torch.float64 else buf.float()).cpu().tolist())
                    for name, buf in self.model.named_buffers() if buf.is_floating_point()}
         state = {"step": self.step, "cursor": self.cursor.to_dict(), "run_name": self.cfg.run_name,
                  "model_config": self.model.config.to_dict(), "config": self.cfg.to_dict(), "buffers": buffers}
+        if self.init_report:
+            state["init_from"] = self.init_report
         client = {"step": self.step, "cursor": self.cursor.to_dict()}
 
         def write(path: Path) -> None:
@@ -419,4 +562,22 @@ def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
     import pyarrow.parquet as pq
 
     first = shards.files(cfg.data.train_split)[0].path
-    return training_columns(pq.read_schema(first), cfg.data.targets)
+    forces, stress = label_columns_wanted(cfg)
+    return training_columns(pq.read_schema(first), cfg.data.targets, forces=forces, stress=stress)
+
+
+def label_columns_wanted(cfg: PretrainConfig) -> tuple[bool, bool]:
+    """(forces, stress): whether the run trains on them (an energy model with a nonzero weight)."""
+    if not cfg.model_config().energy:
+        return False, False
+    return cfg.loss.forces_weight > 0, cfg.loss.stress_weight > 0
+
+
+def training_budget(cfg: PretrainConfig) -> BatchBudget:
+    """The micro-batch budget; runs that differentiate the energy (forces / stress) pack
+    ``max_entries / data.force_memory_factor`` entries (the graph kept for the double backward)."""
+    d = cfg.data
+    max_entries = d.max_entries
+    if any(label_columns_wanted(cfg)):
+        max_entries = max(1, int(d.max_entries / d.force_memory_factor))
+    return BatchBudget(max_entries, d.max_atoms, d.max_structures)

@@ -1,0 +1,355 @@
+"""Pretraining on energies, forces and stress: the loss section, force / stress labels in batches, the
+reference-energy fit, the double backward through checkpointed blocks, real DeepSpeed runs on real
+MPtrj frames (force MAE falls, ZeRO 0-3 with forces on 2 ranks, exact resume), and transfer both ways.
+
+The shards are built once per session by the real preprocessing CLI from the first 64 frames of the
+vendored ``examples/data/mptrj/mptrj-random-1k.extxyz.gz`` (48 train / 8 val / 8 test, 4 shard files
+per split), with a small cutoff (5.94 A) so that a tiny model trains in seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from paths import EXAMPLE_DATA, ROOT as REPO, require
+from ray_cluster_fixture import free_port
+
+TINY = {"energy": True, "n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32,
+        "cutoff_sigmas": 3.0}  # cutoff 3 * 1.4 / sqrt(0.5) = 5.94 A
+CUTOFF = 5.94
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+       "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, timeout):
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+def extxyz_frames(path: Path, count: int) -> list[str]:
+    with gzip.open(path, "rt") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    frames, i = [], 0
+    while i < len(lines) and len(frames) < count:
+        n = int(lines[i])
+        frames.append("".join(lines[i:i + n + 2]))
+        i += n + 2
+    return frames
+
+
+@pytest.fixture(scope="session")
+def mptrj_shards(tmp_path_factory):
+    """64 real MPtrj frames -> shards with energy, forces and stress (``cfdist preprocess``)."""
+    root = tmp_path_factory.mktemp("mptrj")
+    frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-random-1k.extxyz.gz"), 64)
+    (root / "frames.extxyz").write_text("".join(frames))
+    split = {f"frames.extxyz:{k}": ("val" if k % 8 == 6 else "test" if k % 8 == 7 else "train") for k in range(64)}
+    (root / "split.json").write_text(json.dumps(split))
+    out = root / "shards"
+    res = run([sys.executable, "preprocess/build_shards.py", root / "frames.extxyz", "--out", out,
+               "--targets", "energy", "--with-forces", "--with-stress", "--split-file", root / "split.json", "--shard-size", "16",
+               "--cutoff", repr(CUTOFF)], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- config
+def test_loss_section_defaults_are_chgnets_and_bad_values_are_rejected():
+    from cfdist.config import ConfigError
+    from cfdist.train.config import LossSection, load_pretrain_config
+
+    loss = LossSection()
+    assert (loss.energy_weight, loss.forces_weight, loss.stress_weight, loss.kind, loss.huber_delta) == \
+        (1.0, 1.0, 0.1, "huber", 0.1)
+    cfg = load_pretrain_config("mptrj", ["loss.kind=l2", "loss.stress_weight=0"])
+    assert cfg.loss.kind == "l2" and cfg.loss.stress_weight == 0 and cfg.model_config().energy
+    assert cfg.model_config().target_names == [] and cfg.data.targets == ["energy"]
+    for override, message in [("loss.kind=mse", "loss.kind must be one of l1, l2, huber"),
+                              ("loss.forces_wieght=1", "did you mean 'forces_weight'"),
+                              ("loss.stress_weight=-1", "loss.stress_weight must be >= 0"),
+                              ("loss.huber_delta=0", "loss.huber_delta must be > 0"),
+                              ("data.force_memory_factor=0.5", "force_memory_factor must be >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            load_pretrain_config("mptrj", [override])
+    with pytest.raises(ConfigError, match="at least one of"):
+        load_pretrain_config("mptrj", ["loss.energy_weight=0", "loss.forces_weight=0", "loss.stress_weight=0"])
+    with pytest.raises(ConfigError, match="trains on one label"):
+        load_pretrain_config("mptrj", ["data.targets=[energy, e_form]"]).model_config()
+
+
+def test_force_runs_pack_fewer_entries_and_read_the_label_columns(mptrj_shards):
+    import pyarrow.parquet as pq
+
+    from cfdist.data import training_columns
+    from cfdist.train.config import load_pretrain_config
+    from cfdist.train.loop import label_columns_wanted, training_budget
+
+    cfg = load_pretrain_config("mptrj", ["data.max_entries=300000", "data.force_memory_factor=3"])
+    assert label_columns_wanted(cfg) == (True, True) and training_budget(cfg).max_entries == 100_000
+    energy_only = load_pretrain_config("mptrj", ["loss.forces_weight=0", "loss.stress_weight=0"])
+    assert label_columns_wanted(energy_only) == (False, False) and training_budget(energy_only).max_entries == 300_000
+    prop = load_pretrain_config("megnet_slice")
+    assert label_columns_wanted(prop) == (False, False)
+    schema = pq.read_schema(next((mptrj_shards / "train").glob("*.parquet")))
+    assert training_columns(schema, ["energy"])[-1] == "y.energy"  # property runs: unchanged columns
+    assert training_columns(schema, ["energy"], forces=True, stress=True)[-2:] == ["forces", "stress"]
+
+
+# ----------------------------------------------------------------------------- data
+def test_collate_arrow_fills_forces_and_stress_with_nan_where_missing(megnet_crystals):
+    from cfdist.geometry import image_table
+    from cfdist.shards import collate_arrow, crystals_to_arrow
+
+    crystals = megnet_crystals[:3]
+    tables = [image_table(c.lattice, c.positions, 5.0) for c in crystals]
+    rng = np.random.default_rng(0)
+    forces = [rng.normal(size=(crystals[0].n_atoms, 3)), None, rng.normal(size=(crystals[2].n_atoms, 3))]
+    stress = [None, rng.normal(size=(3, 3)), rng.normal(size=(3, 3))]
+    arrow = crystals_to_arrow(crystals, tables, ["a", "b", "c"], ["e_form"], forces=forces, stress=stress)
+    # a slice of a concatenation, as the packer hands the trainer
+    table = pa.concat_tables([arrow.slice(0, 1), arrow.slice(1)]).slice(0)
+    plain = collate_arrow(table, ["e_form"], cutoff=5.0)
+    assert plain.forces is None and plain.stress is None  # not asked: property batches unchanged
+    batch = collate_arrow(table, ["e_form"], cutoff=5.0, forces=True, stress=True)
+    assert batch.forces.dtype == batch.stress.dtype == torch.float64
+    assert batch.forces.shape == (int(batch.n_atoms.sum()), 3) and batch.stress.shape == (3, 3, 3)
+    n0, n1 = crystals[0].n_atoms, crystals[1].n_atoms
+    stored = [torch.from_numpy(f.astype(np.float32).astype(np.float64)) for f in (forces[0], forces[2])]  # float32 column
+    torch.testing.assert_close(batch.forces[:n0], stored[0])
+    assert torch.isnan(batch.forces[n0:n0 + n1]).all()
+    torch.testing.assert_close(batch.forces[n0 + n1:], stored[1])
+    assert torch.isnan(batch.stress[0]).all()
+    torch.testing.assert_close(batch.stress[1:], torch.from_numpy(np.stack(stress[1:])))
+    moved = batch.to("cpu", torch.float32)
+    assert moved.forces.dtype == torch.float32 and moved.stress.shape == (3, 3, 3)
+    # a shard without the columns: asked, but nothing to fill
+    bare = collate_arrow(crystals_to_arrow(crystals, tables, ["a", "b", "c"], ["e_form"]), ["e_form"], cutoff=5.0,
+                         forces=True, stress=True)
+    assert bare.forces is None and bare.stress is None
+
+
+def test_reference_energies_are_the_per_atom_least_squares_fit(mptrj_shards):
+    import pyarrow.parquet as pq
+
+    from cfdist.manifest import ShardSet
+    from cfdist.run.objective import fit_element_energies
+
+    paths = [e.path for e in ShardSet(mptrj_shards).files("train")]
+    fit = fit_element_energies(paths, "energy", 98, rows_per_read=5)  # several record batches per file
+    rows = pa.concat_tables([pq.read_table(p, columns=["n_atoms", "numbers", "y.energy"]) for p in paths]).to_pylist()
+    comp = np.zeros((len(rows), 99))
+    for r, row in enumerate(rows):
+        np.add.at(comp[r], row["numbers"], 1.0)
+    n = np.array([row["n_atoms"] for row in rows], dtype=float)
+    e = np.array([row["y.energy"] for row in rows]) / n
+    present = np.nonzero(comp.sum(0))[0]
+    x = comp[:, present] / n[:, None]
+    mu = np.linalg.lstsq(x, e, rcond=None)[0]
+    assert fit["structures"] == len(rows) == 48 and fit["elements"] == present.tolist()
+    assert fit["element_energy"].dtype == np.float64 and fit["element_energy"].shape == (98,)
+    # 58 elements in 48 structures: the fit interpolates; predictions (not coefficients) are unique,
+    # up to the tiny ridge that settles the free directions (0.1 meV/atom)
+    np.testing.assert_allclose(x @ fit["element_energy"][present - 1], x @ mu, atol=1e-4)
+    assert fit["residual_std"] < 1e-4 and fit["scale_from"] == "fallback" and fit["energy_scale"] == 1.0
+    assert set(np.nonzero(fit["element_energy"])[0] + 1) <= set(present.tolist())
+
+
+# ----------------------------------------------------------------------------- model
+def test_activation_checkpointing_double_backward_equals_plain(megnet_crystals):
+    """A loss on forces and stress differentiates the forces again (double backward); through
+    ``torch.utils.checkpoint(use_reentrant=False)`` blocks the parameter gradients are the same."""
+    from cfdist.batch import collate
+    from cfdist.config import CrystalformerConfig
+    from cfdist.geometry import image_table
+    from cfdist.model import Crystalformer
+    from conftest import freeze_sigma_stats
+
+    cfg = CrystalformerConfig(**{k: v for k, v in TINY.items()}, target_names=[])
+    crystals = megnet_crystals[:4]
+    batch = collate(crystals, [image_table(c.lattice, c.positions, cfg.cutoff) for c in crystals])
+    rng = np.random.default_rng(1)
+    target_f = torch.from_numpy(rng.normal(scale=0.1, size=(int(batch.n_atoms.sum()), 3)))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = freeze_sigma_stats(Crystalformer(cfg)).double().train()
+        model.activation_checkpointing = checkpointing
+        out = model(batch, forces=True, stress=True)
+        loss = (out.forces - target_f).abs().mean() + 0.1 * out.stress.pow(2).sum() + 1e-3 * out.energy.sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and plain["blocks.0.attention.q_proj.weight"].abs().sum() > 0
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+# ----------------------------------------------------------------------------- training
+def pretrain(shards, out, run_name, *overrides, timeout=300):
+    return run([sys.executable, "launch/pretrain.py", "--config", "mptrj", "--no-ray", f"data.shards={shards}",
+                f"output_dir={out}", f"run_name={run_name}", "model=" + json.dumps(TINY), "scaling.num_workers=1",
+                "data.verify_checksums=false", "data.shuffle_rows=0", "deepspeed=zero0", *overrides], timeout=timeout)
+
+
+@pytest.mark.slow
+def test_training_on_real_frames_lowers_the_force_mae(mptrj_shards, tmp_path):
+    """48 real MPtrj frames in one micro-batch, 60 steps: the force MAE falls below 0.8x its initial value.
+
+    The loss is on forces and stress only (L1): with an energy term the tiny model fits the energies
+    first and its forces barely move within a minute of CPU time (README: measured numbers).
+    """
+    res = pretrain(mptrj_shards, tmp_path, "drop", "max_steps=60", "log_every=1", "val_every=60",
+                   "checkpoint_every=60", "data.max_structures=48", "optim.lr=1e-2", "optim.schedule=constant",
+                   "loss.kind=l1", "loss.energy_weight=0", "loss.stress_weight=0.1")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "reference energies: least squares on 48 train structures" in res.stdout
+    records = metrics(tmp_path / "drop")
+    train = [r for r in records if "loss" in r]
+    assert len(train) == 60 and all(r["structures_per_step"] == 48 for r in train)
+    forces = [r["mae/forces_mev_per_A"] for r in train]
+    assert forces[-1] < 0.8 * forces[0], forces
+    assert train[-1]["mae/stress_gpa"] < 0.8 * train[0]["mae/stress_gpa"]
+    val = [r for r in records if "val_mae/forces_mev_per_A" in r]
+    assert len(val) == 1 and all(math.isfinite(val[0][f"val_mae/{k}"])
+                                 for k in ("energy_mev_per_atom", "forces_mev_per_A", "stress_gpa"))
+    assert list((tmp_path / "drop" / "tensorboard").glob("events.out.tfevents.*"))
+    import cfdist
+
+    model = cfdist.load(tmp_path / "drop" / "model.pt")
+    assert model.checkpoint_info["kind"] == "energy" and model.element_energy.dtype == torch.float64
+
+
+@pytest.mark.slow
+def test_zero_stages_with_forces_on_two_ranks_and_exact_resume(mptrj_shards, tmp_path):
+    """torchrun, 2 ranks, gloo: ZeRO 0 / 2 / 3 (fp32) train on energies, forces and stress with the same
+    trajectory; ZeRO-3 + bf16 + activation checkpointing runs; a ZeRO-3 run stopped mid-epoch at step
+    2 and resumed to 4 equals the uninterrupted run exactly; reference energies stay float64 end to end."""
+    specs = ["0,fp32,0,64", "2,fp32,0,64", "3,fp32,0,64", "3,bf16,1,64", "3,fp32,0,8", "3,fp32,0,8,2"]
+    res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "tests/scripts/energy_matrix.py", mptrj_shards, tmp_path, *specs], timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    results = {r["spec"]: r for r in (json.loads(line[7:]) for line in res.stdout.splitlines()
+                                      if line.startswith("RESULT "))}
+    assert sorted(results) == sorted(specs)
+    for spec, r in results.items():
+        assert r["steps"] == [1, 2, 3, 4] and all(math.isfinite(x) for x in r["losses"] + r["force_mae"]), (spec, r)
+        assert r["sigma_stats_equal_across_ranks"] and r["element_energy_dtype"] == "torch.float64", spec
+        assert r["exported_reference_exact"] and r["reference_nonzero"] == 58, spec
+        assert all(f"val_mae/{k}" in r["val"] for k in ("energy_mev_per_atom", "forces_mev_per_A", "stress_gpa"))
+        assert math.isfinite(r["exported_energy"][0])
+    plain = results["0,fp32,0,64"]
+    assert plain["structures_per_step"] == [48.0] * 4  # the whole train split, 24 per rank
+    assert plain["losses"][-1] < plain["losses"][0]
+    for spec in ("2,fp32,0,64", "3,fp32,0,64"):
+        for key in ("losses", "force_mae", "stress_mae"):
+            assert results[spec][key] == pytest.approx(plain[key], rel=1e-6), (spec, key)
+    bf16 = results["3,bf16,1,64"]
+    assert bf16["force_mae"] == pytest.approx(plain["force_mae"], rel=1e-3)
+    full, resumed = results["3,fp32,0,8"], results["3,fp32,0,8,2"]
+    assert full["structures_per_step"] == [16.0] * 4 and resumed["resumed"]
+    for key in ("losses", "force_mae", "stress_mae", "grad_norms"):
+        assert resumed[key] == full[key], key  # bit-identical
+    assert resumed["val"] == {**full["val"], "time": resumed["val"]["time"]}
+    import cfdist
+
+    a, b = cfdist.load(full["model_pt"]), cfdist.load(resumed["model_pt"])
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+# ----------------------------------------------------------------------------- transfer
+def test_an_energy_checkpoint_fine_tunes_into_a_property_model(tmp_path, megnet_crystals):
+    from cfdist.batch import collate
+    from cfdist.checkpoint import save_portable
+    from cfdist.config import ConfigError, CrystalformerConfig
+    from cfdist.finetune.transfer import model_from_pretrained
+    from cfdist.geometry import image_table
+    from cfdist.model import Crystalformer
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(0)
+    energy = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**TINY, target_names=[])))
+    with torch.no_grad():
+        energy.element_energy.normal_()
+    path = save_portable(tmp_path / "energy.pt", energy)
+    model, report = model_from_pretrained(path, ["e_form"], "auto", {"e_form": (-1.0, 0.5)})
+    assert not model.config.energy and model.config.envelope and model.config.target_names == ["e_form"]
+    assert report["checkpoint_energy_model"] and report["new_targets"] == ["e_form"] and report["sigma_stats_ready"]
+    source = energy.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith(("embedding.", "blocks.")):
+            assert torch.equal(value, source[name]), name
+    assert not any(k.startswith("energy_head") or k == "element_energy" for k in model.state_dict())
+    assert model.target_mean.tolist() == [-1.0] and model.target_std.tolist() == [0.5]
+    crystals = megnet_crystals[:2]
+    batch = collate(crystals, [image_table(c.lattice, c.positions, model.cutoff) for c in crystals])
+    assert model(batch).shape == (2, 1)
+    with pytest.raises(ConfigError, match="transfer.head=keep"):
+        model_from_pretrained(path, ["e_form"], "keep")
+
+
+@pytest.mark.slow
+def test_a_property_checkpoint_starts_an_energy_run(mptrj_shards, tmp_path):
+    """init_from: the encoder (and its frozen sigma statistics) of a property model starts an energy
+    run; the energy head is new and the reference energies are fitted on the run's data. A model whose
+    architecture differs is refused before any training."""
+    from cfdist.checkpoint import read_state, save_portable
+    from cfdist.config import ConfigError, CrystalformerConfig
+    from cfdist.manifest import ShardSet
+    from cfdist.model import Crystalformer
+    from cfdist.train.config import load_pretrain_config
+    from cfdist.train.driver import check_energy_run
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(3)
+    prop_cfg = CrystalformerConfig(**{k: v for k, v in TINY.items() if k != "energy"}, target_names=["e_form"])
+    prop = freeze_sigma_stats(Crystalformer(prop_cfg), seed=3)
+    path = save_portable(tmp_path / "prop.pt", prop)
+    bad = load_pretrain_config("mptrj", [f"data.shards={mptrj_shards}", f"init_from={path}",
+                                         "model=" + json.dumps({**TINY, "d_model": 16})])
+    with pytest.raises(ConfigError, match=r"d_model \(16 here, 32 there\)"):
+        check_energy_run(bad, ShardSet(mptrj_shards))
+    res = pretrain(mptrj_shards, tmp_path, "from_prop", f"init_from={path}", "max_steps=2", "log_every=1",
+                   "val_every=2", "checkpoint_every=2", "data.max_structures=16")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    state = read_state(tmp_path / "from_prop" / "checkpoints" / "step_000000002")
+    report = state["init_from"]
+    assert report["checkpoint_kind"] == "property" and report["energy_head"] == "fresh", report
+    assert report["copied"] == ["blocks", "embedding"]
+    import cfdist
+
+    model = cfdist.load(tmp_path / "from_prop" / "model.pt")
+    for name, value in prop.state_dict().items():
+        if name.endswith(("sigma_mean", "sigma_std", "sigma_ready")):  # frozen: exactly the checkpoint's
+            assert torch.equal(model.state_dict()[name], value), name
+    assert int((model.element_energy != 0).sum()) == 58  # fitted on the run's train split
+    assert not torch.equal(model.embedding.weight, prop.embedding.weight)  # and trained from there
+
+
+def test_energy_runs_need_the_label_columns(shard_dir):
+    """Shards without forces (the MEGNet fixture) fail the pre-flight check of a force run, by name."""
+    from cfdist.manifest import ShardSet
+    from cfdist.shards import ShardError
+    from cfdist.train.config import load_pretrain_config
+    from cfdist.train.driver import check_energy_run
+
+    cfg = load_pretrain_config("mptrj", [f"data.shards={shard_dir}", "data.targets=[e_form]"])
+    with pytest.raises(ShardError, match="no 'forces' column.*--with-forces"):
+        check_energy_run(cfg, ShardSet(shard_dir))
+    energy_only = load_pretrain_config("mptrj", [f"data.shards={shard_dir}", "data.targets=[e_form]",
+                                                 "loss.forces_weight=0", "loss.stress_weight=0"])
+    check_energy_run(energy_only, ShardSet(shard_dir))
