@@ -3,7 +3,7 @@
 baseline, what the force path costs, and transfer of the encoder to property fine-tuning.
 
     python bench/forces.py                        # the whole table (see --help for the budgets)
-    python bench/forces.py --sections cost        # any of: train,cost,transfer
+    python bench/forces.py --sections cost        # any of: train,cost,transfer,envelope
     python bench/forces.py --steps 60 --ft-epochs 2 --quick-cost    # a smoke run
 
 Run it from the repository root. Sections:
@@ -23,6 +23,9 @@ Run it from the repository root. Sections:
    for ``--ft-epochs`` epochs (paper recipe, ``transfer.head=auto``) from the section-1 model's
    encoder, against from scratch with the same fine-tuning budget; test MAE of the SWA models and
    the train-mean predictor.
+4. ``envelope``: what the smooth cutoff envelope (on by default for energy models only) costs the
+   paper's property model: formation energy on the MEGNet slice from scratch for ``--ft-epochs``
+   epochs with ``model={envelope: true}`` against the default (no envelope), same seed and budget.
 
 Prints one Markdown table per section and writes every number to ``--out/results.json``.
 """
@@ -214,52 +217,82 @@ def section_transfer(args, out: Path) -> dict:
     pretrained = out / "runs" / "energy" / "model.pt"
     if not pretrained.is_file():
         raise SystemExit(f"{pretrained}: run the train section first")
+    shards = megnet_shards(out)
+    runs, meta = {}, {}
+    for target, config in (("e_form", "megnet_slice_eform"), ("gap pbe", "megnet_slice_bandgap")):
+        for init in ("scratch", "pretrained"):
+            name = f"{config}-{init}"
+            meta[name] = (target, init)
+            runs[name] = ["--config", config, f"data.shards={shards.resolve()}", f"epochs={args.ft_epochs}",
+                          f"swa_epochs={max(1, args.ft_epochs // 4)}", f"init_from={init}",
+                          *([f"checkpoint={pretrained.resolve()}", "transfer.head=auto"] if init == "pretrained" else [])]
+    finished = finetune_runs(runs, out)
+    results = {}
+    print(f"\n## Transfer: fine-tuning on the MEGNet slice for {args.ft_epochs} epochs (test split, SWA model)")
+    print("| target | init | test MAE | train-mean MAE | wall s |\n|---|---|---|---|---|")
+    for name, (target, init) in meta.items():
+        res = finished[name]
+        mae = res["test"]["swa"][target]["mae"]
+        base = res["test"]["train_mean"][target]["mae"]
+        results[name] = {"target": target, "init": init, "mae": mae, "train_mean": base, "wall_s": res["wall_s"]}
+        print(f"| {target} | {'from the energy model' if init == 'pretrained' else 'scratch'} | {mae:.4f} | "
+              f"{base:.4f} | {res['wall_s'] or float('nan'):.0f} |")
+    return results
+
+
+def megnet_shards(out: Path) -> Path:
     shards = out / "megnet_shards"
     if not (shards / "manifest.json").is_file():
         cli("preprocess", MEGNET, "--out", shards, "--targets", "e_form", "gap pbe", "--split-file", MEGNET_SPLIT,
             log=out / "preprocess_megnet.log")
-    runs = {}
-    for target, config in (("e_form", "megnet_slice_eform"), ("gap pbe", "megnet_slice_bandgap")):
-        for init in ("scratch", "pretrained"):
-            name = f"{config}-{init}"
-            extra = [f"init_from={init}"] + ([f"checkpoint={pretrained.resolve()}", "transfer.head=auto"]
-                                             if init == "pretrained" else [])
-            runs[name] = (target, init, ["finetune", "--config", config, f"data.shards={shards.resolve()}",
-                                         f"output_dir={(out / 'runs').resolve()}", f"run_name={name}",
-                                         f"epochs={args.ft_epochs}", f"swa_epochs={max(1, args.ft_epochs // 4)}",
-                                         "scaling.threads=1", "overwrite=true", *extra])
-    procs = {}
+    return shards
+
+
+def finetune_runs(runs: dict[str, list[str]], out: Path) -> dict[str, dict]:
+    """``cfdist finetune`` runs, two one-thread runs at a time on two cores; {name: results.json + wall_s}."""
     names = list(runs)
-    for k in range(0, len(names), 2):  # two one-thread runs at a time on two cores
-        batch = {}
+    for k in range(0, len(names), 2):
+        started = {}
         for name in names[k:k + 2]:
-            cmd = [sys.executable, "-m", "cfdist.cli", *runs[name][2]]
+            cmd = [sys.executable, "-m", "cfdist.cli", "finetune", *runs[name], f"output_dir={(out / 'runs').resolve()}",
+                   f"run_name={name}", "scaling.threads=1", "overwrite=true"]
             print("$", " ".join(cmd), flush=True)
-            batch[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                                           env=ENV)
-        for name, proc in batch.items():
+            started[name] = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                                             env=ENV)
+        for name, proc in started.items():
             if proc.wait() != 0:
                 raise SystemExit(f"run {name} failed; see {out / name}.log")
-        procs.update(batch)
     results = {}
-    print(f"\n## Transfer: fine-tuning on the MEGNet slice for {args.ft_epochs} epochs (test split, SWA model)")
-    print("| target | init | test MAE | train-mean MAE | wall s |\n|---|---|---|---|---|")
-    for name, (target, init, _) in runs.items():
+    for name in names:
         res = json.loads((out / "runs" / name / "results.json").read_text())
-        log = (out / f"{name}.log").read_text()
-        wall = re.search(r"fine-tuning finished in ([0-9.]+) s", log)
-        mae = res["test"]["swa"][target]["mae"]
-        base = res["test"]["train_mean"][target]["mae"]
-        results[name] = {"target": target, "init": init, "mae": mae, "train_mean": base,
-                         "wall_s": float(wall.group(1)) if wall else None}
-        print(f"| {target} | {'from the energy model' if init == 'pretrained' else 'scratch'} | {mae:.4f} | "
-              f"{base:.4f} | {results[name]['wall_s'] or float('nan'):.0f} |")
+        wall = re.search(r"fine-tuning finished in ([0-9.]+) s", (out / f"{name}.log").read_text())
+        res["wall_s"] = float(wall.group(1)) if wall else None
+        results[name] = res
     return results
+
+
+def section_envelope(args, out: Path) -> dict:
+    shards = megnet_shards(out)
+    common = ["--config", "megnet_slice_eform", f"data.shards={shards.resolve()}", f"epochs={args.ft_epochs}",
+              f"swa_epochs={max(1, args.ft_epochs // 4)}"]
+    runs = {"eform-no-envelope": common, "eform-envelope": [*common, "model={envelope: true}"]}
+    results = finetune_runs(runs, out)
+    print(f"\n## The envelope on the property model: MEGNet-slice formation energy, {args.ft_epochs} epochs from "
+          f"scratch (test split)")
+    print("| model | test MAE best-val (eV/atom) | test MAE SWA | wall s |\n|---|---|---|---|")
+    rows = {}
+    for name, res in results.items():
+        best, swa = res["test"]["best"]["e_form"]["mae"], res["test"]["swa"]["e_form"]["mae"]
+        rows[name] = {"best": best, "swa": swa, "wall_s": res["wall_s"]}
+        label = {"eform-no-envelope": "paper model (no envelope)",
+                 "eform-envelope": "envelope (1 A switching shell below the cutoff)"}[name]
+        print(f"| {label} | {best:.4f} | {swa:.4f} | {res['wall_s'] or float('nan'):.0f} |")
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="train,cost,transfer")
+    parser.add_argument("--sections", default="train,cost,transfer,envelope")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cfdist-bench-forces"))
     parser.add_argument("--steps", type=int, default=300, help="energy-model training steps (section train)")
     parser.add_argument("--batch", type=int, default=32, help="max structures per step (section train)")
@@ -274,7 +307,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    sections = {"train": section_train, "cost": section_cost, "transfer": section_transfer}
+    sections = {"train": section_train, "cost": section_cost, "transfer": section_transfer,
+                "envelope": section_envelope}
     for name in args.sections.split(","):
         start = time.perf_counter()
         results[name] = sections[name](args, args.out)

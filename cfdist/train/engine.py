@@ -54,10 +54,19 @@ def init_distributed(backend: str) -> None:
         import deepspeed.ops as ds_ops
 
         ds_ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
-        os.environ.setdefault(key, default)  # single process: avoid DeepSpeed's MPI discovery
+    if "WORLD_SIZE" not in os.environ:  # a single process: a group of one, on a free local port
+        # (a fixed port such as torch's 29500 collides with any other single-process run on the machine)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     deepspeed.init_distributed(dist_backend=backend)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def build_engine(model: nn.Module, ds: DeepSpeedSection, optim: OptimSection, max_steps: int, micro_batch: int):
