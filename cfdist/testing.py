@@ -153,23 +153,9 @@ def assert_invariant(predict: Callable[[Sequence[Crystal]], torch.Tensor], cryst
 
 
 def standard_transforms(crystal: Crystal, rng: np.random.Generator) -> dict[str, Transform]:
-    """The invariances a periodic model must have, with random parameters drawn from ``rng``."""
-    n = crystal.n_atoms
-    wrap = rng.integers(-2, 3, size=(n, 3))
-    perm = rng.permutation(n)
-    unimodular = random_unimodular(rng)
-    rotation, reflection = random_rotation(rng), random_rotation(rng, improper=True)
-    translation = rng.normal(size=3) * 5
-    return {
-        "supercell 2x1x1": lambda c: supercell(c, np.diag([2, 1, 1])),
-        "supercell 2x2x2": lambda c: supercell(c, 2 * np.eye(3)),
-        "supercell non-diagonal": lambda c: supercell(c, [[1, 1, 0], [-1, 1, 0], [0, 1, 2]]),
-        "unimodular basis change": lambda c: change_basis(c, unimodular),
-        "wrapping by lattice vectors": lambda c: shift_by_lattice(c, wrap),
-        "rotation + translation": lambda c: rigid_motion(c, rotation, translation),
-        "reflection + translation": lambda c: rigid_motion(c, reflection, translation),
-        "atom permutation": lambda c: permute_atoms(c, perm),
-    }
+    """The invariances a periodic model must have, with random parameters drawn from ``rng``
+    (the transforms of :func:`standard_equivariances`)."""
+    return {name: e.transform for name, e in standard_equivariances(crystal, rng).items()}
 
 
 # ----------------------------------------------------------------------------- energy models

@@ -61,6 +61,24 @@ def freeze_sigma_stats(model, seed: int = 0):
     return model
 
 
+TINY_ENERGY = {"energy": True, "n_blocks": 2, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8,
+               "head_hidden": 16, "target_names": []}
+
+
+def energy_model(seed: int = 0, dtype=torch.float64, **overrides):
+    """A tiny random energy model in its 'trained' state: frozen sigma statistics, nonzero element
+    references (-1 .. -5 eV/atom) and energy_scale 10 (forces of ~0.01-0.1 eV/A on real crystals)."""
+    from cfdist import Crystalformer, CrystalformerConfig
+
+    torch.manual_seed(seed)
+    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY_ENERGY, **overrides})), seed).to(dtype).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.element_energy.copy_(-1.0 - 4.0 * torch.rand(model.config.n_elements, generator=gen, dtype=torch.float64))
+        model.energy_scale.fill_(10.0)
+    return model
+
+
 @pytest.fixture()
 def model64():
     """Default-config Crystalformer in float64, eval mode, sigma stats frozen."""

@@ -29,10 +29,8 @@ from cfdist.calculator import CrystalformerCalculator
 from cfdist.crystal import from_ase
 from cfdist.testing import morse_like_energy_model, single_threaded
 
-from conftest import freeze_sigma_stats
+from conftest import energy_model
 
-TINY = {"energy": True, "n_blocks": 2, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8, "head_hidden": 16,
-        "target_names": []}
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +39,6 @@ def _one_thread():
         yield
 
 
-def energy_model(seed: int = 0, dtype=torch.float64, **overrides) -> Crystalformer:
-    """A tiny random energy model in its 'trained' state (frozen sigma statistics, references, scale 10)."""
-    torch.manual_seed(seed)
-    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY, **overrides})), seed).to(dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.element_energy.copy_(-1.0 - 4.0 * torch.rand(model.config.n_elements, generator=gen, dtype=torch.float64))
-        model.energy_scale.fill_(10.0)
-    return model
 
 
 def atoms_of(crystal) -> Atoms:

@@ -20,11 +20,10 @@ from cfdist.testing import (
     assert_equivariant, morse_like_energy_model, random_crystal, single_threaded, standard_equivariances,
 )
 
-from conftest import freeze_sigma_stats
+from conftest import TINY_ENERGY, energy_model, freeze_sigma_stats
 from paths import FIXTURES, require
 
-TINY = {"energy": True, "n_blocks": 2, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8, "head_hidden": 16,
-        "target_names": []}
+
 
 
 @pytest.fixture(autouse=True)
@@ -33,16 +32,6 @@ def _one_thread():
         yield
 
 
-def energy_model(seed: int = 0, dtype=torch.float64, **overrides) -> Crystalformer:
-    """A tiny energy model in its 'trained' state: frozen sigma statistics, nonzero element references
-    (-1 .. -5 eV/atom) and energy_scale 10 (forces of ~0.01-0.1 eV/A on real crystals)."""
-    torch.manual_seed(seed)
-    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY, **overrides})), seed).to(dtype).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        model.element_energy.copy_(-1.0 - 4.0 * torch.rand(model.config.n_elements, generator=gen, dtype=torch.float64))
-        model.energy_scale.fill_(10.0)
-    return model
 
 
 def rattled(crystal: Crystal, rng, amplitude: float = 0.05) -> Crystal:
@@ -287,7 +276,7 @@ def test_property_model_is_unchanged_by_the_energy_model(megnet_crystals):
 
 def test_multitask_model_returns_both_and_its_checkpoint_round_trips(tmp_path, megnet_crystals):
     torch.manual_seed(0)
-    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY, "target_names": ["band_gap"]}))).eval()
+    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY_ENERGY, "target_names": ["band_gap"]}))).eval()
     with torch.no_grad():
         # references with more digits than float32 holds: the checkpoint must keep them float64
         model.element_energy.copy_(-3.0 - torch.arange(model.config.n_elements, dtype=torch.float64) / 7.0)
