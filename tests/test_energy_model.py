@@ -24,8 +24,6 @@ from conftest import TINY_ENERGY, energy_model, freeze_sigma_stats
 from paths import FIXTURES, require
 
 
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     with single_threaded():
