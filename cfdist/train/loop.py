@@ -392,7 +392,7 @@ class Trainer:
         lc = self.cfg.loss
         weights = {"energy": lc.energy_weight, "forces": lc.forces_weight, "stress": lc.stress_weight}
         world = self.ctx.world_size
-        abs_sum, loss_sum, count = {}, {}, {}
+        names, stats = [], []  # per component (|residual| sum, loss sum, label count), read in one transfer
         n_globals = dict(zip(("energy", "forces", "stress"), labelled_global))
         boundary = self.engine.is_gradient_accumulation_boundary()
         with zero3_parameters_held(self.engine, self.cfg.deepspeed.zero_stage == 3):
@@ -404,13 +404,16 @@ class Trainer:
                 term_sum = torch.where(mask, terms, torch.zeros_like(terms)).sum()
                 if weights[name] > 0 and n_global > 0:
                     loss = loss + weights[name] * term_sum * (world / n_global)
-                abs_sum[name] = float(res.detach().abs().sum()) * REPORT_SCALE[name]
-                loss_sum[name] = float(term_sum.detach())
-                count[name] = float(mask.sum())
+                names.append(name)
+                stats.append(torch.stack([res.detach().abs().sum(), term_sum.detach(), mask.sum().to(res.dtype)]))
             self.engine.backward(loss.float())
         self.record_grad_norm(boundary)
         self.engine.step()
-        share = float(loss.detach()) / world
+        *values, total = torch.cat([*stats, loss.detach().double().reshape(1)]).double().cpu().tolist()
+        abs_sum = {name: values[3 * k] * REPORT_SCALE[name] for k, name in enumerate(names)}
+        loss_sum = {name: values[3 * k + 1] for k, name in enumerate(names)}
+        count = {name: values[3 * k + 2] for k, name in enumerate(names)}
+        share = total / world
         window.add(abs_sum, loss_sum, count, share)
         return share
 
