@@ -57,6 +57,23 @@ def make_config(shards, tmp_path, **kw):
     return finetune_config_from_dict(base)
 
 
+class Stop(Exception):
+    """Raised by :func:`stopping_after` to interrupt a run (as a crash would)."""
+
+
+def stopping_after(epoch: int):
+    """A FinetuneTrainer that stops right after writing last.pt at the end of ``epoch``."""
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    class StopAfter(FinetuneTrainer):
+        def save_last(self):
+            super().save_last()
+            if self.epoch == epoch:
+                raise Stop
+
+    return StopAfter
+
+
 def trainer_run(cfg, cls=None):
     from cfdist.finetune.loop import FinetuneTrainer
 
@@ -255,16 +272,6 @@ def test_resume_continues_exactly(ft_shards, tmp_path):
     """Stopped after epoch 2 of 3 (inside the SWA phase) and resumed = uninterrupted, bit for bit
     (one intra-op thread: multi-threaded CPU scatter-adds sum in a varying order)."""
     from cfdist.checkpoint import load
-    from cfdist.finetune.loop import FinetuneTrainer
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterTwo(FinetuneTrainer):
-        def save_last(self):
-            super().save_last()
-            if self.epoch == 2:
-                raise Stop
 
     kw = dict(epochs=3, swa_epochs=2, scaling={"threads": 1})
     threads = torch.get_num_threads()
@@ -272,7 +279,7 @@ def test_resume_continues_exactly(ft_shards, tmp_path):
         torch.set_num_threads(1)
         trainer_run(make_config(ft_shards, tmp_path / "a", **kw))
         with pytest.raises(Stop):
-            trainer_run(make_config(ft_shards, tmp_path / "b", **kw), StopAfterTwo)
+            trainer_run(make_config(ft_shards, tmp_path / "b", **kw), stopping_after(2))
         _, results = trainer_run(make_config(ft_shards, tmp_path / "b", init_from="resume", **kw))
     finally:
         torch.set_num_threads(threads)
@@ -288,21 +295,12 @@ def test_resume_keeps_the_runs_own_settings(ft_shards, pretrained_ckpt, tmp_path
     """init_from=resume with a bare config continues a pretrained, partly frozen run as it started:
     same architecture source, same frozen layers, provenance kept."""
     from cfdist.checkpoint import load
-    from cfdist.finetune.loop import FinetuneTrainer
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterOne(FinetuneTrainer):
-        def save_last(self):
-            super().save_last()
-            raise Stop
 
     source = load(pretrained_ckpt)
     with pytest.raises(Stop):
         trainer_run(make_config(ft_shards, tmp_path, init_from="pretrained", checkpoint=str(pretrained_ckpt),
                                 epochs=2, swa_epochs=1, model={"n_blocks": 1}, transfer={"freeze_blocks": 1}),
-                    StopAfterOne)
+                    stopping_after(1))
     trainer, results = trainer_run(make_config(ft_shards, tmp_path, init_from="resume", epochs=5, model={"n_blocks": 1}))
     assert results["epochs"] == 2 and results["transfer"]["init_from"] == "pretrained"
     assert trainer.cfg.transfer.freeze_blocks == 1 and len(trainer.model.blocks) == 2
@@ -320,18 +318,9 @@ def test_resume_through_the_driver_runs_with_the_saved_settings_and_reads_last_p
     (threads, workers, device) instead of the run's saved settings, so the documented exact resume
     (threads=1) was silently lost, and last.pt was read twice."""
     from cfdist.finetune import driver, loop
-    from cfdist.finetune.loop import FinetuneTrainer
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterOne(FinetuneTrainer):
-        def save_last(self):
-            super().save_last()
-            raise Stop
 
     with pytest.raises(Stop):
-        trainer_run(make_config(ft_shards, tmp_path, epochs=2, swa_epochs=1, scaling={"threads": 1}), StopAfterOne)
+        trainer_run(make_config(ft_shards, tmp_path, epochs=2, swa_epochs=1, scaling={"threads": 1}), stopping_after(1))
     reads = []
     real = loop.load_checkpoint_file
     monkeypatch.setattr(loop, "load_checkpoint_file", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
