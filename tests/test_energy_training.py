@@ -1,10 +1,13 @@
 """Pretraining on energies, forces and stress: the loss section, force / stress labels in batches, the
 reference-energy fit, the double backward through checkpointed blocks, real DeepSpeed runs on real
-MPtrj frames (force MAE falls, ZeRO 0-3 with forces on 2 ranks, exact resume), and transfer both ways.
+MPtrj frames (force MAE falls on train and held-out frames, ZeRO 0-3 with forces on 2 ranks, exact
+resume), and transfer both ways.
 
-The shards are built once per session by the real preprocessing CLI from the first 64 frames of the
-vendored ``examples/data/mptrj/mptrj-random-1k.extxyz.gz`` (48 train / 8 val / 8 test, 4 shard files
-per split), with a small cutoff (5.94 A) so that a tiny model trains in seconds.
+The shards are built once per session by the real preprocessing CLI, with a small cutoff (5.94 A) so
+that a tiny model trains in seconds: ``mptrj_shards`` from the first 64 frames of the vendored
+``examples/data/mptrj/mptrj-random-1k.extxyz.gz`` (48 train / 8 val / 8 test, 4 shard files per
+split); ``stressed_mptrj_shards`` from the 387 frames of at most 8 atoms of
+``mptrj-highest-stress-1k.extxyz.gz`` (256 train / 114 val / 17 test, split by MPtrj trajectory).
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import gzip
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +41,15 @@ def run(cmd, timeout):
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
-def extxyz_frames(path: Path, count: int) -> list[str]:
+def extxyz_frames(path: Path, count: int | None = None, max_atoms: int | None = None) -> list[str]:
+    """The first ``count`` frames (all if None) of an extxyz file, skipping those with more than ``max_atoms``."""
     with gzip.open(path, "rt") as fh:
         lines = fh.read().splitlines(keepends=True)
     frames, i = [], 0
-    while i < len(lines) and len(frames) < count:
+    while i < len(lines) and (count is None or len(frames) < count):
         n = int(lines[i])
-        frames.append("".join(lines[i:i + n + 2]))
+        if max_atoms is None or n <= max_atoms:
+            frames.append("".join(lines[i:i + n + 2]))
         i += n + 2
     return frames
 
@@ -59,6 +66,29 @@ def mptrj_shards(tmp_path_factory):
     res = run([sys.executable, "preprocess/build_shards.py", root / "frames.extxyz", "--out", out,
                "--targets", "energy", "--with-forces", "--with-stress", "--split-file", root / "split.json", "--shard-size", "16",
                "--cutoff", repr(CUTOFF)], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def stressed_mptrj_shards(tmp_path_factory):
+    """The 387 frames of at most 8 atoms of the vendored highest-stress MPtrj frames -> 256 train / 114 val /
+    17 test (``cfdist preprocess``). A trajectory's frames all land in val or all outside it (hash of
+    ``mptrj_traj_id``), so no held-out frame has a relaxation neighbour in train."""
+    root = tmp_path_factory.mktemp("mptrj_stressed")
+    frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-highest-stress-1k.extxyz.gz"), max_atoms=8)
+    (root / "frames.extxyz").write_text("".join(frames))
+    split, n_train = {}, 0
+    for k, frame in enumerate(frames):
+        trajectory = re.search(r"mptrj_traj_id=(\S+)", frame.splitlines()[1]).group(1)
+        name = "val" if zlib.crc32(trajectory.encode()) % 4 == 3 else "train" if n_train < 256 else "test"
+        n_train += name == "train"
+        split[f"frames.extxyz:{k}"] = name
+    (root / "split.json").write_text(json.dumps(split))
+    out = root / "shards"
+    res = run([sys.executable, "preprocess/build_shards.py", root / "frames.extxyz", "--out", out,
+               "--targets", "energy", "--with-forces", "--with-stress", "--split-file", root / "split.json",
+               "--shard-size", "64", "--cutoff", repr(CUTOFF)], timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -205,31 +235,68 @@ def pretrain(shards, out, run_name, *overrides, timeout=300):
                 "data.verify_checksums=false", "data.shuffle_rows=0", "deepspeed=zero0", *overrides], timeout=timeout)
 
 
-@pytest.mark.slow
-def test_training_on_real_frames_lowers_the_force_mae(mptrj_shards, tmp_path):
-    """48 real MPtrj frames in one micro-batch, 60 steps: the force MAE falls below 0.8x its initial value.
+def zero_force_mae(shards: Path, split: str) -> float:
+    """meV/A: the force MAE of predicting zero forces on ``split`` (every labelled component)."""
+    import pyarrow.parquet as pq
 
-    The loss is on forces and stress only (L1): with an energy term the tiny model fits the energies
-    first and its forces barely move within a minute of CPU time (README: measured numbers).
+    from cfdist.manifest import ShardSet
+
+    forces = np.concatenate([np.asarray(row, dtype=np.float64).ravel() for e in ShardSet(shards).files(split)
+                             for row in pq.read_table(e.path, columns=["forces"]).column("forces").to_pylist()])
+    return 1000.0 * float(np.abs(forces[np.isfinite(forces)]).mean())
+
+
+@pytest.mark.slow
+def test_training_on_a_few_hundred_real_frames_lowers_the_force_mae(stressed_mptrj_shards, tmp_path):
+    """256 varied real MPtrj frames (highest-stress, <= 8 atoms), 20 shuffled epochs of 16 micro-batches:
+    the force MAE falls on the training frames and on 114 held-out frames of other trajectories.
+
+    The untrained model's forces are ~0 (mean |F| 0.1 meV/A against labels of 0.4-0.7 eV/A: its atom
+    states move by 0.3 % for a 0.05 A displacement and its energy head's outputs are small), so its
+    force MAE is the zero-force baseline and "lower" means beating it. The recipe (L1 on forces and a
+    little stress, no energy term, lr 5e-3 warmup-cosine) took the mean train force MAE of the last 4
+    epochs to 0.41-0.50x the baseline and the held-out one to 0.70-0.77x the untrained model's over
+    seeds 0-4. On the 'random' MPtrj frames (relaxation snapshots near equilibrium; 256 frames of <= 12,
+    <= 16 or <= 24 atoms) such budgets lower only the train MAE (to 0.74-0.88x) while the held-out MAE
+    rises (the forces learned there correlate 0.00 with held-out labels), so this test uses the
+    far-from-equilibrium frames, whose forces carry a signal that transfers.
     """
-    res = pretrain(mptrj_shards, tmp_path, "drop", "max_steps=60", "log_every=1", "val_every=60",
-                   "checkpoint_every=60", "data.max_structures=48", "optim.lr=1e-2", "optim.schedule=constant",
-                   "loss.kind=l1", "loss.energy_weight=0", "loss.stress_weight=0.1")
+    shards = stressed_mptrj_shards
+    recipe = ["loss.kind=l1", "loss.energy_weight=0", "loss.stress_weight=0.01", "data.max_structures=16",
+              "data.shuffle_rows=512", "optim.schedule=warmup_cosine", "optim.warmup_steps=16",
+              "optim.min_lr_ratio=0.05"]
+    # the untrained model (same seed, sigma statistics and reference energies; lr 0 leaves the weights)
+    res = pretrain(shards, tmp_path, "untrained", *recipe, "optim.lr=0", "max_steps=1", "val_every=1",
+                   "checkpoint_every=1")
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    assert "reference energies: least squares on 48 train structures" in res.stdout
-    records = metrics(tmp_path / "drop")
+    untrained = [r for r in metrics(tmp_path / "untrained") if "val_mae/forces_mev_per_A" in r][-1]
+    zero_val = zero_force_mae(shards, "val")
+    assert untrained["val_mae/forces_mev_per_A"] == pytest.approx(zero_val, rel=0.01)  # forces ~0 at init
+
+    res = pretrain(shards, tmp_path, "trained", *recipe, "optim.lr=5e-3", "max_steps=320", "log_every=16",
+                   "val_every=320", "checkpoint_every=320")
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "reference energies: least squares on 256 train structures" in res.stdout
+    records = metrics(tmp_path / "trained")
     train = [r for r in records if "loss" in r]
-    assert len(train) == 60 and all(r["structures_per_step"] == 48 for r in train)
+    # one record per epoch: each MAE is over all 256 training frames (16 micro-batches of 16)
+    assert [r["epoch"] for r in train] == list(range(20)) and all(r["structures_per_step"] == 16 for r in train)
     forces = [r["mae/forces_mev_per_A"] for r in train]
-    assert forces[-1] < 0.8 * forces[0], forces
-    assert train[-1]["mae/stress_gpa"] < 0.8 * train[0]["mae/stress_gpa"]
+    stress = [r["mae/stress_gpa"] for r in train]
+    zero_train = zero_force_mae(shards, "train")
+    assert forces[0] <= 1.01 * zero_train, (forces, zero_train)  # the first epoch barely moves off zero forces
+    assert np.mean(forces[-4:]) < 0.7 * min(forces[0], zero_train), (forces, zero_train)
+    assert np.mean(stress[-4:]) < 0.5 * stress[0], stress
     val = [r for r in records if "val_mae/forces_mev_per_A" in r]
     assert len(val) == 1 and all(math.isfinite(val[0][f"val_mae/{k}"])
                                  for k in ("energy_mev_per_atom", "forces_mev_per_A", "stress_gpa"))
-    assert list((tmp_path / "drop" / "tensorboard").glob("events.out.tfevents.*"))
+    # held-out frames of other trajectories: below the untrained model (= the zero-force baseline)
+    assert val[0]["val_mae/forces_mev_per_A"] < 0.85 * untrained["val_mae/forces_mev_per_A"], (val, untrained)
+    assert val[0]["val_mae/stress_gpa"] < 0.5 * untrained["val_mae/stress_gpa"], (val, untrained)
+    assert list((tmp_path / "trained" / "tensorboard").glob("events.out.tfevents.*"))
     import cfdist
 
-    model = cfdist.load(tmp_path / "drop" / "model.pt")
+    model = cfdist.load(tmp_path / "trained" / "model.pt")
     assert model.checkpoint_info["kind"] == "energy" and model.element_energy.dtype == torch.float64
 
 
