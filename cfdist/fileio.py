@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and content digests.
+"""Small file helpers shared by every stage: atomic writes, content digests, the user cache directory.
 
 A file written through :func:`atomic_write` is either absent or complete: the bytes go to a
 temporary sibling (named with the process id, so concurrent writers never share one) that is
@@ -46,6 +46,16 @@ def write_json_atomic(path: str | Path, data: Any, **dumps_kwargs) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, **dumps_kwargs))
     return Path(path)
+
+
+def user_cache_dir() -> Path:
+    """cfdist's per-user cache directory (not created): ``$CFDIST_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/cfdist``, else ``~/.cache/cfdist``. Holds only data that can be recomputed
+    (e.g. shard verification records for read-only shard directories)."""
+    if os.environ.get("CFDIST_CACHE_DIR"):
+        return Path(os.environ["CFDIST_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cfdist"
 
 
 def sha256_file(path: str | Path, block_size: int = 1 << 22) -> str:

@@ -67,8 +67,9 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
     shards = ShardSet(cfg.data.shards)
     splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
     model = cfg.model_config() if cfg.init_from == "scratch" else None  # others: checked when loaded
-    shards.verify(splits, required_cutoff=model.cutoff if model else None, targets=cfg.data.targets,
-                  n_elements=model.n_elements if model else None, checksums=True)
+    # parallel sha256; files verified before and unchanged since are not re-hashed (docs/shards.md)
+    report = shards.verify(splits, required_cutoff=model.cutoff if model else None, targets=cfg.data.targets,
+                           n_elements=model.n_elements if model else None, checksums=cfg.data.verify_checksums)
     if cfg.init_from != "resume" and (run_dir / "checkpoints").exists():
         if not cfg.overwrite:
             raise SystemExit(f"{run_dir} already holds a run: continue it with init_from=resume, pick another "
@@ -78,8 +79,8 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
         for name in ("metrics.jsonl", "results.json", "run_info.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     write_run_files(run_dir, cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"))
-    print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {shards.n_rows(s):,}' for s in splits)} structures); "
-          f"run directory: {run_dir}", flush=True)
+    print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {shards.n_rows(s):,}' for s in splits)} structures; "
+          f"{report.summary()}); run directory: {run_dir}", flush=True)
     return cfg, state
 
 
