@@ -61,6 +61,16 @@ class CrystalformerConfig:
         envelope_width: width of the switching shell (A).
         entry_chunk: entries per block in the blocked basis product of the attention op
             (a speed knob, not a model parameter).
+        compile: train with the model compiled by ``torch.compile`` (dynamic shapes; a run setting,
+            not a model parameter: the training loops compile the model they build and record
+            ``compile: false`` in its checkpoints, which always load as eager models;
+            :mod:`cfdist.compile`). Off by default, by measurement (``bench/step.py`` on the 2-core
+            CPU machines, float32, batches of 64 real structures): compiled steps are 1.8x (default
+            model) to 1.9x (simplified) faster, but every process compiles for ~100 s (default model,
+            cold cache) before its first compiled training step, and again for its first eval
+            forward, which outweighs the gain in short runs, fine-tuning on small sets and tests;
+            and it cannot train an energy model on forces or stress, nor run with ZeRO-3 or
+            activation checkpointing (the run configs refuse those). Turn it on for long runs.
     """
 
     n_blocks: int = 4
@@ -81,6 +91,7 @@ class CrystalformerConfig:
     envelope: bool | None = None
     envelope_width: float = 1.0
     entry_chunk: int = 32
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.target_names = list(self.target_names)
@@ -105,6 +116,7 @@ class CrystalformerConfig:
              "envelope_width must be smaller than the cutoff"),
             (len(set(self.target_names)) == len(self.target_names), "target_names must be unique"),
             (self.entry_chunk >= 1, "entry_chunk must be >= 1"),
+            (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -246,6 +258,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
         node[parts[-1]] = value
+    return data
+
+
+def inline_named_model(data: dict, overrides: list[str], default: str = "crystalformer") -> dict:
+    """Before ``model.<key>=value`` overrides of a run config: a ``model`` given by name (or absent:
+    ``default``) is replaced by that model config's mapping, so the override edits its settings
+    (``model.compile=true`` on ``model: crystalformer_simplified`` compiles the simplified model)."""
+    model = data.get("model", default)
+    if isinstance(model, str) and any(o.strip().startswith("model.") for o in overrides):
+        data = {**data, "model": load_yaml(resolve_config(model, "model"))}
     return data
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, apply_overrides, build, load_yaml, resolve_config
+from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.run.config import OptimSection, RunConfigMixin
 
 INIT_FROM = ("scratch", "pretrained", "resume")
@@ -36,6 +36,10 @@ class FinetuneData:
             micro-batches whose gradients are accumulated (same result, bounded memory). 0 = never split.
         drop_last: drop the last incomplete batch of an epoch (paper: true).
         eval_batch_size: structures per forward in validation and test.
+        verify_checksums: the shard check before training (``cfdist.manifest.ShardSet.verify``):
+            ``true`` (default) sha256 every shard against the manifest, except files verified before
+            whose size, mtime, ctime and inode are unchanged (records in ``<shards>/.verified.json``,
+            docs/shards.md); ``"full"`` re-hash every file; ``false`` sizes and Parquet footers only.
     """
 
     shards: str = ""
@@ -47,8 +51,15 @@ class FinetuneData:
     max_entries: int = 600_000
     drop_last: bool = True
     eval_batch_size: int = 256
+    verify_checksums: bool | str = True
 
     def __post_init__(self):
+        from cfdist.manifest import checksum_mode
+
+        try:
+            checksum_mode(self.verify_checksums)
+        except ValueError as exc:
+            raise ConfigError(f"data.{exc}") from None
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
         if self.max_entries < 0:
@@ -132,7 +143,7 @@ def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> 
     """YAML file or packaged fine-tuning config name (a paper task: ``megnet_eform``, ...) + overrides."""
     path = resolve_config(path, "finetune") if path else None
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(inline_named_model(data, list(overrides)), list(overrides))
     return build(FinetuneConfig, data, source=str(path or "config"))
 
 

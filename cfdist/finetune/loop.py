@@ -22,6 +22,7 @@ from it exactly, since epoch permutations depend only on (seed, epoch)).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -163,8 +164,8 @@ class FinetuneTrainer:
         elif cfg.init_from == "pretrained":
             model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
             self.transfer_report.update(report)
-        else:
-            model = Crystalformer(cfg.model_config())
+        else:  # model.compile is a run setting: the model (and its checkpoints) record compile: false
+            model = Crystalformer(dataclasses.replace(cfg.model_config(), compile=False))
             set_target_normalisation(model, stats)
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
@@ -172,6 +173,12 @@ class FinetuneTrainer:
         self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
+        if cfg.model_config().compile:  # the run's model section decides, also for pretrained / resumed models
+            from cfdist.compile import compile_model, describe
+
+            compile_model(self.model)  # in place (cfdist.compile): DDP, SWA copies and checkpoints see the model
+            if self.rank == 0:
+                print(describe(self.model), flush=True)
         self.ddp = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
