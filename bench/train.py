@@ -9,7 +9,7 @@ default to the example's (run ``python launch/example.py`` first, or pass --shar
 Columns: structures/s (total over workers) = median over log windows after the first (which
 holds start-up), and the same per worker; data wait % = mean share of the step spent waiting for
 the next packed batch; peak memory = max RSS per worker (MB). On a 2-core machine two workers
-share the two cores with Ray Data's readers, so "2 workers" measures contention, not scaling.
+share the two cores (and their prefetch threads), so "2 workers" measures contention, not scaling.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
         python launch/pretrain.py --config megnet_slice data.shards=/shared/shards/mptrj \
         output_dir=/shared/runs scaling.num_workers=16 scaling.use_gpu=true
 
-    # no Ray: this process, or each torchrun rank, trains on rank-strided shard files
+    # no Ray: this process, or each torchrun rank, trains on its block of the train rows
     torchrun --nproc_per_node 2 launch/pretrain.py --config ... --no-ray
 
 The same as ``cfdist pretrain``; everything it does is in :mod:`cfdist.train.driver`

@@ -1,4 +1,5 @@
-"""Shards -> training batches (cfdist.data): manifest verification, packing budgets, shuffle, resume.
+"""Shards -> training batches (cfdist.data): manifest verification, packing budgets, plain streaming
+(the training stream's order and resume: test_stream.py).
 
 Real shards are built without Ray by the ``shard_dir`` fixture (conftest.py): crystals_to_arrow +
 write_shard + a manifest.json in the format of preprocess/build_shards.py's ``finalize``.
@@ -15,8 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cfdist.manifest import ShardSet
-from cfdist.data import (BatchBudget, PackStats, ShuffleBuffer, budgeted_batches, epoch_seed,
-                         iter_local_shards, pack_boundaries, pack_rows, training_columns)
+from cfdist.data import BatchBudget, PackStats, iter_local_shards, pack_boundaries, pack_rows, training_columns
 from cfdist.shards import SCHEMA_VERSION, ShardError, collate_arrow
 
 from conftest import CUTOFF, TARGETS
@@ -206,58 +206,6 @@ def test_batch_budget_rejects_non_positive_limits():
         BatchBudget(max_atoms=0)
 
 
-# ----------------------------------------------------------------------------- shuffle / resume
-def _tiny_tables(n: int, chunk: int) -> list[pa.Table]:
-    ids = np.arange(n)
-    return [pa.table({"k": ids[i:i + chunk]}) for i in range(0, n, chunk)]
-
-
-def _keys(tables) -> list[int]:
-    return [k for t in tables for k in t["k"].to_pylist()]
-
-
-@pytest.mark.parametrize("size", [2, 7, 64, 1000])
-def test_shuffle_buffer_is_a_seeded_permutation(size):
-    n = 250
-    a = _keys(ShuffleBuffer(size, 3)(_tiny_tables(n, 9)))
-    assert sorted(a) == list(range(n)) and a != list(range(n))
-    assert _keys(ShuffleBuffer(size, 3)(_tiny_tables(n, 9))) == a
-    assert _keys(ShuffleBuffer(size, 4)(_tiny_tables(n, 9))) != a
-    # a row is never emitted before it arrived: it moves ahead at most `size` (+ one input table) places
-    assert max(k - pos for pos, k in enumerate(a)) < size + 9
-    out = list(ShuffleBuffer(size, 3)(_tiny_tables(n, 9)))
-    if size < n:  # full windows emit size // 2 rows, the final flush the rest
-        assert all(t.num_rows == size // 2 for t in out[:-1]) and out[-1].num_rows <= size
-
-
-@pytest.mark.parametrize("size", [0, 1])
-def test_shuffle_buffer_of_size_one_passes_through(size):
-    tables = _tiny_tables(40, 7)
-    out = list(ShuffleBuffer(size, 3)(tables))
-    assert _keys(out) == list(range(40))
-    assert [t.num_rows for t in out] == [t.num_rows for t in tables]
-
-
-def test_epoch_seed_differs_across_epochs_and_ranks():
-    seeds = {epoch_seed(0, e, r) for e in range(4) for r in range(4)}
-    assert len(seeds) == 16
-    assert epoch_seed(0, 1, 2) == epoch_seed(0, 1, 2) and epoch_seed(1, 1, 2) != epoch_seed(0, 1, 2)
-
-
-@pytest.mark.parametrize("skip", [0, 1, 3, 7])
-def test_skip_batches_yields_the_tail_of_the_epoch(shard_dir, skip):
-    budget = BatchBudget(max_entries=10_000, max_atoms=50, max_structures=5)
-    kwargs = dict(shuffle_rows=16, seed=11, epoch=2, rank=1)
-    full = list(budgeted_batches(_stream(shard_dir), budget, **kwargs))
-    assert len(full) > 7
-    resumed = list(budgeted_batches(_stream(shard_dir), budget, skip_batches=skip, **kwargs))
-    assert [t["id"].to_pylist() for t in resumed] == [t["id"].to_pylist() for t in full[skip:]]
-    # the shuffle really reorders, and another epoch gives another order
-    assert _ids(full) != _ids(_stream(shard_dir)) and sorted(_ids(full)) == sorted(_ids(_stream(shard_dir)))
-    other = list(budgeted_batches(_stream(shard_dir), budget, **{**kwargs, "epoch": 3}))
-    assert _ids(other) != _ids(full)
-
-
 # ----------------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_iter_local_shards_splits_files_across_ranks(shard_dir, train_rows, world_size):
@@ -289,7 +237,7 @@ def test_unreadable_shard_in_the_stream_is_named(shard_copy):
 
 def test_collate_packed_table(shard_dir):
     budget = BatchBudget(max_entries=20_000, max_atoms=100, max_structures=16)
-    packed = list(budgeted_batches(_stream(shard_dir), budget, shuffle_rows=8, seed=0, epoch=0, rank=0))
+    packed = list(pack_rows(_stream(shard_dir), budget))
     table = max(packed, key=lambda t: t.num_rows)
     assert table.num_rows > 1
     batch = collate_arrow(table, TARGETS)
@@ -324,10 +272,3 @@ def test_the_pretraining_driver_checks_elements_before_any_worker(shard_dir, tmp
     with pytest.raises(ShardError, match=r"model embeds only Z = 1\.\.20"):
         check_shards(cfg)
     assert not (tmp_path / "megnet_slice").exists()
-
-
-def test_data_cursor_reads_checkpoints_of_older_versions():
-    from cfdist.data import DataCursor
-
-    assert DataCursor.from_dict({"epoch": 3, "batches": 7, "structures": 123}) == DataCursor(epoch=3, batches=7)
-    assert DataCursor.from_dict(None) == DataCursor()

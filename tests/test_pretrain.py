@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,20 +172,28 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
 
 
 def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_path):
-    """Regression (the loop's end-of-epoch check tested a counter it had just reset): under torchrun
-    without Ray each rank reads every world-th train file, so with one train file rank 1 has no rows;
-    the run must stop with a message saying so, not spin or hang."""
-    shards = tmp_path / "one_train_file"
+    """Regression (the loop's end-of-epoch check tested a counter it had just reset): ranks split the
+    train rows into blocks, so with a one-row train split one of 2 torchrun ranks has no rows; the
+    run must stop with a message saying so, not spin or hang."""
+    import pyarrow.parquet as pq
+
+    from cfdist.manifest import shard_record
+
+    shards = tmp_path / "one_train_row"
     shutil.copytree(tiny_shards, shards)
     manifest = json.loads((shards / "manifest.json").read_text())
-    train = [e for e in manifest["shards"] if e["split"] == "train"]
-    manifest["shards"] = [e for e in manifest["shards"] if e["split"] != "train"] + train[:1]
+    train = [e for e in manifest["shards"] if e["split"] == "train"][0]
+    path = shards / train["file"]
+    pq.write_table(pq.read_table(path).slice(0, 1), path)
+    manifest["shards"] = ([e for e in manifest["shards"] if e["split"] != "train"]
+                          + [shard_record(shards, train["file"], "train", 1)])
     (shards / "manifest.json").write_text(json.dumps(manifest))
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
     res = pretrain_cli(shards, tmp_path, "empty_rank", "max_steps=3", "data.val_split=", timeout=300,
                        extra_args=("--no-ray",), launcher=launcher)
     assert res.returncode != 0
-    assert "rank 1: the train split yielded no batches in epoch 0" in res.stdout + res.stderr, res.stderr[-3000:]
+    assert re.search(r"rank \d: the train split yielded no batches in epoch 0", res.stdout + res.stderr), \
+        res.stderr[-3000:]
 
 
 def ray_worker_pids(driver_pid: int) -> list[int]:

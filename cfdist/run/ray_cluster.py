@@ -3,15 +3,15 @@ and fine-tuning.
 
 - Under ``ray job submit`` (``RAY_ADDRESS`` set) or with an explicit address, the job joins that
   cluster. Otherwise it starts a local instance sized for the work (``num_cpus``: logical CPUs;
-  Ray Data needs CPUs beside the train workers or its reads starve).
+  preprocessing's Ray Data tasks need CPUs beside its driver or its reads starve).
 - ``RAY_AUTH_MODE`` defaults to ``disabled``: a plain ``ray.init()`` writes a token file that later
   makes ``ray start`` / ``ray job submit`` fail with authentication errors.
 - Workers get ``DS_ACCELERATOR`` (DeepSpeed's accelerator: cpu or cuda) and the auth mode.
 - Ray's own INFO chatter and Ray Data's progress bars are turned off in the driver and, through
   a worker setup hook (:func:`quiet_logs`), in every worker and actor; our progress bars and
   summaries stay. Environment settings for tests and small machines: ``CFDIST_RAY_NUM_CPUS`` (the
-  logical CPUs of a local instance when the job does not size it itself; training jobs do, since
-  Ray Data needs CPUs beside the train workers), ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on
+  logical CPUs of a local instance when the job does not size it itself; training jobs do, from
+  their worker count), ``CFDIST_RAY_NODE_IP`` (e.g. 127.0.0.2 to stay on
   loopback), ``CFDIST_RAY_OBJECT_STORE`` (bytes).
 """
 

@@ -13,10 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, CrystalformerConfig, apply_overrides, build, load_yaml, resolve_config
+from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
+                           resolve_config)
 from cfdist.run.config import OptimSection, RunConfigMixin, resolve_model_config
 
 LOSS_KINDS = ("l1", "l2", "huber")
+
+
+def _check_verify_checksums(value) -> None:
+    """``data.verify_checksums`` is true, false or "full" (ConfigError otherwise)."""
+    from cfdist.manifest import checksum_mode
+
+    try:
+        checksum_mode(value)
+    except ValueError as exc:
+        raise ConfigError(f"data.{exc}") from None
 
 
 @dataclass
@@ -28,9 +39,19 @@ class DataSection:
         targets: label columns to train on (the model gets one output per target).
         train_split / val_split: split names in the manifest (val_split "" = no validation).
         max_entries / max_atoms / max_structures: per-rank micro-batch budget (cfdist.data.BatchBudget).
-        shuffle_rows: streaming shuffle window per rank (rows); 0 = stream order.
-        rows_per_read: Arrow rows fetched per read from the stream.
-        verify_checksums: sha256 every shard against the manifest before training.
+        shuffle_rows: rows per shuffle window of a rank's stream (cfdist.stream); <= 1: no row
+            shuffle (rows in file order).
+        shuffle_lanes: places of a rank's block each window draws rows from (mixes files within a
+            window; memory holds about ``shuffle_lanes + 2`` decoded Parquet row groups).
+        shuffle_files: permute the order of the shard files every epoch (seeded by seed, epoch).
+        prefetch_batches: batches read, packed and collated ahead of the trainer, in a thread
+            that runs on into the next epoch.
+        rows_per_read: unused since training reads go by Parquet row group (cfdist.stream);
+            accepted so that older configs still load.
+        verify_checksums: the shard check before training (``cfdist.manifest.ShardSet.verify``):
+            ``true`` (default) sha256 every shard against the manifest, except files verified before
+            whose size, mtime, ctime and inode are unchanged (records in ``<shards>/.verified.json``,
+            docs/shards.md); ``"full"`` re-hash every file; ``false`` sizes and Parquet footers only.
         force_memory_factor: an energy model trained on forces or stress keeps the autograd graph
             of the forces for the double backward, so a micro-batch costs more memory per
             image-table entry; such runs pack at most ``max_entries / force_memory_factor``
@@ -47,11 +68,18 @@ class DataSection:
     max_atoms: int = 4_096
     max_structures: int = 256
     shuffle_rows: int = 2_048
+    shuffle_lanes: int = 8
+    shuffle_files: bool = True
+    prefetch_batches: int = 4
     rows_per_read: int = 256
-    verify_checksums: bool = True
+    verify_checksums: bool | str = True
     force_memory_factor: float = 2.5
 
     def __post_init__(self):
+        _check_verify_checksums(self.verify_checksums)
+        for name in ("shuffle_lanes", "prefetch_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if not self.force_memory_factor >= 1.0:
             raise ConfigError(f"data.force_memory_factor must be >= 1, got {self.force_memory_factor}")
 
@@ -165,6 +193,23 @@ class PretrainConfig(RunConfigMixin):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_compile()
+
+    def _check_compile(self) -> None:
+        """``model.compile`` with settings it cannot run with is refused here, before any worker starts."""
+        from cfdist.compile import compile_refusal
+
+        try:
+            model = resolve_model_config(self.model, self.data.targets)
+        except ConfigError:
+            return  # a broken model section is reported where the model config is built (model_config)
+        if model.compile:
+            double_backward = self.loss.forces_weight > 0 or self.loss.stress_weight > 0
+            reason = compile_refusal(energy=model.energy, double_backward=double_backward,
+                                     zero_stage=self.deepspeed.zero_stage,
+                                     activation_checkpointing=self.deepspeed.activation_checkpointing)
+            if reason:
+                raise ConfigError(reason)
 
     def model_config(self) -> CrystalformerConfig:
         """The model config: ``target_names`` = ``data.targets`` for a property model; an energy
@@ -183,14 +228,15 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
     """YAML file or packaged pretraining config name (optional) + overrides -> validated :class:`PretrainConfig`.
 
     A ``deepspeed`` value that is a string names a YAML file or a packaged DeepSpeed config
-    (``zero0`` .. ``zero3``).
+    (``zero0`` .. ``zero3``); a named ``model`` is inlined before a ``model.<key>=value`` override
+    (:func:`cfdist.config.inline_named_model`).
     """
     path = resolve_config(path, "pretrain") if path else None
     data = load_yaml(path) if path else {}
     # A named deepspeed file is resolved before each override, so ``deepspeed.zero_stage=3``
     # edits the file's settings (and ``deepspeed=zero3`` may still name another file).
     for item in overrides:
-        data = apply_overrides(_resolve_deepspeed(data), [item])
+        data = apply_overrides(_resolve_deepspeed(inline_named_model(data, [item])), [item])
     return build(PretrainConfig, _resolve_deepspeed(data), source=str(path or "config"))
 
 

@@ -3,7 +3,7 @@
     cfdist pretrain --config megnet_slice [key=value ...]                  # starts a local Ray instance
     ray job submit --working-dir . -- python launch/pretrain.py --config megnet_slice \
         data.shards=/shared/shards/mptrj output_dir=/shared/runs scaling.num_workers=16 scaling.use_gpu=true
-    torchrun --nproc_per_node 2 launch/pretrain.py --config ... --no-ray    # no Ray: rank-strided shard files
+    torchrun --nproc_per_node 2 launch/pretrain.py --config ... --no-ray    # no Ray: torchrun ranks
 
 Before any worker starts the driver checks the shards (manifest, sizes, checksums, cutoff and
 elements vs the model, targets), writes ``<output_dir>/<run_name>/`` with the resolved config,
@@ -30,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a new local instance)")
     parser.add_argument("--no-ray", action="store_true", help="train in this process / torchrun ranks, without Ray")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs of a local Ray instance (default: max(4, cores); Ray Data needs "
-                             "spare CPUs beside the train workers)")
+                        help="logical CPUs of a local Ray instance (default: max(4, cores, workers x "
+                             "scaling.cpus_per_worker))")
     parser.add_argument("--no-export", action="store_true", help="skip the portable checkpoint export")
     return parser.parse_args(argv)
 
@@ -57,13 +57,13 @@ def check_shards(cfg: PretrainConfig):
     shards = ShardSet(cfg.data.shards)
     splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
     model = cfg.model_config()
-    t0 = time.perf_counter()
-    shards.verify(splits, required_cutoff=model.cutoff, targets=cfg.data.targets, n_elements=model.n_elements,
-                  checksums=cfg.data.verify_checksums)
+    # parallel sha256; files verified before and unchanged since are not re-hashed (docs/shards.md)
+    report = shards.verify(splits, required_cutoff=model.cutoff, targets=cfg.data.targets,
+                           n_elements=model.n_elements, checksums=cfg.data.verify_checksums)
     check_energy_run(cfg, shards)
     n = {s: shards.n_rows(s) for s in splits}
     print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {k:,}' for s, k in n.items())} structures, "
-          f"cutoff {shards.cutoff:.4f} A; verified in {time.perf_counter() - t0:.1f} s)", flush=True)
+          f"cutoff {shards.cutoff:.4f} A; {report.summary()})", flush=True)
     return shards
 
 
@@ -102,12 +102,12 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cfdist.run.ray_cluster import init_ray, train_logging_config
-    from cfdist.train.loop import ray_datasets, ray_train_loop
+    from cfdist.train.loop import ray_train_loop
 
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2  # + Ray Data's readers
+    # workers read their own rows (cfdist.stream): no Ray Data tasks need CPUs beside them
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(address=address, num_cpus=num_cpus or max(4, os.cpu_count() or 1, int(need + 0.999)),
              use_gpu=cfg.scaling.use_gpu, include_dashboard=True)
-    datasets, data_config = ray_datasets(cfg, shards)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"config": cfg.to_dict()},
@@ -115,8 +115,6 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                      placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        datasets=datasets,
-        dataset_config=data_config,
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),

@@ -24,15 +24,18 @@ the train split at the start (:func:`cfdist.run.objective.fit_element_energies`,
 broadcast) unless the run resumes or starts from an energy checkpoint (``init_from``); they and
 the energy scale are saved in every checkpoint (float64, exact).
 
-Resume: checkpoints are taken at optimiser-step boundaries and store a :class:`DataCursor`
-(epoch, micro-batches consumed in it). A restored rank replays its epoch stream and skips that
-many batches; with Ray Data's ``preserve_order`` (:func:`ray_datasets`) and the seeded shuffle the
-stream is the same, so a resumed run continues with exactly the batches an uninterrupted one
-would have used.
+Data: every rank reads its own block of the train split straight from the shard files
+(:mod:`cfdist.stream`: file order and windows shuffled per epoch, packing and collation in a
+prefetch thread that runs on into the next epoch). Resume: checkpoints are taken at optimiser-step
+boundaries and store a :class:`cfdist.stream.DataCursor` (epoch, micro-batches consumed, every
+rank's stream position); a restored rank reads on from its position, so a resumed run continues
+with exactly the batches an uninterrupted one would have used, at a cost that does not depend on
+how far into the epoch it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,8 +51,7 @@ import torch
 import torch.distributed as dist
 
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
-from cfdist.data import BatchBudget, DataCursor, PackStats, budgeted_batches, iter_local_shards, pack_rows, \
-    training_columns
+from cfdist.data import BatchBudget, PackStats, pack_rows, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
@@ -57,24 +59,55 @@ from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_c
                                   fit_element_energies, masked_abs_error, normalised_targets,
                                   set_target_normalisation, target_stats)
 from cfdist.shards import collate_arrow
+from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
 from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
 
 
 # ----------------------------------------------------------------------------- worker contexts
 class WorkerContext:
-    """Where this rank's rows come from and where its checkpoints go."""
+    """Where this rank runs, its rows and where its checkpoints go.
+
+    Every rank reads its own rows straight from the shard files (:mod:`cfdist.stream`): the
+    epoch plan gives each rank a balanced, disjoint block, shuffled per epoch, and a position that
+    resumes exactly. (Ray Data's streaming split cannot resume at a position and restarts its
+    pipeline every epoch; docs/scaling.md.)
+    """
 
     rank: int
     world_size: int
     backend: str
     device: torch.device
+    cfg: PretrainConfig
+    columns: list[str]
+    shards: ShardSet
 
-    def train_tables(self, epoch: int) -> Iterator:
-        raise NotImplementedError
+    def plan(self, split: str, epoch: int, *, shuffle: bool) -> EpochPlan:
+        d = self.cfg.data
+        files = [(e.path, e.rows) for e in self.shards.files(split)]
+        return EpochPlan(files, seed=self.cfg.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                         window=d.shuffle_rows if shuffle else 1, lanes=d.shuffle_lanes if shuffle else 1,
+                         shuffle_files=shuffle and d.shuffle_files, shuffle_rows=shuffle)
+
+    def train_stream(self, budget: BatchBudget, prepare: Callable, cursor: DataCursor,
+                     stats: PackStats) -> Prefetcher:
+        """This rank's batches from ``cursor`` on, epoch after epoch, prepared ahead in a thread."""
+        reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
+        start, drop = cursor.start_for(self.rank, self.world_size)
+
+        def epoch(e: int, at: Position):
+            return epoch_batches(self.plan(self.cfg.data.train_split, e, shuffle=True), reader, budget, at, stats)
+
+        return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start, drop=drop,
+                          depth=self.cfg.data.prefetch_batches)
 
     def val_tables(self) -> Iterator:
-        raise NotImplementedError
+        """This rank's block of the val split, in file order."""
+        plan = self.plan(self.cfg.data.val_split, 0, shuffle=False)
+        reader = RowGroupReader(self.columns, cache=2)
+        if plan.rows:
+            for segment in plan.segments(int(plan.lane_start[0]), int(plan.lane_start[-1])):
+                yield from reader.read(segment)
 
     @contextmanager
     def latest_checkpoint(self):
@@ -86,53 +119,17 @@ class WorkerContext:
         raise NotImplementedError
 
 
-def ray_datasets(cfg: PretrainConfig, shards: ShardSet) -> tuple[dict, Any]:
-    """The Ray Data datasets ("train", "val") of a run and the ``DataConfig`` that splits them.
-
-    ``preserve_order``: the same rows reach the same rank in the same order on every run. Exact
-    resume depends on it: a restored rank replays its epoch stream and skips the batches its
-    :class:`DataCursor` says it consumed, which is only correct if the replay is the same stream.
-    """
-    import pyarrow.parquet as pq
-    import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    files = shards.files(cfg.data.train_split)
-    forces, stress = label_columns_wanted(cfg)
-    columns = training_columns(pq.read_schema(files[0].path), cfg.data.targets, forces=forces, stress=stress)
-    splits = {"train": cfg.data.train_split, **({"val": cfg.data.val_split} if cfg.data.val_split else {})}
-    datasets = {name: ray.data.read_parquet([str(e.path) for e in shards.files(split)], columns=columns, shuffle=None)
-                for name, split in splits.items()}
-    return datasets, DataConfig(datasets_to_split="all", execution_options=ExecutionOptions(preserve_order=True))
-
-
 class RayContext(WorkerContext):
-    """Inside a Ray Train worker: datasets "train" / "val" (:func:`ray_datasets`) come from
-    ``get_dataset_shard``; checkpoints are reported to Ray Train, which persists them."""
+    """Inside a Ray Train worker: checkpoints are reported to Ray Train, which persists them."""
 
-    def __init__(self, cfg: PretrainConfig, columns: list[str]):
+    def __init__(self, cfg: PretrainConfig, columns: list[str], shards: ShardSet):
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.backend = "nccl" if cfg.scaling.use_gpu else "gloo"
         self.device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-        self.cfg, self.columns = cfg, columns
-
-    def _stream(self, name: str):
-        import ray.train
-
-        shard = ray.train.get_dataset_shard(name)
-        for batch in shard.iter_batches(batch_size=self.cfg.data.rows_per_read, batch_format="pyarrow",
-                                        prefetch_batches=2):
-            yield batch.select(self.columns) if hasattr(batch, "select") else batch
-
-    def train_tables(self, epoch: int):
-        return self._stream("train")
-
-    def val_tables(self):
-        return self._stream("val")
+        self.cfg, self.columns, self.shards = cfg, columns, shards
 
     @contextmanager
     def latest_checkpoint(self):
@@ -155,7 +152,7 @@ class RayContext(WorkerContext):
 
 
 class LocalContext(WorkerContext):
-    """Plain processes (single process or torchrun): rank-strided shard files, checkpoints in the run dir."""
+    """Plain processes (single process or torchrun ranks): checkpoints in the run directory."""
 
     def __init__(self, cfg: PretrainConfig, columns: list[str], shards: ShardSet):
         self.rank = int(os.environ.get("RANK", 0))
@@ -165,17 +162,6 @@ class LocalContext(WorkerContext):
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
         self.cfg, self.columns, self.shards = cfg, columns, shards
         self.checkpoints = cfg.run_dir() / "checkpoints"
-
-    def _tables(self, split: str):
-        return iter_local_shards([e.path for e in self.shards.files(split)], rank=self.rank,
-                                 world_size=self.world_size, columns=self.columns,
-                                 rows_per_read=self.cfg.data.rows_per_read)
-
-    def train_tables(self, epoch: int):
-        return self._tables(self.cfg.data.train_split)
-
-    def val_tables(self):
-        return self._tables(self.cfg.data.val_split)
 
     @contextmanager
     def latest_checkpoint(self):
@@ -224,9 +210,10 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
-        model = Crystalformer(self.model_config)
+        # model.compile is a run setting: the model (and so every checkpoint) records compile: false
+        model = Crystalformer(dataclasses.replace(self.model_config, compile=False))
         set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
-        self.step, self.cursor = 0, DataCursor()
+        self.step, self.cursor, self.position = 0, DataCursor(), Position()
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
@@ -236,6 +223,12 @@ class Trainer:
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
+            if self.model_config.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
+                from cfdist.compile import compile_model, describe
+
+                compile_model(model)
+                if self.ctx.rank == 0:
+                    print(describe(model), flush=True)
             self.engine, self.optimizer, self.scheduler = build_engine(
                 model, cfg.deepspeed, cfg.optim, cfg.max_steps, cfg.data.max_structures)
             self.model = self.engine.module
@@ -284,9 +277,12 @@ class Trainer:
                 buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
         self.init_report = state.get("init_from", {})
         self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
+        self.position, replay = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
         if self.ctx.rank == 0:
+            how = (f"replaying {replay} batches (a checkpoint without stream positions)" if replay
+                   else f"reading on at window {self.position.window}, row {self.position.offset}")
             print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, "
-                  f"{self.cursor.batches} batches into it)", flush=True)
+                  f"{self.cursor.batches} batches into it; {how})", flush=True)
 
     # -- helpers -------------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -296,10 +292,13 @@ class Trainer:
         dist.all_reduce(t)
         return t.cpu().tolist()
 
+    def prepare_batch(self, table):
+        """Arrow rows -> CrystalBatch on the CPU (runs in the prefetch thread for training)."""
+        return collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
+                             stress=self.want_stress)
+
     def batch_to_device(self, table):
-        batch = collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
-                              stress=self.want_stress)
-        return batch.to(self.ctx.device)
+        return self.prepare_batch(table).to(self.ctx.device)
 
     def label_counts(self, batch) -> list[float]:
         """Labels of a micro-batch: [n] for property models, [energies, force components, stress
@@ -318,54 +317,53 @@ class Trainer:
         window, components = StepWindow(), ComponentWindow()
         metrics: dict[str, Any] = {}
         dropped_tail = 0
+        pack_stats = PackStats()
+        stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor, pack_stats)
+        epoch_batches_seen = 0
         try:
             while self.step < cfg.max_steps:
-                pack_stats = PackStats()
-                batches = iter(budgeted_batches(ctx.train_tables(self.cursor.epoch), self.budget,
-                                                shuffle_rows=cfg.data.shuffle_rows, seed=cfg.seed,
-                                                epoch=self.cursor.epoch, rank=ctx.rank,
-                                                skip_batches=self.cursor.batches, stats=pack_stats))
-                epoch_done = False
-                while self.step < cfg.max_steps:
-                    t0 = time.perf_counter()
-                    table = next(batches, None)
-                    batch = self.batch_to_device(table) if table is not None else None
-                    t_data = time.perf_counter() - t0
-                    counts = self.label_counts(batch)
-                    have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
-                    if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
-                        if batch is not None:  # drain this rank's tail (counted, not trained on)
-                            dropped_tail += batch.n_crystals + sum(t.num_rows for t in batches)
-                        epoch_done = True
-                        break
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    if self.energy:
-                        loss_sum = self.energy_micro_step(batch, labelled, components)
-                    else:
-                        loss_sum = self.micro_step(batch, labelled[0])
-                    self.cursor.batches += 1
-                    window.add(batch, loss_sum, counts[0], t_data)
-                    if not boundary:
-                        continue
-                    self.step += 1
-                    window.steps += 1
-                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                        metrics = self.window_metrics(window, components if self.energy else None)
-                        metrics["dropped_tail"] = dropped_tail
-                        logger.log(self.step, metrics)
-                        window, components = StepWindow(), ComponentWindow()
-                    if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
-                        val = self.validate()
-                        metrics.update(val)
-                        logger.log(self.step, val)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
-                        self.checkpoint(metrics)
-                if epoch_done:
-                    if pack_stats.batches == 0:  # nothing at all, not even batches skipped on resume
+                t0 = time.perf_counter()
+                item = stream.next()
+                if item.epoch != self.cursor.epoch:
+                    raise RuntimeError(f"rank {ctx.rank}: stream at epoch {item.epoch}, cursor at {self.cursor.epoch}")
+                batch = item.batch.to(ctx.device) if item.batch is not None else None
+                t_data = time.perf_counter() - t0
+                counts = self.label_counts(batch)
+                have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
+                if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
+                    if batch is not None:  # drop this rank's tail (counted, not trained on)
+                        dropped_tail += batch.n_crystals + stream.skip_epoch(self.cursor.epoch)
+                    elif epoch_batches_seen == 0 and self.cursor.batches == 0:
                         raise RuntimeError(f"rank {ctx.rank}: the train split yielded no batches in epoch "
                                            f"{self.cursor.epoch}; use fewer workers than train shard rows")
                     self.cursor = DataCursor(epoch=self.cursor.epoch + 1)
+                    self.position, epoch_batches_seen = Position(), 0
+                    continue
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                if self.energy:
+                    loss_sum = self.energy_micro_step(batch, labelled, components)
+                else:
+                    loss_sum = self.micro_step(batch, labelled[0])
+                self.cursor.batches += 1
+                self.position, epoch_batches_seen = item.position, epoch_batches_seen + 1
+                window.add(batch, loss_sum, counts[0], t_data)
+                if not boundary:
+                    continue
+                self.step += 1
+                window.steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    metrics = self.window_metrics(window, components if self.energy else None)
+                    metrics["dropped_tail"] = dropped_tail
+                    logger.log(self.step, metrics)
+                    window, components = StepWindow(), ComponentWindow()
+                if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
+                    val = self.validate()
+                    metrics.update(val)
+                    logger.log(self.step, val)
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                    self.checkpoint(metrics)
         finally:
+            stream.close()
             logger.close()
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
         return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma}
@@ -505,6 +503,13 @@ class Trainer:
 
     def checkpoint(self, metrics: dict) -> None:
         """All ranks save their DeepSpeed state; the context persists the directory."""
+        # every rank's stream position, so that a resume reads on from there (cfdist.stream)
+        world = self.ctx.world_size
+        mine = [0.0] * (2 * world)
+        mine[2 * self.ctx.rank:2 * self.ctx.rank + 2] = [float(self.position.window), float(self.position.offset)]
+        flat = self.all_sum(mine)
+        self.cursor.positions = [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world)]
+        self.cursor.world_size = world
         # JSON numbers round-trip a float64 exactly: reference energies keep all their digits
         buffers = {name: (buf.item() if buf.numel() == 1 else
                           (buf.double() if buf.dtype == torch.float64 else buf.float()).cpu().tolist())
@@ -546,7 +551,7 @@ def ray_train_loop(loop_config: dict) -> None:
     cfg = config_from_dict(loop_config["config"])
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
-    Trainer(cfg, RayContext(cfg, columns), shards).run()
+    Trainer(cfg, RayContext(cfg, columns, shards), shards).run()
     if dist.is_initialized():
         dist.barrier()
 
