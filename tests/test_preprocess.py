@@ -508,3 +508,19 @@ def test_group_spec_parsing_and_keys(megnet_crystals):
         key = group_key(parse_group_spec("composition"), crystal.id, {}, crystal)
         assert key == reduced_formula(crystal)
         assert Composition(key).reduced_formula == to_pymatgen(crystal).composition.reduced_formula
+
+
+def test_duplicates_across_chunks_keep_the_first_occurrence_in_input_order(tmp_path):
+    """find_duplicates (hashes, then exact ids) on completion records: across chunks and splits, a
+    triple keeps its first occurrence, and different ids are never dropped."""
+    from cfdist.preprocess.job import PROGRESS_DIR, find_duplicates
+
+    chunks = [{"train": ["a", "b", "c"], "val": ["d"]},
+              {"train": ["e", "a"], "test": ["b", "f"]},
+              {"val": ["a", "g"], "train": []}]
+    (tmp_path / PROGRESS_DIR).mkdir()
+    for index, splits in enumerate(chunks):
+        record = {"shards": {split: {"ids": ids} for split, ids in splits.items()}}
+        (tmp_path / PROGRESS_DIR / f"chunk-{index:06d}.json").write_text(json.dumps(record))
+    assert find_duplicates(tmp_path, 3) == {1: {"train": [1], "test": [0]}, 2: {"val": [0]}}
+    assert find_duplicates(tmp_path, 1) == {}

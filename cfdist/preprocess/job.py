@@ -323,26 +323,72 @@ def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, 
           f"structures/s with {concurrency} worker(s))", file=sys.stderr)
 
 
+def _key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of strings (ids, group keys): the driver keeps 8 bytes per structure, not the
+    strings, so its memory stays small at millions of structures (docs/scaling.md)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys),
+                       dtype=np.uint64, count=len(keys))
+
+
+def _chunk_record(out: Path, index: int) -> dict:
+    return json.loads((out / PROGRESS_DIR / f"chunk-{index:06d}.json").read_text())
+
+
+def find_duplicates(out: Path, n_chunks: int) -> dict[int, dict[str, list[int]]]:
+    """Rows whose id an earlier row (in input order: chunk, split, row) already has, per chunk and
+    split. One pass over the completion records keeps a 64-bit hash per row; rows whose hash
+    repeats are compared by their id strings (a hash collision between different ids drops nothing)."""
+    hashes, owners = [], []  # per (chunk, split) block: its hashes, and (chunk, split)
+    for index in range(n_chunks):
+        rec = _chunk_record(out, index)
+        for split in SPLITS:
+            shard = rec["shards"].get(split)
+            if shard is not None and shard["ids"]:
+                hashes.append(_key_hashes(shard["ids"]))
+                owners.append((index, split))
+    if not hashes:
+        return {}
+    starts = np.cumsum([0] + [len(h) for h in hashes])
+    flat = np.concatenate(hashes)
+    order = np.argsort(flat, kind="stable")  # equal hashes stay in input order
+    sorted_hashes = flat[order]
+    repeated = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]) + 1
+    if not len(repeated):
+        return {}
+    candidates = np.unique(np.concatenate([order[repeated], order[repeated - 1]]))  # input order
+    blocks = np.searchsorted(starts, candidates, side="right") - 1
+    ids: dict[int, str] = {}
+    for block in np.unique(blocks):
+        index, split = owners[block]
+        shard_ids = _chunk_record(out, index)["shards"][split]["ids"]
+        for position in candidates[blocks == block]:
+            ids[int(position)] = shard_ids[int(position - starts[block])]
+    seen: set[str] = set()
+    dropped: dict[int, dict[str, list[int]]] = {}
+    for position, block in zip(candidates.tolist(), blocks.tolist()):
+        if ids[position] in seen:
+            index, split = owners[block]
+            dropped.setdefault(index, {}).setdefault(split, []).append(position - int(starts[block]))
+        seen.add(ids[position])
+    return dropped
+
+
 def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict], settings: Settings) -> dict:
-    """Drop duplicate ids, gather statistics, write rejects.jsonl and manifest.json."""
+    """Drop duplicate ids, gather statistics, write rejects.jsonl and manifest.json.
+
+    The completion records are read one at a time (never all at once) and ids and group keys are
+    kept as 64-bit hashes, so the driver's memory grows by ~8 bytes per structure (16 with group
+    splits), not with the records' strings."""
     import pyarrow.parquet as pq
 
     from cfdist.manifest import shard_record, write_manifest
     from cfdist.shards import read_shard, write_shard
 
-    records = [json.loads((out / PROGRESS_DIR / f"chunk-{i:06d}.json").read_text()) for i in range(n_chunks)]
     # Duplicate ids: the first occurrence in input order is kept, later ones are rejected.
-    seen: set[str] = set()
-    for rec in records:
-        dropped: dict[str, list[int]] = {}
-        for split in SPLITS:
-            shard = rec["shards"].get(split)
-            if shard is None:
-                continue
-            for row, rid in enumerate(shard["ids"]):
-                if rid in seen:
-                    dropped.setdefault(split, []).append(row)
-                seen.add(rid)
+    duplicates = find_duplicates(out, n_chunks)
+    for index in range(n_chunks):
+        rec = _chunk_record(out, index)
+        dropped = duplicates.get(index, {})
         if dropped != rec["dropped"]:
             for split, rows in dropped.items():
                 path = out / rec["shards"][split]["file"]
@@ -351,70 +397,78 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
                     keep = np.setdiff1d(np.arange(table.num_rows), rows)
                     write_shard(path, table.take(keep), json.loads(table.schema.metadata[b"cfdist"]))
             rec["dropped"] = dropped
-            write_json_atomic(out / PROGRESS_DIR / f"chunk-{rec['chunk']:06d}.json", rec, sort_keys=True)
+            write_json_atomic(out / PROGRESS_DIR / f"chunk-{index:06d}.json", rec, sort_keys=True)
 
     stats = StatsAccumulator(settings.targets)
-    shards, rejects = [], []
-    n_input = 0
+    shards = []
+    n_input = n_rejected = 0
+    reasons: dict[str, int] = defaultdict(int)
     # Group splits: the distinct group keys of the written rows per split (the workers list every
     # row's key next to its id, so this is a pass over the completion records, not over the shards).
-    group_of: dict[str, str] = {}
+    group_hashes: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     n_fallback = 0
-    for rec in records:
-        n_input += rec["n_input"]
-        rejects.extend(rec["rejects"])
-        # The worker's statistics and checksums hold unless duplicates were dropped from its shards.
-        chunk_stats = None if rec["dropped"] else StatsAccumulator.load(
-            out / PROGRESS_DIR / f"chunk-{rec['chunk']:06d}.stats.npz", settings.targets)
-        if chunk_stats is not None:
-            stats.merge(chunk_stats)
-        for split in SPLITS:
-            shard = rec["shards"].get(split)
-            if shard is None:
-                continue
-            path = out / shard["file"]
-            for row in rec["dropped"].get(split, []):
-                rid = shard["ids"][row]
-                rejects.append(_reject(rid, shard["sources"][row], "duplicate_id",
-                                       f"crystal {rid!r}: id already used by an earlier record"))
-            rows = len(shard["ids"]) - len(rec["dropped"].get(split, []))
-            if settings.split_group:
-                gone = set(rec["dropped"].get(split, []))
-                n_fallback += len(set(shard.get("group_fallback", [])) - gone)
-                for row, group in enumerate(shard["groups"]):
-                    if row in gone:
-                        continue
-                    first = group_of.setdefault(group, split)
-                    if first != split:  # cannot happen: the split is a function of the group key
-                        raise BuildError(f"group {group!r} is in both {first!r} and {split!r}")
-            if rows == 0:
-                path.unlink(missing_ok=True)
-                continue
-            if chunk_stats is None:
-                stats.add(split, pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
-                                               + [f"y.{t}" for t in settings.targets]))
-            # The worker's checksum holds unless duplicates were dropped (the file was rewritten).
-            keep_sha = chunk_stats is not None and shard.get("bytes") == path.stat().st_size
-            shards.append(shard_record(out, shard["file"], split, rows, shard["sha256"] if keep_sha else None))
-    n_written = sum(e["rows"] for e in shards)
-    if n_input != n_written + len(rejects):
-        raise BuildError(f"accounting failed: {n_input} inputs != {n_written} written + {len(rejects)} rejected")
-    with atomic_write(out / "rejects.jsonl") as tmp, open(tmp, "w") as f:
-        for r in rejects:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    reasons: dict[str, int] = defaultdict(int)
-    for r in rejects:
-        reasons[r["reason"]] += 1
+    with atomic_write(out / "rejects.jsonl") as tmp, open(tmp, "w") as rejects_file:
+        def reject(r: dict) -> None:
+            nonlocal n_rejected
+            rejects_file.write(json.dumps(r, sort_keys=True) + "\n")
+            reasons[r["reason"]] += 1
+            n_rejected += 1
+
+        for index in range(n_chunks):
+            rec = _chunk_record(out, index)
+            n_input += rec["n_input"]
+            for r in rec["rejects"]:
+                reject(r)
+            # The worker's statistics and checksums hold unless duplicates were dropped from its shards.
+            chunk_stats = None if rec["dropped"] else StatsAccumulator.load(
+                out / PROGRESS_DIR / f"chunk-{rec['chunk']:06d}.stats.npz", settings.targets)
+            if chunk_stats is not None:
+                stats.merge(chunk_stats)
+            for split in SPLITS:
+                shard = rec["shards"].get(split)
+                if shard is None:
+                    continue
+                path = out / shard["file"]
+                gone = rec["dropped"].get(split, [])
+                for row in gone:
+                    rid = shard["ids"][row]
+                    reject(_reject(rid, shard["sources"][row], "duplicate_id",
+                                   f"crystal {rid!r}: id already used by an earlier record"))
+                rows = len(shard["ids"]) - len(gone)
+                if settings.split_group:
+                    n_fallback += len(set(shard.get("group_fallback", [])) - set(gone))
+                    group_hashes[split].append(np.delete(_key_hashes(shard["groups"]), gone))
+                if rows == 0:
+                    path.unlink(missing_ok=True)
+                    continue
+                if chunk_stats is None:
+                    stats.add(split, pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
+                                                   + [f"y.{t}" for t in settings.targets]))
+                # The worker's checksum holds unless duplicates were dropped (the file was rewritten).
+                keep_sha = chunk_stats is not None and shard.get("bytes") == path.stat().st_size
+                shards.append(shard_record(out, shard["file"], split, rows, shard["sha256"] if keep_sha else None))
+        n_written = sum(e["rows"] for e in shards)
+        if n_input != n_written + n_rejected:
+            raise BuildError(f"accounting failed: {n_input} inputs != {n_written} written + {n_rejected} rejected")
     extra = {}
     if settings.split_group:
-        per_split = {split: 0 for split in SPLITS}
-        for split in group_of.values():
-            per_split[split] += 1
-        extra["split_groups"] = {"key": settings.split_group, "groups": per_split,
+        extra["split_groups"] = {"key": settings.split_group, "groups": _groups_per_split(group_hashes),
                                  "grouped_by_id": n_fallback}
     return write_manifest(out, cutoff=settings.cutoff, targets=settings.targets, shards=shards,
                           statistics=stats.summary(), n_input=n_input, rejected_by_reason=reasons,
                           content_hash=digest, format=fmt, inputs=inputs, settings=asdict(settings), **extra)
+
+
+def _groups_per_split(group_hashes: dict[str, list[np.ndarray]]) -> dict[str, int]:
+    """Distinct group keys per split; a key in two splits cannot happen (the split is a function of
+    the group key) and is an error."""
+    unique = {split: np.unique(np.concatenate(h)) if h else np.zeros(0, np.uint64)
+              for split, h in group_hashes.items()}
+    for k, a in enumerate(SPLITS):
+        for b in SPLITS[k + 1:]:
+            if len(np.intersect1d(unique[a], unique[b])):
+                raise BuildError(f"a split group is in both {a!r} and {b!r}")
+    return {split: int(len(u)) for split, u in unique.items()}
 
 
 def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
