@@ -149,7 +149,9 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         model = Crystalformer(config).to(device).train()
         if mode == "dense":
-            model.attention_backend = DeviceDenseBox(box_range=2)
+            from cfdist.ops.dense_box import DenseBoxAttention
+
+            model.attention_backend = DenseBoxAttention(box_range=2)
         if mode == "compiled":
             compile_model(model, backend=args.compile_backend)
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=1e-5,
@@ -219,28 +221,6 @@ def train_step(model, optimizer, autocast, batch, loss_of) -> None:
         loss = loss_of(model, batch)
     loss.backward()
     optimizer.step()
-
-
-class DeviceDenseBox:
-    """The dense-box backend with its geometry built on the batch's device.
-
-    ``DenseBoxGeometry.build`` creates its index tensors with ``torch.arange`` without a device
-    (CPU); under a ``torch.device`` context they are created where the batch is.
-    """
-
-    def __init__(self, box_range: int = 2):
-        from cfdist.ops.dense_box import DenseBoxAttention
-
-        self.inner = DenseBoxAttention(box_range)
-
-    def prepare(self, batch, config, dtype):
-        import torch
-
-        with torch.device(batch.positions.device):
-            return self.inner.prepare(batch, config, dtype)
-
-    def __call__(self, *args):
-        return self.inner(*args)
 
 
 def _model_mapping(name: str) -> dict:

@@ -52,12 +52,13 @@ class DenseBoxGeometry:
         first = torch.cumsum(counts, 0) - counts
         # Pairs of crystal b: first_b + (a // N_b, a % N_b) for a < N_b^2.
         pairs_per = counts * counts
-        crystal = torch.repeat_interleave(torch.arange(len(counts)), pairs_per)
-        local = torch.arange(int(pairs_per.sum())) - torch.repeat_interleave(torch.cumsum(pairs_per, 0) - pairs_per,
+        device = counts.device  # index tensors on the batch's device (CUDA runs too)
+        crystal = torch.repeat_interleave(torch.arange(len(counts), device=device), pairs_per)
+        local = torch.arange(int(pairs_per.sum()), device=device) - torch.repeat_interleave(torch.cumsum(pairs_per, 0) - pairs_per,
                                                                               pairs_per)
         pair_i = first[crystal] + local // counts[crystal]
         pair_j = first[crystal] + local % counts[crystal]
-        axis = torch.arange(-box_range, box_range + 1, dtype=geo_dtype)
+        axis = torch.arange(-box_range, box_range + 1, dtype=geo_dtype, device=positions.device)
         box = torch.cartesian_prod(axis, axis, axis)  # (M, 3)
         translations = box @ lattice  # (B, M, 3)
         vec = (positions[pair_j] - positions[pair_i])[:, None, :] + translations[crystal]  # (E, M, 3)
