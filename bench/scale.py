@@ -1,0 +1,498 @@
+"""The pretraining path at 10k / 100k / 1M structures: preprocessing, the shard check, streaming
+training with 2 Ray workers, the loader alone, resume cost and shuffle quality, in one table.
+
+    python bench/scale.py                                   # 10k, 100k, 1M (~1.5 h on 2 cores)
+    python bench/scale.py --sizes 10000,100000 --sections preprocess,train
+    python bench/scale.py --sizes 1000000 --sections kill   # kill -9 the 1M preprocessing at ~50 %, rerun
+
+Sections (each size in turn; every stage reuses what an earlier run left in ``--work``):
+
+* ``generate``: ``bench/make_corpus.py`` writes N structures (JSON lines, scalar ``e_form``);
+* ``preprocess``: ``cfdist preprocess`` (2 Ray workers): wall, structures/s per core, bytes per
+  structure, peak RSS of the driver, the Ray workers and the Ray daemons (per process, sampled
+  from /proc every 0.2 s: VmHWM, the kernel's high-water mark);
+* ``kill``: the same job into a fresh directory, kill -9 of its whole process tree when half the
+  chunks are written, the same command again: the manifest must equal the uninterrupted run's and
+  every input must be written or rejected once (counted);
+* ``verify``: the shard check before training, cold (full sha256) and cached;
+* ``train``: ``cfdist pretrain`` with 2 Ray workers, ZeRO-2, the paper model, ``--steps`` steps
+  with ``--batch`` structures per worker and step: time from launch to the first step, steps/s,
+  data wait, peak RSS of the driver, each train worker and the Ray daemons; at 10k the epoch ends
+  inside the run, so the data wait across the boundary is shown;
+* ``loader``: rank 0's stream alone (read, shuffle, pack, collate; no model) in this process:
+  structures/s, to compare with what a train worker consumes (headroom); time to the first batch
+  when resuming at 10 % and 90 % of the epoch, by position (cfdist.stream) and by replaying the
+  epoch and dropping the consumed batches (cfdist <= 0.2); shuffle quality of the stream orders.
+
+Everything big goes under ``--work`` (default /tmp/cfdist-scale; ~2.5 GB at 1M). The header
+prints the load average: on a shared machine, re-run when it is low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+       "PYTHONUNBUFFERED": "1"}
+CFDIST = str(Path(sys.executable).parent / "cfdist")  # the console script of this environment
+SECTIONS = ("generate", "preprocess", "kill", "verify", "train", "loader")
+
+
+# ----------------------------------------------------------------------------- process-tree memory
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _kind(pid: int, root: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    if pid == root:
+        return "driver"
+    for needle, name in (("RayTrainWorker", "train worker"), ("ray::", "ray worker"), ("raylet", "ray daemons"),
+                         ("gcs_server", "ray daemons"), ("torch.distributed.run", "launcher")):
+        if needle in cmd:
+            return name
+    return "ray daemons" if "ray" in cmd else "other"
+
+
+def _hwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class TreeMemory:
+    """Peak RSS (VmHWM) of every process below ``root``, sampled every ``period`` s, by kind.
+
+    Ray renames a worker's process title when it takes a task (``ray::RayTrainWorker``), so a
+    process keeps the last kind seen.
+    """
+
+    def __init__(self, root: int, period: float = 0.2):
+        self.root, self.period = root, period
+        self.peak: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def pids(self) -> list[int]:
+        seen, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            seen.append(pid)
+            todo += _children(pid)
+        return seen
+
+    def _run(self):
+        while not self.stop.is_set():
+            for pid in self.pids():
+                hwm = _hwm_mb(pid)
+                if hwm:
+                    self.peak[pid] = max(self.peak.get(pid, 0.0), hwm)
+                    kind = _kind(pid, self.root)
+                    if kind != "gone":
+                        self.kind[pid] = kind
+            self.stop.wait(self.period)
+
+    def close(self) -> dict[str, list[float]]:
+        self.stop.set()
+        self.thread.join()
+        out: dict[str, list[float]] = {}
+        for pid, mb in self.peak.items():
+            out.setdefault(self.kind.get(pid, "other"), []).append(mb)
+        return {k: sorted(v, reverse=True) for k, v in out.items()}
+
+
+def run_watched(cmd: list[str], log: Path, *, kill_when=None) -> dict:
+    """Run ``cmd`` in its own session with a memory watcher; ``kill_when()`` -> True kills the whole
+    tree with SIGKILL. Returns wall, return code and peak RSS by process kind."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
+                                start_new_session=True)
+        memory = TreeMemory(proc.pid)
+        killed = False
+        while proc.poll() is None:
+            if kill_when is not None and not killed and kill_when():
+                for pid in reversed(memory.pids()):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                killed = True
+            time.sleep(0.2)
+        peaks = memory.close()
+    if killed:  # daemons that left the tree (re-parented) die with their session
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return {"wall_s": time.perf_counter() - t0, "returncode": proc.returncode, "killed": killed, "rss_mb": peaks}
+
+
+def rss_cell(peaks: dict, kind: str) -> str:
+    values = peaks.get(kind, [])
+    if not values:
+        return "-"
+    return f"{values[0]:.0f}" if len(values) == 1 else f"{values[0]:.0f} (max of {len(values)})"
+
+
+# ----------------------------------------------------------------------------- stages
+def label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k"
+
+
+def generate(n: int, work: Path) -> dict:
+    out = work / f"corpus-{label(n)}"
+    if (out / "corpus.yaml").is_file():
+        return {"note": "reused"}
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "bench/make_corpus.py", "--out", str(out), "--n", str(n), "--format", "jsonl",
+                          "--no-progress", "--overwrite"], cwd=REPO, env=ENV, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"make_corpus failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def preprocess_cmd(n: int, work: Path, out: Path) -> list[str]:
+    return [CFDIST, "preprocess", str(work / f"corpus-{label(n)}"), "--out", str(out),
+            "--targets", "e_form", "--workers", "2"]
+
+
+def manifest_summary(out: Path) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = list(out.rglob("*.parquet"))
+    return {"content_hash": manifest.get("content_hash"), "n_input": manifest.get("n_input"),
+            "n_written": manifest.get("n_written"), "n_rejected": manifest.get("n_rejected"),
+            "bytes": sum(f.stat().st_size for f in files), "files": len(files)}
+
+
+def preprocess(n: int, work: Path) -> dict:
+    out = work / f"shards-{label(n)}"
+    if (out / "manifest.json").is_file():
+        return {"note": "reused", **manifest_summary(out)}
+    result = run_watched(preprocess_cmd(n, work, out), work / f"preprocess-{label(n)}.log")
+    if result["returncode"]:
+        raise SystemExit(f"preprocess {label(n)} failed: see {work / f'preprocess-{label(n)}.log'}")
+    return {**result, **manifest_summary(out)}
+
+
+def kill_and_resume(n: int, work: Path) -> dict:
+    reference = work / f"shards-{label(n)}"
+    out = work / f"shards-{label(n)}-killed"
+    if out.exists():
+        subprocess.run(["rm", "-rf", str(out)])
+    total = manifest_summary(reference)["files"]
+
+    def half_written() -> bool:
+        return sum(1 for _ in out.rglob("*.parquet")) >= total // 2
+
+    first = run_watched(preprocess_cmd(n, work, out), work / f"kill-{label(n)}.log", kill_when=half_written)
+    written_at_kill = sum(1 for _ in out.rglob("*.parquet"))
+    second = run_watched(preprocess_cmd(n, work, out), work / f"resume-{label(n)}.log")
+    got, want = manifest_summary(out), manifest_summary(reference)
+    ids = count_ids(out)
+    return {"killed_after_s": first["wall_s"], "killed": first["killed"], "files_at_kill": written_at_kill,
+            "files_total": total, "resume_wall_s": second["wall_s"], "resume_rc": second["returncode"],
+            "same_manifest": got["content_hash"] == want["content_hash"] and got["bytes"] == want["bytes"],
+            "n_input": got["n_input"], "n_written": got["n_written"], "n_rejected": got["n_rejected"], **ids}
+
+
+def count_ids(out: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    ids = [i for f in sorted(out.rglob("*.parquet")) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    rejects = out / "rejects.jsonl"
+    n_rejected = sum(1 for _ in rejects.open()) if rejects.is_file() else 0
+    return {"rows": len(ids), "unique_ids": len(set(ids)), "rejected": n_rejected}
+
+
+def verify(n: int, work: Path) -> dict:
+    code = ("import sys, time; from cfdist.manifest import ShardSet; s = ShardSet(sys.argv[1]); t = time.perf_counter(); "
+            "r = s.verify(['train', 'val'], checksums=sys.argv[2] if sys.argv[2] == 'full' else True); "
+            "print(time.perf_counter() - t)")
+    shards = work / f"shards-{label(n)}"
+    out = {}
+    for mode in ("full", "cached"):
+        res = subprocess.run([sys.executable, "-c", code, str(shards), mode], cwd=REPO, env=ENV, capture_output=True,
+                             text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-2000:])
+        out[mode + "_s"] = float(res.stdout.split()[-1])
+    return out
+
+
+def train(n: int, work: Path, steps: int, batch: int) -> dict:
+    run_name = f"train-{label(n)}"
+    runs = work / "runs"
+    if (runs / run_name).exists():
+        subprocess.run(["rm", "-rf", str(runs / run_name)])
+    cmd = [CFDIST, "pretrain", "--config", "megnet_slice",
+           f"data.shards={work / f'shards-{label(n)}'}", f"output_dir={runs}", f"run_name={run_name}",
+           "scaling.num_workers=2", "deepspeed=zero2", f"max_steps={steps}", "log_every=10",
+           f"data.max_structures={batch}", "data.val_split=", f"checkpoint_every={steps}", "--no-export"]
+    launched = time.time()
+    result = run_watched(cmd, work / f"{run_name}.log")
+    if result["returncode"]:
+        raise SystemExit(f"pretrain {label(n)} failed: see {work / f'{run_name}.log'}")
+    records = [json.loads(line) for line in (runs / run_name / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "data_wait_pct" in r]
+    log = (work / f"{run_name}.log").read_text()
+    check = re.search(r"shards ok: .*?\((.*?)\)\s*$", log, re.M)
+    waits = [r["data_wait_pct"] for r in train_records[1:]]  # the first window holds start-up
+    boundary = [r for a, r in zip(train_records, train_records[1:]) if r.get("epoch", 0) != a.get("epoch", 0)]
+    per_worker = np.mean([r["structures_per_s_per_worker"] for r in train_records[1:]])
+    return {**result, "first_step_s": train_records[0]["time"] - launched if train_records else float("nan"),
+            "shard_check": check.group(1) if check else "?", "data_wait_pct": float(np.mean(waits)),
+            "data_wait_max_pct": float(np.max(waits)),
+            "boundary_wait_pct": boundary[0]["data_wait_pct"] if boundary else None,
+            "epochs": train_records[-1].get("epoch", 0), "structures_per_s_per_worker": float(per_worker),
+            "step_time_s": float(np.mean([r["step_time_s"] for r in train_records[1:]]))}
+
+
+# ----------------------------------------------------------------------------- loader alone
+def loader(n: int, work: Path, batch: int, structures: int) -> dict:
+    """Rank 0 of 2's stream with the pretraining config's budget: throughput, resume, shuffle."""
+    from cfdist.data import BatchBudget, training_columns
+    from cfdist.manifest import ShardSet
+    from cfdist.stream import EpochPlan, Position, RowGroupReader, epoch_batches
+
+    import pyarrow.parquet as pq
+
+    shards = ShardSet(work / f"shards-{label(n)}")
+    entries = shards.files("train")
+    files = [(e.path, e.rows) for e in entries]
+    columns = training_columns(pq.read_schema(entries[0].path), ["e_form"])
+    budget = BatchBudget(400_000, 4096, batch)
+
+    def make(epoch, start):
+        plan = EpochPlan(files, seed=0, epoch=epoch, rank=0, world_size=2, window=2048, lanes=8)
+        return epoch_batches(plan, RowGroupReader(columns, cache=10), budget, start)
+
+    # throughput and memory in a fresh process (this one has read other things)
+    res = subprocess.run([sys.executable, __file__, "--child-loader", str(n), "--work", str(work), "--batch", str(batch),
+                          "--loader-structures", str(structures)], cwd=REPO, env=ENV, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(res.stderr[-3000:])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+
+    plan = EpochPlan(files, seed=0, epoch=0, rank=0, world_size=2, window=2048, lanes=8)
+    for frac in (0.1, 0.9):
+        window = int(frac * plan.n_windows)
+        t0 = time.perf_counter()
+        next(make(0, Position(window, 0)))
+        out[f"resume_{int(frac * 100)}pct_position_s"] = time.perf_counter() - t0
+        # cfdist <= 0.2: replay the epoch, drop the batches before the position (packing only, no collation)
+        rows_before = sum(plan.window_size(j) for j in range(window))
+        t0, rows = time.perf_counter(), 0
+        for table, _ in make(0, Position()):
+            rows += table.num_rows
+            if rows >= rows_before:
+                break
+        out[f"resume_{int(frac * 100)}pct_replay_s"] = time.perf_counter() - t0
+    return out
+
+
+def loader_child(n: int, work: Path, batch: int, structures: int) -> dict:
+    """Rank 0 of 2's prefetched stream for ``structures`` structures: rate and this process's peak RSS."""
+    from cfdist.data import BatchBudget, training_columns
+    from cfdist.manifest import ShardSet
+    from cfdist.shards import collate_arrow
+    from cfdist.stream import EpochPlan, Prefetcher, RowGroupReader, epoch_batches
+
+    import pyarrow.parquet as pq
+
+    shards = ShardSet(work / f"shards-{label(n)}")
+    entries = shards.files("train")
+    files = [(e.path, e.rows) for e in entries]
+    columns = training_columns(pq.read_schema(entries[0].path), ["e_form"])
+    budget = BatchBudget(400_000, 4096, batch)
+    reader = RowGroupReader(columns, cache=10)
+
+    def make(epoch, start):
+        plan = EpochPlan(files, seed=0, epoch=epoch, rank=0, world_size=2, window=2048, lanes=8)
+        return epoch_batches(plan, reader, budget, start)
+
+    base = _hwm_mb(os.getpid())
+    fetch = Prefetcher(make, lambda t: collate_arrow(t, ["e_form"], cutoff=shards.cutoff), first_epoch=0, depth=4)
+    t0, seen = time.perf_counter(), 0
+    while seen < structures:
+        item = fetch.next()
+        if item.batch is None:
+            break
+        seen += item.rows
+    rate = seen / (time.perf_counter() - t0)
+    fetch.close()
+    return {"loader_structures_per_s": rate, "loader_rss_mb": _hwm_mb(os.getpid()), "loader_rss_base_mb": base}
+
+
+def legacy_order(files, window: int, seed: int) -> list[str]:
+    """Rank 0 of 2 in cfdist <= 0.2: files r, r + 2, ... in manifest order through a sliding
+    shuffle window (emit a seeded half of every ``window`` rows)."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    pending, out = [], []
+    for path, _ in files[0::2]:
+        pending += pq.read_table(path, columns=["id"])["id"].to_pylist()
+        while len(pending) >= window:
+            order = rng.permutation(len(pending))
+            out += [pending[i] for i in order[:window // 2]]
+            pending = [pending[i] for i in order[window // 2:]]
+    return out + [pending[i] for i in rng.permutation(len(pending))]
+
+
+def shuffle_quality(n: int, work: Path, batch: int) -> list[dict]:
+    """Per stream order: how many distinct files a batch holds, the share of a batch's rows whose
+    file was also in the previous batch, and the lag-1 correlation of batch-mean e_form."""
+    from cfdist.manifest import ShardSet
+    from cfdist.stream import EpochPlan, RowGroupReader
+
+    import pyarrow.parquet as pq
+
+    entries = ShardSet(work / f"shards-{label(n)}").files("train")
+    files = [(e.path, e.rows) for e in entries]
+    file_of, label_of = {}, {}
+    for k, (path, _) in enumerate(files):
+        t = pq.read_table(path, columns=["id", "y.e_form"])
+        for i, y in zip(t["id"].to_pylist(), t["y.e_form"].to_pylist()):
+            file_of[i], label_of[i] = k, y
+
+    def new_order(lanes):
+        plan = EpochPlan(files, seed=0, epoch=0, rank=0, world_size=2, window=2048, lanes=lanes)
+        reader = RowGroupReader(["id"], cache=lanes + 2)
+        return [i for j in range(plan.n_windows) for i in reader.window(plan, j)["id"].to_pylist()]
+
+    rows = []
+    for name, order in (("cfdist <= 0.2: file-strided, sliding window 2048", legacy_order(files, 2048, 0)),
+                        ("per-epoch file shuffle + window 2048, 1 lane", new_order(1)),
+                        ("per-epoch file shuffle + window 2048, 8 lanes (default)", new_order(8))):
+        batches = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
+        fsets = [{file_of[i] for i in b} for b in batches]
+        shared = [np.mean([file_of[i] in prev for i in b]) for prev, b in zip(fsets, batches[1:])]
+        means = np.array([np.mean([label_of[i] for i in b]) for b in batches])
+        rows.append({"order": name, "files_per_batch": float(np.mean([len(f) for f in fsets])),
+                     "rows_from_previous_batch_files": float(np.mean(shared)),
+                     "label_lag1_corr": float(np.corrcoef(means[:-1], means[1:])[0, 1])})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "kill"),
+                        help=f"any of {','.join(SECTIONS)} (kill runs at the largest size only)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/cfdist-scale"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=32, help="structures per worker and step (data.max_structures)")
+    parser.add_argument("--loader-structures", type=int, default=20_000)
+    parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
+    parser.add_argument("--child-loader", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_loader:
+        print(json.dumps(loader_child(args.child_loader, args.work, args.batch, args.loader_structures)))
+        return 0
+    sizes = [int(s) for s in args.sizes.split(",")]
+    sections = args.sections.split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    print(f"# bench/scale.py {' '.join(sys.argv[1:])}\n# load average {os.getloadavg()}, {os.cpu_count()} cores, "
+          f"work dir {args.work}", flush=True)
+    results: dict = {}
+    for n in sizes:
+        r = results.setdefault(label(n), {})
+        if "generate" in sections:
+            r["generate"] = generate(n, args.work)
+            print(f"{label(n)} generate: {r['generate']}", flush=True)
+        if "preprocess" in sections:
+            r["preprocess"] = preprocess(n, args.work)
+            print(f"{label(n)} preprocess: {r['preprocess']}", flush=True)
+        if "kill" in sections and n == max(sizes):
+            r["kill"] = kill_and_resume(n, args.work)
+            print(f"{label(n)} kill -9 at ~50 % and rerun: {r['kill']}", flush=True)
+        if "verify" in sections:
+            r["verify"] = verify(n, args.work)
+            print(f"{label(n)} shard check: {r['verify']}", flush=True)
+        if "train" in sections:
+            r["train"] = train(n, args.work, args.steps, args.batch)
+            print(f"{label(n)} train: {r['train']}", flush=True)
+        if "loader" in sections:
+            r["loader"] = loader(n, args.work, args.batch, args.loader_structures)
+            r["shuffle"] = shuffle_quality(n, args.work, args.batch)
+            print(f"{label(n)} loader: {r['loader']}\n{label(n)} shuffle: {r['shuffle']}", flush=True)
+    print_tables(results, sections)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def print_tables(results: dict, sections: list[str]) -> None:
+    if "preprocess" in sections:
+        print("\n| N | preprocess wall (s) | structures/s/core | bytes/structure | peak RSS driver (MB) | "
+              "peak RSS per Ray worker (MB) | peak RSS Ray daemons (MB) |\n|---|---|---|---|---|---|---|")
+        for size, r in results.items():
+            p = r.get("preprocess", {})
+            if "wall_s" not in p:
+                continue
+            print(f"| {size} | {p['wall_s']:.0f} | {p['n_input'] / p['wall_s'] / 2:.0f} | "
+                  f"{p['bytes'] / max(p['n_written'], 1):.0f} | {rss_cell(p['rss_mb'], 'driver')} | "
+                  f"{rss_cell(p['rss_mb'], 'ray worker')} | {rss_cell(p['rss_mb'], 'ray daemons')} |")
+    if "train" in sections:
+        print("\n| N | launch -> first step (s) | shard check | structures/s/worker | data wait % (mean / max) | "
+              "wait over epoch end % | peak RSS driver (MB) | peak RSS per train worker (MB) |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for size, r in results.items():
+            t = r.get("train")
+            if not t:
+                continue
+            boundary = "-" if t["boundary_wait_pct"] is None else f"{t['boundary_wait_pct']:.1f}"
+            print(f"| {size} | {t['first_step_s']:.0f} | {t['shard_check']} | {t['structures_per_s_per_worker']:.0f} | "
+                  f"{t['data_wait_pct']:.1f} / {t['data_wait_max_pct']:.1f} | {boundary} | "
+                  f"{rss_cell(t['rss_mb'], 'driver')} | {rss_cell(t['rss_mb'], 'train worker')} |")
+    if "loader" in sections:
+        print("\n| N | loader alone (structures/s) | headroom vs a train worker | loader peak RSS (MB) | "
+              "resume at 10 %: position / replay (s) | resume at 90 %: position / replay (s) |\n|---|---|---|---|---|---|")
+        for size, r in results.items():
+            lo = r.get("loader")
+            if not lo:
+                continue
+            worker = r.get("train", {}).get("structures_per_s_per_worker")
+            headroom = f"{lo['loader_structures_per_s'] / worker:.1f}x" if worker else "-"
+            print(f"| {size} | {lo['loader_structures_per_s']:.0f} | {headroom} | {lo.get('loader_rss_mb', 0):.0f} | "
+                  f"{lo['resume_10pct_position_s']:.2f} / {lo['resume_10pct_replay_s']:.2f} | "
+                  f"{lo['resume_90pct_position_s']:.2f} / {lo['resume_90pct_replay_s']:.2f} |")
+        print("\n| N | stream order | files per batch | rows whose file was in the previous batch | "
+              "lag-1 corr. of batch-mean e_form |\n|---|---|---|---|---|")
+        for size, r in results.items():
+            for s in r.get("shuffle", []):
+                print(f"| {size} | {s['order']} | {s['files_per_batch']:.1f} | "
+                      f"{s['rows_from_previous_batch_files']:.2f} | {s['label_lag1_corr']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
