@@ -276,23 +276,37 @@ def train(n: int, work: Path, steps: int, batch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- loader alone
+class Rank0Stream:
+    """Rank 0 of 2's training stream over the train split of ``shards-<N>``, with the pretraining
+    config's window (2,048 rows, 8 lanes) and an entry budget of ``batch`` structures per batch."""
+
+    def __init__(self, n: int, work: Path, batch: int):
+        from cfdist.data import BatchBudget, training_columns
+        from cfdist.manifest import ShardSet
+
+        import pyarrow.parquet as pq
+
+        self.shards = ShardSet(work / f"shards-{label(n)}")
+        entries = self.shards.files("train")
+        self.files = [(e.path, e.rows) for e in entries]
+        self.columns = training_columns(pq.read_schema(entries[0].path), ["e_form"])
+        self.budget = BatchBudget(400_000, 4096, batch)
+
+    def plan(self, epoch: int):
+        from cfdist.stream import EpochPlan
+
+        return EpochPlan(self.files, seed=0, epoch=epoch, rank=0, world_size=2, window=2048, lanes=8)
+
+    def batches(self, epoch, start, reader=None):
+        """Packed tables and positions of ``epoch`` from ``start`` (a fresh reader unless given)."""
+        from cfdist.stream import RowGroupReader, epoch_batches
+
+        return epoch_batches(self.plan(epoch), reader or RowGroupReader(self.columns, cache=10), self.budget, start)
+
+
 def loader(n: int, work: Path, batch: int, structures: int) -> dict:
     """Rank 0 of 2's stream with the pretraining config's budget: throughput, resume, shuffle."""
-    from cfdist.data import BatchBudget, training_columns
-    from cfdist.manifest import ShardSet
-    from cfdist.stream import EpochPlan, Position, RowGroupReader, epoch_batches
-
-    import pyarrow.parquet as pq
-
-    shards = ShardSet(work / f"shards-{label(n)}")
-    entries = shards.files("train")
-    files = [(e.path, e.rows) for e in entries]
-    columns = training_columns(pq.read_schema(entries[0].path), ["e_form"])
-    budget = BatchBudget(400_000, 4096, batch)
-
-    def make(epoch, start):
-        plan = EpochPlan(files, seed=0, epoch=epoch, rank=0, world_size=2, window=2048, lanes=8)
-        return epoch_batches(plan, RowGroupReader(columns, cache=10), budget, start)
+    from cfdist.stream import Position
 
     # throughput and memory in a fresh process (this one has read other things)
     res = subprocess.run([sys.executable, __file__, "--child-loader", str(n), "--work", str(work), "--batch", str(batch),
@@ -301,16 +315,17 @@ def loader(n: int, work: Path, batch: int, structures: int) -> dict:
         raise SystemExit(res.stderr[-3000:])
     out = json.loads(res.stdout.strip().splitlines()[-1])
 
-    plan = EpochPlan(files, seed=0, epoch=0, rank=0, world_size=2, window=2048, lanes=8)
+    stream = Rank0Stream(n, work, batch)
+    plan = stream.plan(0)
     for frac in (0.1, 0.9):
         window = int(frac * plan.n_windows)
         t0 = time.perf_counter()
-        next(make(0, Position(window, 0)))
+        next(stream.batches(0, Position(window, 0)))
         out[f"resume_{int(frac * 100)}pct_position_s"] = time.perf_counter() - t0
         # cfdist <= 0.2: replay the epoch, drop the batches before the position (packing only, no collation)
         rows_before = sum(plan.window_size(j) for j in range(window))
         t0, rows = time.perf_counter(), 0
-        for table, _ in make(0, Position()):
+        for table, _ in stream.batches(0, Position()):
             rows += table.num_rows
             if rows >= rows_before:
                 break
@@ -320,26 +335,18 @@ def loader(n: int, work: Path, batch: int, structures: int) -> dict:
 
 def loader_child(n: int, work: Path, batch: int, structures: int) -> dict:
     """Rank 0 of 2's prefetched stream for ``structures`` structures: rate and this process's peak RSS."""
-    from cfdist.data import BatchBudget, training_columns
-    from cfdist.manifest import ShardSet
     from cfdist.shards import collate_arrow
-    from cfdist.stream import EpochPlan, Prefetcher, RowGroupReader, epoch_batches
+    from cfdist.stream import Prefetcher, RowGroupReader
 
-    import pyarrow.parquet as pq
-
-    shards = ShardSet(work / f"shards-{label(n)}")
-    entries = shards.files("train")
-    files = [(e.path, e.rows) for e in entries]
-    columns = training_columns(pq.read_schema(entries[0].path), ["e_form"])
-    budget = BatchBudget(400_000, 4096, batch)
-    reader = RowGroupReader(columns, cache=10)
+    stream = Rank0Stream(n, work, batch)
+    reader = RowGroupReader(stream.columns, cache=10)
 
     def make(epoch, start):
-        plan = EpochPlan(files, seed=0, epoch=epoch, rank=0, world_size=2, window=2048, lanes=8)
-        return epoch_batches(plan, reader, budget, start)
+        return stream.batches(epoch, start, reader)
 
+    cutoff = stream.shards.cutoff
     base = _hwm_mb(os.getpid())
-    fetch = Prefetcher(make, lambda t: collate_arrow(t, ["e_form"], cutoff=shards.cutoff), first_epoch=0, depth=4)
+    fetch = Prefetcher(make, lambda t: collate_arrow(t, ["e_form"], cutoff=cutoff), first_epoch=0, depth=4)
     t0, seen = time.perf_counter(), 0
     while seen < structures:
         item = fetch.next()
