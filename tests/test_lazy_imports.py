@@ -35,7 +35,7 @@ BLOCKER = textwrap.dedent(f"""
 """)
 
 LIGHT_MODULES = ("cfdist", "cfdist.model", "cfdist.config", "cfdist.batch", "cfdist.graph", "cfdist.shards",
-                 "cfdist.manifest", "cfdist.data", "cfdist.compile", "cfdist.ops.dense_box")
+                 "cfdist.manifest", "cfdist.data", "cfdist.stream", "cfdist.compile", "cfdist.ops.dense_box")
 
 
 def run_blocked(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
