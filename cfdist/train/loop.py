@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
-from cfdist.data import BatchBudget, PackStats, pack_rows, training_columns
+from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
@@ -89,14 +89,13 @@ class WorkerContext:
                          window=d.shuffle_rows if shuffle else 1, lanes=d.shuffle_lanes if shuffle else 1,
                          shuffle_files=shuffle and d.shuffle_files, shuffle_rows=shuffle)
 
-    def train_stream(self, budget: BatchBudget, prepare: Callable, cursor: DataCursor,
-                     stats: PackStats) -> Prefetcher:
+    def train_stream(self, budget: BatchBudget, prepare: Callable, cursor: DataCursor) -> Prefetcher:
         """This rank's batches from ``cursor`` on, epoch after epoch, prepared ahead in a thread."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
         start, drop = cursor.start_for(self.rank, self.world_size)
 
         def epoch(e: int, at: Position):
-            return epoch_batches(self.plan(self.cfg.data.train_split, e, shuffle=True), reader, budget, at, stats)
+            return epoch_batches(self.plan(self.cfg.data.train_split, e, shuffle=True), reader, budget, at)
 
         return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start, drop=drop,
                           depth=self.cfg.data.prefetch_batches)
@@ -317,8 +316,7 @@ class Trainer:
         window, components = StepWindow(), ComponentWindow()
         metrics: dict[str, Any] = {}
         dropped_tail = 0
-        pack_stats = PackStats()
-        stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor, pack_stats)
+        stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
         epoch_batches_seen = 0
         try:
             while self.step < cfg.max_steps:
