@@ -250,7 +250,7 @@ def load_sources(paths: Sequence[str | Path], *, max_atoms: int, min_distance: f
     ``max_atoms`` atoms and no two atoms closer than ``min_distance``, in input order.
 
     Records that fail (unreadable, disordered, too large, too close atoms) are skipped and counted."""
-    from cfdist.io.readers import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
+    from cfdist.io import default_id, expand_inputs, infer_format, plan_chunks, read_chunk
     from cfdist.preprocess.job import lll_reduced
 
     sources: list[Source] = []

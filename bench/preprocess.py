@@ -33,7 +33,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from cfdist.io.readers import plan_chunks  # noqa: E402
+from cfdist.io import plan_chunks  # noqa: E402
 from cfdist.preprocess.job import Settings, build, process_chunk  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def main() -> None:
 
 def compressed_reading(raw: Path, shard_size: int) -> None:
     """Plan + read every record of the gzipped input: seeking in the stream vs a spilled copy."""
-    from cfdist.io.readers import read_chunk
+    from cfdist.io import read_chunk
 
     packed = raw.with_name(raw.name + ".gz")
     with open(raw, "rb") as f, gzip.open(packed, "wb", compresslevel=6) as g:

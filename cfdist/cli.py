@@ -35,9 +35,9 @@ def _predict(argv) -> int:
                         "failed (the CSV is written all the same)")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
+    from cfdist.io import iter_input_records
     from cfdist.predict import (
         exit_status,
-        iter_input_records,
         output_names,
         predict_records,
         row_counts,

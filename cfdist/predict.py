@@ -15,9 +15,7 @@ reused when their cutoff covers the model's).
 from __future__ import annotations
 
 import csv
-import glob
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -26,8 +24,7 @@ import numpy as np
 import torch
 
 from cfdist.fileio import atomic_write, write_json_atomic
-from cfdist.io import readers
-from cfdist.io.readers import RawRecord
+from cfdist.io import FILE_REASONS, FileError, iter_input_records  # noqa: F401 - FILE_REASONS: Prediction's reasons
 
 
 @dataclass
@@ -45,162 +42,6 @@ class Prediction:
     error_reason: str = ""
     error: str = ""
     scope: str = "record"
-
-
-# Why a whole input (or the rest of one) gave no records.
-FILE_REASONS = ("not_found", "permission_denied", "unknown_format", "unreadable_file", "truncated", "empty")
-
-
-@dataclass
-class FileError(RawRecord):
-    """An input (or the rest of one) that yields no records: ``source`` is its path, ``id`` its file
-    name, ``index`` -1, ``error_reason`` one of :data:`FILE_REASONS`."""
-
-
-def file_error(path: str, reason: str, detail: str) -> FileError:
-    """The error record for an input that cannot be read; the message starts with the path and reason."""
-    name = os.path.basename(os.path.normpath(path)) or path
-    return FileError(source=path, index=-1, id=name, crystal=None, labels={}, error_reason=reason,
-                     error=f"{path}: {reason}: {detail}")
-
-
-def iter_input_records(inputs: Sequence[str], fmt: str | None = None, chunk_size: int = 1024,
-                       on_error: str = "raise"):
-    """Raw records of every input, in order (see :mod:`cfdist.io.readers`), each with an id.
-
-    A record that cannot be read is an error record either way. An input that cannot be found,
-    opened, recognised or planned: ``on_error="raise"`` raises (as the preprocessor does);
-    ``on_error="row"`` yields one file error record for it instead (``error_reason`` in
-    :data:`FILE_REASONS`, ``source`` the path, ``id`` the file name) and goes on with the other
-    inputs. With ``"row"`` a JSON list or JSON-lines input that is cut short yields its complete
-    records and then one ``truncated`` file error for the rest.
-    """
-    if on_error not in ("raise", "row"):
-        raise ValueError(f"on_error must be 'raise' or 'row', got {on_error!r}")
-    if on_error == "raise":
-        paths = readers.expand_inputs(list(inputs))
-        if not paths:
-            raise FileNotFoundError(f"no input structures found in {list(inputs)}")
-        for path in paths:
-            for chunk in readers.plan_chunks(path, fmt or readers.infer_format(path), chunk_size):
-                yield from _with_ids(chunk.path, readers.read_chunk(chunk))
-        return
-    for path, problem in _expand_each(inputs):
-        if problem is not None:
-            yield problem
-        else:
-            yield from _read_input(path, fmt, chunk_size)
-
-
-def _with_ids(path: str, records: Iterable[RawRecord]) -> Iterator[RawRecord]:
-    """Records without an id get the one the preprocessor gives them (split files match)."""
-    import dataclasses
-
-    for record in records:
-        yield record if record.id else dataclasses.replace(record, id=readers.default_id(path, record.index))
-
-
-def _expand_each(inputs: Sequence[str]) -> list[tuple[str, FileError | None]]:
-    """(path, None) for every input found, (the pattern's path, file error) for a pattern that gives
-    none; sorted by path as :func:`cfdist.io.readers.expand_inputs` sorts."""
-    found: dict[str, FileError | None] = {}
-    for pattern in inputs:
-        try:
-            for path in readers.expand_inputs([pattern]):
-                found[path] = None
-        except FileNotFoundError as exc:
-            path = os.path.abspath(os.path.expanduser(os.fspath(pattern)))
-            found.setdefault(path, _pattern_error(path, exc, glob.has_magic(path) and bool(glob.glob(path))))
-    return sorted(found.items())
-
-
-def _pattern_error(path: str, exc: Exception, matched: bool) -> FileError:
-    """Why an input pattern gave no input: a broken link, an unreadable or empty directory, a glob
-    matching no file of a known format (``matched``), nothing there."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return file_error(path, "not_found", f"broken symbolic link (to {os.readlink(path)!r})")
-    if os.path.isdir(path):
-        if not os.access(path, os.R_OK | os.X_OK):
-            return file_error(path, "permission_denied", "directory cannot be listed (permission denied)")
-        files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path)
-                       for f in names if not f.startswith("."))
-        known = f"{readers.ID_PROP} or files ending in {', '.join(readers.KNOWN_SUFFIXES)}"
-        if not files:
-            return file_error(path, "empty", f"directory holds no files (looked for {known})")
-        return file_error(path, "unknown_format", f"directory holds no structure files: {len(files)} file(s) "
-                          f"({', '.join(files[:5])}{', ...' if len(files) > 5 else ''}), none is {known}")
-    return file_error(path, "unknown_format" if matched else "not_found", str(exc))
-
-
-def _read_input(path: str, fmt: str | None, chunk_size: int) -> Iterator[RawRecord]:
-    """Records of one input; whatever stops the input becomes one file error (after the records before it)."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        yield file_error(path, "empty", "the file is empty (0 bytes)")
-        return
-    is_json = readers.is_json_input(path) and fmt in (None, "jarvis", "pymatgen")
-    if is_json and readers.json_lines_cut(path):  # read_chunk would reject the cut line as a record
-        yield from _read_cut_json(path, fmt, chunk_size, None)
-        return
-    try:
-        chunks = readers.plan_chunks(path, fmt or readers.infer_format(path), chunk_size)
-    except Exception as exc:  # noqa: BLE001 - one input must not stop the others
-        if is_json and not isinstance(exc, (FileNotFoundError, PermissionError)):
-            yield from _read_cut_json(path, fmt, chunk_size, exc)  # a cut list still holds records; "[]" is empty
-        else:
-            yield file_error(path, _file_reason(exc), _message(exc, path))
-        return
-    if not chunks:
-        yield file_error(path, "empty", "the input holds no structures")
-        return
-    n = 0
-    try:
-        for chunk in chunks:
-            for record in _with_ids(chunk.path, readers.read_chunk(chunk)):
-                yield record
-                n += 1
-    except Exception as exc:  # noqa: BLE001 - read_chunk raises only when the input cannot be opened
-        yield file_error(path, _file_reason(exc), _message(exc, path) + (f" (after {n} record(s))" if n else ""))
-
-
-def _read_cut_json(path: str, fmt: str | None, chunk_size: int,
-                   planning_error: Exception | None) -> Iterator[RawRecord]:
-    """Records of a JSON input planning refused, up to where its data stops; then one file error."""
-    n = 0
-    try:
-        for record in _with_ids(path, readers.read_json_prefix(path, fmt, chunk_size)):
-            yield record
-            n += 1
-    except readers.TruncatedInputError as exc:
-        yield file_error(path, "truncated", exc.detail)
-    except Exception as exc:  # noqa: BLE001
-        # not a cut list: planning's message is the familiar one unless records came first
-        shown = planning_error if planning_error is not None and not n and not isinstance(
-            exc, (readers.UnknownFormatError, PermissionError)) else exc
-        yield file_error(path, _file_reason(shown), _message(shown, path))
-    else:
-        if not n:
-            yield file_error(path, "empty", "the input holds no structures")
-
-
-def _file_reason(exc: Exception) -> str:
-    if isinstance(exc, PermissionError) or isinstance(exc.__cause__, PermissionError):
-        return "permission_denied"
-    if isinstance(exc, FileNotFoundError):
-        return "not_found"
-    if isinstance(exc, readers.UnknownFormatError):
-        return "unknown_format"
-    if isinstance(exc, readers.TruncatedInputError):
-        return "truncated"
-    return "unreadable_file"
-
-
-def _message(exc: Exception, path: str) -> str:
-    """The exception's message, without a leading copy of the path (the row's message starts with it)."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror and exc.filename else str(exc)
-    for prefix in (f"{path}: ", f"{path!r}: ", f"{path}:"):
-        if text.startswith(prefix):
-            text = text[len(prefix):].lstrip()
-    return text if isinstance(exc, (OSError, ValueError)) else f"{type(exc).__name__}: {text}"
 
 
 def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[Prediction]:

@@ -154,7 +154,7 @@ def test_generated_files_are_read_and_preprocessed(generator, sources, tmp_path,
     """cfdist's own readers read every record with the generator's labels; the preprocessing chunk
     function writes all of them (forces and stress too) and rejects none."""
     from cfdist.config import CrystalformerConfig
-    from cfdist.io.readers import infer_format, plan_chunks, read_chunk
+    from cfdist.io import infer_format, plan_chunks, read_chunk
     from cfdist.preprocess.job import Settings, process_chunk
 
     out = tmp_path / "corpus"

@@ -90,7 +90,8 @@ def test_predict_agrees_across_structures_atoms_and_files(portable, megnet_recor
 def test_bad_structures_get_error_rows_not_a_crash(portable, megnet_records, tmp_path):
     import cfdist
     from cfdist.crystal import from_jarvis
-    from cfdist.predict import Prediction, iter_input_records, predict_records
+    from cfdist.io import iter_input_records
+    from cfdist.predict import Prediction, predict_records
 
     good = [dict(r) for r in megnet_records[:4]]
     overlapping = json.loads(json.dumps(megnet_records[4]))
@@ -274,12 +275,11 @@ def test_evaluate_raw_inputs_with_a_truncated_file(portable, megnet_records, tmp
 def test_input_errors_in_python(megnet_records, tmp_path, monkeypatch):
     """iter_input_records: on_error="raise" (the default, as the preprocessor) still raises; "row" turns
     permission errors, failures while reading and globs without usable matches into file rows."""
-    from cfdist.io import readers
-    from cfdist.predict import FileError, iter_input_records
+    from cfdist.io import FileError, inputs, iter_input_records, plan_chunks
 
     cut, _, cut_ids, _ = _write_broken("truncated_list", tmp_path / "in", megnet_records[10:16])
     with pytest.raises(ValueError, match="not closed"):  # preprocessing keeps refusing a cut file
-        readers.plan_chunks(str(cut), "jarvis", 4)
+        plan_chunks(str(cut), "jarvis", 4)
     with pytest.raises(ValueError, match="not closed"):
         list(iter_input_records([str(cut)]))
     rows = list(iter_input_records([str(cut)], on_error="row"))
@@ -290,7 +290,7 @@ def test_input_errors_in_python(megnet_records, tmp_path, monkeypatch):
     locked = tmp_path / "locked.cif"
     locked.write_text("data_x\n")
     (tmp_path / "notes.txt").write_text("x")
-    real_plan, real_read = readers.plan_chunks, readers.read_chunk
+    real_plan, real_read = inputs.plan_chunks, inputs.read_chunk
 
     def plan(path, fmt, chunk_size):
         if path == str(locked):  # chmod does not stop root: refuse as the OS would
@@ -303,8 +303,8 @@ def test_input_errors_in_python(megnet_records, tmp_path, monkeypatch):
                 raise OSError(f"cannot read {chunk.path!r}: EOFError: gone")
             yield record
 
-    monkeypatch.setattr(readers, "plan_chunks", plan)
-    monkeypatch.setattr(readers, "read_chunk", read)
+    monkeypatch.setattr(inputs, "plan_chunks", plan)
+    monkeypatch.setattr(inputs, "read_chunk", read)
     rows = list(iter_input_records([str(good), str(locked), str(tmp_path / "*.txt")], on_error="row"))
     got = [(r.id, r.error_reason) for r in rows]
     assert got == [("*.txt", "unknown_format"),  # sorted by path, as expand_inputs sorts
@@ -314,7 +314,7 @@ def test_input_errors_in_python(megnet_records, tmp_path, monkeypatch):
 
 
 def test_records_without_ids_get_the_preprocessors_ids(megnet_records, tmp_path):
-    from cfdist.predict import iter_input_records
+    from cfdist.io import iter_input_records
 
     path = tmp_path / "noid.json"
     path.write_text(json.dumps([{k: v for k, v in r.items() if k != "id"} for r in megnet_records[:3]]))

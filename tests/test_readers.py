@@ -14,10 +14,11 @@ from dataclasses import replace as dataclasses_replace
 import numpy as np
 import pytest
 
-from cfdist.io import readers
+import cfdist.io as readers
+from cfdist.io import cut_json, json_container, spill
 from raw_formats import (cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
                          write_extxyz, write_json, write_jsonl)
-from cfdist.io.readers import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
+from cfdist.io import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
                                 read_chunk)
 
 N = 20
@@ -549,7 +550,7 @@ def test_streaming_reads_only_the_chunk(files, monkeypatch, key):
         opened.append(p)
         return _CountingFile(p, log)
 
-    monkeypatch.setattr(readers, "open", fake_open, raising=False)
+    monkeypatch.setattr(spill, "open", fake_open, raising=False)
     got = list(read_chunk(later))
     assert opened == [path]
     assert ("seek", later.byte_offset) in log
@@ -669,7 +670,7 @@ def test_compressed_extxyz_reads_like_the_plain_file(tmp_path, suffix, spill):
     with (gzip.open if suffix.endswith(".gz") else bz2.open)(packed, "wb") as f:
         f.write(data)
     assert infer_format(packed) == "extxyz" and suffix in readers.KNOWN_SUFFIXES
-    assert not readers.is_json_input(packed)
+    assert not json_container.is_json_input(packed)
     assert expand_inputs([str(tmp_path / "*")]) == [packed]
 
     spill_dir = str(tmp_path / "spill") if spill else None
@@ -732,7 +733,7 @@ def _prefix(path: str) -> tuple[list, readers.TruncatedInputError]:
     records come from the copy decompressed while scanning, not from decompressing it again)."""
     out = []
     with pytest.raises(readers.TruncatedInputError) as info:
-        for record in readers.read_json_prefix(path, chunk_size=2):
+        for record in readers.read_prefix(path, chunk_size=2):
             out.append(record)
             if len(out) == 1 and path.endswith((".gz", ".bz2")):
                 with open(path, "wb") as f:
@@ -770,7 +771,7 @@ def test_read_json_prefix_reads_the_complete_records_before_a_cut(tmp_path, recs
     assert exc.detail.startswith("the file ends inside line 6 (record 5)" if kind.startswith("jsonl") else
                                  "the file ends inside record 5" if inside else
                                  "the file ends after record 5, before the list is closed")
-    assert readers.json_lines_cut(str(cut)) == (kind == "jsonl")
+    assert cut_json.json_lines_cut(str(cut)) == (kind == "jsonl")
 
 
 @pytest.mark.parametrize("kind", ["json.gz", "jsonl.gz", "json.bz2"])

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cfdist.io.readers import FORMATS
+from cfdist.io import FORMATS
 from cfdist.preprocess.job import Settings, build
 from cfdist.preprocess.splits import BuildError
 

@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
-from cfdist.io.readers import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
+from cfdist.io import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
 from cfdist.preprocess.splits import (MISSING_GROUP, SPLITS, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
 from cfdist.preprocess.statistics import StatsAccumulator
