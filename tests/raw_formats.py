@@ -43,7 +43,7 @@ def write_jsonl(path, objs, raw_lines=()):
     lines = [json.dumps(o) for o in objs]
     for pos, text in sorted(dict(raw_lines).items(), reverse=True):
         lines.insert(pos, text)
-    opener = gzip.open if path.endswith(".gz") else open
+    opener = gzip.open if path.endswith(".gz") else bz2.open if path.endswith(".bz2") else open
     with opener(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
 

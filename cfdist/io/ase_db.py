@@ -15,7 +15,7 @@ from cfdist.io.records import (ID_KEYS, Chunk, RawRecord, file_errors, first_id,
                                numeric_labels, string_meta, stress_3x3)
 from cfdist.io.spill import plain_chunks
 
-SUFFIXES = (".db",)
+SUFFIXES = (".db", ".json")  # SQLite; ASE's JSON database (ase.db.connect reads no .json.gz)
 
 
 def plan(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) -> list[Chunk]:

@@ -56,8 +56,9 @@ class Format:
             the key of a keyed store). ``spill_dir``: where decompressed copies may be kept.
         read: ``read(chunk)``: the chunk's records in order; :func:`read_chunk` pads a shortfall.
         sniff: for a file ending several formats share: ``sniff(path)`` names the format the file
-            holds (one of those formats) or returns None to let the next sniff decide; may raise
-            :class:`UnknownFormatError`. Sniffs run in table order, once each.
+            holds or returns None to let the next sniff decide; may raise :class:`UnknownFormatError`.
+            Sniffs run in table order, once each; a name whose row does not claim the ending is an
+            :class:`UnknownFormatError` (the data is that format's, in a container it is not read from).
         marker: a file whose directory is one input of this format (``cif``: ``id_prop.csv``).
         cut: how to read the format's inputs when they stop early, or None (prediction then reports
             the input as unreadable).
@@ -80,7 +81,7 @@ REGISTRY: tuple[Format, ...] = (
     Format("pymatgen", JSON_SUFFIXES + JSONL_SUFFIXES, plan_json, pymatgen_dicts.read, sniff=json_format,
            cut=_JSON_CUT),
     Format("extxyz", extxyz.SUFFIXES, extxyz.plan, extxyz.read),
-    Format("ase_db", ase_db.SUFFIXES + JSON_SUFFIXES, ase_db.plan, ase_db.read, sniff=json_format),
+    Format("ase_db", ase_db.SUFFIXES, ase_db.plan, ase_db.read, sniff=json_format),
 )
 
 FORMATS: tuple[str, ...] = tuple(f.name for f in REGISTRY)
@@ -145,10 +146,11 @@ def infer_format(path: str) -> str:
     names = [f.name for f in found]
     for sniff in dict.fromkeys(f.sniff for f in found if f.sniff is not None):
         name = sniff(path)
-        if name is not None:
-            if name not in names:
-                raise AssertionError(f"sniff {sniff.__qualname__} named {name!r} for {path!r}, not one of {names}")
+        if name in names:
             return name
+        if name is not None:  # e.g. an ASE JSON database compressed: ASE reads only a plain .json
+            raise UnknownFormatError(f"cannot read {path!r}: it holds {name} data, but {name} is read only from "
+                                     f"files ending in {', '.join(get_format(name).suffixes)}")
     if found:
         raise UnknownFormatError(f"cannot infer the format of {path!r}: none of {names} recognises it")
     raise UnknownFormatError(f"cannot infer the format of {path!r}: unknown extension (known: "

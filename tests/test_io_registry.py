@@ -1,0 +1,176 @@
+"""The format table of :mod:`cfdist.io.registry` is the one way a format is named, inferred, planned and
+read: every registered format is reachable by ``--format NAME`` and by each of its file endings, the
+errors list what is registered, and no module outside the format modules branches on a format's name."""
+
+from __future__ import annotations
+
+import ast
+import bz2
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import cfdist.io as cio
+from cfdist.io import FORMATS, KNOWN_SUFFIXES, REGISTRY, Chunk, infer_format, iter_input_records, plan_chunks, read_chunk
+from cfdist.io.registry import get_format
+from raw_formats import cse_dict, structure_of, write_all_formats, write_cif_dir, write_extxyz, write_json, write_jsonl
+
+N = 6
+PACKAGE = Path(cio.__file__).resolve().parent.parent
+
+# A well-formed input of each registered format (key of raw_formats.write_all_formats). A format
+# added to the table without an entry here fails test_every_registered_format_has_a_sample.
+SAMPLE = {"cif": "cif", "jarvis": "jarvis_json", "pymatgen": "pmg_cse", "extxyz": "extxyz", "ase_db": "ase_db"}
+
+
+@pytest.fixture(scope="module")
+def recs(megnet_records):
+    return [dict(r) for r in megnet_records[:N]]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, recs):
+    return write_all_formats(tmp_path_factory.mktemp("inputs"), recs)
+
+
+def _compress(plain: Path, target: Path) -> Path:
+    """``plain``'s bytes written to ``target`` compressed as its ending says (or copied)."""
+    opener = gzip.open if target.name.endswith(".gz") else bz2.open if target.name.endswith(".bz2") else open
+    with open(plain, "rb") as src, opener(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return target
+
+
+def _write(fmt: str, suffix: str, directory: Path, recs) -> tuple[Path, int]:
+    """An input of format ``fmt`` whose name ends in ``suffix``, and how many records it holds."""
+    path = directory / f"{fmt}-sample{suffix}"
+    if fmt == "cif":
+        from pymatgen.io.cif import CifWriter
+
+        CifWriter(structure_of(recs[0])).write_file(str(path))
+        return path, 1
+    if fmt in ("jarvis", "pymatgen"):
+        objs = recs if fmt == "jarvis" else [cse_dict(r) for r in recs]
+        (write_jsonl if ".jsonl" in suffix else write_json)(str(path), objs)
+        return path, len(recs)
+    if fmt == "extxyz":
+        plain = directory / "frames.plain"  # an ending no format claims: globs leave it out
+        write_extxyz(str(plain), recs)
+        _compress(plain, path)
+        plain.unlink()
+        return path, len(recs)
+    if fmt == "ase_db":
+        import ase.db
+        from raw_formats import atoms_of
+
+        with ase.db.connect(str(path)) as db:
+            for rec in recs:
+                db.write(atoms_of(rec), material_id=rec["id"])
+        return path, len(recs)
+    raise AssertionError(f"no writer for {fmt!r}: add one with the format's tests")
+
+
+def test_every_registered_format_has_a_sample():
+    assert tuple(f.name for f in REGISTRY) == FORMATS
+    assert set(SAMPLE) == set(FORMATS)
+    assert len(set(FORMATS)) == len(FORMATS)
+    for f in REGISTRY:
+        assert f.suffixes and all(s == s.lower() and s.startswith(".") for s in f.suffixes), f.name
+        assert callable(f.plan) and callable(f.read), f.name
+    # a file ending claimed by several formats can only be told apart by looking inside
+    for suffix in KNOWN_SUFFIXES:
+        claiming = [f for f in REGISTRY if suffix in f.suffixes]
+        assert len(claiming) == 1 or all(f.sniff is not None for f in claiming), suffix
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_is_reachable_by_name(files, recs, fmt):
+    """``cfdist preprocess --format NAME`` accepts it; planning and reading with that name (what the
+    preprocessor and ``cfdist predict --format NAME`` do) give every record, stamped with the name."""
+    from cfdist.preprocess.cli import parse_args
+
+    path = files[SAMPLE[fmt]]
+    assert parse_args([path, "--out", "unused", "--format", fmt]).format == fmt
+    chunks = plan_chunks(path, fmt, 4)
+    assert {c.format for c in chunks} == {fmt} and sum(c.count for c in chunks) == N
+    assert all(r.ok for c in chunks for r in read_chunk(c))
+    records = list(iter_input_records([path], fmt, chunk_size=4, on_error="row"))
+    assert [r.id for r in records] == [r["id"] for r in recs] and all(r.ok for r in records)
+
+
+@pytest.mark.parametrize("fmt,suffix", [(f.name, s) for f in REGISTRY for s in f.suffixes])
+def test_every_format_is_reachable_by_each_of_its_endings(tmp_path, recs, fmt, suffix):
+    path, n = _write(fmt, suffix, tmp_path, recs)
+    assert infer_format(str(path)) == fmt
+    assert cio.expand_inputs([str(tmp_path / "*")]) == [str(path)]  # globs pick the ending up
+    records = list(iter_input_records([str(path)], on_error="row"))
+    assert len(records) == n and all(r.ok for r in records), [r.error for r in records if not r.ok]
+
+
+def test_a_marker_makes_a_directory_one_input(files):
+    cif_dir = files["cif"]
+    assert infer_format(cif_dir) == "cif" == infer_format(os.path.join(cif_dir, "id_prop.csv"))
+    assert cio.expand_inputs([os.path.join(cif_dir, "id_prop.csv")]) == [cif_dir]
+
+
+def test_unknown_names_and_endings_list_what_is_registered(files, tmp_path):
+    names = str(FORMATS).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=rf"unknown format 'parquet' for .*; expected one of {names}"):
+        plan_chunks(files["extxyz"], "parquet", 4)
+    with pytest.raises(ValueError, match=rf"unknown format 'parquet' in chunk .*; expected one of {names}"):
+        list(read_chunk(Chunk("parquet", files["extxyz"], 0, 1)))
+    with pytest.raises(ValueError, match="unknown format 'parquet'"):
+        get_format("parquet")
+    odd = tmp_path / "table.parquet"
+    odd.write_bytes(b"PAR1")
+    with pytest.raises(cio.UnknownFormatError, match=r"unknown extension \(known: id_prop.csv directory, "
+                       + r"\.cif, .*\.db\)"):
+        infer_format(str(odd))
+    rows = list(iter_input_records([files["extxyz"]], "parquet", on_error="row"))
+    assert [r.error_reason for r in rows] == ["unreadable_file"] and "expected one of" in rows[0].error
+
+
+def test_data_of_a_format_in_a_container_it_is_not_read_from(tmp_path, recs):
+    """An ASE JSON database gzipped: the sniff sees ASE's layout, but ASE reads only a plain .json."""
+    path, _ = _write("ase_db", ".json", tmp_path, recs)
+    packed = _compress(path, tmp_path / "db.json.gz")
+    with pytest.raises(cio.UnknownFormatError, match=r"db.json.gz.*holds ase_db data.*\.db, \.json"):
+        infer_format(str(packed))
+
+
+def _compares_to_a_format_name(node: ast.AST) -> bool:
+    """``x == "jarvis"``, ``x in ("jarvis", "pymatgen")`` and the like."""
+    if not isinstance(node, ast.Compare):
+        return False
+    for side in [node.left, *node.comparators]:
+        for sub in ast.walk(side):
+            if isinstance(sub, ast.Constant) and sub.value in FORMATS:
+                return True
+    return False
+
+
+def test_the_table_is_the_only_dispatch_on_format_names():
+    """No module compares a value with a registered format's name: what differs between formats is
+    a row of the table. (The format modules name formats only in what they return or register.)"""
+    offenders = []
+    for path in sorted(PACKAGE.joinpath("cfdist").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if _compares_to_a_format_name(node):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, f"dispatch on format names outside cfdist/io/registry.py: {offenders}"
+
+
+def test_io_imports_nothing_from_higher_layers():
+    higher = ("preprocess", "manifest", "data", "stream", "model", "run", "train", "finetune", "predict", "cli")
+    found = []
+    for path in sorted(Path(cio.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[:2][-1] in higher and n.startswith("cfdist.")]
+        assert len(path.read_text().splitlines()) < 400, f"{path.name} is over 400 lines"
+    assert not found
