@@ -8,7 +8,7 @@
     ray job submit --working-dir . -- python preprocess/build_shards.py ...
 
 The same as ``cfdist preprocess``: the command line is :mod:`cfdist.preprocess.cli`, the job
-:mod:`cfdist.preprocess.job`, the readers :mod:`cfdist.io.readers` (``--help`` lists the options).
+:mod:`cfdist.preprocess.job`, the readers :mod:`cfdist.io` (``--help`` lists the options).
 """
 
 import sys

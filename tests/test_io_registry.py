@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 import cfdist.io as cio
-from cfdist.io import FORMATS, KNOWN_SUFFIXES, REGISTRY, Chunk, infer_format, iter_input_records, plan_chunks, read_chunk
+from cfdist.io import (FORMATS, KNOWN_SUFFIXES, REGISTRY, Chunk, infer_format, iter_input_records, plan_chunks,
+                       read_chunk)
 from cfdist.io.registry import get_format
-from raw_formats import cse_dict, structure_of, write_all_formats, write_cif_dir, write_extxyz, write_json, write_jsonl
+from paths import ROOT
+from raw_formats import atoms_of, cse_dict, structure_of, write_all_formats, write_extxyz, write_json, write_jsonl
 
 N = 6
-PACKAGE = Path(cio.__file__).resolve().parent.parent
 
 # A well-formed input of each registered format (key of raw_formats.write_all_formats). A format
 # added to the table without an entry here fails test_every_registered_format_has_a_sample.
@@ -64,7 +65,6 @@ def _write(fmt: str, suffix: str, directory: Path, recs) -> tuple[Path, int]:
         return path, len(recs)
     if fmt == "ase_db":
         import ase.db
-        from raw_formats import atoms_of
 
         with ase.db.connect(str(path)) as db:
             for rec in recs:
@@ -156,12 +156,14 @@ def test_the_table_is_the_only_dispatch_on_format_names():
     """No module compares a value with a registered format's name: what differs between formats is
     a row of the table. (The format modules name formats only in what they return or register.)"""
     offenders = []
-    for path in sorted(PACKAGE.joinpath("cfdist").rglob("*.py")):
+    modules = sorted((ROOT / "cfdist").rglob("*.py"))
+    assert len(modules) > 40 and ROOT / "cfdist" / "predict.py" in modules  # the scan sees the package
+    for path in modules:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if _compares_to_a_format_name(node):
-                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
-    assert not offenders, f"dispatch on format names outside cfdist/io/registry.py: {offenders}"
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"dispatch on format names (make it a column of cfdist/io/registry.py): {offenders}"
 
 
 def test_io_imports_nothing_from_higher_layers():
@@ -169,8 +171,23 @@ def test_io_imports_nothing_from_higher_layers():
     found = []
     for path in sorted(Path(cio.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            found += [f"{path.name}: {n}" for n in names if n.split(".")[:2][-1] in higher and n.startswith("cfdist.")]
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # "from cfdist import predict" names cfdist.predict
+                names = [f"{node.module}.{a.name}" if node.module == "cfdist" else node.module or "" for a in node.names]
+            else:
+                continue
+            found += [f"{path.name}: {n}" for n in names if n.startswith("cfdist.") and n.split(".")[1] in higher]
         assert len(path.read_text().splitlines()) < 400, f"{path.name} is over 400 lines"
     assert not found
+
+
+def test_docs_list_every_format_and_ending():
+    """docs/shards.md's format table follows the registry: a row per format naming each of its endings."""
+    text = (ROOT / "docs" / "shards.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
+    for f in REGISTRY:
+        assert f.name in rows, f"docs/shards.md has no row for --format {f.name}"
+        row = rows[f.name] if f.name != "pymatgen" else rows["jarvis"]  # "the same JSON endings"
+        assert all(f"`{s}`" in row for s in f.suffixes), (f.name, row)
+        assert f.marker is None or f.marker in row

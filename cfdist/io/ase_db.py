@@ -47,6 +47,7 @@ class connect_db:
 
 
 def read(chunk: Chunk) -> Iterator[RawRecord]:
+    """The rows ``chunk.start .. chunk.start + count - 1`` in id order, one record each."""
     with file_errors(chunk.path), connect_db(chunk.path) as db:
         # sort="id": without it ASE issues no ORDER BY and SQLite's row order is unspecified.
         rows = list(db.select(sort="id", offset=chunk.start, limit=chunk.count, include_data=False))

@@ -199,7 +199,8 @@ def _plan_prefix(path: str, fmt: str | None, chunk_size: int, spill: str | None,
 
 
 def _prefix_format(path: str, source: str, infer: Callable[[str], str]) -> str:
-    """``infer`` (the registry's format inference) of ``path`` read from ``source`` (its decompressed copy), naming ``path``."""
+    """``infer`` (the registry's format inference) of ``path`` read from ``source`` (its decompressed
+    copy); an error names ``path``, not the copy."""
     try:
         return infer(source)
     except ValueError as exc:

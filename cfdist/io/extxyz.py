@@ -76,6 +76,7 @@ def iter_xyz_frames(lines: Iterable[bytes], path: str, offset0: int = 0,
 
 
 def read(chunk: Chunk) -> Iterator[RawRecord]:
+    """The frames of one planned byte range, one record each (named ``<path>:line <n>``)."""
     # a .gz/.bz2 input without a spill copy: seeking decompresses (but does not parse) what comes before
     with file_errors(chunk.path), open_binary(chunk.data_path or chunk.path) as f:
         f.seek(chunk.byte_offset)

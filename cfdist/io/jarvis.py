@@ -20,6 +20,8 @@ def read(chunk: Chunk) -> Iterator[RawRecord]:
 
 
 def jarvis_record(rec: Any, source: str, index: int, partial: dict) -> RawRecord:
+    """One decoded JARVIS record as a :class:`RawRecord` (``partial`` collects its id and labels for
+    the error record if it fails; see :func:`cfdist.io.records.guarded`)."""
     if not isinstance(rec, Mapping):
         raise RecordError("unparseable", f"expected a JSON object, got {type(rec).__name__}")
     rid = partial["id"] = first_id(rec, ("id", "jid", "material_id"))

@@ -73,6 +73,7 @@ def json_format(path: str) -> str:
 
 
 def classify_record(rec: Any) -> str | None:
+    """``jarvis`` or ``pymatgen`` by the shape of one decoded record, else None."""
     if not isinstance(rec, Mapping):
         return None
     atoms = rec.get("atoms")
@@ -254,6 +255,7 @@ def _records_of(obj: Any, path: str) -> list:
 
 
 def json_records(path: str) -> list:
+    """Every record of a JSON document loaded whole (a list, an ``entries`` dump or a single record)."""
     return _records_of(_load_json(path), path)
 
 

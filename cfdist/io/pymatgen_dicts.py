@@ -22,6 +22,8 @@ def read(chunk: Chunk) -> Iterator[RawRecord]:
 
 
 def pymatgen_record(rec: Any, source: str, index: int, partial: dict) -> RawRecord:
+    """One decoded pymatgen dict (``ComputedStructureEntry``, ``{"structure": ...}`` wrapper or bare
+    ``Structure``) as a :class:`RawRecord`; ``partial`` as in :func:`cfdist.io.records.guarded`."""
     if not isinstance(rec, Mapping):
         raise RecordError("unparseable", f"expected a JSON object, got {type(rec).__name__}")
     from pymatgen.core import Structure

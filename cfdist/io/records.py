@@ -141,6 +141,7 @@ def exactly(chunk: Chunk, records: Iterator[RawRecord]) -> Iterator[RawRecord]:
 
 def error_record(source: str, index: int, rid: str | None, reason: str, detail: str,
                   labels: dict[str, float] | None = None) -> RawRecord:
+    """The record for one input record that gives no crystal; ``error`` reads ``<source>: <reason>: <detail>``."""
     return RawRecord(source=source, index=index, id=rid, crystal=None, labels=dict(labels or {}),
                      error_reason=reason, error=f"{source}: {reason}: {detail}")
 
@@ -178,6 +179,7 @@ def numeric_labels(mapping: Mapping, exclude: Iterable[str] = ()) -> dict[str, f
 
 
 def first_id(mapping: Mapping, keys: Iterable[str]) -> str | None:
+    """The value of the first of ``keys`` that is set (not None or ""), as a string; else None."""
     key = id_key(mapping, keys)
     return None if key is None else str(mapping[key])
 
@@ -213,6 +215,8 @@ def string_meta(mapping: Mapping, exclude: Iterable[str] = (), into: dict[str, s
 
 
 def stress_3x3(value, where: str) -> np.ndarray:
+    """A stress as a (3, 3) float64 array (eV/A^3) from 9 entries or 6 in ASE Voigt order; ``where`` names
+    the record in the ``bad_shape`` error otherwise."""
     arr = np.asarray(value, dtype=np.float64)
     if arr.shape == (3, 3):
         return arr.copy()
@@ -225,6 +229,7 @@ def stress_3x3(value, where: str) -> np.ndarray:
 
 
 def forces_array(value, n_atoms: int, where: str) -> np.ndarray:
+    """Forces as an (n_atoms, 3) float64 array (eV/A); a ``bad_shape`` error naming ``where`` otherwise."""
     arr = np.array(value, dtype=np.float64)
     if arr.shape != (n_atoms, 3):
         raise InvalidCrystalError(where, "bad_shape", f"forces must have shape ({n_atoms}, 3), got {arr.shape}")

@@ -30,6 +30,7 @@ COMPRESSED_SUFFIXES = (".gz", ".bz2")
 
 
 def open_binary(path: str):
+    """``path`` opened for binary reading, decompressed on the fly when it ends in ``.gz`` or ``.bz2``."""
     low = path.lower()
     if low.endswith(".gz"):
         return gzip.open(path, "rb")
@@ -39,6 +40,7 @@ def open_binary(path: str):
 
 
 def open_text(path: str):
+    """:func:`open_binary` as UTF-8 text (a leading byte-order mark is dropped)."""
     return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig")
 
 
@@ -80,6 +82,7 @@ def spilling(target: str | None):
 
 
 def plain_chunks(fmt: str, path: str, n: int, chunk_size: int) -> list[Chunk]:
+    """Index-range chunks over ``n`` records (no byte addresses): rows, blocks, whole-document lists."""
     return [Chunk(fmt, path, start, min(chunk_size, n - start)) for start in range(0, n, chunk_size)]
 
 

@@ -9,7 +9,7 @@ or, against a running cluster (the job connects to it through RAY_ADDRESS):
 
     ray job submit --working-dir . -- python preprocess/build_shards.py ...
 
-Inputs are files, directories or globs in any format of :mod:`cfdist.io.readers` (CIF
+Inputs are files, directories or globs in any format of :mod:`cfdist.io` (CIF
 directory + id_prop.csv, JARVIS JSON, pymatgen JSON, extxyz, ASE db). What the job writes and
 how it resumes: :mod:`cfdist.preprocess.job`.
 """
