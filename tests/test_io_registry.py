@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import bz2
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,10 @@ import pytest
 import cfdist.io as cio
 from cfdist.io import (FORMATS, KNOWN_SUFFIXES, REGISTRY, Chunk, infer_format, iter_input_records, plan_chunks,
                        read_chunk)
-from cfdist.io.registry import get_format
+from cfdist.io import registry
+from cfdist.io.jarvis import jarvis_record
+from cfdist.io.records import guarded
+from cfdist.io.registry import Format, get_format
 from paths import ROOT
 from raw_formats import atoms_of, cse_dict, structure_of, write_all_formats, write_extxyz, write_json, write_jsonl
 
@@ -177,7 +181,8 @@ def test_io_imports_nothing_from_higher_layers():
                 names = [f"{node.module}.{a.name}" if node.module == "cfdist" else node.module or "" for a in node.names]
             else:
                 continue
-            found += [f"{path.name}: {n}" for n in names if n.startswith("cfdist.") and n.split(".")[1] in higher]
+            found += [f"{path.name}: {n}" for n in names
+                      if n.startswith("cfdist.") and n.split(".")[1] in higher]
         assert len(path.read_text().splitlines()) < 400, f"{path.name} is over 400 lines"
     assert not found
 
@@ -191,3 +196,47 @@ def test_docs_list_every_format_and_ending():
         row = rows[f.name] if f.name != "pymatgen" else rows["jarvis"]  # "the same JSON endings"
         assert all(f"`{s}`" in row for s in f.suffixes), (f.name, row)
         assert f.marker is None or f.marker in row
+
+
+# ----------------------------------------------------------------------------- a format added in one row
+
+def _plan_keyed(path, fmt, chunk_size, spill_dir=None):
+    """Chunks of a ``{id: JARVIS record}`` object, each located by its first key (``Chunk.part``)."""
+    keys = list(json.loads(Path(path).read_text()))
+    return [Chunk(fmt, path, start, min(chunk_size, len(keys) - start), part=keys[start])
+            for start in range(0, len(keys), chunk_size)]
+
+
+def _read_keyed(chunk):
+    members = json.loads(Path(chunk.path).read_text())
+    keys = list(members)
+    first = keys.index(chunk.part)  # located by key, not by position
+    for index, key in enumerate(keys[first:first + chunk.count], chunk.start):
+        source = f"{chunk.path}:{key}"
+        yield guarded(source, index, lambda partial, key=key, source=source, index=index:
+                      jarvis_record({"id": key, **members[key]}, source, index, partial))
+
+
+def _sniff_keyed(path):
+    with open(path, "rb") as f:
+        return "keyed" if f.read(5) == b'{"mp-' else None
+
+
+def test_a_new_format_is_one_row(monkeypatch, tmp_path, recs, files):
+    """A format whose chunks are located by key (``Chunk.part``), sharing ``.json`` with the JSON
+    family: one more row makes it inferred, planned, read and reachable by name, and the files of the
+    other formats with that ending are still told apart (sniffs fall through in table order)."""
+    row = Format("keyed", (".json",), _plan_keyed, _read_keyed, sniff=_sniff_keyed)
+    monkeypatch.setattr(registry, "REGISTRY", registry.REGISTRY + (row,))
+    path = tmp_path / "keyed.json"
+    path.write_text(json.dumps({r["id"]: {k: v for k, v in r.items() if k != "id"} for r in recs}))
+    assert recs[0]["id"].startswith("mp-")  # what the sniff looks for
+    assert infer_format(str(path)) == "keyed"
+    assert infer_format(files["jarvis_json"]) == "jarvis"  # the JSON family's sniff runs first
+    chunks = plan_chunks(str(path), "keyed", 4)
+    assert [c.part for c in chunks] == [recs[0]["id"], recs[4]["id"]]
+    records = list(iter_input_records([str(path)], on_error="row"))
+    assert [r.id for r in records] == [r["id"] for r in recs] and all(r.ok for r in records)
+    assert [r.index for r in records] == list(range(N))
+    with pytest.raises(ValueError, match=r"expected one of \('cif', .*'ase_db', 'keyed'\)"):
+        plan_chunks(str(path), "mptrj", 4)

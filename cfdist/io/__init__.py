@@ -26,16 +26,19 @@ How to add a format (e.g. ``mptrj``, ``aselmdb``, ``parquet``):
 1. Write ``cfdist/io/<name>.py`` with ``plan(path, fmt, chunk_size, spill_dir) -> list[Chunk]`` and
    ``read(chunk) -> Iterator[RawRecord]``. Chunks say where their records are in the format's own
    terms: a byte range (``byte_offset``/``byte_length``/``line``, as extxyz and JSON do; a 12 GB
-   object-keyed JSON can be planned as byte spans of its members with :mod:`cfdist.io.json_scan`), an
-   index range (``start``/``count`` only, as database rows), or ``Chunk.part``, a string the format
-   alone interprets (a Parquet row-group index, the first key of an LMDB shard). Build records with
+   object-keyed JSON is planned as byte spans of its members, found by a byte scan like
+   :mod:`cfdist.io.json_scan`'s, never by decoding the object), an index range (``start``/``count``
+   only, as database rows), or ``Chunk.part``, a string the format alone interprets (a Parquet
+   row-group index, the first key of an LMDB shard). Build records with
    :func:`cfdist.io.records.guarded` so a bad record becomes an error record; use
    :func:`~cfdist.io.records.numeric_labels` / :func:`~cfdist.io.records.string_meta` for labels and
    metadata, :mod:`cfdist.io.spill` for ``.gz``/``.bz2`` inputs.
 2. Add one :class:`~cfdist.io.registry.Format` row to :data:`cfdist.io.registry.REGISTRY`: its name,
    file endings, ``plan``, ``read``; a ``sniff(path) -> name | None`` if it shares an ending with
-   other formats (sniffs run in table order: put the more specific layout first), a ``marker`` if
-   its inputs are directories, a ``cut`` reader if prediction should read its partial files.
+   other formats (sniffs run in table order: put the more specific layout first; the JSON family's
+   sniff decodes a top-level object that is neither a list nor an ``entries`` dump whole), a
+   ``marker`` if its inputs are directories, a ``cut`` reader if prediction should read its partial
+   files.
    ``--format NAME``, inference, ``expand_inputs``, preprocessing and prediction then know it.
 3. Add its tests (fixtures written by the format's own tools where one exists); the registry test
    checks it is reachable by ``--format NAME`` and by each of its endings.

@@ -18,7 +18,7 @@ from typing import Iterable, Iterator, Sequence
 
 from cfdist.io.cut_json import TruncatedInputError
 from cfdist.io.records import RawRecord, UnknownFormatError, default_id
-from cfdist.io.registry import (KNOWN_SUFFIXES, MARKERS, CutReader, cut_reader, infer_format, plan_chunks, read_chunk,
+from cfdist.io.registry import (CutReader, cut_reader, infer_format, known_suffixes, markers, plan_chunks, read_chunk,
                                 suffix_of)
 
 # Why a whole input (or the rest of one) gave no records.
@@ -59,7 +59,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             match = os.path.abspath(match)
             if os.path.isdir(match):
                 found.update(_walk_inputs(match))
-            elif os.path.basename(match) in MARKERS:
+            elif os.path.basename(match) in markers():
                 found.add(os.path.dirname(match))
             elif not magic or suffix_of(match) is not None:
                 found.add(match)
@@ -74,7 +74,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
 def _walk_inputs(root: str) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if any(marker in filenames for marker in MARKERS):
+        if any(marker in filenames for marker in markers()):
             found.append(os.path.abspath(dirpath))
             dirnames[:] = []  # the CIFs below belong to this input
             continue
@@ -143,7 +143,7 @@ def _pattern_error(path: str, exc: Exception, matched: bool) -> FileError:
             return file_error(path, "permission_denied", "directory cannot be listed (permission denied)")
         files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path)
                        for f in names if not f.startswith("."))
-        known = f"{' or '.join(MARKERS)} or files ending in {', '.join(KNOWN_SUFFIXES)}"
+        known = f"{' or '.join(markers())} or files ending in {', '.join(known_suffixes())}"
         if not files:
             return file_error(path, "empty", f"directory holds no files (looked for {known})")
         return file_error(path, "unknown_format", f"directory holds no structure files: {len(files)} file(s) "

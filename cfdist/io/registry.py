@@ -56,8 +56,9 @@ class Format:
             the key of a keyed store). ``spill_dir``: where decompressed copies may be kept.
         read: ``read(chunk)``: the chunk's records in order; :func:`read_chunk` pads a shortfall.
         sniff: for a file ending several formats share: ``sniff(path)`` names the format the file
-            holds or returns None to let the next sniff decide; may raise :class:`UnknownFormatError`.
-            Sniffs run in table order, once each; a name whose row does not claim the ending is an
+            holds, or None (or :class:`UnknownFormatError`, whose message is kept in case no other sniff
+            claims the file) to let the next sniff decide. Sniffs run in table order, once each: put
+            the more specific and cheaper one first. A name whose row does not claim the ending is an
             :class:`UnknownFormatError` (the data is that format's, in a container it is not read from).
         marker: a file whose directory is one input of this format (``cif``: ``id_prop.csv``).
         cut: how to read the format's inputs when they stop early, or None (prediction then reports
@@ -84,26 +85,41 @@ REGISTRY: tuple[Format, ...] = (
     Format("ase_db", ase_db.SUFFIXES, ase_db.plan, ase_db.read, sniff=json_format),
 )
 
-FORMATS: tuple[str, ...] = tuple(f.name for f in REGISTRY)
-_BY_NAME = {f.name: f for f in REGISTRY}
-# the file name endings of inputs, in table order without repeats
-KNOWN_SUFFIXES: tuple[str, ...] = tuple(dict.fromkeys(s for f in REGISTRY for s in f.suffixes))
-MARKERS: tuple[str, ...] = tuple(f.marker for f in REGISTRY if f.marker)
+
+def format_names() -> tuple[str, ...]:
+    """The registered format names, in table order."""
+    return tuple(f.name for f in REGISTRY)
+
+
+def known_suffixes() -> tuple[str, ...]:
+    """The file endings of inputs, in table order without repeats."""
+    return tuple(dict.fromkeys(s for f in REGISTRY for s in f.suffixes))
+
+
+def markers() -> tuple[str, ...]:
+    """The marker files that make a directory one input."""
+    return tuple(f.marker for f in REGISTRY if f.marker)
+
+
+# Snapshots of the table for argument parsers (``choices=FORMATS``) and importers; the functions of
+# this module read REGISTRY itself.
+FORMATS: tuple[str, ...] = format_names()
+KNOWN_SUFFIXES: tuple[str, ...] = known_suffixes()
 
 
 def get_format(name: str, path: str = "") -> Format:
     """The row named ``name``; ``ValueError`` naming ``path`` and every registered name otherwise."""
-    try:
-        return _BY_NAME[name]
-    except (KeyError, TypeError):
-        where = f" for {path!r}" if path else ""
-        raise ValueError(f"unknown format {name!r}{where}; expected one of {FORMATS}") from None
+    for f in REGISTRY:
+        if f.name == name:
+            return f
+    where = f" for {path!r}" if path else ""
+    raise ValueError(f"unknown format {name!r}{where}; expected one of {format_names()}")
 
 
 def suffix_of(path: str) -> str | None:
     """The longest registered ending of ``path`` (case-insensitive), or None."""
     low = os.fspath(path).lower()
-    for suffix in sorted(KNOWN_SUFFIXES, key=len, reverse=True):
+    for suffix in sorted(known_suffixes(), key=len, reverse=True):
         if low.endswith(suffix):
             return suffix
     return None
@@ -136,25 +152,33 @@ def infer_format(path: str) -> str:
         marked = marker_of(path)
         if marked is not None:
             return marked.name
-        raise UnknownFormatError(f"cannot infer the format of directory {path!r}: it has no {' or '.join(MARKERS)}")
-    marked = marker_of(path) if os.path.basename(path) in MARKERS else None
+        raise UnknownFormatError(f"cannot infer the format of directory {path!r}: it has no "
+                                 f"{' or '.join(markers())}")
+    marked = marker_of(path) if os.path.basename(path) in markers() else None
     if marked is not None:
         return marked.name
     found = candidates(path)
     if len(found) == 1:
         return found[0].name
     names = [f.name for f in found]
+    refusal: UnknownFormatError | None = None  # the first sniff's reason, if no later sniff claims the file
     for sniff in dict.fromkeys(f.sniff for f in found if f.sniff is not None):
-        name = sniff(path)
+        try:
+            name = sniff(path)
+        except UnknownFormatError as exc:
+            refusal = refusal or exc
+            continue
         if name in names:
             return name
         if name is not None:  # e.g. an ASE JSON database compressed: ASE reads only a plain .json
             raise UnknownFormatError(f"cannot read {path!r}: it holds {name} data, but {name} is read only from "
                                      f"files ending in {', '.join(get_format(name).suffixes)}")
+    if refusal is not None:
+        raise refusal
     if found:
         raise UnknownFormatError(f"cannot infer the format of {path!r}: none of {names} recognises it")
     raise UnknownFormatError(f"cannot infer the format of {path!r}: unknown extension (known: "
-                             f"{' or '.join(MARKERS)} directory, {', '.join(KNOWN_SUFFIXES)})")
+                             f"{' or '.join(markers())} directory, {', '.join(known_suffixes())})")
 
 
 def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) -> list[Chunk]:
@@ -185,11 +209,13 @@ def read_chunk(chunk: Chunk) -> Iterator[RawRecord]:
     the input itself cannot be opened (``FileNotFoundError`` / ``PermissionError`` / ``OSError``
     naming the path) or for an unknown format.
     """
-    if chunk.format not in _BY_NAME:
-        raise ValueError(f"unknown format {chunk.format!r} in chunk of {chunk.path!r}; expected one of {FORMATS}")
+    spec = next((f for f in REGISTRY if f.name == chunk.format), None)
+    if spec is None:
+        raise ValueError(f"unknown format {chunk.format!r} in chunk of {chunk.path!r}; "
+                         f"expected one of {format_names()}")
     if not os.path.exists(chunk.path):
         raise FileNotFoundError(f"input {chunk.path!r} does not exist")
-    return exactly(chunk, _BY_NAME[chunk.format].read(chunk))
+    return exactly(chunk, spec.read(chunk))
 
 
 def cut_reader(path: str, fmt: str | None = None) -> CutReader | None:
