@@ -178,7 +178,7 @@ def test_io_imports_nothing_from_higher_layers():
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):  # "from cfdist import predict" names cfdist.predict
-                names = [f"{node.module}.{a.name}" if node.module == "cfdist" else node.module or "" for a in node.names]
+                names = [f"cfdist.{a.name}" if node.module == "cfdist" else node.module or "" for a in node.names]
             else:
                 continue
             found += [f"{path.name}: {n}" for n in names
