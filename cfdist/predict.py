@@ -7,9 +7,10 @@ Inputs are anything the preprocessor reads (CIF files or directories, JARVIS / p
 extxyz, ASE db). Tables are built with the checkpoint's cutoff. A structure that cannot be read
 or fails validation gets a row with the reason instead of stopping the batch; so does an input
 file that cannot be found, opened or recognised (one row naming the file, reason in
-:data:`FILE_REASONS`), and a JSON list or JSON-lines file cut short gives its complete records and
-one ``truncated`` row for the rest. Evaluation also reads shard directories (their image tables are
-reused when their cutoff covers the model's).
+:data:`cfdist.io.FILE_REASONS`), and a JSON list or JSON-lines file cut short gives its complete
+records and one ``truncated`` row for the rest (the inputs are read by
+:func:`cfdist.io.iter_input_records`). Evaluation also reads shard directories (their image tables
+are reused when their cutoff covers the model's).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from cfdist.fileio import atomic_write, write_json_atomic
-from cfdist.io import FILE_REASONS, FileError, iter_input_records  # noqa: F401 - FILE_REASONS: Prediction's reasons
+from cfdist.io import FileError, iter_input_records
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Prediction:
     """One output row: predictions (de-normalised) or the reason there are none.
 
     ``scope`` is ``"record"`` for a structure, ``"file"`` for an input that could not be read (at all,
-    or past a cut: ``error_reason`` one of :data:`FILE_REASONS`; ``source`` is the path).
+    or past a cut: ``error_reason`` one of :data:`cfdist.io.FILE_REASONS`; ``source`` is the path).
     """
 
     id: str
