@@ -92,12 +92,12 @@ class WorkerContext:
     def train_stream(self, budget: BatchBudget, prepare: Callable, cursor: DataCursor) -> Prefetcher:
         """This rank's batches from ``cursor`` on, epoch after epoch, prepared ahead in a thread."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
-        start, drop = cursor.start_for(self.rank, self.world_size)
+        start = cursor.start_for(self.rank, self.world_size)
 
         def epoch(e: int, at: Position):
             return epoch_batches(self.plan(self.cfg.data.train_split, e, shuffle=True), reader, budget, at)
 
-        return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start, drop=drop,
+        return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start,
                           depth=self.cfg.data.prefetch_batches)
 
     def val_tables(self) -> Iterator:
@@ -276,12 +276,11 @@ class Trainer:
                 buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
         self.init_report = state.get("init_from", {})
         self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
-        self.position, replay = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
+        self.position = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
         if self.ctx.rank == 0:
-            how = (f"replaying {replay} batches (a checkpoint without stream positions)" if replay
-                   else f"reading on at window {self.position.window}, row {self.position.offset}")
-            print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, "
-                  f"{self.cursor.batches} batches into it; {how})", flush=True)
+            print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, {self.cursor.batches} "
+                  f"batches into it; reading on at window {self.position.window}, row {self.position.offset})",
+                  flush=True)
 
     # -- helpers -------------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
