@@ -49,10 +49,8 @@ class StatsAccumulator:
             np.savez_compressed(f, **arrays)
 
     @classmethod
-    def load(cls, path: Path, targets: Sequence[str]) -> "StatsAccumulator | None":
-        """Sums saved by :meth:`save`, or None when the file is missing (a run from an older cfdist)."""
-        if not path.exists():
-            return None
+    def load(cls, path: Path, targets: Sequence[str]) -> "StatsAccumulator":
+        """Sums saved by :meth:`save` (a chunk's file is written before its completion record)."""
         acc = cls(targets)
         with np.load(path) as z:
             acc.elements, acc.atoms_hist, acc.entries_hist, acc.gram = (z["elements"], z["atoms_hist"],
