@@ -92,7 +92,7 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cfdist.finetune.loop import ray_finetune_loop
-    from cfdist.run.ray_cluster import init_ray, train_logging_config
+    from cfdist.cluster import init_ray, train_logging_config
 
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     init_ray(address=address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), use_gpu=cfg.scaling.use_gpu,

@@ -38,7 +38,7 @@ from cfdist.checkpoint import load_checkpoint_file, save_portable
 from cfdist.data import training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.finetune.config import FinetuneConfig
-from cfdist.finetune.transfer import freeze, model_from_pretrained
+from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.manifest import ShardSet
 from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats

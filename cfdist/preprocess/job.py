@@ -38,10 +38,11 @@ import numpy as np
 
 from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
 from cfdist.io.readers import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
-from cfdist.preprocess.splits import (MISSING_GROUP, SPLITS, BuildError, group_key, hash_split, load_split_file,
+from cfdist.manifest import SPLITS
+from cfdist.preprocess.splits import (MISSING_GROUP, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
 from cfdist.preprocess.statistics import StatsAccumulator
-from cfdist.run.ray_cluster import init_ray
+from cfdist.cluster import init_ray
 
 PROGRESS_DIR = ".progress"
 SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON / extxyz inputs, removed at the end

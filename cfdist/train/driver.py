@@ -89,7 +89,7 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
     if cfg.init_from:
         from cfdist.checkpoint import load
         from cfdist.config import ConfigError
-        from cfdist.finetune.transfer import check_encoder
+        from cfdist.run.transfer import check_encoder
 
         if not Path(cfg.init_from).is_file():
             raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
@@ -101,7 +101,7 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cfdist.run.ray_cluster import init_ray, train_logging_config
+    from cfdist.cluster import init_ray, train_logging_config
     from cfdist.train.loop import ray_train_loop
 
     # workers read their own rows (cfdist.stream): no Ray Data tasks need CPUs beside them

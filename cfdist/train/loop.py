@@ -216,7 +216,7 @@ class Trainer:
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
-                from cfdist.finetune.transfer import init_from_checkpoint
+                from cfdist.run.transfer import init_from_checkpoint
 
                 self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
                 if self.ctx.rank == 0:
@@ -542,7 +542,7 @@ def _json_default(obj):
 # ----------------------------------------------------------------------------- entry points
 def ray_train_loop(loop_config: dict) -> None:
     """``train_loop_per_worker`` of the Ray TorchTrainer built by :func:`cfdist.train.driver.run_ray`."""
-    from cfdist.run.ray_cluster import quiet_ray_data
+    from cfdist.cluster import quiet_ray_data
 
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
