@@ -51,13 +51,17 @@ import torch
 import torch.distributed as dist
 
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
+from cfdist.cluster import quiet_ray_data
+from cfdist.compile import compile_model, describe
 from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
+from cfdist.model import Crystalformer
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_counts, energy_residuals,
                                   fit_element_energies, masked_abs_error, normalised_targets,
                                   set_target_normalisation, target_stats)
+from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
@@ -204,8 +208,6 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
-        from cfdist.model import Crystalformer
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
@@ -216,15 +218,11 @@ class Trainer:
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
-                from cfdist.run.transfer import init_from_checkpoint
-
                 self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
             if self.model_config.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
-                from cfdist.compile import compile_model, describe
-
                 compile_model(model)
                 if self.ctx.rank == 0:
                     print(describe(model), flush=True)
@@ -542,7 +540,6 @@ def _json_default(obj):
 # ----------------------------------------------------------------------------- entry points
 def ray_train_loop(loop_config: dict) -> None:
     """``train_loop_per_worker`` of the Ray TorchTrainer built by :func:`cfdist.train.driver.run_ray`."""
-    from cfdist.cluster import quiet_ray_data
 
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
