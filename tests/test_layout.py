@@ -225,3 +225,28 @@ def test_readers_export_what_other_modules_import():
 
     assert "default_id" in readers.__all__
     assert all(hasattr(readers, name) for name in readers.__all__)
+
+
+def test_every_cfdist_environment_variable_is_in_the_docs_table():
+    """docs/environment.md lists every ``CFDIST_*`` variable the package mentions, each with the
+    function that reads it; the variable appears in that function's module."""
+    import re
+
+    rows = {}
+    for line in (ROOT / "docs" / "environment.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`CFDIST_\w+`", cells[0]):
+            rows[cells[0].strip("`")] = re.findall(r"`(cfdist\.[\w.]+)`", cells[3])
+    used = {name for p in package_modules() for name in re.findall(r"\bCFDIST_[A-Z_]+\b", p.read_text())}
+    assert used and sorted(used) == sorted(rows), "docs/environment.md's table and the package disagree"
+    for name, readers in rows.items():
+        assert readers, f"{name}: no reader named"
+        for reader in readers:  # cfdist.fileio.user_cache_dir -> cfdist/fileio.py
+            parts = reader.split(".")
+            while parts and ".".join(parts) not in MODULES:
+                parts.pop()
+            assert parts, f"{name}: {reader} is no cfdist module or function"
+            module = ROOT.joinpath(*parts).with_suffix(".py")
+            module = module if module.is_file() else ROOT.joinpath(*parts, "__init__.py")
+            source = module.read_text()
+            assert name in source, f"{name}: not in {module.relative_to(ROOT)} ({reader})"
