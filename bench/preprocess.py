@@ -83,7 +83,7 @@ def main() -> None:
 
     import ray
 
-    from cfdist.run.ray_cluster import init_ray
+    from cfdist.cluster import init_ray
 
     for workers in (() if args.skip_ray else (1, 2)):
         out = args.work / f"ray-{workers}"

@@ -21,8 +21,8 @@ Sections (each size in turn; every stage reuses what an earlier run left in ``--
   inside the run, so the data wait across the boundary is shown;
 * ``loader``: rank 0's stream alone (read, shuffle, pack, collate; no model) in this process:
   structures/s, to compare with what a train worker consumes (headroom); time to the first batch
-  when resuming at 10 % and 90 % of the epoch, by position (cfdist.stream) and by replaying the
-  epoch and dropping the consumed batches (cfdist <= 0.2); shuffle quality of the stream orders.
+  when resuming at 10 % and 90 % of the epoch by position (cfdist.stream); shuffle quality of the
+  stream with and without lanes.
 
 Everything big goes under ``--work`` (default /tmp/cfdist-scale; ~2.5 GB at 1M). The header
 prints the load average: on a shared machine, re-run when it is low.
@@ -322,14 +322,6 @@ def loader(n: int, work: Path, batch: int, structures: int) -> dict:
         t0 = time.perf_counter()
         next(stream.batches(0, Position(window, 0)))
         out[f"resume_{int(frac * 100)}pct_position_s"] = time.perf_counter() - t0
-        # cfdist <= 0.2: replay the epoch, drop the batches before the position (packing only, no collation)
-        rows_before = sum(plan.window_size(j) for j in range(window))
-        t0, rows = time.perf_counter(), 0
-        for table, _ in stream.batches(0, Position()):
-            rows += table.num_rows
-            if rows >= rows_before:
-                break
-        out[f"resume_{int(frac * 100)}pct_replay_s"] = time.perf_counter() - t0
     return out
 
 
@@ -358,22 +350,6 @@ def loader_child(n: int, work: Path, batch: int, structures: int) -> dict:
     return {"loader_structures_per_s": rate, "loader_rss_mb": _hwm_mb(os.getpid()), "loader_rss_base_mb": base}
 
 
-def legacy_order(files, window: int, seed: int) -> list[str]:
-    """Rank 0 of 2 in cfdist <= 0.2: files r, r + 2, ... in manifest order through a sliding
-    shuffle window (emit a seeded half of every ``window`` rows)."""
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(seed)
-    pending, out = [], []
-    for path, _ in files[0::2]:
-        pending += pq.read_table(path, columns=["id"])["id"].to_pylist()
-        while len(pending) >= window:
-            order = rng.permutation(len(pending))
-            out += [pending[i] for i in order[:window // 2]]
-            pending = [pending[i] for i in order[window // 2:]]
-    return out + [pending[i] for i in rng.permutation(len(pending))]
-
-
 def shuffle_quality(n: int, work: Path, batch: int) -> list[dict]:
     """Per stream order: how many distinct files a batch holds, the share of a batch's rows whose
     file was also in the previous batch, and the lag-1 correlation of batch-mean e_form."""
@@ -396,8 +372,7 @@ def shuffle_quality(n: int, work: Path, batch: int) -> list[dict]:
         return [i for j in range(plan.n_windows) for i in reader.window(plan, j)["id"].to_pylist()]
 
     rows = []
-    for name, order in (("cfdist <= 0.2: file-strided, sliding window 2048", legacy_order(files, 2048, 0)),
-                        ("per-epoch file shuffle + window 2048, 1 lane", new_order(1)),
+    for name, order in (("per-epoch file shuffle + window 2048, 1 lane", new_order(1)),
                         ("per-epoch file shuffle + window 2048, 8 lanes (default)", new_order(8))):
         batches = [order[k:k + batch] for k in range(0, len(order) - batch + 1, batch)]
         fsets = [{file_of[i] for i in b} for b in batches]
@@ -483,7 +458,7 @@ def print_tables(results: dict, sections: list[str]) -> None:
                   f"{rss_cell(t['rss_mb'], 'driver')} | {rss_cell(t['rss_mb'], 'train worker')} |")
     if "loader" in sections:
         print("\n| N | loader alone (structures/s) | headroom vs a train worker | loader peak RSS (MB) | "
-              "resume at 10 %: position / replay (s) | resume at 90 %: position / replay (s) |\n|---|---|---|---|---|---|")
+              "resume at 10 % (s) | resume at 90 % (s) |\n|---|---|---|---|---|---|")
         for size, r in results.items():
             lo = r.get("loader")
             if not lo:
@@ -491,8 +466,7 @@ def print_tables(results: dict, sections: list[str]) -> None:
             worker = r.get("train", {}).get("structures_per_s_per_worker")
             headroom = f"{lo['loader_structures_per_s'] / worker:.1f}x" if worker else "-"
             print(f"| {size} | {lo['loader_structures_per_s']:.0f} | {headroom} | {lo.get('loader_rss_mb', 0):.0f} | "
-                  f"{lo['resume_10pct_position_s']:.2f} / {lo['resume_10pct_replay_s']:.2f} | "
-                  f"{lo['resume_90pct_position_s']:.2f} / {lo['resume_90pct_replay_s']:.2f} |")
+                  f"{lo['resume_10pct_position_s']:.2f} | {lo['resume_90pct_position_s']:.2f} |")
         print("\n| N | stream order | files per batch | rows whose file was in the previous batch | "
               "lag-1 corr. of batch-mean e_form |\n|---|---|---|---|---|")
         for size, r in results.items():

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 DEFAULT_DATA = Path("examples/data/megnet_slice.json.gz")  # relative to the repository root
-MODELS = {"default": {}, "simplified": {"n_basis": 0}}  # = cfdist/configs/model/crystalformer{,_simplified}.yaml
+MODELS = {"default": {}, "simplified": {"n_basis": 0}}  # = configs/model/crystalformer{,_simplified}.yaml
 
 
 def parse_args(argv=None):

@@ -44,6 +44,12 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
+from cfdist.batch import collate
+from cfdist.checkpoint import load
+from cfdist.crystal import Crystal, validate
+from cfdist.geometry import image_table
+from cfdist.model import Crystalformer
+
 _DTYPES = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32, "float": torch.float32}
 
 
@@ -83,8 +89,6 @@ class CrystalformerCalculator(Calculator):
     def __init__(self, model_or_checkpoint_path: Any, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float64", skin: float = 1.0, validate: bool = True, **kwargs):
         super().__init__(**kwargs)
-        from cfdist.checkpoint import load
-        from cfdist.model import Crystalformer
 
         if isinstance(model_or_checkpoint_path, Crystalformer):
             model = model_or_checkpoint_path
@@ -183,10 +187,6 @@ class CrystalformerCalculator(Calculator):
         return positions - translation @ lattice
 
     def _build_table(self, atoms, numbers: np.ndarray, lattice: np.ndarray, positions: np.ndarray) -> None:
-        from cfdist.batch import collate
-        from cfdist.crystal import Crystal, validate
-        from cfdist.geometry import image_table
-
         crystal = Crystal(str(atoms.info.get("id", "atoms")) if atoms.info else "atoms", numbers, lattice, positions)
         if self.validate:
             validate(crystal, check_overlap=False)

@@ -24,7 +24,10 @@ from typing import Any
 
 import torch
 
+from cfdist import __version__
+from cfdist.config import CrystalformerConfig
 from cfdist.fileio import atomic_write
+from cfdist.model import Crystalformer
 
 FORMAT = "cfdist-portable-v1"
 STATE_FILE = "cfdist_state.json"
@@ -84,7 +87,6 @@ def save_portable(path: str | Path, model, *, extra: dict[str, Any] | None = Non
     ``element_energy`` (eV/atom), which stays float64. The payload records the model kind
     (:func:`model_kind`).
     """
-    from cfdist import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +106,6 @@ def load(path: str | Path, map_location: str | torch.device = "cpu"):
     energy models (reference energies float64) and multi-task models. ``model.checkpoint_info``
     holds ``kind``, ``cfdist_version``, ``cutoff`` and ``extra``.
     """
-    from cfdist.config import CrystalformerConfig
-    from cfdist.model import Crystalformer
 
     path = Path(path)
     if path.is_dir():
@@ -172,8 +172,6 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
 
 def export_deepspeed_checkpoint(checkpoint_dir: str | Path, out: str | Path) -> Path:
     """Training checkpoint directory -> portable checkpoint file ``out``."""
-    from cfdist.config import CrystalformerConfig
-    from cfdist.model import Crystalformer
 
     checkpoint_dir = Path(checkpoint_dir)
     info = read_state(checkpoint_dir)

@@ -194,28 +194,34 @@ def from_mapping(cls: type, data: Mapping[str, Any], source: str = "config"):
         raise ConfigError(f"{source}: {exc}") from exc
 
 
-def packaged_configs(kind: str) -> list[str]:
-    """Names of the configs of ``kind`` shipped with cfdist (``cfdist/configs/<kind>/*.yaml``)."""
+def _packaged_folder(kind: str):
+    """The folder of packaged configs of ``kind``: ``cfdist/configs/<kind>`` inside the installed package.
+
+    In a checkout ``cfdist/configs`` is a symlink to the top-level ``configs/`` (the one copy in git);
+    a built wheel holds the files themselves (package data), so the lookup is the same either way.
+    """
     if kind not in CONFIG_KINDS:
         raise ConfigError(f"unknown config kind {kind!r}; kinds: {', '.join(CONFIG_KINDS)}")
-    folder = importlib.resources.files("cfdist.configs") / kind
+    return importlib.resources.files("cfdist") / "configs" / kind
+
+
+def packaged_configs(kind: str) -> list[str]:
+    """Names of the configs of ``kind`` shipped with cfdist (``configs/<kind>/*.yaml``)."""
+    folder = _packaged_folder(kind)
     return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".yaml"))
 
 
 def resolve_config(name_or_path: str | Path, kind: str) -> Path:
     """The YAML file a config argument names: an existing path as is, else a packaged config.
 
-    Packaged configs are found by name (``megnet_slice``), by ``<kind>/<name>``, or by the
-    repository spelling ``configs/<kind>/<name>.yaml`` that older commands used.
+    Packaged configs are found by name (``megnet_slice``) or by ``<kind>/<name>``.
     """
     path = Path(name_or_path)
     if path.is_file():
         return path
-    parts = path.parts
     name = path.name[:-5] if path.name.endswith(".yaml") else path.name
-    # a packaged name is the bare name, or the name under "<kind>/" or "configs/<kind>/"
-    if parts[:-1] in ((), (kind,), ("configs", kind)) and name in packaged_configs(kind):
-        return Path(str(importlib.resources.files("cfdist.configs") / kind / f"{name}.yaml"))
+    if path.parts[:-1] in ((), (kind,)) and name in packaged_configs(kind):
+        return Path(str(_packaged_folder(kind) / f"{name}.yaml"))
     raise ConfigError(f"{kind} config {str(name_or_path)!r}: no such file, and no packaged {kind} config of that "
                       f"name (packaged: {', '.join(packaged_configs(kind))})")
 

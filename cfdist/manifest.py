@@ -36,9 +36,11 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cfdist import __version__
 from cfdist.fileio import sha256_file, user_cache_dir, write_json_atomic
 from cfdist.shards import SCHEMA_VERSION, ShardError, read_metadata_from_schema
 
+SPLITS = ("train", "val", "test")  # the shard directory's splits, in the order the manifest lists them
 MANIFEST = "manifest.json"
 VERIFY_CACHE = ".verified.json"  # verification records inside the shard directory
 _CACHE_VERSION = 1
@@ -63,9 +65,6 @@ def write_manifest(root: str | Path, *, cutoff: float, targets: Sequence[str], s
     ``n_input`` defaults to ``n_written + n_rejected``. ``build_info``: provenance of the build
     (``content_hash``, ``format``, ``inputs``, ``settings``), stored as given.
     """
-    from cfdist import __version__
-    from cfdist.preprocess.splits import SPLITS
-
     rejected = dict(sorted((rejected_by_reason or {}).items()))
     counts = {s: sum(int(e["rows"]) for e in shards if e["split"] == s) for s in SPLITS}
     n_written = sum(counts.values())

@@ -26,6 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from cfdist.batch import CrystalBatch, collate
 from cfdist.config import CrystalformerConfig
+from cfdist.crystal import from_record, validate as validate_crystal
+from cfdist.geometry import image_table
 from cfdist.graph import PeriodicGraph
 from cfdist.ops.periodic_attention import periodic_attention
 
@@ -335,8 +337,6 @@ class Crystalformer(nn.Module):
         ``ase.units.GPa**-1`` ~ 160.2 for GPa) when ``stress``, and one (n,) de-normalised tensor
         per property name when the model also has property heads (multi-task).
         """
-        from cfdist.crystal import from_record, validate as validate_crystal
-        from cfdist.geometry import image_table
 
         energy_model = self.config.energy
         if (forces or stress) and not energy_model:

@@ -24,8 +24,14 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cfdist.batch import collate
+from cfdist.crystal import InvalidCrystalError, validate
+from cfdist.data import iter_local_shards
 from cfdist.fileio import atomic_write, write_json_atomic
+from cfdist.geometry import image_table
 from cfdist.io import FileError, iter_input_records
+from cfdist.manifest import ShardSet
+from cfdist.shards import collate_arrow, target_columns
 
 
 @dataclass
@@ -47,9 +53,6 @@ class Prediction:
 
 def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[Prediction]:
     """Validate, build tables, batch and predict; failures become error rows (order kept)."""
-    from cfdist.batch import collate
-    from cfdist.crystal import InvalidCrystalError, validate
-    from cfdist.geometry import image_table
 
     model.eval()
     device = model.embedding.weight.device
@@ -88,9 +91,6 @@ def predict_records(model, records: Iterable, batch_size: int = 64) -> Iterator[
 
 def predict_shards(model, shard_dir: str | Path, split: str, batch_size: int = 128) -> Iterator[Prediction]:
     """Predict a split of a shard directory, reusing its image tables."""
-    from cfdist.data import iter_local_shards
-    from cfdist.manifest import ShardSet
-    from cfdist.shards import collate_arrow, target_columns
 
     shards = ShardSet(shard_dir)
     shards.verify([split], required_cutoff=model.cutoff, checksums=False)

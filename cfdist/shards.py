@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cfdist import __version__
+from cfdist.crystal import Crystal, SiteDisorder
 from cfdist.fileio import atomic_write
 from cfdist.geometry import ImageTable
 
@@ -165,7 +167,6 @@ def _rows(column) -> np.ndarray:
 
 def arrow_to_crystals(table: pa.Table) -> tuple[list["Crystal"], list[ImageTable]]:
     """Rebuild crystals and image tables from shard rows (the inverse of :func:`crystals_to_arrow`)."""
-    from cfdist.crystal import Crystal, SiteDisorder
 
     cutoff = float(read_metadata_from_schema(table.schema).get("cutoff", np.nan))
     targets = target_columns(table.schema)
@@ -301,8 +302,6 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
 
 
 def shard_metadata(cutoff: float, targets: Sequence[str], **extra) -> dict:
-    from cfdist import __version__
-
     return {"schema_version": SCHEMA_VERSION, "cutoff": float(cutoff), "targets": list(targets),
             "cfdist_version": __version__, **extra}
 

@@ -236,8 +236,7 @@ class DataCursor:
 
     ``batches``: micro-batches each rank has consumed in ``epoch`` (ranks run in lockstep).
     ``positions``: per rank, the [window, offset] its next batch starts at, valid for
-    ``world_size`` ranks; empty at the start of an epoch. Checkpoints of cfdist <= 0.2 carry no
-    positions: their runs resume by replaying the epoch and dropping ``batches`` batches.
+    ``world_size`` ranks; empty at the start of an epoch.
     """
 
     epoch: int = 0
@@ -253,21 +252,21 @@ class DataCursor:
     def from_dict(cls, data: dict | None) -> "DataCursor":
         if not data:
             return cls()
-        # cfdist <= 0.1.0 also stored an unused "structures" count
         return cls(epoch=int(data.get("epoch", 0)), batches=int(data.get("batches", 0)),
                    positions=[[int(w), int(o)] for w, o in data.get("positions", [])],
                    world_size=int(data.get("world_size", 0)))
 
-    def start_for(self, rank: int, world_size: int) -> tuple[Position, int]:
-        """(position to read from, batches to drop after it) for ``rank`` resuming this cursor."""
+    def start_for(self, rank: int, world_size: int) -> Position:
+        """The position ``rank`` of ``world_size`` reads on from when resuming this cursor."""
         if self.batches == 0:
-            return Position(), 0
-        if self.positions and self.world_size == world_size:
-            return Position(*self.positions[rank]), 0
-        if self.positions:
+            return Position()
+        if not self.positions:
+            raise ValueError(f"data cursor at epoch {self.epoch}, batch {self.batches}: no stream positions, so "
+                             f"no exact mid-epoch resume (every checkpoint cfdist writes carries them)")
+        if self.world_size != world_size:
             raise ValueError(f"the checkpoint was taken with {self.world_size} workers, this run has {world_size}: "
                              f"an exact mid-epoch resume needs the same number (or start the next epoch afresh)")
-        return Position(), self.batches  # an old checkpoint: replay and drop
+        return Position(*self.positions[rank])
 
 
 # ----------------------------------------------------------------------------- prefetch
@@ -282,8 +281,8 @@ class StreamItem:
 
 
 class Prefetcher:
-    """Runs ``make_epoch(epoch, start)`` for ``first_epoch`` (from ``start``, dropping its first
-    ``drop`` batches), then ``first_epoch + 1``, ... (from their beginning) in a daemon thread and
+    """Runs ``make_epoch(epoch, start)`` for ``first_epoch`` (from ``start``), then
+    ``first_epoch + 1``, ... (from their beginning) in a daemon thread and
     hands out :class:`StreamItem` s, ``depth`` ahead; ``prepare`` (e.g. collation) runs in the
     thread too. Each epoch ends with an item whose ``batch`` is None.
 
@@ -294,10 +293,10 @@ class Prefetcher:
 
     def __init__(self, make_epoch: Callable[[int, Position], Iterator[tuple[pa.Table, Position]]],
                  prepare: Callable[[pa.Table], Any], *, first_epoch: int, start: Position = Position(),
-                 drop: int = 0, depth: int = 4):
+                 depth: int = 4):
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(make_epoch, prepare, first_epoch, start, drop),
+        self.thread = threading.Thread(target=self._run, args=(make_epoch, prepare, first_epoch, start),
                                        name="cfdist-prefetch", daemon=True)
         self.thread.start()
 
@@ -310,18 +309,16 @@ class Prefetcher:
                 continue
         return False
 
-    def _run(self, make_epoch, prepare, epoch, start, drop) -> None:
+    def _run(self, make_epoch, prepare, epoch, start) -> None:
         try:
             while not self.stopped.is_set():
                 position = start
-                for k, (table, position) in enumerate(make_epoch(epoch, start)):
-                    if k < drop:
-                        continue
+                for table, position in make_epoch(epoch, start):
                     if not self._put(StreamItem(epoch, prepare(table), position, table.num_rows)):
                         return
                 if not self._put(StreamItem(epoch, None, position)):
                     return
-                epoch, start, drop = epoch + 1, Position(), 0
+                epoch, start = epoch + 1, Position()
         except BaseException as exc:  # handed to the consumer
             self._put(exc)
 

@@ -18,7 +18,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cfdist.crystal import Crystal, SiteDisorder
+from cfdist.config import CrystalformerConfig
+from cfdist.crystal import Crystal, InvalidCrystalError, SiteDisorder, validate
+from cfdist.model import Crystalformer
 
 Transform = Callable[[Crystal], Crystal]
 
@@ -117,7 +119,6 @@ def random_unimodular(rng: np.random.Generator, steps: int = 4) -> np.ndarray:
 def random_crystal(rng: np.random.Generator, n_atoms: int, *, min_distance: float = 1.0,
                    volume_per_atom: float = 15.0, skew: float = 0.3, id: str = "random") -> Crystal:
     """A random triclinic crystal with atoms at least ``min_distance`` apart (periodically)."""
-    from cfdist.crystal import InvalidCrystalError, validate
 
     for _ in range(1000):
         lattice = np.eye(3) + skew * rng.normal(size=(3, 3))
@@ -300,9 +301,6 @@ def morse_like_energy_model(depth: float = 1.0, stiffness: float = 1.5, bond: fl
     ``config`` overrides :class:`cfdist.CrystalformerConfig` fields (e.g. ``cutoff_sigmas``).
     """
     import math
-
-    from cfdist.config import CrystalformerConfig
-    from cfdist.model import Crystalformer
 
     k = 16
     settings = {"energy": True, "n_blocks": 1, "d_model": k, "n_heads": 1, "d_ff": k, "n_basis": k, "head_hidden": k,

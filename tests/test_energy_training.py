@@ -343,7 +343,7 @@ def test_an_energy_checkpoint_fine_tunes_into_a_property_model(tmp_path, megnet_
     from cfdist.batch import collate
     from cfdist.checkpoint import save_portable
     from cfdist.config import ConfigError, CrystalformerConfig
-    from cfdist.finetune.transfer import model_from_pretrained
+    from cfdist.run.transfer import model_from_pretrained
     from cfdist.geometry import image_table
     from cfdist.model import Crystalformer
     from conftest import freeze_sigma_stats

@@ -123,7 +123,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 def test_parameter_groups_no_decay_on_biases_frozen_left_out_scaled_lr():
     from cfdist import Crystalformer, CrystalformerConfig
-    from cfdist.finetune.transfer import freeze
+    from cfdist.run.transfer import freeze
     from cfdist.run.optim import parameter_groups
 
     model = Crystalformer(CrystalformerConfig(**TINY))
@@ -223,7 +223,7 @@ def test_missing_labels_are_masked_in_multi_target_training(ft_shards, tmp_path)
 def test_model_from_pretrained_head_modes(pretrained_ckpt):
     from cfdist.checkpoint import load
     from cfdist.config import ConfigError
-    from cfdist.finetune.transfer import model_from_pretrained
+    from cfdist.run.transfer import model_from_pretrained
 
     source = load(pretrained_ckpt)
     stats = {"gap pbe": (1.0, 2.0)}

@@ -1,12 +1,20 @@
-"""The model, the shard reader and batch packing need only torch, numpy, pyarrow and pyyaml.
+"""Which imports are lazy, and why.
 
-GPU machines get a bare torch environment (no ray, deepspeed, pymatgen, ase; bench/gpu_step.py runs
-there), so these modules must not import the rest of the stack at import time or on the way from
-shard rows to a training step. Checked in a subprocess whose import system refuses those packages.
+- The model, the shard reader and batch packing need only torch, numpy, pyarrow and pyyaml. GPU
+  machines get a bare torch environment (no ray, deepspeed, pymatgen, ase; bench/gpu_step.py runs
+  there), so these modules must not import the rest of the stack at import time or on the way from
+  shard rows to a training step. Checked in a subprocess whose import system refuses those packages.
+- Preprocessing and its Ray workers never import torch (reading, validating and tabulating crystals
+  is numpy work, and a worker process that imports torch costs ~0.3 GB and seconds to start).
+- A ``cfdist`` module imports another inside a function only where that is deliberate (a heavy
+  dependency on a path that must not pay for it, or the lazy CLI); :data:`DELIBERATE_LAZY` names
+  each such import and its reason, and nothing else is imported inside a function. Third-party
+  packages (Ray, DeepSpeed, matplotlib, torch internals) are imported where used and not listed.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -14,6 +22,16 @@ import sys
 import textwrap
 
 from paths import ROOT
+
+# (importer, imported cfdist module) -> why the import sits inside a function.
+DELIBERATE_LAZY = {
+    **{("cfdist.cli", module): "the CLI imports a command's modules only when that command runs, so "
+                               "`cfdist --help` and `cfdist configs` start in a fraction of a second"
+       for module in ("cfdist.checkpoint", "cfdist.io", "cfdist.predict", "cfdist.finetune.tasks", "cfdist.config",
+                      "cfdist.preprocess.cli", "cfdist.train.driver", "cfdist.finetune.driver", "cfdist.export")},
+    ("cfdist.shards", "cfdist.batch"): "collate_arrow builds a CrystalBatch (torch); preprocessing writes shards "
+                                       "through cfdist.shards and never imports torch",
+}
 
 # Packages a bare GPU machine lacks (and ones the model path should not need anyway).
 BLOCKED = ("ray", "deepspeed", "pymatgen", "ase", "tqdm", "matplotlib", "scipy", "pandas", "tensorboard")
@@ -91,3 +109,50 @@ def test_model_shards_and_packing_work_without_the_heavy_stack(shard_dir):
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["batches"] > 1 and out["rows"] == 48 and out["loaded"] == [], out  # all 48 train rows packed
     assert out["loss"] == out["loss"] and out["loss"] > 0  # finite (not NaN) and a real loss
+
+
+def function_level_imports() -> set[tuple[str, str]]:
+    """(importer, imported) for every ``cfdist`` import inside a function of the package."""
+    found = set()
+    for path in sorted((ROOT / "cfdist").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        importer = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(func):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                found.update((importer, name) for name in names if name and name.split(".")[0] == "cfdist")
+    return found
+
+
+def test_every_function_level_cfdist_import_is_deliberate():
+    """Hoist an import to the module's top unless it is deliberately lazy; name a new deliberate one
+    in DELIBERATE_LAZY with its reason (and drop entries whose import is gone)."""
+    found = function_level_imports()
+    assert found - set(DELIBERATE_LAZY) == set(), "function-level imports to hoist (or name as deliberate)"
+    assert set(DELIBERATE_LAZY) - found == set(), "DELIBERATE_LAZY names imports that no longer exist"
+    assert ("cfdist.shards", "cfdist.batch") in found  # the scan sees imports inside functions
+
+
+def test_preprocessing_never_imports_torch():
+    """Importing the preprocessing job, the readers, the shard format and the manifest, and writing a
+    shard from crystals (what a preprocessing worker does), loads no torch."""
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import json, sys, tempfile
+        from pathlib import Path
+        import numpy as np
+        import cfdist.preprocess.cli, cfdist.preprocess.job, cfdist.io, cfdist.manifest
+        from cfdist.crystal import Crystal
+        from cfdist.geometry import image_table
+        from cfdist.shards import crystals_to_arrow, read_shard, shard_metadata, write_shard
+
+        crystal = Crystal("nacl", np.array([11, 17]), 5.6 * np.eye(3), np.array([[0, 0, 0], [2.8, 2.8, 2.8]]))
+        table = crystals_to_arrow([crystal], [image_table(crystal.lattice, crystal.positions, 6.0)], ["src"], [])
+        path = Path(tempfile.mkdtemp()) / "part.parquet"
+        write_shard(path, table, shard_metadata(6.0, []))
+        print(json.dumps({"rows": read_shard(path).num_rows, "torch": "torch" in sys.modules}))
+    """)], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"rows": 1, "torch": False}

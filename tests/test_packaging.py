@@ -44,7 +44,8 @@ def _timed(label: str, cmd, timeout: float = 300, **kw) -> subprocess.CompletedP
 
 
 def _repo_files(root: Path) -> list[str]:
-    """Tracked and untracked-but-not-ignored files (what a clone plus local edits holds)."""
+    """Tracked and untracked-but-not-ignored files (what a clone plus local edits holds); a symlink
+    (``cfdist/configs -> ../configs``) is listed as itself, not followed."""
     try:
         if not (root / ".git").exists():  # not a checkout (e.g. the copy .ci/run tests): walk it instead
             raise FileNotFoundError(root / ".git")
@@ -57,8 +58,19 @@ def _repo_files(root: Path) -> list[str]:
             rel = Path(dirpath).relative_to(root)
             dirnames[:] = [d for d in dirnames if d not in _SKIP_ANY and not d.endswith(".egg-info")
                            and not (rel == Path(".") and d in _SKIP_TOP)]
+            names += [str(rel / d) for d in dirnames if (Path(dirpath) / d).is_symlink()]  # os.walk does not enter them
             names += [str(rel / f) for f in filenames if not f.endswith((".pyc", ".pyo"))]
-    return sorted(n for n in names if (root / n).is_file())  # a deleted tracked file is still listed
+    # a deleted tracked file is still listed
+    return sorted(n for n in names if (root / n).is_symlink() or (root / n).is_file())
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """One listed file, a symlink copied as a symlink (what a clone holds)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_symlink():
+        dst.symlink_to(os.readlink(src))
+    else:
+        shutil.copy2(src, dst)
 
 
 def _env(venv: Path) -> dict:
@@ -77,9 +89,9 @@ def wheel(tmp_path_factory) -> Path:
     t0 = time.perf_counter()
     files = _repo_files(ROOT)
     assert "pyproject.toml" in files and "cfdist/__init__.py" in files, files[:20]
+    assert (ROOT / "cfdist" / "configs").is_symlink() and "cfdist/configs" in files, "cfdist/configs -> ../configs"
     for name in files:
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, src / name)
+        _copy(ROOT / name, src / name)
     print(f"[packaging] copy {len(files)} files: {time.perf_counter() - t0:.1f} s")
     res = _timed("pip wheel", [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                                "--no-index", "-w", dist, src], env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
@@ -115,27 +127,33 @@ def _ok(res: subprocess.CompletedProcess) -> str:
 
 
 def test_wheel_holds_the_package_and_its_configs_only(wheel):
-    names = set(zipfile.ZipFile(wheel).namelist())
+    """Every module, and every YAML of the top-level ``configs/`` as ``cfdist/configs/...`` (the wheel
+    holds the files themselves, reached through the ``cfdist/configs`` symlink at build time)."""
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
     top = {n.split("/", 1)[0] for n in names}
     assert top == {"cfdist", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, sorted(top)
-    source = [n for n in _repo_files(ROOT) if n.startswith("cfdist/")]
-    modules = {n for n in source if n.endswith(".py")}
-    configs = {n for n in source if n.startswith("cfdist/configs/") and n.endswith(".yaml")}
+    files = _repo_files(ROOT)
+    modules = {n for n in files if n.startswith("cfdist/") and n.endswith(".py")}
+    configs = {"cfdist/" + n for n in files if n.startswith("configs/") and n.endswith(".yaml")}
     assert {"model", "pretrain", "finetune", "deepspeed"} <= {Path(n).parent.name for n in configs}
     assert modules - names == set(), "modules missing from the wheel"
     assert configs - names == set(), "packaged configs missing from the wheel"
+    for name in sorted(configs):  # the file's text, not a link to it
+        assert archive.read(name).decode() == (ROOT / name.removeprefix("cfdist/")).read_text(), name
 
 
 def test_cli_runs_from_the_installed_wheel(venv, tmp_path):
     out = _ok(_run(venv, "cfdist --help", venv / "bin" / "cfdist", "--help", cwd=tmp_path))
     assert all(f"cfdist {c}" in out for c in COMMANDS), out
-    probe = ("import cfdist, cfdist.configs, importlib.util, json, sys; print(json.dumps({'cfdist': cfdist.__file__, "
-             "'configs': list(cfdist.configs.__path__), 'scripts': [importlib.util.find_spec(m) is not None "
-             "for m in ('launch', 'preprocess')], 'path': sys.path}))")
+    probe = ("import cfdist, importlib.resources, importlib.util, json, sys; print(json.dumps({'cfdist': cfdist.__file__, "
+             "'configs': [str(importlib.resources.files('cfdist') / 'configs')], 'scripts': [importlib.util.find_spec(m) "
+             "is not None for m in ('launch', 'preprocess')], 'path': sys.path}))")
     info = json.loads(_ok(_run(venv, "import cfdist", venv / "bin" / "python", "-c", probe, cwd=tmp_path)))
     site = venv.resolve()
     assert Path(info["cfdist"]).resolve().is_relative_to(site), info["cfdist"]
-    assert all(Path(p).resolve().is_relative_to(site) for p in info["configs"]), info["configs"]
+    assert all(Path(p).resolve().is_relative_to(site) and Path(p).is_dir() and not Path(p).is_symlink()
+               for p in info["configs"]), info["configs"]
     assert info["scripts"] == [False, False], "launch/ or preprocess/ importable from the installed wheel"
     # nothing of the checkout on sys.path (this environment's site-packages may itself lie inside it)
     assert not [p for p in info["path"] if p and p not in PARENT_SITE and Path(p).resolve().is_relative_to(ROOT)], \
@@ -149,7 +167,7 @@ def test_packaged_configs_are_listed_and_found_by_name(venv, tmp_path):
         assert f"{kind}:" in out and f"  {name} " in out, out
     out = _ok(_run(venv, "cfdist configs finetune NAME", venv / "bin" / "cfdist", "configs", "finetune",
                    "megnet_slice_eform", cwd=tmp_path))
-    assert out == (ROOT / "cfdist" / "configs" / "finetune" / "megnet_slice_eform.yaml").read_text()
+    assert out == (ROOT / "configs" / "finetune" / "megnet_slice_eform.yaml").read_text()
 
 
 def test_predict_from_a_portable_checkpoint(venv, tmp_path, megnet_records):

@@ -1,6 +1,6 @@
 """A rank's training stream (cfdist.stream): the epoch plan (balanced disjoint blocks, per-epoch file
 and window shuffles), positioned reads by row group, exact resume at any batch boundary at a cost
-that does not depend on the position, the old replay resume, and the prefetch thread.
+that does not depend on the position, and the prefetch thread.
 
 Real shards come from the ``shard_dir`` fixture (conftest.py; 4 train files of 14/13/11/10 rows,
 row groups of 4 rows).
@@ -150,15 +150,16 @@ def test_resume_reads_only_the_windows_from_its_position(shard_dir):
     assert full_reader.decoded > 3 * reader.decoded
 
 
-def test_data_cursor_round_trips_and_reads_checkpoints_of_older_versions():
+def test_data_cursor_round_trips_and_refuses_a_resume_it_cannot_make_exact():
     cursor = DataCursor(epoch=2, batches=9, positions=[[3, 1], [2, 7]], world_size=2)
     assert DataCursor.from_dict(cursor.to_dict()) == cursor
-    assert cursor.start_for(1, 2) == (Position(2, 7), 0)
+    assert cursor.start_for(1, 2) == Position(2, 7)
     with pytest.raises(ValueError, match="taken with 2 workers, this run has 3"):
         cursor.start_for(0, 3)
-    old = DataCursor.from_dict({"epoch": 3, "batches": 7, "structures": 123})  # cfdist <= 0.2: replay and drop
-    assert old == DataCursor(epoch=3, batches=7) and old.start_for(0, 4) == (Position(), 7)
-    assert DataCursor.from_dict(None) == DataCursor() and DataCursor().start_for(0, 1) == (Position(), 0)
+    with pytest.raises(ValueError, match="epoch 3, batch 7: no stream positions"):
+        DataCursor(epoch=3, batches=7).start_for(0, 4)
+    assert DataCursor.from_dict(None) == DataCursor() and DataCursor().start_for(0, 1) == Position()
+    assert DataCursor(epoch=5).start_for(3, 4) == Position()  # the start of an epoch needs no positions
 
 
 # ----------------------------------------------------------------------------- prefetch
@@ -188,17 +189,16 @@ def test_prefetcher_runs_epochs_back_to_back_with_end_markers(shard_dir):
     assert not fetch.thread.is_alive()
 
 
-def test_prefetcher_resumes_at_a_position_or_by_dropping_batches(shard_dir):
+def test_prefetcher_resumes_at_a_position(shard_dir):
     make = _make_epoch(shard_dir, window=8, lanes=2)
     full = list(make(0, Position()))
-    for kwargs in ({"start": full[2][1]}, {"drop": 3}):
-        fetch = Prefetcher(make, lambda t: t["id"].to_pylist(), first_epoch=0, **kwargs)
-        try:
-            assert fetch.next().batch == full[3][0]["id"].to_pylist()
-            assert fetch.skip_epoch(0) == sum(t.num_rows for t, _ in full[4:])
-            assert fetch.next().epoch == 1
-        finally:
-            fetch.close()
+    fetch = Prefetcher(make, lambda t: t["id"].to_pylist(), first_epoch=0, start=full[2][1])
+    try:
+        assert fetch.next().batch == full[3][0]["id"].to_pylist()
+        assert fetch.skip_epoch(0) == sum(t.num_rows for t, _ in full[4:])
+        assert fetch.next().epoch == 1
+    finally:
+        fetch.close()
 
 
 def test_prefetcher_hands_errors_to_the_consumer_and_close_never_hangs(shard_dir):

@@ -1,7 +1,6 @@
 """Fine-tuning on small labelled datasets.
 
     config.py     FinetuneConfig (+ sections): the paper's recipe as defaults
-    transfer.py   a model from a portable checkpoint (head modes), freezing
     loop.py       the loop: in-memory splits, epochs of seeded permutations, SWA, best / last checkpoints
     tasks.py      the paper's benchmark tasks: downloads and exact split rules (cfdist prepare-task)
     driver.py     effective config (resume), checks, run directory, this process or Ray Train workers

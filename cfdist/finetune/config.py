@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
+from cfdist.manifest import checksum_mode
 from cfdist.run.config import OptimSection, RunConfigMixin
 
 INIT_FROM = ("scratch", "pretrained", "resume")
@@ -54,8 +55,6 @@ class FinetuneData:
     verify_checksums: bool | str = True
 
     def __post_init__(self):
-        from cfdist.manifest import checksum_mode
-
         try:
             checksum_mode(self.verify_checksums)
         except ValueError as exc:

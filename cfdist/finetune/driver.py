@@ -21,7 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from cfdist.finetune.config import FinetuneConfig
+from cfdist.cluster import init_ray, train_logging_config
+from cfdist.finetune.config import FinetuneConfig, load_finetune_config
+from cfdist.finetune.loop import LAST, local_finetune, ray_finetune_loop, resume_config
+from cfdist.manifest import ShardSet
+from cfdist.run.runinfo import write_run_files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,9 +45,6 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
     ``last.pt`` (read once, here). Paths are resolved, the shards and the run directory checked
     and the run files written.
     """
-    from cfdist.finetune.loop import LAST, resume_config
-    from cfdist.manifest import ShardSet
-    from cfdist.run.runinfo import write_run_files
 
     if not cfg.data.shards:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (written by `cfdist preprocess` "
@@ -91,9 +92,6 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cfdist.finetune.loop import ray_finetune_loop
-    from cfdist.run.ray_cluster import init_ray, train_logging_config
-
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     init_ray(address=address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), use_gpu=cfg.scaling.use_gpu,
              object_store_memory=1 << 29)
@@ -111,7 +109,6 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
 
 def run(cfg: FinetuneConfig, address: str | None = None) -> dict:
     """Prepare, then train where the *effective* config says (a resumed run keeps its own scaling)."""
-    from cfdist.finetune.loop import local_finetune
 
     cfg, state = prepare(cfg)
     t0 = time.perf_counter()
@@ -135,8 +132,6 @@ def print_results(results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from cfdist.finetune.config import load_finetune_config
-
     args = parse_args(argv)
     print_results(run(load_finetune_config(args.config, args.overrides), args.address))
     return 0

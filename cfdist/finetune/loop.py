@@ -34,15 +34,19 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
-from cfdist.checkpoint import load_checkpoint_file, save_portable
+from cfdist.checkpoint import load, load_checkpoint_file, save_portable
+from cfdist.compile import compile_model, describe
+from cfdist.config import CrystalformerConfig
 from cfdist.data import training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
-from cfdist.finetune.config import FinetuneConfig
-from cfdist.finetune.transfer import freeze, model_from_pretrained
+from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict
 from cfdist.manifest import ShardSet
+from cfdist.model import Crystalformer
+from cfdist.predict import evaluate
 from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
+from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_shard
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
@@ -102,7 +106,6 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     A run continues with the settings it started with: everything but ``init_from`` comes from
     ``last.pt`` (differences in ``cfg`` are reported and ignored).
     """
-    from cfdist.finetune.config import finetune_config_from_dict
 
     path = cfg.run_dir() / "checkpoints" / LAST
     if not path.is_file():
@@ -145,9 +148,6 @@ class FinetuneTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
-        from cfdist.config import CrystalformerConfig
-        from cfdist.model import Crystalformer
-
         state, self.resume_state = self.resume_state, None
         if self.cfg.init_from == "resume" and state is None:  # not read by the driver: read it here, once
             self.cfg, state = resume_config(self.cfg)
@@ -174,8 +174,6 @@ class FinetuneTrainer:
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
         if cfg.model_config().compile:  # the run's model section decides, also for pretrained / resumed models
-            from cfdist.compile import compile_model, describe
-
             compile_model(self.model)  # in place (cfdist.compile): DDP, SWA copies and checkpoints see the model
             if self.rank == 0:
                 print(describe(self.model), flush=True)
@@ -342,7 +340,6 @@ class FinetuneTrainer:
 
     def finish(self) -> dict:
         """Save the SWA model, evaluate best / SWA / final on the test split, write results.json."""
-        from cfdist.predict import evaluate
 
         cfg = self.cfg
         models = {"final": self.model}
@@ -350,8 +347,6 @@ class FinetuneTrainer:
             models["swa"] = self.swa_model()
             save_portable(self.ckpt_dir / SWA, models["swa"], extra=self.extra("swa"))
         if (self.ckpt_dir / BEST).is_file():
-            from cfdist.checkpoint import load
-
             models["best"] = load(self.ckpt_dir / BEST, map_location=self.device)
         save_portable(self.ckpt_dir / "final.pt", self.model, extra=self.extra("final"))
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "epochs": self.epoch, "steps": self.step,
@@ -395,8 +390,6 @@ def ray_finetune_loop(loop_config: dict) -> None:
     """``train_loop_per_worker`` for Ray Train (DDP over the worker group)."""
     import ray.train
     import ray.train.torch
-
-    from cfdist.finetune.config import finetune_config_from_dict
 
     cfg = finetune_config_from_dict(loop_config["config"])
     if cfg.scaling.threads > 0:

@@ -33,7 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cfdist.config import CrystalformerConfig
 from cfdist.fileio import atomic_write
+from cfdist.io import iter_input_records
+from cfdist.preprocess.job import Settings, build
 
 SPLITS = ("train", "val", "test")
 
@@ -184,8 +187,6 @@ def prepare_task(name: str, out: str | Path, *, source: str | Path | None = None
                  cutoff: float | None = None, shard_size: int = 4096, workers: int | None = None) -> dict:
     """Download (or read ``source``), write ``out/split.json`` with the task's rule, and preprocess
     into ``out/`` (shards + manifest + rejects). Returns the manifest."""
-    from cfdist.config import CrystalformerConfig
-    from cfdist.preprocess.job import Settings, build
 
     if name not in TASKS:
         raise SystemExit(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
@@ -199,7 +200,6 @@ def prepare_task(name: str, out: str | Path, *, source: str | Path | None = None
             raise SystemExit(f"task {name}: the split is fixed by Matformer's pre-split files; pass "
                              f"--source-split train=FILE val=FILE test=FILE")
         split_ids, inputs = {}, []
-        from cfdist.predict import iter_input_records
 
         for split in SPLITS:
             split_ids[split] = [record.id for record in iter_input_records([source_split[split]])]

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from cfdist.config import CrystalformerConfig, table_cutoff
 from cfdist.io import FORMATS
 from cfdist.preprocess.job import Settings, build
 from cfdist.preprocess.splits import BuildError
@@ -63,8 +64,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    from cfdist.config import CrystalformerConfig, table_cutoff
-
     if args.cutoff is not None:
         if not args.cutoff > 0:
             raise BuildError("--cutoff must be > 0")

@@ -36,12 +36,17 @@ from typing import Sequence
 
 import numpy as np
 
+from cfdist.cluster import init_ray
+from cfdist.crystal import InvalidCrystalError, check_overlaps, validate
 from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
+from cfdist.geometry import image_table
 from cfdist.io import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
-from cfdist.preprocess.splits import (MISSING_GROUP, SPLITS, BuildError, group_key, hash_split, load_split_file,
+from cfdist.manifest import SPLITS, shard_record, write_manifest
+from cfdist.preprocess.splits import (MISSING_GROUP, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
 from cfdist.preprocess.statistics import StatsAccumulator
-from cfdist.run.ray_cluster import init_ray
+from cfdist.shards import (MAX_ATOMS, SCHEMA_VERSION, TRANSLATION_LIMIT, crystals_to_arrow, read_shard, shard_metadata,
+                           write_shard)
 
 PROGRESS_DIR = ".progress"
 SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON / extxyz inputs, removed at the end
@@ -101,9 +106,6 @@ def estimate_entries(n_atoms: int, volume: float, cutoff: float) -> float:
 def process_chunk(index: int, chunk: Chunk, settings: Settings, out_dir: str,
                   split_of: dict[str, str] | None) -> dict:
     """Read, validate and tabulate one chunk; write its shards and completion record."""
-    from cfdist.crystal import InvalidCrystalError, check_overlaps, validate
-    from cfdist.geometry import image_table
-    from cfdist.shards import MAX_ATOMS, TRANSLATION_LIMIT, crystals_to_arrow, shard_metadata, write_shard
 
     out = Path(out_dir)
     rows: dict[str, list] = defaultdict(list)
@@ -270,8 +272,6 @@ def input_fingerprint(paths: Sequence[str]) -> list[dict]:
 
 
 def content_hash(inputs: list[dict], fmt: str, settings: Settings) -> str:
-    from cfdist.shards import SCHEMA_VERSION
-
     hashed = {k: v for k, v in asdict(settings).items() if k not in _HASH_IF_SET or v != _HASH_IF_SET[k]}
     spec = {"schema_version": SCHEMA_VERSION, "format": fmt, "inputs": [i["sha256"] for i in inputs],
             "settings": hashed}
@@ -380,9 +380,6 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
     kept as 64-bit hashes, so the driver's memory grows by ~8 bytes per structure (16 with group
     splits), not with the records' strings."""
     import pyarrow.parquet as pq
-
-    from cfdist.manifest import shard_record, write_manifest
-    from cfdist.shards import read_shard, write_shard
 
     # Duplicate ids: the first occurrence in input order is kept, later ones are rejected.
     duplicates = find_duplicates(out, n_chunks)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-SPLITS = ("train", "val", "test")
+from cfdist.manifest import SPLITS
 
 
 class BuildError(RuntimeError):

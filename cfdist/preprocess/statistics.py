@@ -17,7 +17,7 @@ import numpy as np
 
 from cfdist.crystal import MAX_Z
 from cfdist.fileio import atomic_write
-from cfdist.preprocess.splits import SPLITS
+from cfdist.manifest import SPLITS
 
 ATOM_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2**31]
 ENTRY_BINS = [0, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000, 2**62]
@@ -49,10 +49,8 @@ class StatsAccumulator:
             np.savez_compressed(f, **arrays)
 
     @classmethod
-    def load(cls, path: Path, targets: Sequence[str]) -> "StatsAccumulator | None":
-        """Sums saved by :meth:`save`, or None when the file is missing (a run from an older cfdist)."""
-        if not path.exists():
-            return None
+    def load(cls, path: Path, targets: Sequence[str]) -> "StatsAccumulator":
+        """Sums saved by :meth:`save` (a chunk's file is written before its completion record)."""
         acc = cls(targets)
         with np.load(path) as z:
             acc.elements, acc.atoms_hist, acc.entries_hist, acc.gram = (z["elements"], z["atoms_hist"],

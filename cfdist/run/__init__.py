@@ -5,5 +5,7 @@
     optim.py        AdamW parameter groups (no decay on biases, lr-scaled blocks), lr schedules
     metrics.py      metrics.jsonl + TensorBoard + progress bar; logging windows; peak memory
     runinfo.py      config.yaml and run_info.jsonl (versions, git SHA) of every run
-    ray_cluster.py  joining or starting the Ray cluster (one bootstrap for every job)
+    transfer.py     a model from a portable checkpoint (fine-tuning's heads, pretraining's init_from), freezing
+
+The Ray bootstrap every job shares (preprocessing too) sits below this layer: :mod:`cfdist.cluster`.
 """

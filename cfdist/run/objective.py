@@ -20,6 +20,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from cfdist.crystal import MAX_Z
+
 
 def target_stats(shards, targets: Sequence[str], split: str) -> dict[str, tuple[float, float]]:
     """{target: (mean, std)} on ``split`` of a :class:`cfdist.manifest.ShardSet` (std 0 -> 1)."""
@@ -124,8 +126,6 @@ def fit_element_energies(paths, energy_label: str, n_elements: int, *, ridge: fl
     """
     import numpy as np
     import pyarrow.parquet as pq
-
-    from cfdist.crystal import MAX_Z
 
     width = MAX_Z + 1
     gram, rhs, col_sum = np.zeros((width, width)), np.zeros(width), np.zeros(width)

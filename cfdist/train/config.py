@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
                            resolve_config)
+from cfdist.manifest import checksum_mode
 from cfdist.run.config import OptimSection, RunConfigMixin, resolve_model_config
 
 LOSS_KINDS = ("l1", "l2", "huber")
@@ -22,7 +24,6 @@ LOSS_KINDS = ("l1", "l2", "huber")
 
 def _check_verify_checksums(value) -> None:
     """``data.verify_checksums`` is true, false or "full" (ConfigError otherwise)."""
-    from cfdist.manifest import checksum_mode
 
     try:
         checksum_mode(value)
@@ -197,7 +198,6 @@ class PretrainConfig(RunConfigMixin):
 
     def _check_compile(self) -> None:
         """``model.compile`` with settings it cannot run with is refused here, before any worker starts."""
-        from cfdist.compile import compile_refusal
 
         try:
             model = resolve_model_config(self.model, self.data.targets)

@@ -19,7 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from cfdist.train.config import PretrainConfig
+from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoint, load
+from cfdist.cluster import init_ray, train_logging_config
+from cfdist.config import ConfigError
+from cfdist.manifest import ShardSet
+from cfdist.run.runinfo import write_run_files
+from cfdist.run.transfer import check_encoder
+from cfdist.shards import ShardError
+from cfdist.train.config import PretrainConfig, load_pretrain_config
+from cfdist.train.loop import label_columns_wanted, local_train_loop, ray_train_loop
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +60,6 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
 
 def check_shards(cfg: PretrainConfig):
     """Every file of the train (and val) split against the manifest, before any worker starts."""
-    from cfdist.manifest import ShardSet
 
     shards = ShardSet(cfg.data.shards)
     splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
@@ -72,9 +79,6 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
     checkpoint whose encoder fits the model: fail here, before any worker starts."""
     import pyarrow.parquet as pq
 
-    from cfdist.shards import ShardError
-    from cfdist.train.loop import label_columns_wanted
-
     forces, stress = label_columns_wanted(cfg)
     splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
     for split in splits:
@@ -87,10 +91,6 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
                                      f"(loss.{weight} > 0); rebuild the shards with `cfdist preprocess "
                                      f"{flag}` or set loss.{weight}=0")
     if cfg.init_from:
-        from cfdist.checkpoint import load
-        from cfdist.config import ConfigError
-        from cfdist.finetune.transfer import check_encoder
-
         if not Path(cfg.init_from).is_file():
             raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
         check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
@@ -100,9 +100,6 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     """Train on a Ray Train worker group; returns the last checkpoint's directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cfdist.run.ray_cluster import init_ray, train_logging_config
-    from cfdist.train.loop import ray_train_loop
 
     # workers read their own rows (cfdist.stream): no Ray Data tasks need CPUs beside them
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
@@ -128,9 +125,6 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoint
-    from cfdist.run.runinfo import write_run_files
-    from cfdist.train.config import load_pretrain_config
 
     cfg = resolve(load_pretrain_config(args.config, args.overrides))
     # Under torchrun every rank runs this driver; only rank 0 checks, writes and exports.
@@ -143,8 +137,6 @@ def main(argv=None) -> int:
         print(f"run directory: {run_dir}", flush=True)
     t0 = time.perf_counter()
     if args.no_ray:
-        from cfdist.train.loop import local_train_loop
-
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
         local_train_loop(cfg)
         if rank != 0:

@@ -51,13 +51,17 @@ import torch
 import torch.distributed as dist
 
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
+from cfdist.cluster import quiet_ray_data
+from cfdist.compile import compile_model, describe
 from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
+from cfdist.model import Crystalformer
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_counts, energy_residuals,
                                   fit_element_energies, masked_abs_error, normalised_targets,
                                   set_target_normalisation, target_stats)
+from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
@@ -92,12 +96,12 @@ class WorkerContext:
     def train_stream(self, budget: BatchBudget, prepare: Callable, cursor: DataCursor) -> Prefetcher:
         """This rank's batches from ``cursor`` on, epoch after epoch, prepared ahead in a thread."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
-        start, drop = cursor.start_for(self.rank, self.world_size)
+        start = cursor.start_for(self.rank, self.world_size)
 
         def epoch(e: int, at: Position):
             return epoch_batches(self.plan(self.cfg.data.train_split, e, shuffle=True), reader, budget, at)
 
-        return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start, drop=drop,
+        return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start,
                           depth=self.cfg.data.prefetch_batches)
 
     def val_tables(self) -> Iterator:
@@ -204,8 +208,6 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
-        from cfdist.model import Crystalformer
-
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
@@ -216,15 +218,11 @@ class Trainer:
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
-                from cfdist.finetune.transfer import init_from_checkpoint
-
                 self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
             if self.model_config.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
-                from cfdist.compile import compile_model, describe
-
                 compile_model(model)
                 if self.ctx.rank == 0:
                     print(describe(model), flush=True)
@@ -276,12 +274,11 @@ class Trainer:
                 buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
         self.init_report = state.get("init_from", {})
         self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
-        self.position, replay = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
+        self.position = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
         if self.ctx.rank == 0:
-            how = (f"replaying {replay} batches (a checkpoint without stream positions)" if replay
-                   else f"reading on at window {self.position.window}, row {self.position.offset}")
-            print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, "
-                  f"{self.cursor.batches} batches into it; {how})", flush=True)
+            print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, {self.cursor.batches} "
+                  f"batches into it; reading on at window {self.position.window}, row {self.position.offset})",
+                  flush=True)
 
     # -- helpers -------------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -543,7 +540,6 @@ def _json_default(obj):
 # ----------------------------------------------------------------------------- entry points
 def ray_train_loop(loop_config: dict) -> None:
     """``train_loop_per_worker`` of the Ray TorchTrainer built by :func:`cfdist.train.driver.run_ray`."""
-    from cfdist.run.ray_cluster import quiet_ray_data
 
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])

@@ -27,7 +27,7 @@ def runtime_env(use_gpu: bool = False) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     return {"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
                          "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]},
-            "worker_process_setup_hook": "cfdist.run.ray_cluster.quiet_logs"}
+            "worker_process_setup_hook": "cfdist.cluster.quiet_logs"}
 
 
 def init_ray(*, address: str | None = None, num_cpus: int | None = None, use_gpu: bool = False,

@@ -18,7 +18,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from cfdist.checkpoint import load
 from cfdist.config import ConfigError, CrystalformerConfig
+from cfdist.model import Crystalformer
 
 
 def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
@@ -36,8 +38,6 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
 
     Returns (model, report) where report says which targets were copied and which are new.
     """
-    from cfdist.checkpoint import load
-    from cfdist.model import Crystalformer
 
     source = load(path)
     old = list(source.config.target_names)
@@ -111,7 +111,6 @@ def init_from_checkpoint(model, path) -> tuple[dict, dict[str, torch.Tensor]]:
     Returns (report, buffers): ``buffers`` are the copied buffers at full precision, for the caller
     to write again after a DeepSpeed engine has cast the module (bf16 would round them).
     """
-    from cfdist.checkpoint import load
 
     source = load(path)
     check_encoder(model.config, source.config, path)
