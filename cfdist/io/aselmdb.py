@@ -1,9 +1,13 @@
 """``aselmdb``: fairchem's LMDB-backed ASE database (``.aselmdb``: OMat24, sAlex, OMol-style sets),
 read with the ``lmdb`` package alone (fairchem is not a dependency).
 
-The on-disk layout, as fairchem's ``LMDBDatabase`` (``fairchem/core/datasets/lmdb_database.py``)
-writes it: one LMDB environment in a single file (``subdir=False``); every row under the key
-``str(id)`` (ASCII decimal), its value a zlib-compressed JSON object of the ``ase.db`` row:
+The on-disk layout, as fairchem's writer makes it (``LMDBDatabase``: in fairchem-core < 2 its
+``fairchem/core/datasets/lmdb_database.py``, since then the ``ase-db-backends`` package fairchem-core
+depends on, ``ase_db_backends/aselmdb.py``): one LMDB environment in a single file
+(``subdir=False``); every row under the key ``str(id)`` (ASCII decimal), its value a zlib-compressed
+JSON object of the ``ase.db`` row in ASE's JSON encoding (``ase.io.jsonio``: arrays as
+``{"__ndarray__": [shape, dtype, values]}``; older fairchem wrote plain lists with orjson, which the
+same decoder reads):
 ``numbers``, ``positions`` (A), ``cell`` (3x3, A), ``pbc``, the calculator's results ``energy`` (eV),
 ``free_energy``, ``forces`` (eV/A), ``stress`` (Voigt, eV/A^3, ASE's sign), ``unique_id``,
 ``key_value_pairs``, ``data``, ...; besides the rows, the bookkeeping keys ``nextid``, ``metadata``
@@ -19,7 +23,6 @@ else its ``unique_id``; numeric key-value pairs are labels, string ones metadata
 from __future__ import annotations
 
 import functools
-import json
 import math
 import zlib
 from typing import Iterator, Mapping
@@ -94,8 +97,10 @@ def read(chunk: Chunk) -> Iterator[RawRecord]:
 def _row_record(value: bytes, key: str, source: str, index: int, partial: dict) -> RawRecord:
     from cfdist.crystal import Crystal, InvalidCrystalError
 
+    from ase.io.jsonio import decode
+
     try:
-        row = json.loads(zlib.decompress(value))
+        row = decode(zlib.decompress(value).decode("utf-8"))
     except (zlib.error, ValueError) as exc:
         raise RecordError("unparseable", f"row {key}: not a zlib-compressed JSON row ({exc})") from None
     if not isinstance(row, Mapping):
