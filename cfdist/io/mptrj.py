@@ -53,7 +53,9 @@ GPA_PER_EV_PER_A3 = 160.21766208
 # 1 kBar = 0.1 GPa and the sign flips.
 KBAR_TO_EV_PER_A3 = -0.1 / GPA_PER_EV_PER_A3
 
-_BLOCK_SIZE = 1 << 24  # planning reads the file in blocks of this many bytes (the scan's working memory)
+# Planning reads the file in blocks of this many bytes: the scan's working memory is ~5x a block
+# (the block, its structural bytes, their offsets), so 4 MB keeps the planner near 20 MB.
+_BLOCK_SIZE = 1 << 22
 _SNIFF_BYTES = 1 << 22  # the sniff decodes the first frame from at most this many leading bytes
 _OPEN, _COMMA, _CLOSE = 0, 1, 2  # kinds of frame separators: an mp_id object's {, a comma between frames, its }
 _LEAD = re.compile(rb'\s*\{\s*"(?:[^"\\]|\\.)*"\s*:\s*\{\s*"(?:[^"\\]|\\.)*"\s*:\s*(?=\{)')
@@ -243,18 +245,18 @@ def _frame_record(text: bytes, mp_id: str, energy_key: str, source: str, index: 
 
     try:
         decoded = text.decode("utf-8")
-        decoder = json.JSONDecoder()
         lead = len(decoded) - len(decoded.lstrip())
-        frame_id, at = decoder.raw_decode(decoded, lead)
+        frame_id, at = json.JSONDecoder().raw_decode(decoded, lead)
         colon = decoded.index(":", at)
-        if decoded[at:colon].strip():
-            raise ValueError(f"unexpected {decoded[at:colon].strip()[:20]!r} after the frame id")
+        if decoded[at:colon].strip() or not isinstance(frame_id, str):
+            raise ValueError(f"expected a frame id and ':', got {decoded[lead:colon + 1][:40]!r}")
+    except ValueError as exc:
+        raise RecordError("unparseable", f"frame of {mp_id!r} has no frame id ({exc})") from None
+    partial["id"] = frame_id
+    try:
         frame = json.loads(decoded[colon + 1:])
     except ValueError as exc:
-        raise RecordError("unparseable", f"frame of {mp_id!r} is not valid JSON ({exc})") from None
-    if not isinstance(frame_id, str):
-        raise RecordError("unparseable", f"frame of {mp_id!r}: expected a frame id string, got {frame_id!r}")
-    partial["id"] = frame_id
+        raise RecordError("unparseable", f"frame {frame_id!r} of {mp_id!r} is not valid JSON ({exc})") from None
     if not isinstance(frame, Mapping):
         raise RecordError("unparseable", f"frame {frame_id!r}: expected a JSON object, got {type(frame).__name__}")
     labels = numeric_labels(frame, exclude=("structure", "force", "stress", "magmom") + ID_KEYS)

@@ -44,10 +44,12 @@ class PartitionedPairs:
     :meth:`close` / the ``with`` block). Use once: add everything, then iterate :meth:`partitions`.
     """
 
-    def __init__(self, directory: Path, buffer_rows: int = BUFFER_ROWS, bits: int = PARTITION_BITS):
+    def __init__(self, directory: Path, buffer_rows: int | None = None, bits: int | None = None):
+        """``buffer_rows`` / ``bits``: default :data:`BUFFER_ROWS` / :data:`PARTITION_BITS` (read at
+        construction, so a test can make a small corpus spill)."""
         self.directory = Path(directory)
-        self.buffer_rows = int(buffer_rows)
-        self.bits = int(bits)
+        self.buffer_rows = int(BUFFER_ROWS if buffer_rows is None else buffer_rows)
+        self.bits = int(PARTITION_BITS if bits is None else bits)
         self._buffer: list[np.ndarray] = []
         self._buffered = 0
         self._spilled = False
