@@ -93,7 +93,7 @@ def _peak_find_duplicates(out, n_ids: int, per_chunk: int = 4096) -> tuple[int, 
 def test_the_duplicate_check_does_not_grow_with_the_corpus(tmp_path, monkeypatch):
     """20k and 200k ids: the traced peak of find_duplicates is the same (one completion record, the
     write buffer, one partition), where holding every hash and sorting them costs ~3 MB more at 200k."""
-    monkeypatch.setattr(dedupe, "BUFFER_ROWS", 1 << 13)  # what 1 << 20 is to 100 M records
+    monkeypatch.setattr(dedupe, "BUFFER_ROWS", 1 << 13)  # spill at this size, as 1 << 18 does at millions
     small, found_small = _peak_find_duplicates(tmp_path / "small", 20_000)
     large, found_large = _peak_find_duplicates(tmp_path / "large", 200_000)
     assert found_small == {4: {"train": [20_000 - 4 * 4096]}}  # the repeated id, last row of the last chunk

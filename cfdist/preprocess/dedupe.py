@@ -6,9 +6,10 @@ array costs the driver 8-16 bytes per record (~1.6 GB at 100 M frames, plus the 
 Instead, :class:`PartitionedPairs` spills ``(hash, value)`` pairs to disk as they are read, split
 by the hash's top :data:`PARTITION_BITS` bits into partitions, and hands them back one partition at a
 time: equal hashes always land in the same partition, so each check runs per partition, sorting
-1/256 of the pairs. The driver holds one write buffer (:data:`BUFFER_ROWS` pairs) and one partition:
-flat up to ~100 M records (~6 MB per partition there), growing by 1/256 of the corpus beyond.
-A corpus that fits the write buffer never touches the disk.
+1/512 of the pairs. The driver holds one write buffer (:data:`BUFFER_ROWS` pairs, 4 MB) and one
+partition (3 MB at 100 M records), each with the ~3x of a sort's copies: ~20 MB, flat up to ~100 M
+records, growing by 1/512 of the corpus beyond. A corpus that fits the write buffer (262,144
+records) never touches the disk.
 
     duplicate ids:   pairs (hash of the id, position in input order) -> :func:`repeated_values`
                      gives the positions whose hash repeats; only those ids are then compared
@@ -25,8 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-PARTITION_BITS = 8  # 256 partitions
-BUFFER_ROWS = 1 << 20  # pairs held before a flush to the partition files (16 MB)
+PARTITION_BITS = 9  # 512 partitions
+BUFFER_ROWS = 1 << 18  # pairs held before a flush to the partition files (4 MB)
 PAIR = np.dtype([("key", "<u8"), ("value", "<i8")])
 
 
