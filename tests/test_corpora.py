@@ -361,3 +361,67 @@ def test_reader_options_survive_the_plan_file(mptrj_file):
     again = Chunk(**json.loads(json.dumps(asdict(chunk))))
     assert [r.labels["energy"] for r in read_chunk(again)] == \
         [r.labels["uncorrected_total_energy"] for r in read_chunk(chunk)]
+
+
+# ----------------------------------------------------------------------------- through the job (Ray)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+def _shard_rows(out: Path) -> dict[str, dict]:
+    """Every written row by id: its split, energy, forces and stress."""
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for path in sorted(out.glob("*/part-*.parquet")):
+        table = pq.read_table(path, columns=["id", "y.energy", "forces", "stress"]).to_pylist()
+        for row in table:
+            rows[row["id"]] = {"split": path.parent.name, **row}
+    return rows
+
+
+@pytest.mark.slow
+def test_mptrj_and_extxyz_give_the_same_shards_and_keep_materials_in_one_split(ray_session, tmp_path, frames):
+    """The same frames through ``cfdist preprocess`` as extxyz (grouped by ``mptrj_traj_id``) and as
+    MPtrj JSON (``--energy-key uncorrected_total_energy --split-group meta:mp_id``): the same rows
+    in the same splits with the same energy, forces and stress; every material in one split."""
+    import ase.io
+
+    from cfdist.preprocess.job import Settings, build
+
+    xyz = tmp_path / "frames.extxyz"
+    try:
+        for atoms in frames:
+            atoms.info["id"] = atoms.info["mptrj_snapshot_id"]  # the extxyz path names frames by this
+        ase.io.write(str(xyz), frames, format="extxyz")
+    finally:
+        for atoms in frames:  # the module's frames are shared: leave them as they were
+            atoms.info.pop("id")
+    json_path = write_mptrj_json(frames, tmp_path / "MPtrj_frames.json")
+    common = {"cutoff": 6.0, "targets": ["energy"], "shard_size": 16, "with_forces": True, "with_stress": True,
+              "split_fractions": [0.5, 0.25, 0.25]}
+    by_xyz = build([str(xyz)], tmp_path / "xyz", Settings(**common, split_group="meta:mptrj_traj_id"), workers=2)
+    by_json = build([str(json_path)], tmp_path / "json",
+                    Settings(**common, split_group="meta:mp_id",
+                             reader_options={"energy_key": "uncorrected_total_energy"}), workers=2)
+    assert by_json["format"] == "mptrj" and by_json["n_written"] == by_xyz["n_written"] == N_FRAMES
+    assert by_json["split_groups"]["groups"] == by_xyz["split_groups"]["groups"]
+    a, b = _shard_rows(tmp_path / "xyz"), _shard_rows(tmp_path / "json")
+    assert set(a) == set(b)
+    for rid, row in b.items():
+        assert row["split"] == a[rid]["split"]
+        assert row["y.energy"] == a[rid]["y.energy"]
+        assert row["forces"] == a[rid]["forces"]
+        np.testing.assert_allclose(row["stress"], a[rid]["stress"], rtol=1e-12, atol=1e-15)
+    split_of_material: dict[str, set] = {}
+    for atoms in frames:
+        split_of_material.setdefault(atoms.info["mptrj_traj_id"], set()).add(b[atoms.info["mptrj_snapshot_id"]]["split"])
+    assert all(len(splits) == 1 for splits in split_of_material.values())
+    assert len({s for splits in split_of_material.values() for s in splits}) > 1
