@@ -422,6 +422,7 @@ def test_mptrj_and_extxyz_give_the_same_shards_and_keep_materials_in_one_split(r
         np.testing.assert_allclose(row["stress"], a[rid]["stress"], rtol=1e-12, atol=1e-15)
     split_of_material: dict[str, set] = {}
     for atoms in frames:
-        split_of_material.setdefault(atoms.info["mptrj_traj_id"], set()).add(b[atoms.info["mptrj_snapshot_id"]]["split"])
+        split = b[atoms.info["mptrj_snapshot_id"]]["split"]
+        split_of_material.setdefault(atoms.info["mptrj_traj_id"], set()).add(split)
     assert all(len(splits) == 1 for splits in split_of_material.values())
     assert len({s for splits in split_of_material.values() for s in splits}) > 1

@@ -3,7 +3,9 @@
     cfdist preprocess INPUT... --out DIR [--format FMT] [--targets e_form gap]
         [--model-config crystalformer | --cutoff 8.91]
         [--split-file split.json | --split-fractions 0.8 0.1 0.1] [--split-group meta:mptrj_traj_id]
-        [--shard-size 4096]
+        [--shard-size 4096] [--with-forces] [--with-stress]
+        [--energy-key corrected_total_energy | uncorrected_total_energy]   (mptrj)
+        [--columns lemat | lattice=COL,species=COL,positions=COL,...]       (parquet)
 
 or, against a running cluster (the job connects to it through RAY_ADDRESS):
 
