@@ -79,6 +79,7 @@ def sniff(path: str) -> str | None:
     (decoded from the leading bytes only) has a ``structure``; None otherwise (another JSON format's)."""
     with open_binary(path) as f:
         head = f.read(_SNIFF_BYTES)
+    head = head[3:] if head.startswith(b"\xef\xbb\xbf") else head  # a UTF-8 byte-order mark
     match = _LEAD.match(head)
     if match is None:
         return None
@@ -128,9 +129,9 @@ def _drop_blank(read_at, seps: np.ndarray, kinds: np.ndarray, frames: tuple) -> 
     empty_open = np.flatnonzero((kinds[:-1] == _OPEN) & (kinds[1:] == _CLOSE))
     if not len(empty_open):
         return frames
-    candidates = set((seps[empty_open] + 1).tolist())
-    keep = np.array([not (int(s) in candidates and not read_at(int(s), int(e - s)).strip())
-                     for s, e in zip(starts, ends)], dtype=bool)
+    keep = np.ones(len(starts), dtype=bool)
+    for k in np.flatnonzero(np.isin(starts, seps[empty_open] + 1)):  # only the candidates are read
+        keep[k] = bool(read_at(int(starts[k]), int(ends[k] - starts[k])).strip())
     return starts[keep], ends[keep], material[keep]
 
 
