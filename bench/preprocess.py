@@ -15,7 +15,15 @@ read every record when each chunk seeks inside the compressed stream (decompress
 it: quadratic in the file size) vs when planning spills the decompressed bytes once (what
 ``build_shards`` does).
 
+``--formats`` instead compares the input formats on the same real frames (the shipped
+``examples/data/mptrj/mptrj-random-1k.extxyz.gz``, 1,000 MPtrj frames): today's extxyz path against
+the same frames as MPtrj JSON (``mptrj``), as an ``.aselmdb`` (fairchem's layout: zlib-compressed
+ASE JSON rows in LMDB) and as a Parquet table (``parquet``). One process, no Ray: plan + read every
+record (the reader alone), then plan + ``process_chunk`` (read -> validate -> image tables -> shards,
+energy + forces + stress), in structures/s per core.
+
     python bench/preprocess.py [--n 100000] [--shard-size 4096] [--work /tmp/cfdist-bench-pre] [--compressed]
+    python bench/preprocess.py --formats [--work /tmp/cfdist-bench-pre]
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import os
 import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -47,7 +57,12 @@ def main() -> None:
     parser.add_argument("--skip-loop", action="store_true")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--compressed", action="store_true", help="also compare reading a .json.gz with/without spill")
+    parser.add_argument("--formats", action="store_true",
+                        help="only compare the input formats (extxyz, mptrj, aselmdb, parquet) on real MPtrj frames")
     args = parser.parse_args()
+    if args.formats:
+        compare_formats(args.work, args.shard_size)
+        return
 
     from cfdist.config import CrystalformerConfig
 
@@ -130,6 +145,84 @@ def compressed_reading(raw: Path, shard_size: int) -> None:
         done = time.perf_counter()
         print(f"| {name} ({n:,} records, {len(chunks)} chunks) | {planned - start:.1f} | {done - planned:.1f} | "
               f"{done - start:.1f} |")
+
+
+MPTRJ_FRAMES = Path("examples/data/mptrj/mptrj-random-1k.extxyz.gz")
+
+
+def _write_formats(frames, work: Path) -> dict[str, Path]:
+    """The frames as MPtrj JSON (stress in kBar, VASP's sign), .aselmdb (fairchem's layout) and Parquet."""
+    import zlib
+
+    import lmdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ase.db.row import AtomsRow
+    from ase.io.jsonio import encode
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    paths = {"mptrj": work / "mptrj.json", "aselmdb": work / "frames.aselmdb", "parquet": work / "frames.parquet"}
+    layout: dict[str, dict] = {}
+    for atoms in frames:
+        mp_id = atoms.info["mptrj_traj_id"]
+        energy = float(atoms.get_potential_energy())
+        layout.setdefault(mp_id, {})[atoms.info["mptrj_snapshot_id"]] = {
+            "structure": AseAtomsAdaptor.get_structure(atoms).as_dict(), "uncorrected_total_energy": energy,
+            "corrected_total_energy": energy, "force": atoms.get_forces().tolist(),
+            "stress": (-10.0 * 160.21766208 * atoms.get_stress(voigt=False)).tolist(), "mp_id": mp_id}
+    paths["mptrj"].write_text(json.dumps(layout))
+    env = lmdb.open(str(paths["aselmdb"]), subdir=False, map_size=1 << 32, meminit=False)
+    with env.begin(write=True) as txn:
+        for k, atoms in enumerate(frames, 1):
+            row = AtomsRow(atoms)
+            dct = {key: row[key] for key in row.__dict__ if key[0] != "_" and key not in row._keys and key != "id"}
+            dct["cell"] = np.asarray(dct["cell"])
+            dct["key_value_pairs"] = {"sid": atoms.info["mptrj_snapshot_id"], "mp_id": atoms.info["mptrj_traj_id"]}
+            txn.put(str(k).encode(), zlib.compress(encode(dct).encode()))
+        txn.put(b"nextid", zlib.compress(encode(len(frames) + 1).encode()))
+    env.close()
+    pq.write_table(pa.table({
+        "immutable_id": [a.info["mptrj_snapshot_id"] for a in frames],
+        "lattice_vectors": [a.cell.array.tolist() for a in frames],
+        "species_at_sites": [a.get_chemical_symbols() for a in frames],
+        "cartesian_site_positions": [a.positions.tolist() for a in frames],
+        "energy": [float(a.get_potential_energy()) for a in frames],
+        "forces": [a.get_forces().tolist() for a in frames],
+        "stress_tensor": [a.get_stress(voigt=False).tolist() for a in frames]}), str(paths["parquet"]))
+    return paths
+
+
+def compare_formats(work: Path, shard_size: int) -> None:
+    """Reader alone and the whole chunk function, per format, on the same 1,000 real frames."""
+    import ase.io
+
+    from cfdist.config import CrystalformerConfig
+    from cfdist.io import read_chunk
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    frames = ase.io.read(str(MPTRJ_FRAMES), index=":", format="extxyz")
+    inputs = {"extxyz": MPTRJ_FRAMES.resolve(), **_write_formats(frames, work)}
+    settings = Settings(cutoff=CrystalformerConfig().cutoff, targets=["energy"], shard_size=shard_size,
+                        with_forces=True, with_stress=True)
+    print(f"# {len(frames):,} real MPtrj frames ({MPTRJ_FRAMES.name}), cutoff {settings.cutoff:.3f} A, "
+          f"one process (structures/s per core)")
+    print("| format | input MB | plan + read s | read structures/s | plan + process_chunk s | "
+          "preprocess structures/s | written |")
+    print("|---|---|---|---|---|---|---|")
+    for fmt, path in inputs.items():
+        start = time.perf_counter()
+        chunks = plan_chunks(str(path), fmt, shard_size, str(work / "spill"))
+        n = sum(1 for chunk in chunks for rec in read_chunk(chunk) if rec.ok)
+        read_s = time.perf_counter() - start
+        out = work / f"out-{fmt}"
+        start = time.perf_counter()
+        chunks = plan_chunks(str(path), fmt, shard_size, str(work / "spill"))
+        written = sum(process_chunk(i, c, settings, str(out), None)["n_written"] for i, c in enumerate(chunks))
+        full_s = time.perf_counter() - start
+        print(f"| {fmt} | {path.stat().st_size / 1e6:.1f} | {read_s:.2f} | {n / read_s:,.0f} | {full_s:.2f} | "
+              f"{len(frames) / full_s:,.0f} | {written:,} |")
 
 
 if __name__ == "__main__":

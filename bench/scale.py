@@ -4,6 +4,7 @@ training with 2 Ray workers, the loader alone, resume cost and shuffle quality, 
     python bench/scale.py                                   # 10k, 100k, 1M (~1.5 h on 2 cores)
     python bench/scale.py --sizes 10000,100000 --sections preprocess,train
     python bench/scale.py --sizes 1000000 --sections kill   # kill -9 the 1M preprocessing at ~50 %, rerun
+    python bench/scale.py --sizes 10000,200000,1000000 --sections driver   # finalize's per-record memory
 
 Sections (each size in turn; every stage reuses what an earlier run left in ``--work``):
 
@@ -23,6 +24,11 @@ Sections (each size in turn; every stage reuses what an earlier run left in ``--
   structures/s, to compare with what a train worker consumes (headroom); time to the first batch
   when resuming at 10 % and 90 % of the epoch by position (cfdist.stream); shuffle quality of the
   stream with and without lanes.
+* ``driver`` (not in the default sections): the preprocessing driver's per-record work alone, i.e.
+  what its final pass (``cfdist.preprocess.job.finalize``) does for every record (the duplicate-id
+  check and the distinct split groups, ``meta:mp_id``-style group keys), on N synthetic completion
+  records (4096 MPtrj-like frame ids each, one duplicate) in a fresh process: peak RSS (VmHWM) after
+  the imports and at the end, so bytes per record = (end - start) / N; fast enough for 1M on 2 cores.
 
 Everything big goes under ``--work`` (default /tmp/cfdist-scale; ~2.5 GB at 1M). The header
 prints the load average: on a shared machine, re-run when it is low.
@@ -47,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
        "PYTHONUNBUFFERED": "1"}
 CFDIST = str(Path(sys.executable).parent / "cfdist")  # the console script of this environment
-SECTIONS = ("generate", "preprocess", "kill", "verify", "train", "loader")
+SECTIONS = ("generate", "preprocess", "kill", "verify", "train", "loader", "driver")
 
 
 # ----------------------------------------------------------------------------- process-tree memory
@@ -396,9 +402,13 @@ def main(argv=None) -> int:
     parser.add_argument("--loader-structures", type=int, default=20_000)
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
     parser.add_argument("--child-loader", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-driver", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_loader:
         print(json.dumps(loader_child(args.child_loader, args.work, args.batch, args.loader_structures)))
+        return 0
+    if args.child_driver:
+        print(json.dumps(driver_child(args.child_driver, args.work)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     sections = args.sections.split(",")
@@ -427,13 +437,78 @@ def main(argv=None) -> int:
             r["loader"] = loader(n, args.work, args.batch, args.loader_structures)
             r["shuffle"] = shuffle_quality(n, args.work, args.batch)
             print(f"{label(n)} loader: {r['loader']}\n{label(n)} shuffle: {r['shuffle']}", flush=True)
+        if "driver" in sections:
+            r["driver"] = driver_memory(n, args.work)
+            print(f"{label(n)} driver: {r['driver']}", flush=True)
     print_tables(results, sections)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 
+DRIVER_CHUNK = 4096  # ids per synthetic completion record (the default --shard-size)
+
+
+def _driver_records(n: int, work: Path) -> Path:
+    """N synthetic completion records' ids and group keys (``mp-<m>-<k>`` frames of ``mp-<m>``, eight per
+    material, plus one repeated id), written once per size."""
+    out = work / f"driver-{label(n)}"
+    progress = out / ".progress"
+    done = progress / "done"
+    if done.exists():
+        return out
+    progress.mkdir(parents=True, exist_ok=True)
+    ids = [f"mp-{k // 8}-{k % 8}" for k in range(n)] + ["mp-0-0"]
+    for index, start in enumerate(range(0, len(ids), DRIVER_CHUNK)):
+        part = ids[start:start + DRIVER_CHUNK]
+        record = {"shards": {"train": {"ids": part, "groups": [i.rsplit("-", 1)[0] for i in part]}}}
+        (progress / f"chunk-{index:06d}.json").write_text(json.dumps(record))
+    done.write_text(str(len(ids)))
+    return out
+
+
+def driver_memory(n: int, work: Path) -> dict:
+    out = _driver_records(n, work)
+    res = subprocess.run([sys.executable, __file__, "--child-driver", str(n), "--work", str(work)], cwd=REPO,
+                         env=ENV, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"driver child failed:\n{res.stderr[-3000:]}")
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    result["bytes_per_record"] = (result["hwm_end_mb"] - result["hwm_start_mb"]) * 2**20 / n
+    result["records"] = str(out)
+    return result
+
+
+def driver_child(n: int, work: Path) -> dict:
+    """In a fresh process: finalize's per-record checks over the synthetic completion records."""
+    from cfdist.preprocess.dedupe import PartitionedPairs, distinct_per_split, key_hashes
+    from cfdist.preprocess.job import find_duplicates
+
+    out = work / f"driver-{label(n)}"
+    n_chunks = len(list((out / ".progress").glob("chunk-*.json")))
+    start_mb = _hwm_mb(os.getpid())
+    t0 = time.perf_counter()
+    dropped = find_duplicates(out, n_chunks)
+    with PartitionedPairs(out / ".progress" / "groups") as pairs:
+        for index in range(n_chunks):
+            shard = json.loads((out / ".progress" / f"chunk-{index:06d}.json").read_text())["shards"]["train"]
+            hashes = key_hashes(shard["groups"])
+            pairs.add(hashes, (hashes % np.uint64(3)).astype(np.int64))  # a split per group
+        groups = distinct_per_split(pairs, 3).tolist()
+    return {"wall_s": time.perf_counter() - t0, "hwm_start_mb": start_mb, "hwm_end_mb": _hwm_mb(os.getpid()),
+            "duplicates": sum(len(rows) for splits in dropped.values() for rows in splits.values()),
+            "groups": groups}
+
+
 def print_tables(results: dict, sections: list[str]) -> None:
+    if "driver" in sections:
+        print("\n| N | finalize checks wall (s) | peak RSS after imports (MB) | peak RSS at the end (MB) | "
+              "growth per record (bytes) |\n|---|---|---|---|---|")
+        for size, r in results.items():
+            d = r.get("driver")
+            if d:
+                print(f"| {size} | {d['wall_s']:.1f} | {d['hwm_start_mb']:.0f} | {d['hwm_end_mb']:.0f} | "
+                      f"{d['bytes_per_record']:.1f} |")
     if "preprocess" in sections:
         print("\n| N | preprocess wall (s) | structures/s/core | bytes/structure | peak RSS driver (MB) | "
               "peak RSS per Ray worker (MB) | peak RSS Ray daemons (MB) |\n|---|---|---|---|---|---|---|")

@@ -21,6 +21,7 @@ from cfdist.io import registry
 from cfdist.io.jarvis import jarvis_record
 from cfdist.io.records import guarded
 from cfdist.io.registry import Format, get_format
+from corpus_formats import ase_rows, parquet_columns, write_aselmdb, write_mptrj, write_parquet
 from paths import ROOT
 from raw_formats import atoms_of, cse_dict, structure_of, write_all_formats, write_extxyz, write_json, write_jsonl
 
@@ -28,7 +29,8 @@ N = 6
 
 # A well-formed input of each registered format (key of raw_formats.write_all_formats). A format
 # added to the table without an entry here fails test_every_registered_format_has_a_sample.
-SAMPLE = {"cif": "cif", "jarvis": "jarvis_json", "pymatgen": "pmg_cse", "extxyz": "extxyz", "ase_db": "ase_db"}
+SAMPLE = {"cif": "cif", "jarvis": "jarvis_json", "pymatgen": "pmg_cse", "extxyz": "extxyz", "ase_db": "ase_db",
+          "mptrj": "mptrj", "aselmdb": "aselmdb", "parquet": "parquet"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,12 @@ def recs(megnet_records):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, recs):
-    return write_all_formats(tmp_path_factory.mktemp("inputs"), recs)
+    root = tmp_path_factory.mktemp("inputs")
+    files = write_all_formats(root, recs)
+    files["mptrj"] = str(write_mptrj(root / "mptrj.json", recs))
+    files["aselmdb"] = str(write_aselmdb(root / "rows.aselmdb", ase_rows(recs)))
+    files["parquet"] = str(write_parquet(root / "table.parquet", parquet_columns(recs)))
+    return files
 
 
 def _compress(plain: Path, target: Path) -> Path:
@@ -67,6 +74,16 @@ def _write(fmt: str, suffix: str, directory: Path, recs) -> tuple[Path, int]:
         _compress(plain, path)
         plain.unlink()
         return path, len(recs)
+    if fmt == "mptrj":
+        plain = directory / "mptrj.plain"
+        write_mptrj(plain, recs)
+        _compress(plain, path)
+        plain.unlink()
+        return path, len(recs)
+    if fmt == "aselmdb":
+        return write_aselmdb(path, ase_rows(recs)), len(recs)
+    if fmt == "parquet":
+        return write_parquet(path, parquet_columns(recs)), len(recs)
     if fmt == "ase_db":
         import ase.db
 
@@ -122,18 +139,18 @@ def test_a_marker_makes_a_directory_one_input(files):
 
 def test_unknown_names_and_endings_list_what_is_registered(files, tmp_path):
     names = str(FORMATS).replace("(", r"\(").replace(")", r"\)")
-    with pytest.raises(ValueError, match=rf"unknown format 'parquet' for .*; expected one of {names}"):
-        plan_chunks(files["extxyz"], "parquet", 4)
-    with pytest.raises(ValueError, match=rf"unknown format 'parquet' in chunk .*; expected one of {names}"):
-        list(read_chunk(Chunk("parquet", files["extxyz"], 0, 1)))
-    with pytest.raises(ValueError, match="unknown format 'parquet'"):
-        get_format("parquet")
-    odd = tmp_path / "table.parquet"
-    odd.write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=rf"unknown format 'netcdf' for .*; expected one of {names}"):
+        plan_chunks(files["extxyz"], "netcdf", 4)
+    with pytest.raises(ValueError, match=rf"unknown format 'netcdf' in chunk .*; expected one of {names}"):
+        list(read_chunk(Chunk("netcdf", files["extxyz"], 0, 1)))
+    with pytest.raises(ValueError, match="unknown format 'netcdf'"):
+        get_format("netcdf")
+    odd = tmp_path / "table.nc"
+    odd.write_bytes(b"CDF\x01")
     with pytest.raises(cio.UnknownFormatError, match=r"unknown extension \(known: id_prop.csv directory, "
-                       + r"\.cif, .*\.db\)"):
+                       + r"\.cif, .*\.pq\)"):
         infer_format(str(odd))
-    rows = list(iter_input_records([files["extxyz"]], "parquet", on_error="row"))
+    rows = list(iter_input_records([files["extxyz"]], "netcdf", on_error="row"))
     assert [r.error_reason for r in rows] == ["unreadable_file"] and "expected one of" in rows[0].error
 
 
@@ -238,5 +255,5 @@ def test_a_new_format_is_one_row(monkeypatch, tmp_path, recs, files):
     records = list(iter_input_records([str(path)], on_error="row"))
     assert [r.id for r in records] == [r["id"] for r in recs] and all(r.ok for r in records)
     assert [r.index for r in records] == list(range(N))
-    with pytest.raises(ValueError, match=r"expected one of \('cif', .*'ase_db', 'keyed'\)"):
-        plan_chunks(str(path), "mptrj", 4)
+    with pytest.raises(ValueError, match=r"expected one of \('cif', .*'parquet', 'keyed'\)"):
+        plan_chunks(str(path), "netcdf", 4)

@@ -16,6 +16,7 @@ import pytest
 
 import cfdist.io as readers
 from cfdist.io import cut_json, json_container, spill
+from corpus_formats import ase_rows, parquet_columns, write_aselmdb, write_mptrj, write_parquet
 from raw_formats import (cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
                          write_extxyz, write_json, write_jsonl)
 from cfdist.io import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
@@ -36,7 +37,12 @@ def recs(megnet_records):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, recs):
     """One well-formed input per format variant, all holding the same N real crystals."""
-    return write_all_formats(tmp_path_factory.mktemp("inputs"), recs)
+    root = tmp_path_factory.mktemp("inputs")
+    files = write_all_formats(root, recs)
+    files["mptrj"] = str(write_mptrj(root / "mptrj.json", recs))
+    files["aselmdb"] = str(write_aselmdb(root / "rows.aselmdb", ase_rows(recs)))
+    files["parquet"] = str(write_parquet(root / "table.parquet", parquet_columns(recs)))
+    return files
 
 
 def _read_all(path, fmt=None, chunk_size=CHUNK):
@@ -98,7 +104,8 @@ def test_infer_format(files, tmp_path):
     expected = {"jarvis_json": "jarvis", "jarvis_json_gz": "jarvis", "jarvis_json_bz2": "jarvis",
                 "jarvis_jsonl": "jarvis", "jarvis_jsonl_gz": "jarvis", "pmg_structures": "pymatgen",
                 "pmg_cse": "pymatgen", "pmg_alexandria": "pymatgen", "pmg_wrapped_jsonl": "pymatgen",
-                "extxyz": "extxyz", "ase_db": "ase_db", "cif": "cif"}
+                "extxyz": "extxyz", "ase_db": "ase_db", "cif": "cif", "mptrj": "mptrj", "aselmdb": "aselmdb",
+                "parquet": "parquet"}
     for key, fmt in expected.items():
         assert infer_format(files[key]) == fmt, key
     assert infer_format(os.path.join(files["cif"], "id_prop.csv")) == "cif"

@@ -14,6 +14,9 @@
     extxyz.py           --format extxyz      extended XYZ, plain / .gz / .bz2
     ase_db.py           --format ase_db      ASE database (.db, ASE JSON)
     cif.py              --format cif         directory with id_prop.csv, or a CIF file
+    mptrj.py            --format mptrj       MPtrj's one JSON object {mp_id: {frame_id: frame}}
+    aselmdb.py          --format aselmdb     fairchem's .aselmdb (OMat24, sAlex), read with lmdb
+    parquet_table.py    --format parquet     a Parquet table through a column mapping (LeMat-Bulk preset)
     cut_json.py         prediction's reader of JSON inputs cut short (partial downloads)
 
 Contract of every reader: planning is deterministic and parses no structure; ``read(chunk)`` yields

@@ -217,3 +217,52 @@ def _trailing_backslashes(data: np.ndarray, carried: int) -> int:
         run += 1
         k -= 1
     return run + (carried if k < 0 else 0)
+
+
+class StructuralScanner:
+    """The structural bytes of a JSON document outside strings, block by block, with their depth.
+
+    For layouts :func:`list_separators` does not cover (MPtrj's object of objects,
+    :mod:`cfdist.io.mptrj`): feed consecutive blocks of the document; each call returns the absolute
+    offsets of its ``[ ] { } ,`` bytes that are outside strings, the bytes themselves and the nesting
+    depth before each. String state and backslash runs carry across blocks, so the result does not
+    depend on the block size. Nothing is decoded; a malformed document shows up as depths that never
+    return to zero (the caller checks).
+    """
+
+    def __init__(self, depth: int = 0, base: int = 0):
+        """``depth``: nesting depth at the first byte fed (to scan a span inside a document);
+        ``base``: its absolute offset."""
+        self.depth = depth
+        self.base = base
+        self.in_string = False
+        self._trailing_backslashes = 0
+
+    def feed(self, block: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(offsets int64 (K,), bytes uint8 (K,), depth before int16 (K,))`` of the block's structural
+        bytes outside strings; the block's bytes are consumed (the next call continues after them)."""
+        data = np.frombuffer(block, dtype=np.uint8)
+        structural = np.frombuffer(block.translate(_KEEP_STRUCTURAL), dtype=np.uint8)
+        pos = np.flatnonzero(structural)
+        kind = structural[pos]
+        is_quote = kind == _QUOTE
+        carried = self._trailing_backslashes
+        if b"\\" in block or carried:
+            quote_pos = pos[is_quote]
+            maybe_escaped = quote_pos[_prev_is_backslash(data, quote_pos, carried)]
+            escaped = [p for p in maybe_escaped.tolist() if _backslash_run(data, p, carried) % 2]
+            if escaped:
+                is_quote &= ~np.isin(pos, escaped)
+            self._trailing_backslashes = _trailing_backslashes(data, carried)
+        parity = (np.cumsum(is_quote.view(np.int8), dtype=np.int8) + np.int8(self.in_string)) & 1
+        outside = (parity == 0) & ~is_quote & (kind != _BACKSLASH)
+        if len(parity):
+            self.in_string = bool(parity[-1])
+        kind, pos = kind[outside], pos[outside]
+        delta = _DELTA[kind]
+        depth_after = np.cumsum(delta, dtype=np.int16) + np.int16(self.depth)
+        if len(depth_after):
+            self.depth = int(depth_after[-1])
+        offsets = pos.astype(np.int64) + self.base
+        self.base += len(block)
+        return offsets, kind, depth_after - delta

@@ -47,6 +47,9 @@ class Chunk:
         part: where the chunk is when byte ranges do not address it, in the format's own words (a
             string, so plans stay JSON): e.g. a Parquet row-group index or the key of a keyed store's
             first record; "" for the formats that need none.
+        options: the reader options of the build (``--energy-key``, ``--columns``) as a JSON object
+            (sorted keys), stamped on every chunk by :func:`cfdist.io.registry.plan_chunks` so the
+            worker reads the chunk as the driver planned it; "" when none are given.
     """
 
     format: str
@@ -58,6 +61,7 @@ class Chunk:
     line: int = -1
     data_path: str = ""
     part: str = ""
+    options: str = ""
 
 
 @dataclass

@@ -9,13 +9,15 @@ endings it is inferred from, how it plans chunks (driver) and how it reads a chu
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from cfdist.io import ase_db, cif, cut_json, extxyz, jarvis, pymatgen_dicts
+from cfdist.io import ase_db, aselmdb, cif, cut_json, extxyz, jarvis, mptrj, parquet_table, pymatgen_dicts
 from cfdist.io.json_container import JSON_SUFFIXES, JSONL_SUFFIXES, json_format, plan_json
 from cfdist.io.records import Chunk, RawRecord, UnknownFormatError, exactly, file_errors
 
@@ -63,6 +65,10 @@ class Format:
         marker: a file whose directory is one input of this format (``cif``: ``id_prop.csv``).
         cut: how to read the format's inputs when they stop early, or None (prediction then reports
             the input as unreadable).
+        check_options: for a format that takes reader options (``--energy-key``, ``--columns``):
+            ``check_options(path, options)`` raises ``ValueError`` naming the path for an unknown
+            option or value (it may look at the file, e.g. a table's columns); None: the format takes
+            none. The reader finds them in ``Chunk.options``.
     """
 
     name: str
@@ -72,17 +78,23 @@ class Format:
     sniff: Callable[[str], "str | None"] | None = None
     marker: str | None = None
     cut: CutReader | None = None
+    check_options: Callable[[str, Mapping[str, str]], None] | None = None
 
 
 _JSON_CUT = CutReader(is_cut=cut_json.json_lines_cut, read=cut_json.read_json_prefix)
 
 REGISTRY: tuple[Format, ...] = (
     Format("cif", cif.SUFFIXES, cif.plan, cif.read, marker=cif.ID_PROP),
+    # before the JSON family: its sniff reads only the head, theirs decodes a top-level object whole
+    Format("mptrj", mptrj.SUFFIXES, mptrj.plan, mptrj.read, sniff=mptrj.sniff, check_options=mptrj.check_options),
     Format("jarvis", JSON_SUFFIXES + JSONL_SUFFIXES, plan_json, jarvis.read, sniff=json_format, cut=_JSON_CUT),
     Format("pymatgen", JSON_SUFFIXES + JSONL_SUFFIXES, plan_json, pymatgen_dicts.read, sniff=json_format,
            cut=_JSON_CUT),
     Format("extxyz", extxyz.SUFFIXES, extxyz.plan, extxyz.read),
     Format("ase_db", ase_db.SUFFIXES, ase_db.plan, ase_db.read, sniff=json_format),
+    Format("aselmdb", aselmdb.SUFFIXES, aselmdb.plan, aselmdb.read),
+    Format("parquet", parquet_table.SUFFIXES, parquet_table.plan, parquet_table.read,
+           check_options=parquet_table.check_options),
 )
 
 
@@ -181,10 +193,15 @@ def infer_format(path: str) -> str:
                              f"{' or '.join(markers())} directory, {', '.join(known_suffixes())})")
 
 
-def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None) -> list[Chunk]:
+def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = None,
+                options: Mapping[str, str] | None = None) -> list[Chunk]:
     """Deterministic chunks of ``chunk_size`` records (the last may be shorter) of one input, in input
     order, planned by format ``fmt``'s row (see :class:`Format`); counts records without parsing
     structures. A whole-file read failure is re-raised as ``OSError`` naming the path.
+
+    ``options``: reader options (``{"energy_key": ...}`` for mptrj, ``{"columns": ...}`` for
+    parquet), checked by the format's ``check_options`` (``ValueError`` for a format that takes none)
+    and stamped on every chunk (``Chunk.options``).
 
     ``spill_dir``: for a compressed (``.gz``/``.bz2``) byte-addressed input, keep the decompressed bytes
     there while planning (one pass) and point the chunks' ``data_path`` at them, so a worker seeks
@@ -197,8 +214,17 @@ def plan_chunks(path: str, fmt: str, chunk_size: int, spill_dir: str | None = No
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
         raise FileNotFoundError(f"input {path!r} does not exist")
+    options = dict(options or {})
+    if options and spec.check_options is None:
+        raise ValueError(f"format {spec.name} takes no reader options, got {sorted(options)} for {path!r}")
     with file_errors(path):
-        return spec.plan(path, spec.name, int(chunk_size), spill_dir)
+        if spec.check_options is not None:
+            spec.check_options(path, options)
+        chunks = spec.plan(path, spec.name, int(chunk_size), spill_dir)
+    if not options:
+        return chunks
+    stamp = json.dumps(options, sort_keys=True)
+    return [dataclasses.replace(c, options=stamp) for c in chunks]
 
 
 def read_chunk(chunk: Chunk) -> Iterator[RawRecord]:

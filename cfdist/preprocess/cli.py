@@ -3,14 +3,17 @@
     cfdist preprocess INPUT... --out DIR [--format FMT] [--targets e_form gap]
         [--model-config crystalformer | --cutoff 8.91]
         [--split-file split.json | --split-fractions 0.8 0.1 0.1] [--split-group meta:mptrj_traj_id]
-        [--shard-size 4096]
+        [--shard-size 4096] [--with-forces] [--with-stress]
+        [--energy-key corrected_total_energy | uncorrected_total_energy]   (mptrj)
+        [--columns lemat | lattice=COL,species=COL,positions=COL,...]       (parquet)
 
 or, against a running cluster (the job connects to it through RAY_ADDRESS):
 
     ray job submit --working-dir . -- python preprocess/build_shards.py ...
 
 Inputs are files, directories or globs in any format of :mod:`cfdist.io` (CIF
-directory + id_prop.csv, JARVIS JSON, pymatgen JSON, extxyz, ASE db). What the job writes and
+directory + id_prop.csv, JARVIS JSON, pymatgen JSON, extxyz, ASE db, MPtrj JSON, fairchem .aselmdb,
+Parquet tables). What the job writes and
 how it resumes: :mod:`cfdist.preprocess.job`.
 """
 
@@ -56,8 +59,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-distance", type=float, default=0.5, help="reject atoms closer than this (A)")
     parser.add_argument("--min-volume", type=float, default=0.1, help="reject cells smaller than this (A^3)")
     parser.add_argument("--allow-missing-labels", action="store_true", help="store NaN instead of rejecting")
-    parser.add_argument("--with-forces", action="store_true", help="store per-atom forces (extxyz, ASE db)")
-    parser.add_argument("--with-stress", action="store_true", help="store stress tensors (extxyz, ASE db)")
+    parser.add_argument("--with-forces", action="store_true",
+                        help="store per-atom forces (extxyz, ASE db, mptrj, aselmdb, parquet)")
+    parser.add_argument("--with-stress", action="store_true",
+                        help="store stress tensors (extxyz, ASE db, mptrj, aselmdb, parquet)")
+    parser.add_argument("--energy-key", choices=("corrected_total_energy", "uncorrected_total_energy"), default=None,
+                        help="mptrj only: which energy is the label 'energy' (default corrected_total_energy, the "
+                             "MP2020-corrected energy CHGNet is trained on; docs/shards.md)")
+    parser.add_argument("--columns", default=None, metavar="ROLE=COLUMN,...",
+                        help="parquet only: which column holds what, e.g. lattice=cell,species=symbols,"
+                             "positions=pos,energy=e,forces=f,stress=s,id=name, or a preset: lemat (LeMat-Bulk), "
+                             "cfdist (columns named after the roles); default: the preset the table matches")
     parser.add_argument("--workers", type=int, default=None, help="parallel chunk workers (default: cluster CPUs)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild an output dir made with other settings")
     return parser.parse_args(argv)
@@ -81,7 +93,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                     min_distance=args.min_distance, min_volume=args.min_volume, max_entries=args.max_entries,
                     allow_missing_labels=args.allow_missing_labels, with_forces=args.with_forces,
                     with_stress=args.with_stress, split_group=args.split_group,
-                    split_group_missing=args.split_group_missing)
+                    split_group_missing=args.split_group_missing, reader_options=reader_options(args))
+
+
+def reader_options(args: argparse.Namespace) -> dict[str, str]:
+    """The reader options given on the command line (checked against the format by cfdist.io)."""
+    options = {}
+    if args.energy_key is not None:
+        options["energy_key"] = args.energy_key
+    if args.columns is not None:
+        options["columns"] = args.columns
+    return options
 
 
 def main(argv: Sequence[str] | None = None) -> int:

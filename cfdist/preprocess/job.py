@@ -42,6 +42,8 @@ from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
 from cfdist.geometry import image_table
 from cfdist.io import FORMATS, Chunk, default_id, expand_inputs, infer_format, plan_chunks, read_chunk
 from cfdist.manifest import SPLITS, shard_record, write_manifest
+from cfdist.preprocess.dedupe import (PartitionedPairs, SplitConflict, distinct_per_split, key_hashes,
+                                      repeated_values)
 from cfdist.preprocess.splits import (MISSING_GROUP, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
 from cfdist.preprocess.statistics import StatsAccumulator
@@ -50,6 +52,8 @@ from cfdist.shards import (MAX_ATOMS, SCHEMA_VERSION, TRANSLATION_LIMIT, crystal
 
 PROGRESS_DIR = ".progress"
 SPILL_DIR = "spill"  # under PROGRESS_DIR: decompressed copies of compressed JSON / extxyz inputs, removed at the end
+DEDUPE_DIR = "dedupe"  # under PROGRESS_DIR: partitioned id hashes while finalize looks for duplicates
+GROUPS_DIR = "groups"  # under PROGRESS_DIR: partitioned group-key hashes while finalize counts split groups
 
 
 @dataclass
@@ -70,11 +74,13 @@ class Settings:
     with_stress: bool = False
     split_group: str | None = None  # None: hash of the id; else a group spec (cfdist.preprocess.splits)
     split_group_missing: str = "reject"  # a record without a group key: "reject" (missing_group) or "id"
+    # how the reader reads the inputs (--energy-key for mptrj, --columns for parquet; cfdist.io.plan_chunks)
+    reader_options: dict[str, str] = field(default_factory=dict)
 
 
 # Fields added after the first release: left out of the content hash while they hold their
 # default, so builds that do not use them keep the hash (and the resumable output) they had.
-_HASH_IF_SET = {"split_group": None, "split_group_missing": "reject"}
+_HASH_IF_SET = {"split_group": None, "split_group_missing": "reject", "reader_options": {}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,62 +329,55 @@ def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, 
           f"structures/s with {concurrency} worker(s))", file=sys.stderr)
 
 
-def _key_hashes(keys: Sequence[str]) -> np.ndarray:
-    """64-bit hashes of strings (ids, group keys): the driver keeps 8 bytes per structure, not the
-    strings, so its memory stays small at millions of structures (docs/scaling.md)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys),
-                       dtype=np.uint64, count=len(keys))
-
-
 def _chunk_record(out: Path, index: int) -> dict:
     return json.loads((out / PROGRESS_DIR / f"chunk-{index:06d}.json").read_text())
 
 
 def find_duplicates(out: Path, n_chunks: int) -> dict[int, dict[str, list[int]]]:
     """Rows whose id an earlier row (in input order: chunk, split, row) already has, per chunk and
-    split. One pass over the completion records keeps a 64-bit hash per row; rows whose hash
-    repeats are compared by their id strings (a hash collision between different ids drops nothing)."""
-    hashes, owners = [], []  # per (chunk, split) block: its hashes, and (chunk, split)
-    for index in range(n_chunks):
-        rec = _chunk_record(out, index)
-        for split in SPLITS:
-            shard = rec["shards"].get(split)
-            if shard is not None and shard["ids"]:
-                hashes.append(_key_hashes(shard["ids"]))
-                owners.append((index, split))
-    if not hashes:
+    split. One pass over the completion records spills every row's (id hash, position) to
+    hash-partitioned files (:mod:`cfdist.preprocess.dedupe`: the driver's memory stays flat); rows
+    whose hash repeats are then compared by their id strings (a hash collision between different ids
+    drops nothing)."""
+    blocks: list[tuple[int, str, int]] = []  # per (chunk, split) block: chunk, split, position of its first row
+    position = 0
+    with PartitionedPairs(out / PROGRESS_DIR / DEDUPE_DIR) as pairs:
+        for index in range(n_chunks):
+            rec = _chunk_record(out, index)
+            for split in SPLITS:
+                shard = rec["shards"].get(split)
+                if shard is not None and shard["ids"]:
+                    n = len(shard["ids"])
+                    pairs.add(key_hashes(shard["ids"]), np.arange(position, position + n, dtype=np.int64))
+                    blocks.append((index, split, position))
+                    position += n
+        candidates = repeated_values(pairs)  # positions in input order
+    if not len(candidates):
         return {}
-    starts = np.cumsum([0] + [len(h) for h in hashes])
-    flat = np.concatenate(hashes)
-    order = np.argsort(flat, kind="stable")  # equal hashes stay in input order
-    sorted_hashes = flat[order]
-    repeated = np.flatnonzero(sorted_hashes[1:] == sorted_hashes[:-1]) + 1
-    if not len(repeated):
-        return {}
-    candidates = np.unique(np.concatenate([order[repeated], order[repeated - 1]]))  # input order
-    blocks = np.searchsorted(starts, candidates, side="right") - 1
+    starts = np.array([b[2] for b in blocks], dtype=np.int64)
+    owner = np.searchsorted(starts, candidates, side="right") - 1
     ids: dict[int, str] = {}
-    for block in np.unique(blocks):
-        index, split = owners[block]
+    for block in np.unique(owner):
+        index, split, first = blocks[block]
         shard_ids = _chunk_record(out, index)["shards"][split]["ids"]
-        for position in candidates[blocks == block]:
-            ids[int(position)] = shard_ids[int(position - starts[block])]
+        for at in candidates[owner == block]:
+            ids[int(at)] = shard_ids[int(at - first)]
     seen: set[str] = set()
     dropped: dict[int, dict[str, list[int]]] = {}
-    for position, block in zip(candidates.tolist(), blocks.tolist()):
-        if ids[position] in seen:
-            index, split = owners[block]
-            dropped.setdefault(index, {}).setdefault(split, []).append(position - int(starts[block]))
-        seen.add(ids[position])
+    for at, block in zip(candidates.tolist(), owner.tolist()):
+        if ids[at] in seen:
+            index, split, first = blocks[block]
+            dropped.setdefault(index, {}).setdefault(split, []).append(at - first)
+        seen.add(ids[at])
     return dropped
 
 
 def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict], settings: Settings) -> dict:
     """Drop duplicate ids, gather statistics, write rejects.jsonl and manifest.json.
 
-    The completion records are read one at a time (never all at once) and ids and group keys are
-    kept as 64-bit hashes, so the driver's memory grows by ~8 bytes per structure (16 with group
-    splits), not with the records' strings."""
+    The completion records are read one at a time (never all at once); ids and group keys are
+    compared as 64-bit hashes spilled to hash-partitioned files (:mod:`cfdist.preprocess.dedupe`),
+    so the driver's memory does not grow with the number of structures (docs/scaling.md)."""
     import pyarrow.parquet as pq
 
     # Duplicate ids: the first occurrence in input order is kept, later ones are rejected.
@@ -402,9 +401,9 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
     reasons: dict[str, int] = defaultdict(int)
     # Group splits: the distinct group keys of the written rows per split (the workers list every
     # row's key next to its id, so this is a pass over the completion records, not over the shards).
-    group_hashes: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    groups = PartitionedPairs(out / PROGRESS_DIR / GROUPS_DIR)
     n_fallback = 0
-    with atomic_write(out / "rejects.jsonl") as tmp, open(tmp, "w") as rejects_file:
+    with groups, atomic_write(out / "rejects.jsonl") as tmp, open(tmp, "w") as rejects_file:
         def reject(r: dict) -> None:
             nonlocal n_rejected
             rejects_file.write(json.dumps(r, sort_keys=True) + "\n")
@@ -434,7 +433,8 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
                 rows = len(shard["ids"]) - len(gone)
                 if settings.split_group:
                     n_fallback += len(set(shard.get("group_fallback", [])) - set(gone))
-                    group_hashes[split].append(np.delete(_key_hashes(shard["groups"]), gone))
+                    kept = np.delete(key_hashes(shard["groups"]), gone)
+                    groups.add(kept, np.full(len(kept), SPLITS.index(split), dtype=np.int64))
                 if rows == 0:
                     path.unlink(missing_ok=True)
                     continue
@@ -447,25 +447,23 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
         n_written = sum(e["rows"] for e in shards)
         if n_input != n_written + n_rejected:
             raise BuildError(f"accounting failed: {n_input} inputs != {n_written} written + {n_rejected} rejected")
-    extra = {}
-    if settings.split_group:
-        extra["split_groups"] = {"key": settings.split_group, "groups": _groups_per_split(group_hashes),
-                                 "grouped_by_id": n_fallback}
+        extra = {}
+        if settings.split_group:
+            extra["split_groups"] = {"key": settings.split_group, "groups": _groups_per_split(groups),
+                                     "grouped_by_id": n_fallback}
     return write_manifest(out, cutoff=settings.cutoff, targets=settings.targets, shards=shards,
                           statistics=stats.summary(), n_input=n_input, rejected_by_reason=reasons,
                           content_hash=digest, format=fmt, inputs=inputs, settings=asdict(settings), **extra)
 
 
-def _groups_per_split(group_hashes: dict[str, list[np.ndarray]]) -> dict[str, int]:
+def _groups_per_split(groups: PartitionedPairs) -> dict[str, int]:
     """Distinct group keys per split; a key in two splits cannot happen (the split is a function of
     the group key) and is an error."""
-    unique = {split: np.unique(np.concatenate(h)) if h else np.zeros(0, np.uint64)
-              for split, h in group_hashes.items()}
-    for k, a in enumerate(SPLITS):
-        for b in SPLITS[k + 1:]:
-            if len(np.intersect1d(unique[a], unique[b])):
-                raise BuildError(f"a split group is in both {a!r} and {b!r}")
-    return {split: int(len(u)) for split, u in unique.items()}
+    try:
+        counts = distinct_per_split(groups, len(SPLITS))
+    except SplitConflict as exc:
+        raise BuildError(f"a split group is in both {SPLITS[exc.first]!r} and {SPLITS[exc.second]!r}") from None
+    return {split: int(n) for split, n in zip(SPLITS, counts)}
 
 
 def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
@@ -505,7 +503,7 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     done_files = {int(p.name[6:12]) for p in (out / PROGRESS_DIR).glob("chunk-[0-9]*.json")}
     chunks = _reusable_plan(out, done_files)
     if chunks is None:
-        chunks = plan_inputs(paths, fmt, settings.shard_size, out / PROGRESS_DIR / SPILL_DIR)
+        chunks = plan_inputs(paths, fmt, settings.shard_size, out / PROGRESS_DIR / SPILL_DIR, settings.reader_options)
         write_json_atomic(out / PROGRESS_DIR / "plan.json",
                            {"content_hash": digest, "n_chunks": len(chunks), "chunks": [asdict(c) for c in chunks]},
                           sort_keys=True)
@@ -537,18 +535,20 @@ def _reusable_plan(out: Path, done: set[int]) -> list[Chunk] | None:
     return chunks
 
 
-def plan_inputs(paths: Sequence[str], fmt: str, shard_size: int, spill_dir: Path) -> list[Chunk]:
+def plan_inputs(paths: Sequence[str], fmt: str, shard_size: int, spill_dir: Path,
+                options: dict[str, str] | None = None) -> list[Chunk]:
     """Chunks of every input, in input order; several inputs are planned in parallel Ray tasks
-    (planning a compressed input means decompressing it, which is the slow part)."""
+    (planning a compressed input means decompressing it, which is the slow part). ``options``: the
+    reader options (:func:`cfdist.io.plan_chunks`)."""
     import ray
     from tqdm import tqdm
 
     if len(paths) == 1:
         print(f"planning {paths[0]} ...", file=sys.stderr)
-        return plan_chunks(paths[0], fmt, shard_size, str(spill_dir))
+        return plan_chunks(paths[0], fmt, shard_size, str(spill_dir), options)
     init_ray(object_store_memory=512 * 1024**2)
     remote_plan = ray.remote(num_cpus=1)(plan_chunks)
-    refs = [remote_plan.remote(p, fmt, shard_size, str(spill_dir)) for p in paths]
+    refs = [remote_plan.remote(p, fmt, shard_size, str(spill_dir), options) for p in paths]
     with tqdm(total=len(refs), unit="input", desc="planning", file=sys.stderr) as bar:
         pending = list(refs)
         while pending:
