@@ -23,7 +23,7 @@ def test_megnet_slice_config_is_parsed():
     cfg = load_pretrain_config(SLICE)
     assert cfg.run_name == "megnet_slice" and cfg.max_steps == 200 and cfg.val_every == 100
     assert cfg.data.shards == "data/megnet_slice" and cfg.data.targets == ["e_form"]
-    assert (cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures) == (300_000, 4096, 128)
+    assert (cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures) == (400_000, 4096, 128)
     assert cfg.data.train_split == "train" and cfg.data.verify_checksums is True  # defaults kept
     assert cfg.optim.lr == 5e-4 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 1e-5
     assert cfg.optim.schedule == "inverse_sqrt" and cfg.optim.inverse_sqrt_t == 4000
@@ -78,7 +78,7 @@ def test_apply_overrides_does_not_touch_its_input():
 @pytest.mark.parametrize("override, hint", [
     ("max_stepz=5", r"unknown key\(s\) for PretrainConfig: 'max_stepz' \(did you mean 'max_steps'\?\)"),
     ("optim.lrr=1", r"optim: unknown key\(s\) for OptimSection: 'lrr' \(did you mean 'lr'\?\)"),
-    ("data.max_entrie=5", r"data: unknown key\(s\) for DataSection: 'max_entrie' \(did you mean 'max_entries'\?\)"),
+    ("data.max_entrie=5", r"data: unknown key\(s\) for PretrainData: 'max_entrie' \(did you mean 'max_entries'\?\)"),
     ("deepspeed.zero_stag=1", r"deepspeed: unknown key\(s\) .*did you mean 'zero_stage'"),
 ])
 def test_unknown_keys_are_rejected_with_a_hint(override, hint):
