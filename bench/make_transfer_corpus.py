@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -203,14 +202,24 @@ class Labeller:
         from pymatgen.core import Lattice, Structure
 
         drawn = [self.drawer.draw(i) for i in range(start, stop)]
-        structures = [Structure(Lattice(d.lattice), d.numbers.tolist(), d.positions, coords_are_cartesian=True)
-                      for d in drawn]
+        graphs, isolated = [], 0
+        for d in drawn:
+            structure = Structure(Lattice(d.lattice), d.numbers.tolist(), d.positions, coords_are_cartesian=True)
+            try:
+                graphs.append(self.model.graph_converter(structure))
+            except ValueError:  # an atom without neighbours within CHGNet's 6 A: CHGNet cannot label it
+                graphs.append(None)
+                isolated += 1
+        kept = [g for g in graphs if g is not None]
         with first_derivatives_only():
-            preds = self.model.predict_structure(structures, task="efs", batch_size=len(structures))
-        preds = preds if isinstance(preds, list) else [preds]
+            preds = self.model.predict_graph(kept, task="efs", batch_size=len(kept)) if kept else []
+        preds = iter(preds if isinstance(preds, list) else [preds])
         parts, dropped, atoms = [], 0, 0
         max_force = self.drawer.settings.max_force
-        for index, d, p in zip(range(start, stop), drawn, preds):
+        for index, d, g in zip(range(start, stop), drawn, graphs):
+            if g is None:
+                continue
+            p = next(preds)
             forces = np.asarray(p["f"], dtype=np.float64)
             if not np.isfinite(forces).all() or np.abs(forces).max(initial=0.0) > max_force:
                 dropped += 1
@@ -220,7 +229,8 @@ class Labeller:
             parts.append(frame(f"ct-{self.drawer.settings.seed}-{index}", d.source_id, d.variant, d.numbers,
                                d.lattice, d.positions, energy, forces, stress, label="CHGNet"))
             atoms += len(d.numbers)
-        return "".join(parts), {"written": len(parts), "dropped_force": dropped, "atoms": atoms,
+        return "".join(parts), {"written": len(parts), "dropped_force": dropped, "dropped_isolated": isolated,
+                                "atoms": atoms,
                                 "redraws": sum(d.redraws for d in drawn)}
 
 
@@ -315,7 +325,7 @@ def main(argv=None) -> int:
 
     tasks = [(a, min(a + BLOCK, args.n)) for a in range(0, args.n, BLOCK)]
     drawn = 0
-    totals = {"written": 0, "dropped_force": 0, "atoms": 0, "redraws": 0}
+    totals = {"written": 0, "dropped_force": 0, "dropped_isolated": 0, "atoms": 0, "redraws": 0}
     files, handle, file_count, t0 = [], None, 0, time.perf_counter()
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers, initializer=_init, initargs=(sources, held, settings)) as pool:
