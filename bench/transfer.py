@@ -348,9 +348,10 @@ def section_mace(args) -> dict:
                      "--max_num_epochs", str(args.mace_epochs), "--lr", "0.005", "--device", "cpu",
                      "--default_dtype", "float32", "--seed", "0", "--eval_interval", str(args.mace_epochs),
                      "--num_workers", "0", "--save_cpu"], mdir / "mace_train.log")
-    walls = {}
+    walls_file = mdir / "walls.json"  # kept with the models, so a rerun that reuses them reports them
     if not (cf_run / "model.pt").is_file() or not mace_model.is_file():
-        walls = parallel(jobs, 2, threads=1)
+        walls_file.write_text(json.dumps(parallel(jobs, 2, threads=1)))
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
     if not mace_model.is_file():
         found = sorted(mdir.glob("*.model"))
         if not found:
