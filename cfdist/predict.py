@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cfdist import storage
 from cfdist.batch import collate
 from cfdist.crystal import InvalidCrystalError, validate
 from cfdist.data import iter_local_shards
@@ -208,9 +209,9 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(model)
-    if len(data) == 1 and (Path(data[0]) / "manifest.json").is_file():
+    if len(data) == 1 and storage.is_file(storage.join(data[0], "manifest.json")):  # also s3:// / gs://
         rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
-        source = {"shards": str(Path(data[0]).resolve()), "split": split}
+        source = {"shards": storage.absolute(data[0]), "split": split}
     else:
         rows = predict_records(model, iter_input_records(data, on_error="row"), batch_size=batch_size)
         source = {"inputs": [str(Path(d).resolve()) for d in data]}

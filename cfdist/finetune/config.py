@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.manifest import checksum_mode
 from cfdist.run.config import OptimSection, RunConfigMixin
+from cfdist.storage import StorageSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -126,6 +127,7 @@ class FinetuneConfig(RunConfigMixin):
     optim: OptimSection = field(default_factory=OptimSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         if self.init_from not in INIT_FROM:

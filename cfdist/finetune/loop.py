@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
+from cfdist import storage
 from cfdist.checkpoint import load, load_checkpoint_file, save_portable
 from cfdist.compile import compile_model, describe
 from cfdist.config import CrystalformerConfig
@@ -47,7 +48,7 @@ from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.run.transfer import freeze, model_from_pretrained
-from cfdist.shards import collate_arrow, read_shard
+from cfdist.shards import collate_arrow, read_schema, read_shard
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
 
@@ -56,10 +57,8 @@ class SplitData:
     """All rows of one split in memory (one Arrow table); ``batch(indices)`` collates a subset."""
 
     def __init__(self, shards: ShardSet, split: str, targets: list[str]):
-        import pyarrow.parquet as pq
-
         files = shards.files(split)
-        columns = training_columns(pq.read_schema(files[0].path), targets)
+        columns = training_columns(read_schema(files[0].path), targets)
         self.table = pa.concat_tables([read_shard(e.path, columns) for e in files]).combine_chunks()
         self.targets, self.cutoff, self.split = targets, shards.cutoff, split
         self.n_entries = self.table["n_entries"].to_numpy().astype(np.int64)
@@ -113,7 +112,7 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     state = load_checkpoint_file(path)
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
-    given["data"]["shards"] = str(Path(cfg.data.shards).resolve()) if cfg.data.shards else ""
+    given["data"]["shards"] = storage.absolute(cfg.data.shards) if cfg.data.shards else ""
     skip = {"init_from", "overwrite", "checkpoint"} | ({"model"} if isinstance(cfg.model, str) else set())
     ignored = sorted(k for k in _flatten(saved) if k not in skip and _flatten(given).get(k) != _flatten(saved)[k])
     if ignored:

@@ -18,6 +18,7 @@ from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, bu
                            resolve_config)
 from cfdist.manifest import checksum_mode
 from cfdist.run.config import OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.storage import StorageSection
 
 LOSS_KINDS = ("l1", "l2", "huber")
 
@@ -189,6 +190,7 @@ class PretrainConfig(RunConfigMixin):
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):

@@ -61,8 +61,9 @@ from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_m
 from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_counts, energy_residuals,
                                   fit_element_energies, masked_abs_error, normalised_targets,
                                   set_target_normalisation, target_stats)
+from cfdist.run.runinfo import push_run_files
 from cfdist.run.transfer import init_from_checkpoint
-from cfdist.shards import collate_arrow
+from cfdist.shards import collate_arrow, read_schema
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
 from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
@@ -152,6 +153,8 @@ class RayContext(WorkerContext):
             write(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:09d}")
+        if self.rank == 0 and self.cfg.remote:  # metrics beside the checkpoints on object storage
+            push_run_files(self.cfg.run_dir(), self.cfg.run_location(), ("metrics.jsonl",))
 
 
 class LocalContext(WorkerContext):
@@ -561,11 +564,9 @@ def local_train_loop(cfg: PretrainConfig) -> dict:
 
 
 def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
-    import pyarrow.parquet as pq
-
     first = shards.files(cfg.data.train_split)[0].path
     forces, stress = label_columns_wanted(cfg)
-    return training_columns(pq.read_schema(first), cfg.data.targets, forces=forces, stress=stress)
+    return training_columns(read_schema(first), cfg.data.targets, forces=forces, stress=stress)
 
 
 def label_columns_wanted(cfg: PretrainConfig) -> tuple[bool, bool]:
