@@ -44,9 +44,9 @@ def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size:
                       columns: Sequence[str] | None = None, rows_per_read: int = 1024) -> Iterator[pa.Table]:
     """Stream shard files in order: rank r reads files r, r + world, ... one record batch at a time.
 
-    Used by ``cfdist evaluate`` / ``predict`` on shards, benchmarks and tests. Pretraining reads
-    through :mod:`cfdist.stream` (shuffled, balanced, resumable by position); fine-tuning reads
-    whole splits into memory (``cfdist.finetune.loop.SplitData``).
+    Used by benchmarks and tests. Training (pretraining and fine-tuning) reads through
+    :mod:`cfdist.stream` (shuffled, balanced, resumable by position), evaluation through
+    :func:`cfdist.run.evaluation.split_batches`.
     """
     for path in list(paths)[rank::world_size]:
         try:
@@ -57,6 +57,10 @@ def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size:
             raise ShardError(f"{path}: cannot read shard ({exc})") from exc
 
 
+# The one default entry budget of a micro-batch; why this value: cfdist.run.config.DataSection.
+DEFAULT_MAX_ENTRIES = 400_000
+
+
 @dataclass(frozen=True)
 class BatchBudget:
     """Limits of one micro-batch; a batch closes before the next structure would exceed one.
@@ -65,7 +69,7 @@ class BatchBudget:
     (it passed preprocessing's own budget); it is counted in ``PackStats.oversize``.
     """
 
-    max_entries: int = 400_000
+    max_entries: int = DEFAULT_MAX_ENTRIES
     max_atoms: int = 4_096
     max_structures: int = 256
 

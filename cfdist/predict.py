@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -27,12 +28,14 @@ import torch
 from cfdist import storage
 from cfdist.batch import collate
 from cfdist.crystal import InvalidCrystalError, validate
-from cfdist.data import iter_local_shards
+from cfdist.data import BatchBudget, iter_local_shards, pack_rows, training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.geometry import image_table
 from cfdist.io import FileError, iter_input_records
 from cfdist.manifest import ShardSet
-from cfdist.shards import collate_arrow, target_columns
+from cfdist.run import evaluation
+from cfdist.run.objective import PropertyObjective
+from cfdist.shards import collate_arrow, read_schema, target_columns
 
 
 @dataclass
@@ -205,18 +208,27 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     """Predict ``data`` (one shard directory, or raw inputs with labels) and write
     ``metrics.json``, ``predictions.csv`` and ``parity.png`` to ``out_dir``; returns the metrics (and
     :func:`row_counts` under ``counts``). Raw inputs that cannot be read give error rows (see
-    :func:`iter_input_records` with ``on_error="row"``), listed under ``failed_inputs``."""
+    :func:`iter_input_records` with ``on_error="row"``), listed under ``failed_inputs``.
+
+    A property model on a shard split that holds its targets is measured by
+    :func:`cfdist.run.evaluation.evaluate`, the evaluation of the training loops' validation and
+    fine-tuning's test split, so the numbers agree with theirs; raw inputs (rows with error
+    reasons) and energy models' output columns are measured on the written rows."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(model)
+    shared: dict | None = None
     if len(data) == 1 and storage.is_file(storage.join(data[0], "manifest.json")):  # also s3:// / gs://
-        rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
         source = {"shards": storage.absolute(data[0]), "split": split}
+        if _shard_targets_cover(model, data[0], split):
+            rows, shared = _evaluate_shards(model, data[0], split, batch_size=max(batch_size, 128))
+        else:
+            rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
     else:
         rows = predict_records(model, iter_input_records(data, on_error="row"), batch_size=batch_size)
         source = {"inputs": [str(Path(d).resolve()) for d in data]}
     rows = write_predictions(rows, out_dir / "predictions.csv", names, with_labels=True)
-    metrics = regression_metrics(rows, names)
+    metrics = shared if shared is not None else regression_metrics(rows, names)
     counts = row_counts(rows)
     failed = [r for r in rows if r.values is None]
     result = {"targets": metrics, "n_structures": len(rows), "n_predicted": counts["predicted"],
@@ -229,6 +241,45 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     write_json_atomic(out_dir / "metrics.json", result)
     parity_plot(rows, names, metrics, out_dir / "parity.png")
     return {**result, "counts": counts}
+
+
+def _shard_targets_cover(model, shard_dir: str | Path, split: str) -> bool:
+    """Whether ``model`` is a property model whose every target is a label column of ``split``."""
+    files = ShardSet(shard_dir).files(split)
+    if model.config.energy or not files:
+        return False
+    return set(model.config.target_names) <= set(target_columns(read_schema(files[0].path)))
+
+
+def _evaluate_shards(model, shard_dir: str | Path, split: str, batch_size: int) -> tuple[list[Prediction], dict]:
+    """(prediction rows, per-target metrics) of a property model on a shard split, through the
+    shared evaluation (:mod:`cfdist.run.evaluation`; micro-batches of at most ``batch_size``
+    structures within the default entry budget)."""
+    shards = ShardSet(shard_dir)
+    shards.verify([split], required_cutoff=model.cutoff, checksums=False)
+    targets = list(model.config.target_names)
+    objective = PropertyObjective(targets)
+    schema = read_schema(shards.files(split)[0].path)
+    columns = training_columns(schema, targets) + (["source"] if "source" in schema.names else [])
+    budget = BatchBudget(max_structures=batch_size)
+    sources: deque = deque()
+    rows: list[Prediction] = []
+
+    def batches():
+        for table in pack_rows(evaluation.split_tables(shards, split, columns), budget):
+            names = table["source"].to_pylist() if "source" in table.column_names else None
+            sources.append(names or [str(shard_dir)] * table.num_rows)
+            yield collate_arrow(table, targets, cutoff=shards.cutoff)
+
+    def keep(batch, out) -> None:
+        values = model.denormalize(out).double().cpu().tolist()
+        labels = batch.labels.double().cpu().tolist()
+        for rid, src, v, y in zip(batch.ids, sources.popleft(), values, labels):
+            rows.append(Prediction(id=rid, source=src, values=v, labels=dict(zip(targets, y))))
+
+    device = model.embedding.weight.device
+    totals = evaluation.evaluate(model, batches(), objective, device, on_output=keep)
+    return rows, evaluation.target_report(objective, totals)
 
 
 def row_counts(rows: Sequence[Prediction]) -> dict:

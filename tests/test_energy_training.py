@@ -131,7 +131,7 @@ def test_force_runs_pack_fewer_entries_and_read_the_label_columns(mptrj_shards):
     cfg = load_pretrain_config("mptrj", ["data.max_entries=300000", "data.force_memory_factor=3"])
     assert label_columns_wanted(cfg) == (True, True) and training_budget(cfg).max_entries == 100_000
     energy_only = load_pretrain_config("mptrj", ["loss.forces_weight=0", "loss.stress_weight=0"])
-    assert label_columns_wanted(energy_only) == (False, False) and training_budget(energy_only).max_entries == 300_000
+    assert label_columns_wanted(energy_only) == (False, False) and training_budget(energy_only).max_entries == 400_000
     prop = load_pretrain_config("megnet_slice")
     assert label_columns_wanted(prop) == (False, False)
     schema = pq.read_schema(next((mptrj_shards / "train").glob("*.parquet")))

@@ -49,8 +49,7 @@ def ft_shards(tmp_path_factory, megnet_records):
 def make_config(shards, tmp_path, **kw):
     from cfdist.finetune.config import finetune_config_from_dict
 
-    data = {"shards": str(shards), "targets": ["e_form"], "batch_size": 8, "eval_batch_size": 16,
-            **kw.pop("data", {})}
+    data = {"shards": str(shards), "targets": ["e_form"], "batch_size": 8, **kw.pop("data", {})}
     base = {"run_name": "ft", "output_dir": str(tmp_path), "model": dict(TINY), "epochs": 3, "swa_epochs": 1,
             "log_every": 1, "seed": 7, "data": data}
     base.update(kw)
@@ -142,18 +141,37 @@ def test_parameter_groups_no_decay_on_biases_frozen_left_out_scaled_lr():
     assert set(groups) == {"decay", "no_decay", "decay_scaled", "no_decay_scaled"}
 
 
-def test_epoch_batches_are_seeded_permutations():
-    from cfdist.finetune.loop import epoch_batches
+def test_steps_are_seeded_streams_cut_into_batch_size(ft_shards):
+    """An epoch is the train split's stream for (seed, epoch) cut into steps of batch_size rows: the
+    same for the same (seed, epoch), another order for another epoch, every row at most once, and
+    ranks take disjoint contiguous shares of each step whose union is the one-process step."""
+    from cfdist.finetune.loop import epoch_steps, rank_share, steps_per_epoch
+    from cfdist.manifest import ShardSet
+    from cfdist.stream import EpochPlan, RowGroupReader
 
-    a = epoch_batches(50, 8, seed=1, epoch=3, drop_last=True)
-    assert len(a) == 6 and all(len(b) == 8 for b in a)
-    assert len(set(np.concatenate(a))) == 48
-    assert all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=3, drop_last=True)))
-    assert not all((x == y).all() for x, y in zip(a, epoch_batches(50, 8, seed=1, epoch=4, drop_last=True)))
-    assert sorted(np.concatenate(epoch_batches(50, 8, 1, 0, drop_last=False))) == list(range(50))
-    # a last batch with fewer rows than data-parallel ranks is dropped even without drop_last
-    assert len(epoch_batches(50, 8, 1, 0, drop_last=False, min_size=2)) == 7
-    assert len(epoch_batches(50, 8, 1, 0, drop_last=False, min_size=4)) == 6
+    files = [(e.path, e.rows) for e in ShardSet(ft_shards).files("train")]
+    assert sum(rows for _, rows in files) == 40
+
+    def steps(epoch, batch_size, n_steps, rank=0, world=1, seed=1):
+        plan = EpochPlan(files, seed=seed, epoch=epoch, window=16, lanes=2)
+        return [t["id"].to_pylist() for t, _ in epoch_steps(plan, RowGroupReader(["id"]), batch_size, n_steps,
+                                                             rank, world)]
+
+    assert steps_per_epoch(40, 8, drop_last=True) == 5 and steps_per_epoch(40, 6, drop_last=True) == 6
+    assert steps_per_epoch(40, 6, drop_last=False) == 7
+    # a last step with fewer rows than data-parallel ranks is dropped even without drop_last
+    assert steps_per_epoch(41, 8, drop_last=False, world=2) == 5 and steps_per_epoch(42, 8, False, world=2) == 6
+    a = steps(3, 6, 6)
+    assert len(a) == 6 and all(len(s) == 6 for s in a) and len(set(sum(a, []))) == 36
+    assert a == steps(3, 6, 6) and a != steps(4, 6, 6) and a != steps(3, 6, 6, seed=2)
+    last = steps(3, 6, 7)
+    assert last[:6] == a and len(last[6]) == 4 and len(set(sum(last, []))) == 40  # the partial step kept
+    for world in (2, 3):
+        shares = [steps(3, 6, 6, rank=r, world=world) for r in range(world)]
+        for k in range(6):
+            assert sum((shares[r][k] for r in range(world)), []) == a[k]
+            assert [len(shares[r][k]) for r in range(world)] == [hi - lo for lo, hi in
+                                                                  (rank_share(6, r, world) for r in range(world))]
 
 
 def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
@@ -165,8 +183,8 @@ def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
     snapshots = []
 
     class Recording(FinetuneTrainer):
-        def train_step(self, indices, n_global, window):
-            out = super().train_step(indices, n_global, window)
+        def optimiser_step(self, micro_batches, window, components):
+            out = super().optimiser_step(micro_batches, window, components)
             snapshots.append((self.epoch, self.optimizer.param_groups[0]["lr"],
                               {k: v.detach().clone() for k, v in self.model.named_parameters()}))
             return out
@@ -194,13 +212,19 @@ def test_schedule_swa_and_best_checkpoint(ft_shards, tmp_path):
     assert results["best_epoch"] == best["epoch"]
     best_model = load(tmp_path / "ft" / "checkpoints" / "best.pt")
     assert best_model.checkpoint_info["extra"]["epoch"] == best["epoch"]
-    assert trainer.evaluate_split(best_model, trainer.val)["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert trainer.validate(best_model)["val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
 
-    # test metrics: de-normalised predictions against the raw labels
-    rows = list(csv.DictReader(open(tmp_path / "ft" / "evaluation" / "swa" / "predictions.csv")))
+    # test metrics: de-normalised predictions against the raw labels; cfdist evaluate on the
+    # saved SWA checkpoint gives the same numbers (one evaluation module)
+    from cfdist.predict import evaluate
+
+    evaluated = evaluate(swa, [str(ft_shards)], tmp_path / "eval_swa", split="test")
+    rows = list(csv.DictReader(open(tmp_path / "eval_swa" / "predictions.csv")))
     err = [abs(float(r["e_form"]) - float(r["e_form_true"])) for r in rows]
     assert results["test"]["swa"]["e_form"]["n"] == 12
     assert results["test"]["swa"]["e_form"]["mae"] == pytest.approx(np.mean(err), rel=1e-4)
+    for key in ("n", "mae", "rmse", "r2"):
+        assert results["test"]["swa"]["e_form"][key] == pytest.approx(evaluated["targets"]["e_form"][key], rel=1e-9)
     labels = [float(r["e_form_true"]) for r in rows]
     assert np.mean(labels) < -0.3  # labels in eV/atom, not standardised units
     assert {"final", "best", "swa", "train_mean"} <= set(results["test"])
@@ -337,14 +361,14 @@ def test_resume_through_the_driver_runs_with_the_saved_settings_and_reads_last_p
 
 
 def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):
-    """Splitting a step into entry-budget micro-batches accumulates to the same update (sigma
+    """Packing a step into entry-budget micro-batches accumulates to the same update (sigma
     statistics already set, as after pretraining; from scratch they come from the first micro-batch)."""
     from cfdist.checkpoint import load
 
     kw = dict(epochs=1, swa_epochs=0, init_from="pretrained", checkpoint=str(pretrained_ckpt))
-    trainer_run(make_config(ft_shards, tmp_path / "whole", **kw))
-    trainer, _ = trainer_run(make_config(ft_shards, tmp_path / "split", data={"max_entries": 3000}, **kw))
-    assert len(trainer.train.micro_batches(np.arange(8), 3000)) > 1
+    _, whole = trainer_run(make_config(ft_shards, tmp_path / "whole", **kw))
+    _, split = trainer_run(make_config(ft_shards, tmp_path / "split", data={"max_entries": 3000}, **kw))
+    assert whole["micro_batches"] == whole["steps"] == 5 and split["micro_batches"] > 2 * split["steps"]
     a = load(tmp_path / "whole" / "ft" / "checkpoints" / "final.pt").state_dict()
     b = load(tmp_path / "split" / "ft" / "checkpoints" / "final.pt").state_dict()
     for name in a:
@@ -356,6 +380,36 @@ def finetune_cli(shards, out, *overrides, timeout=600):
     return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "megnet_slice_eform",
                 f"data.shards={shards}", f"output_dir={out}", "model=" + json.dumps(TINY), "data.batch_size=8",
                 "log_every=1", *overrides], timeout=timeout)
+
+
+def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_ckpt, tmp_path):
+    """One model, one split, one number: pretraining's validation, fine-tuning's validation and
+    ``cfdist evaluate`` all measure through cfdist.run.evaluation. The checkpoint starts both runs
+    with lr 0 (weights unchanged) and the 12 val crystals form one batch everywhere, so the three
+    MAEs agree to the last bits."""
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    pre = run([sys.executable, "launch/pretrain.py", "--no-ray", "--no-export", "--config", "megnet_slice",
+               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
+               f"init_from={pretrained_ckpt}", "data.targets=[e_form]", "optim.lr=0", "max_steps=1",
+               "val_every=1", "checkpoint_every=1", "deepspeed.zero_stage=0", "data.verify_checksums=false"],
+              timeout=600)
+    assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    pretrain_mae = [r["val_mae/e_form"] for r in records if "val_mae/e_form" in r][-1]
+
+    cfg = make_config(ft_shards, tmp_path, init_from="pretrained", checkpoint=str(pretrained_ckpt), epochs=1,
+                      swa_epochs=0, optim={"lr": 0.0}, transfer={"head": "keep"}, data={"max_structures": 128})
+    _, results = trainer_run(cfg, FinetuneTrainer)
+    finetune_mae = results["val"]["final"]["val_mae/e_form"]
+
+    ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", pretrained_ckpt, "--data", ft_shards,
+              "--split", "val", "--out", tmp_path / "eval"], timeout=300)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["e_form"]
+    assert evaluated["n"] == 12 and math.isfinite(evaluated["mae"]) and evaluated["mae"] > 0
+    assert pretrain_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
+    assert finetune_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
 
 
 def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):

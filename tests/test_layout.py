@@ -58,15 +58,6 @@ LAYERS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("predict/calculator/cli", (("cfdist.predict", "cfdist.calculator", "cfdist.cli"),)),
 )
 
-# Arrows that still point up and go away when the other branches of issue 17 merge: fine-tuning
-# evaluates through the shared evaluation module instead of cfdist.predict, and the input record
-# iterator moves to cfdist.io. test_pending_upward_imports_are_gone fails (strict xfail) once they
-# are gone: then delete this set and that test's mark.
-PENDING = {
-    ("cfdist.finetune.loop", "cfdist.predict"),
-}
-
-
 def tracked_files() -> list:
     """The repository's files: ``git ls-files`` in a checkout, else every file outside build outputs."""
     if (ROOT / ".git").exists():
@@ -120,9 +111,13 @@ def group_of(module: str) -> tuple[int, str] | None:
 
 def upward_imports() -> dict[tuple[str, str], str]:
     """(importer, imported) -> why it breaks the layers, for every cfdist import that does."""
+    return upward_imports_of({module_name(path): path for path in package_modules()})
+
+
+def upward_imports_of(modules: dict) -> dict[tuple[str, str], str]:
+    """:func:`upward_imports` for ``{module name: source path}``."""
     bad = {}
-    for path in package_modules():
-        importer = module_name(path)
+    for importer, path in modules.items():
         rank, group = group_of(importer)
         for target in sorted(m for m in imports_of(path) if m == "cfdist" or m.startswith("cfdist.")):
             t_rank, t_group = group_of(target)
@@ -140,14 +135,8 @@ def test_every_module_has_a_layer():
 
 
 def test_imports_point_down_the_layers():
-    bad = {edge: why for edge, why in upward_imports().items() if edge not in PENDING}
+    bad = upward_imports()
     assert not bad, "\n".join(f"{a} imports {b}: {why}" for (a, b), why in sorted(bad.items()))
-
-
-@pytest.mark.xfail(strict=True, reason="fine-tuning still imports cfdist.predict until the evaluation and io "
-                                       "branches of issue 17 merge (see PENDING)")
-def test_pending_upward_imports_are_gone():
-    assert not PENDING & set(upward_imports())
 
 
 def test_the_layer_check_sees_function_level_and_sibling_imports(tmp_path):
@@ -157,7 +146,8 @@ def test_the_layer_check_sees_function_level_and_sibling_imports(tmp_path):
     source = tmp_path / "probe.py"
     source.write_text("def f():\n    from cfdist.run import transfer\n    import cfdist.predict\n")
     assert imports_of(source) == {"cfdist.run.transfer", "cfdist.predict"}
-    assert ("cfdist.finetune.loop", "cfdist.predict") in upward_imports()  # the PENDING arrow, inside a module
+    source.write_text("def f():\n    import cfdist.predict\n")  # an upward arrow inside a function is one
+    assert ("cfdist.run.probe", "cfdist.predict") in upward_imports_of({"cfdist.run.probe": source})
 
 
 @pytest.mark.parametrize("importer, forbidden", [

@@ -378,6 +378,11 @@ def test_evaluate_on_shards_writes_metrics_csv_and_plot(shard_dir, tmp_path):
     y = model.predict(crystals).squeeze(1).double().numpy()
     true = np.array([c.labels["e_form"] for c in crystals])
     assert metrics["targets"]["e_form"]["mae"] == pytest.approx(np.abs(y - true).mean(), rel=1e-5)
+    # RMSE and R^2 come from the shared evaluation's sums (cfdist.run.evaluation.target_report)
+    err = y - true
+    assert metrics["targets"]["e_form"]["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-5)
+    assert metrics["targets"]["e_form"]["r2"] == pytest.approx(
+        1 - (err ** 2).sum() / ((true - true.mean()) ** 2).sum(), rel=1e-5)
     np.testing.assert_allclose([float(r["e_form"]) for r in rows], y, rtol=1e-5, atol=1e-5)
 
 

@@ -23,7 +23,7 @@ def test_megnet_slice_config_is_parsed():
     cfg = load_pretrain_config(SLICE)
     assert cfg.run_name == "megnet_slice" and cfg.max_steps == 200 and cfg.val_every == 100
     assert cfg.data.shards == "data/megnet_slice" and cfg.data.targets == ["e_form"]
-    assert (cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures) == (300_000, 4096, 128)
+    assert (cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures) == (400_000, 4096, 128)
     assert cfg.data.train_split == "train" and cfg.data.verify_checksums is True  # defaults kept
     assert cfg.optim.lr == 5e-4 and cfg.optim.betas == (0.9, 0.98) and cfg.optim.weight_decay == 1e-5
     assert cfg.optim.schedule == "inverse_sqrt" and cfg.optim.inverse_sqrt_t == 4000
@@ -78,7 +78,7 @@ def test_apply_overrides_does_not_touch_its_input():
 @pytest.mark.parametrize("override, hint", [
     ("max_stepz=5", r"unknown key\(s\) for PretrainConfig: 'max_stepz' \(did you mean 'max_steps'\?\)"),
     ("optim.lrr=1", r"optim: unknown key\(s\) for OptimSection: 'lrr' \(did you mean 'lr'\?\)"),
-    ("data.max_entrie=5", r"data: unknown key\(s\) for DataSection: 'max_entrie' \(did you mean 'max_entries'\?\)"),
+    ("data.max_entrie=5", r"data: unknown key\(s\) for PretrainData: 'max_entrie' \(did you mean 'max_entries'\?\)"),
     ("deepspeed.zero_stag=1", r"deepspeed: unknown key\(s\) .*did you mean 'zero_stage'"),
 ])
 def test_unknown_keys_are_rejected_with_a_hint(override, hint):
@@ -227,3 +227,35 @@ def test_deepspeed_config_merges_extra():
     assert cfg["steps_per_print"] == 50 and cfg["flops_profiler"] == {"enabled": False}
     assert cfg["gradient_accumulation_steps"] == 1 and cfg["fp16"] == {"enabled": False}
     assert ds.extra["zero_optimization"] == {"overlap_comm": True, "stage": 3}  # input not mutated
+
+
+def test_one_data_section_for_pretraining_and_finetuning():
+    """Pretraining and fine-tuning share one data section type and one max_entries default; the
+    fields only one side uses live in its subclass (the other side rejects them); dead keys are gone."""
+    import dataclasses
+
+    from cfdist.data import DEFAULT_MAX_ENTRIES, BatchBudget
+    from cfdist.finetune.config import FinetuneConfig, FinetuneData, load_finetune_config
+    from cfdist.run.config import DataSection
+    from cfdist.train.config import PretrainConfig, PretrainData
+
+    pre, fine = PretrainConfig().data, FinetuneConfig().data
+    assert isinstance(pre, PretrainData) and isinstance(fine, FinetuneData)
+    assert isinstance(pre, DataSection) and isinstance(fine, DataSection)
+    shared = {f.name for f in dataclasses.fields(DataSection)}
+    assert {f: getattr(pre, f) for f in shared} == {f: getattr(fine, f) for f in shared}
+    assert pre.max_entries == fine.max_entries == BatchBudget().max_entries == DEFAULT_MAX_ENTRIES
+    assert "400k" in DataSection.__doc__ and "scaling.md" in DataSection.__doc__  # the reason for the value
+    for name, config in (("megnet_slice", load_pretrain_config("megnet_slice")),
+                         ("megnet_slice_eform", load_finetune_config("megnet_slice_eform"))):
+        assert config.data.max_entries == DEFAULT_MAX_ENTRIES, name
+    with pytest.raises(ConfigError, match="rows_per_read"):
+        load_pretrain_config(SLICE, ["data.rows_per_read=256"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_pretrain_config(SLICE, ["data.batch_size=8"])
+    with pytest.raises(ConfigError, match="unknown key.*FinetuneData.*force_memory_factor"):
+        load_finetune_config(None, ["data.force_memory_factor=2"])
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        load_finetune_config(None, ["data.eval_batch_size=16"])
+    with pytest.raises(ConfigError, match="max_entries must be >= 1"):
+        load_finetune_config(None, ["data.max_entries=0"])

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
-from cfdist.manifest import checksum_mode
-from cfdist.run.config import OptimSection, RunConfigMixin
+from cfdist.run.config import DataSection, OptimSection, RunConfigMixin
 from cfdist.storage import StorageSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
@@ -26,44 +25,26 @@ HEAD_MODES = ("auto", "keep", "replace")
 
 
 @dataclass
-class FinetuneData:
-    """Shards and batches.
+class FinetuneData(DataSection):
+    """The data section of fine-tuning: the shared fields (:class:`cfdist.run.config.DataSection`;
+    fine-tuning reads through the same stream and packer as pretraining) and those only
+    fine-tuning uses.
 
     Attributes:
-        shards: shard directory written by ``cfdist preprocess`` (or ``cfdist prepare-task``).
-        targets: label columns to fit (one model output each).
-        train_split / val_split / test_split: split names in the manifest ("" = none).
-        batch_size: structures per optimiser step (paper: 128 for MEGNet tasks, 256 for JARVIS).
-        max_entries: image-table entries per micro-batch; a step whose batch is larger is split into
-            micro-batches whose gradients are accumulated (same result, bounded memory). 0 = never split.
-        drop_last: drop the last incomplete batch of an epoch (paper: true).
-        eval_batch_size: structures per forward in validation and test.
-        verify_checksums: the shard check before training (``cfdist.manifest.ShardSet.verify``):
-            ``true`` (default) sha256 every shard against the manifest, except files verified before
-            whose size, mtime, ctime and inode are unchanged (records in ``<shards>/.verified.json``,
-            docs/shards.md); ``"full"`` re-hash every file; ``false`` sizes and Parquet footers only.
+        test_split: split evaluated at the end (best, SWA and final models; "" = none).
+        batch_size: structures per optimiser step over all ranks (paper: 128 for MEGNet tasks, 256
+            for JARVIS), packed into micro-batches within the budget whose gradients add up to the step.
+        drop_last: drop the last partial step of an epoch (paper: true).
     """
 
-    shards: str = ""
-    targets: list[str] = field(default_factory=lambda: ["e_form"])
-    train_split: str = "train"
-    val_split: str = "val"
     test_split: str = "test"
     batch_size: int = 128
-    max_entries: int = 600_000
     drop_last: bool = True
-    eval_batch_size: int = 256
-    verify_checksums: bool | str = True
 
     def __post_init__(self):
-        try:
-            checksum_mode(self.verify_checksums)
-        except ValueError as exc:
-            raise ConfigError(f"data.{exc}") from None
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
-        if self.max_entries < 0:
-            raise ConfigError("data.max_entries must be >= 0")
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
 
 
 @dataclass

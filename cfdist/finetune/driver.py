@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from cfdist import storage
 from cfdist.cluster import init_ray, train_logging_config
 from cfdist.finetune.config import FinetuneConfig, load_finetune_config
 from cfdist.finetune.loop import LAST, local_finetune, ray_finetune_loop, resume_config

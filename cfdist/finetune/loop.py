@@ -1,22 +1,33 @@
-"""The fine-tuning loop, read top to bottom: build -> (epoch: shuffle -> step -> [SWA]) -> validate
+"""The fine-tuning loop, read top to bottom: build -> (epoch: stream -> step -> [SWA]) -> validate
 -> best / last checkpoints -> test the best and the SWA model.
 
-Fine-tuning sets are small (hundreds to tens of thousands of crystals), so each split is held
-in memory as one Arrow table and batches are fixed-size random subsets, as in the paper: each
-epoch is a permutation seeded by (seed, epoch), cut into ``batch_size`` structures per optimiser
-step (``drop_last`` as in the reference). A step whose batch holds more than
-``data.max_entries`` image-table entries is split into micro-batches whose gradients add up to
-the same step (memory stays bounded for large cells). From scratch, the sigma statistics are
-set by the first micro-batch of the first step (the whole first batch when it is not split).
+Batches come through the same stream and packer as pretraining (:mod:`cfdist.stream`,
+:mod:`cfdist.data`), with a structure budget per optimiser step: each epoch is the train split's
+stream for (seed, epoch) (shard files permuted, rows shuffled in windows of ``data.shuffle_rows``
+drawn from ``data.shuffle_lanes`` places), cut into steps of ``data.batch_size`` structures; each
+rank takes its contiguous share of every step and packs it into micro-batches within
+``data.max_entries`` / ``max_atoms`` / ``max_structures`` (:class:`cfdist.data.BatchBudget`),
+whose gradients add up to the step. The step is :func:`cfdist.run.step.train_step` (the loss is
+scaled by the step's global label count, so any packing and any number of ranks give the mean
+over the step's labels); validation and the test split go through :mod:`cfdist.run.evaluation`.
+
+What differs from the paper's fixed-size batches (a ``DataLoader`` over a full permutation per
+epoch): the order is a windowed shuffle (a full permutation when ``data.shuffle_rows`` covers the
+split: set it to the train split's size for the paper's order); ``drop_last`` (the paper's
+setting) drops the last partial step, and without it the last step is kept when every rank has a
+row in it; every rank reads the whole epoch's stream and keeps its share (fine-tuning sets are
+small), so a step holds the same structures whatever the number of ranks. From scratch, the
+sigma statistics are set by the first micro-batch of the first step (all ranks' shares: the whole
+first step when it is not split).
 
 One process by default (``scaling.num_workers: 0``). With Ray Train workers the same loop runs
-under DDP: each rank takes a stride of every batch, the loss is scaled by the global label count,
-and rank 0 validates and writes checkpoints (``output_dir`` must be storage all nodes see).
+under DDP: each rank takes its share of every step, and rank 0 validates and writes checkpoints
+(``output_dir`` must be storage all nodes see).
 
 Checkpoints in ``<run_dir>/checkpoints``: ``best.pt`` (portable, lowest validation loss),
 ``swa.pt`` (portable, the SWA average at the end), ``last.pt`` (full state after every epoch:
 model, optimiser, schedule, SWA average, RNG-free epoch counter; ``init_from=resume`` continues
-from it exactly, since epoch permutations depend only on (seed, epoch)).
+from it exactly, since an epoch's stream depends only on (seed, epoch)).
 """
 
 from __future__ import annotations
@@ -25,8 +36,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,65 +48,57 @@ from cfdist import storage
 from cfdist.checkpoint import load, load_checkpoint_file, save_portable
 from cfdist.compile import compile_model, describe
 from cfdist.config import CrystalformerConfig
-from cfdist.data import training_columns
+from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer
-from cfdist.predict import evaluate
-from cfdist.run.metrics import MetricLogger, StepWindow, peak_memory_mb
-from cfdist.run.objective import masked_abs_error, normalised_targets, set_target_normalisation, target_stats
+from cfdist.run import evaluation
+from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
+from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
+from cfdist.run.step import train_step
 from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_schema, read_shard
+from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
 
 
-class SplitData:
-    """All rows of one split in memory (one Arrow table); ``batch(indices)`` collates a subset."""
-
-    def __init__(self, shards: ShardSet, split: str, targets: list[str]):
-        files = shards.files(split)
-        columns = training_columns(read_schema(files[0].path), targets)
-        self.table = pa.concat_tables([read_shard(e.path, columns) for e in files]).combine_chunks()
-        self.targets, self.cutoff, self.split = targets, shards.cutoff, split
-        self.n_entries = self.table["n_entries"].to_numpy().astype(np.int64)
-        labels = np.stack([self.table[f"y.{t}"].to_numpy() for t in targets], axis=1)
-        self.n_labels = np.isfinite(labels).sum(1)  # per row: lets every rank count a step's labels alone
-
-    def __len__(self) -> int:
-        return self.table.num_rows
-
-    def batch(self, indices: np.ndarray):
-        return collate_arrow(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.targets, self.cutoff)
-
-    def micro_batches(self, indices: np.ndarray, max_entries: int) -> list[np.ndarray]:
-        """Split ``indices`` (in order) into runs of at most ``max_entries`` table entries (>= 1 row each)."""
-        if max_entries <= 0 or len(indices) == 0:
-            return [indices]
-        out, start, total = [], 0, 0
-        for k, n in enumerate(self.n_entries[indices]):
-            if k > start and total + n > max_entries:
-                out.append(indices[start:k])
-                start, total = k, 0
-            total += n
-        out.append(indices[start:])
-        return out
+def steps_per_epoch(n_rows: int, batch_size: int, drop_last: bool, world: int = 1) -> int:
+    """Optimiser steps of an epoch over ``n_rows`` structures: ``n_rows // batch_size``, plus the
+    last partial step without ``drop_last`` when it gives every one of ``world`` ranks a row."""
+    full, rest = divmod(n_rows, batch_size)
+    return full + (1 if rest and not drop_last and rest >= world else 0)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool,
-                  min_size: int = 1) -> list[np.ndarray]:
-    """The epoch's batches: a permutation of range(n) seeded by (seed, epoch), cut into batch_size.
+def rank_share(step_rows: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a step's ``step_rows`` rows that ``rank`` of ``world`` trains on."""
+    return step_rows * rank // world, step_rows * (rank + 1) // world
 
-    The last, shorter batch is dropped with ``drop_last`` or when it has fewer than ``min_size``
-    rows (one per data-parallel rank: a rank without rows would stall the others).
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if batches and len(batches[-1]) < batch_size and (drop_last or len(batches[-1]) < min_size):
-        batches.pop()
-    return batches
+
+def epoch_steps(plan: EpochPlan, reader: RowGroupReader, batch_size: int, steps: int, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[pa.Table, Position]]:
+    """Rank ``rank``'s share of each of the epoch's first ``steps`` steps of ``batch_size`` rows
+    (``plan``: the whole split's stream, one reader for all ranks), with the step's position."""
+    pending: list[pa.Table] = []
+    held = 0
+    step = 0
+    for j in range(plan.n_windows):
+        if step == steps:
+            return
+        window = reader.window(plan, j)
+        pending.append(window)
+        held += window.num_rows
+        while held >= batch_size and step < steps:
+            table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+            lo, hi = rank_share(batch_size, rank, world)
+            yield table.slice(lo, hi - lo), Position(step + 1, 0)
+            pending, held, step = [table.slice(batch_size)], held - batch_size, step + 1
+    if step < steps and held:  # the last, partial step (kept without drop_last)
+        table = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        lo, hi = rank_share(table.num_rows, rank, world)
+        yield table.slice(lo, hi - lo), Position(step + 1, 0)
 
 
 def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
@@ -154,8 +156,11 @@ class FinetuneTrainer:
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
-        self.train = SplitData(self.shards, cfg.data.train_split, targets)
-        self.val = SplitData(self.shards, cfg.data.val_split, targets) if cfg.data.val_split else None
+        self.objective = PropertyObjective(targets)
+        self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
+        self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
+        self.n_train = sum(rows for _, rows in self.train_files)
+        self.columns = training_columns(read_schema(self.train_files[0][0]), targets)
         stats = target_stats(self.shards, targets, cfg.data.train_split)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
@@ -189,20 +194,46 @@ class FinetuneTrainer:
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         if cfg.data.batch_size < self.world:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} is smaller than the {self.world} workers")
-        self.steps_per_epoch = len(self.epoch_batches(0))
+        self.steps_per_epoch = steps_per_epoch(self.n_train, cfg.data.batch_size, cfg.data.drop_last, self.world)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train split has {len(self.train)} structures, fewer than batch_size="
+            raise ValueError(f"train split has {self.n_train} structures, fewer than batch_size="
                              f"{cfg.data.batch_size} with drop_last; lower data.batch_size")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.swa: AveragedModel | None = None
         self.epoch, self.step, self.best_val, self.best_epoch = 0, 0, math.inf, -1
+        self.micro_batches = 0  # packed micro-batches this process trained on (all its steps)
         if state is not None:
             self.restore(state)
 
-    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+    def plan(self, epoch: int) -> EpochPlan:
+        """The train split's stream in ``epoch`` (the whole split: every rank takes its share of each step)."""
         d = self.cfg.data
-        return epoch_batches(len(self.train), d.batch_size, self.cfg.seed, epoch, d.drop_last, min_size=self.world)
+        return EpochPlan(self.train_files, seed=self.cfg.seed, epoch=epoch, window=d.shuffle_rows,
+                         lanes=d.shuffle_lanes, shuffle_files=d.shuffle_files)
+
+    def train_stream(self) -> Prefetcher:
+        """This rank's steps from the current epoch on, each a list of host micro-batches, prepared
+        ahead in a thread (:class:`cfdist.stream.Prefetcher`)."""
+        reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
+        targets = list(self.cfg.data.targets)
+
+        def epoch(e: int, _start: Position):
+            return epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
+                               self.rank, self.world)
+
+        def prepare(table: pa.Table) -> list:
+            return [collate_arrow(t, targets, cutoff=self.shards.cutoff) for t in pack_rows([table], self.budget)]
+
+        return Prefetcher(epoch, prepare, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        return t.cpu().tolist()
 
     def restore(self, state: dict) -> None:
         """Continue from a ``last.pt`` state (model, optimiser, schedule, SWA average, counters)."""
@@ -224,13 +255,15 @@ class FinetuneTrainer:
         self.build()
         cfg = self.cfg
         logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step)
-        window = StepWindow()
+        window, components = StepWindow(), ComponentWindow(self.objective)
+        stream = self.train_stream()
         try:
             while self.epoch < cfg.epochs:
                 swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
-                for indices in self.epoch_batches(self.epoch):
-                    n_step = float(self.train.n_labels[indices].sum())
-                    grad_norm = self.train_step(indices[self.rank::self.world], n_step, window)
+                while (item := stream.next()).batch is not None:
+                    if item.epoch != self.epoch:
+                        raise RuntimeError(f"rank {self.rank}: stream at epoch {item.epoch}, loop at {self.epoch}")
+                    grad_norm = self.optimiser_step(item.batch, window, components)
                     self.step += 1
                     if swa_phase:  # paper: average after every step of the last epochs, lr held
                         if self.swa is None:
@@ -240,13 +273,13 @@ class FinetuneTrainer:
                         self.scheduler.step()
                     window.steps += 1
                     if self.step % cfg.log_every == 0:
-                        logger.log(self.step, self.window_metrics(window, grad_norm))
-                        window = StepWindow()
+                        logger.log(self.step, self.window_metrics(window, components, grad_norm))
+                        window, components = StepWindow(), ComponentWindow(self.objective)
                 self.epoch += 1
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
-                    if self.val is not None:
-                        val = self.evaluate_split(self.model, self.val)
+                    if cfg.data.val_split:
+                        val = self.validate(self.model)
                         record.update(val)
                         if val["val_loss"] < self.best_val:  # NaN (no labels) never selects
                             self.best_val, self.best_epoch = val["val_loss"], self.epoch
@@ -256,63 +289,54 @@ class FinetuneTrainer:
                 if self.report is not None:
                     self.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
         finally:
+            stream.close()
             logger.close()
         return self.finish() if self.rank == 0 else {}
 
-    def train_step(self, indices: np.ndarray, n_global: float, window: StepWindow) -> torch.Tensor:
-        """One optimiser step on this rank's ``indices``; ``n_global``: labels in the step on all ranks.
+    def optimiser_step(self, micro_batches: list, window: StepWindow, components: ComponentWindow) -> torch.Tensor:
+        """One optimiser step on this rank's share of the step (host micro-batches).
 
-        Adds the step's micro-batches to ``window`` and returns the pre-clip gradient norm; the
-        loss and the norm stay on the device so that a step never waits for it.
+        The step's label count over all ranks scales the loss (one small all-reduce per step);
+        the loss and the pre-clip gradient norm stay on the device so that a step never waits for it.
         """
         self.ddp.train()
         t0 = time.perf_counter()
-        chunks = [self.train.batch(c).to(self.device)
-                  for c in self.train.micro_batches(indices, self.cfg.data.max_entries)]
+        counts = [sum(c) for c in zip(*(self.objective.label_counts(b) for b in micro_batches))]
+        global_counts = self.all_sum(counts)
+        batches = [b.to(self.device) for b in micro_batches]
         t_data = time.perf_counter() - t0
         self.optimizer.zero_grad(set_to_none=True)
-        for k, batch in enumerate(chunks):
-            sync = k == len(chunks) - 1
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1  # DDP averages gradients once, at the step's last micro-batch
             context = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with context:
-                err, mask = masked_abs_error(self.ddp(batch).float(), normalised_targets(self.model, batch.labels))
-                err = err.sum()
-                # mean over the step's labels on all ranks (DDP averages gradients over ranks)
-                (err * (self.world / max(n_global, 1.0))).backward()
-            # host label counts (SplitData.n_labels) keep the step free of device syncs
-            window.add(batch, err.detach(), 0.0, t_data if k == 0 else 0.0)
-        window.labelled += float(self.train.n_labels[indices].sum())
+                result = train_step(self.ddp, batch, self.objective, global_counts, self.world)
+            window.add(batch, t_data if k == 0 else 0.0)
+            components.add(result.sums, result.loss_share, new_step=k == 0)  # one loss per step
+        self.micro_batches += len(batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
         # pre-clip total norm; max_norm=inf measures without clipping when clipping is off
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
         return grad_norm
 
-    def window_metrics(self, w: StepWindow, grad_norm: torch.Tensor) -> dict:
-        return {**w.summary(), "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": float(grad_norm),
+    def window_metrics(self, w: StepWindow, components: ComponentWindow, grad_norm: torch.Tensor) -> dict:
+        values = w.values()
+        totals = self.all_sum(values + components.values())  # every rank logs at the same steps
+        return {**w.summary(self.world, totals[:len(values)]),
+                **components.summary(totals[len(values):], "", train=True),
+                "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": float(grad_norm),
                 "epoch": self.epoch, "peak_memory_mb": peak_memory_mb(self.device)}
 
     # -- evaluation and checkpoints ------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_split(self, model, data: SplitData) -> dict:
-        """``val_loss`` (normalised L1, the selection criterion) and MAE per target in original units."""
-        was_training = model.training
-        model.eval()
-        k = len(data.targets)
-        abs_norm, abs_orig, count = np.zeros(k), np.zeros(k), np.zeros(k)
-        step = self.cfg.data.eval_batch_size
-        for start in range(0, len(data), step):
-            batch = data.batch(np.arange(start, min(start + step, len(data)))).to(self.device)
-            target = normalised_targets(model, batch.labels.cpu(), torch.float64)
-            err, mask = masked_abs_error(model(batch).double().cpu(), target)
-            abs_norm += err.sum(0).numpy()
-            abs_orig += (err * model.target_std.double().cpu()).sum(0).numpy()
-            count += mask.sum(0).numpy()
-        model.train(was_training)
-        out = {"val_loss": float(abs_norm.sum() / count.sum()) if count.sum() else float("nan")}
-        for t, name in enumerate(data.targets):
-            out[f"val_mae/{name}"] = float(abs_orig[t] / count[t]) if count[t] else float("nan")
-        return out
+    def evaluate(self, model, split: str):
+        """Summed stats of ``model`` on ``split`` (this process reads the whole split)."""
+        batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget)
+        return evaluation.evaluate(model, batches, self.objective, self.device)
+
+    def validate(self, model) -> dict:
+        """``val_loss`` (normalised L1, the selection criterion) and ``val_mae/<target>`` (original units)."""
+        return evaluation.metrics(self.objective, self.evaluate(model, self.cfg.data.val_split), "val_")
 
     def extra(self, kind: str) -> dict:
         return {"kind": kind, "epoch": self.epoch, "step": self.step, "run_name": self.cfg.run_name,
@@ -339,7 +363,6 @@ class FinetuneTrainer:
 
     def finish(self) -> dict:
         """Save the SWA model, evaluate best / SWA / final on the test split, write results.json."""
-
         cfg = self.cfg
         models = {"final": self.model}
         if self.swa is not None:
@@ -351,25 +374,26 @@ class FinetuneTrainer:
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "epochs": self.epoch, "steps": self.step,
                                    "steps_per_epoch": self.steps_per_epoch, "best_epoch": self.best_epoch,
                                    "best_val_loss": self.best_val, "transfer": self.transfer_report,
-                                   "n_train": len(self.train), "targets": list(cfg.data.targets)}
-        if self.val is not None:
-            results["val"] = {name: self.evaluate_split(m, self.val) for name, m in models.items()}
+                                   "n_train": self.n_train, "micro_batches": self.micro_batches,
+                                   "targets": list(cfg.data.targets)}
+        if cfg.data.val_split:
+            results["val"] = {name: self.validate(m) for name, m in models.items()}
         test = cfg.data.test_split
         if test and self.shards.files(test):
-            results["test"] = {}
-            for name, model in models.items():
-                metrics = evaluate(model, [str(cfg.data.shards)], self.run_dir / "evaluation" / name, split=test,
-                                   batch_size=cfg.data.eval_batch_size)
-                results["test"][name] = metrics["targets"]
-            results["test"]["train_mean"] = self.train_mean_baseline(SplitData(self.shards, test, list(cfg.data.targets)))
+            # the same numbers as ``cfdist evaluate --split test`` on the saved checkpoints
+            results["test"] = {name: evaluation.target_report(self.objective, self.evaluate(model, test))
+                               for name, model in models.items()}
+            results["test"]["train_mean"] = self.train_mean_baseline(test)
         write_json_atomic(self.run_dir / "results.json", results)
         return results
 
-    def train_mean_baseline(self, data: SplitData) -> dict:
-        """MAE of predicting the train mean of each target (the trivial baseline)."""
+    def train_mean_baseline(self, split: str) -> dict:
+        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline)."""
         out = {}
-        for name in data.targets:
-            y = data.table[f"y.{name}"].to_numpy()
+        files = [e.path for e in self.shards.files(split)]
+        for name in self.cfg.data.targets:
+            y = np.concatenate([read_shard(p, [f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
+                                for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
             mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
             out[name] = {"n": int(len(y)), "mae": float(np.abs(y - mean).mean()) if len(y) else None}

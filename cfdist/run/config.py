@@ -1,4 +1,5 @@
-"""What every run config shares: the optimiser section, the run directory, the model config.
+"""What every run config shares: the data section, the optimiser section, the run directory, the
+model config.
 
 Pretraining (:mod:`cfdist.train.config`) and fine-tuning (:mod:`cfdist.finetune.config`) build
 their configs from these pieces and the generic machinery of :mod:`cfdist.config`.
@@ -7,12 +8,69 @@ their configs from these pieces and the generic machinery of :mod:`cfdist.config
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist import storage
 from cfdist.config import ConfigError, CrystalformerConfig
+from cfdist.data import DEFAULT_MAX_ENTRIES
+from cfdist.manifest import checksum_mode
+
+
+@dataclass
+class DataSection:
+    """Where the shards are and how they are streamed and packed; pretraining
+    (:class:`cfdist.train.config.PretrainData`) and fine-tuning
+    (:class:`cfdist.finetune.config.FinetuneData`) add the fields only they use.
+
+    Attributes:
+        shards: shard directory written by ``cfdist preprocess`` (or ``cfdist prepare-task``).
+        targets: label columns to train on (a property model gets one output per target; an energy
+            model's one target is the total-energy column).
+        train_split / val_split: split names in the manifest (val_split "" = no validation).
+        max_entries / max_atoms / max_structures: per-rank micro-batch budget
+            (:class:`cfdist.data.BatchBudget`; training, validation and test passes). The one
+            ``max_entries`` default, 400k image-table entries, is sized by memory: about 1.5 GB
+            peak RSS per CPU worker with the paper's model in fp32 (docs/scaling.md, "Training
+            memory per worker"); an energy step costs ~7.6 kB per entry, ~16-19 kB with the
+            forces' graph kept (README, "Training on energies, forces and stress"), which is what
+            pretraining's ``force_memory_factor`` divides by. Memory is about linear in it: lower
+            it for smaller machines, raise it on large GPUs.
+        shuffle_rows: rows per shuffle window of the stream (:mod:`cfdist.stream`); <= 1: no row
+            shuffle (rows in file order). A window covering the whole split is a full permutation.
+        shuffle_lanes: places of the stream's block each window draws rows from (mixes files within
+            a window; memory holds about ``shuffle_lanes + 2`` decoded Parquet row groups).
+        shuffle_files: permute the order of the shard files every epoch (seeded by seed, epoch).
+        prefetch_batches: batches (fine-tuning: steps) read, packed and collated ahead of the
+            trainer, in a thread that runs on into the next epoch.
+        verify_checksums: the shard check before training (``cfdist.manifest.ShardSet.verify``):
+            ``true`` (default) sha256 every shard against the manifest, except files verified before
+            whose size, mtime, ctime and inode are unchanged (records in ``<shards>/.verified.json``,
+            docs/shards.md); ``"full"`` re-hash every file; ``false`` sizes and Parquet footers only.
+    """
+
+    shards: str = ""
+    targets: list[str] = field(default_factory=lambda: ["e_form"])
+    train_split: str = "train"
+    val_split: str = "val"
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_atoms: int = 4_096
+    max_structures: int = 256
+    shuffle_rows: int = 2_048
+    shuffle_lanes: int = 8
+    shuffle_files: bool = True
+    prefetch_batches: int = 4
+    verify_checksums: bool | str = True
+
+    def __post_init__(self):
+        try:
+            checksum_mode(self.verify_checksums)
+        except ValueError as exc:
+            raise ConfigError(f"data.{exc}") from None
+        for name in ("max_entries", "max_atoms", "max_structures", "shuffle_lanes", "prefetch_batches"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Per-step metrics: JSONL file + TensorBoard events in the run directory, tqdm bar on rank 0,
-and the logging window both training loops accumulate between log steps."""
+and the logging windows both training loops and every evaluation accumulate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from cfdist.run.objective import SUM_ROWS
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:
@@ -76,39 +78,33 @@ class MetricLogger:
 
 @dataclass
 class StepWindow:
-    """What a rank did since the last log step; :meth:`summary` turns it into rates.
-
-    ``loss_sum`` may be a device tensor (the fine-tuning loop keeps it there so that a step
-    never waits for the device); it is read once, at the log step.
-    """
+    """Throughput of a rank since the last log step; :meth:`summary` turns it into rates (the loss
+    and errors are in the :class:`ComponentWindow` beside it)."""
 
     t0: float = field(default_factory=time.perf_counter)
     steps: int = 0
     structures: int = 0
     atoms: int = 0
     entries: int = 0
-    loss_sum: Any = 0.0
-    labelled: float = 0.0
     data_s: float = 0.0
 
-    def add(self, batch, loss_sum, labelled: float, data_s: float) -> None:
-        """One micro-batch (a :class:`cfdist.batch.CrystalBatch`) with its summed loss and label count."""
+    def add(self, batch, data_s: float) -> None:
+        """One micro-batch (a :class:`cfdist.batch.CrystalBatch`) and the time spent waiting for it."""
         self.structures += batch.n_crystals
         self.atoms += int(batch.n_atoms.sum())
         self.entries += batch.n_entries
-        self.loss_sum += loss_sum
-        self.labelled += labelled
         self.data_s += data_s
 
+    def values(self) -> list[float]:
+        """Flat sums to all-reduce (:meth:`summary` takes them back)."""
+        return [self.structures, self.atoms, self.entries, self.data_s]
+
     def summary(self, world: int = 1, totals: Sequence[float] | None = None) -> dict:
-        """Loss and throughput. ``totals``: [structures, atoms, entries, loss_sum, labelled, data_s]
-        summed over the ``world`` ranks (default: this rank's own)."""
+        """Throughput. ``totals``: :meth:`values` summed over the ``world`` ranks (default: this rank's own)."""
         wall = max(time.perf_counter() - self.t0, 1e-9)
-        structures, atoms, entries, loss_sum, labelled, data_s = totals if totals is not None else (
-            self.structures, self.atoms, self.entries, float(self.loss_sum), self.labelled, self.data_s)
+        structures, atoms, entries, data_s = totals if totals is not None else self.values()
         steps = max(self.steps, 1)
         return {
-            "loss": float(loss_sum) / max(labelled, 1.0),
             "structures_per_step": structures / steps,
             "structures_per_s": structures / wall, "structures_per_s_per_worker": structures / wall / world,
             "atoms_per_s": atoms / wall, "entries_per_s": entries / wall, "entries_per_s_per_worker": entries / wall / world,
@@ -117,51 +113,57 @@ class StepWindow:
         }
 
 
-# metric names of an energy model's components (training: "mae/<name>", validation: "val_mae/<name>")
-COMPONENT_METRICS = {"energy": "energy_mev_per_atom", "forces": "forces_mev_per_A", "stress": "stress_gpa"}
-
-
-@dataclass
 class ComponentWindow:
-    """An energy model's per-component sums since the last log step (or over a validation pass).
+    """Per-component sums (:data:`cfdist.run.objective.SUM_ROWS`) since the last log step, or over
+    a validation pass, and this rank's share of the step losses.
 
-    ``abs_sum[c]``: summed absolute errors in report units (meV/atom, meV/A, GPa); ``count[c]``:
-    labels (structures, force components, stress components); ``loss_sum[c]``: summed elementwise
-    loss (loss units); ``weighted_loss``: this rank's share of the step losses (their sum over
-    ranks, divided by the micro-steps, is the mean training loss).
+    The sums stay where the step computed them (a device tensor: a step never waits for the
+    device) until :meth:`values` reads them once, at the log step.
     """
 
-    abs_sum: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
-    loss_sum: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
-    count: dict = field(default_factory=lambda: dict.fromkeys(COMPONENT_METRICS, 0.0))
-    weighted_loss: float = 0.0
-    micro_steps: int = 0
+    def __init__(self, objective):
+        self.objective = objective
+        self.sums: torch.Tensor | float = 0.0
+        self.loss_share: torch.Tensor | float = 0.0
+        self.micro_steps = 0
 
-    def add(self, abs_sum: dict, loss_sum: dict, count: dict, weighted_loss: float = 0.0) -> None:
-        """One micro-batch's sums for the components it has (a subset of energy, forces, stress)."""
-        for c, value in abs_sum.items():
-            self.abs_sum[c] += float(value)
-            self.loss_sum[c] += float(loss_sum.get(c, 0.0))
-            self.count[c] += float(count[c])
-        self.weighted_loss += float(weighted_loss)
-        self.micro_steps += 1
+    def add(self, sums: torch.Tensor, loss_share: torch.Tensor | float = 0.0, new_step: bool = True) -> None:
+        """One micro-batch's (6, C) sums and its loss share (summed over ranks: its loss).
+
+        ``new_step``: the micro-batch starts a loss of its own (pretraining: every micro-batch's
+        loss is a mean over its labels); fine-tuning's micro-batches share their step's loss, so
+        only the first of a step counts."""
+        self.sums = self.sums + sums
+        self.loss_share = self.loss_share + loss_share
+        self.micro_steps += int(new_step)
 
     def values(self) -> list[float]:
-        """Flat sums to all-reduce (:meth:`summary` takes them back)."""
-        return ([self.abs_sum[c] for c in COMPONENT_METRICS] + [self.loss_sum[c] for c in COMPONENT_METRICS]
-                + [self.count[c] for c in COMPONENT_METRICS] + [self.weighted_loss])
+        """Flat sums to all-reduce: the (6, C) sums row by row, then the loss shares."""
+        n = len(SUM_ROWS) * len(self.objective.components)
+        sums = self.sums.detach().double().reshape(-1).cpu().tolist() if torch.is_tensor(self.sums) else [0.0] * n
+        return sums + [float(self.loss_share)]
 
-    @staticmethod
-    def summary(totals: Sequence[float], prefix: str, micro_steps: int = 0) -> dict:
-        """MAE (and mean loss) per component with labels, from :meth:`values` summed over ranks;
-        ``micro_steps`` (> 0 for training windows) adds ``loss``, the mean weighted step loss."""
-        k = len(COMPONENT_METRICS)
-        abs_sum, loss_sum, count = totals[:k], totals[k:2 * k], totals[2 * k:3 * k]
-        out = {}
-        for c, (name, metric) in enumerate(COMPONENT_METRICS.items()):
-            if count[c]:
-                out[f"{prefix}mae/{metric}"] = abs_sum[c] / count[c]
-                out[f"{prefix}loss/{name}"] = loss_sum[c] / count[c]
-        if micro_steps:
-            out["loss"] = totals[3 * k] / micro_steps
-        return out
+    def summary(self, totals: Sequence[float] | None, prefix: str, train: bool = False) -> dict:
+        """MAE (and mean loss) per component with labels from :meth:`values` summed over ranks
+        (default: this rank's own). Training windows (``train``) add ``loss``, the mean step loss;
+        evaluations add ``<prefix>loss``, the objective's loss over the whole split."""
+        return summarise(self.objective, totals if totals is not None else self.values(), prefix,
+                         micro_steps=self.micro_steps if train else 0)
+
+
+def summarise(objective, totals: Sequence[float], prefix: str, micro_steps: int = 0) -> dict:
+    """Metrics from flat :meth:`ComponentWindow.values` totals (see there)."""
+    c = len(objective.components)
+    table = torch.tensor(list(totals[:len(SUM_ROWS) * c]), dtype=torch.float64).reshape(len(SUM_ROWS), c)
+    out = {}
+    for k, name in enumerate(objective.components):
+        n = float(table[2, k])
+        if n:
+            metric = objective.metric_name(name)
+            out[f"{prefix}mae/{metric}"] = float(table[0, k]) / n
+            out[f"{prefix}loss/{name}"] = float(table[1, k]) / n
+    if micro_steps:
+        out["loss"] = float(totals[-1]) / micro_steps
+    else:
+        out[f"{prefix}loss"] = objective.selection_loss(table)
+    return out

@@ -1,14 +1,23 @@
-"""The training objective both loops share: target standardisation and the masked L1 error.
+"""What a step fits and measures: the objective both loops, validation and ``cfdist evaluate`` share.
 
-Targets are standardised with the train split's mean and standard deviation (the manifest's
-statistics, :func:`target_stats`), stored in the model's ``target_mean`` / ``target_std``
-buffers so that a checkpoint predicts in original units (``model.denormalize``). A missing
-label is NaN; it contributes neither error nor count, so multi-target sets with gaps train on
-every label they have.
+An :class:`Objective` names its *components* (property targets, or an energy model's energy /
+forces / stress), runs the model's forward for them, turns an output and a batch into per-component
+sums (:data:`SUM_ROWS`) and combines the sums into the loss. Every number the library reports
+(training loss, validation MAE, test MAE) is a ratio of these sums, so a step
+(:mod:`cfdist.run.step`) and an evaluation (:mod:`cfdist.run.evaluation`) compute it one way.
+Sums are keyed by component so that a further key (e.g. the dataset of a mixture) is one more
+entry, not another copy of the step.
 
-Energy models (pretraining's ``loss`` section, :class:`cfdist.train.config.LossSection`) train on
-physical units instead: :func:`energy_residuals` gives per-atom energy, force and stress residuals
-(eV/atom, eV/A, GPa) with masks, :func:`elementwise_loss` the L1 / L2 / Huber terms, and
+Property models (:class:`PropertyObjective`): targets are standardised with the train split's mean
+and standard deviation (the manifest's statistics, :func:`target_stats`), stored in the model's
+``target_mean`` / ``target_std`` buffers so that a checkpoint predicts in original units. The loss
+is the L1 error on standardised targets, averaged over all labels of the step. A missing label is
+NaN; it contributes neither error nor count, so multi-target sets with gaps train on every label
+they have.
+
+Energy models (:class:`EnergyObjective`, pretraining's ``loss`` section) train on physical units
+instead: :func:`energy_residuals` gives per-atom energy, force and stress residuals (eV/atom, eV/A,
+GPa) with masks, :func:`elementwise_loss` the L1 / L2 / Huber terms, and
 :func:`fit_element_energies` the per-element reference energies (least squares on the train split)
 that the energy head learns the residual of.
 """
@@ -16,7 +25,7 @@ that the energy head learns the residual of.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -99,6 +108,177 @@ def energy_residuals(out, batch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 # Errors are reported in these units: meV/atom, meV/A, GPa.
 REPORT_SCALE = {"energy": 1000.0, "forces": 1000.0, "stress": 1.0}
+
+
+# ----------------------------------------------------------------------------- objectives
+# Rows of a sums tensor (6, C), one column per component, float64:
+SUM_ROWS = ("abs", "loss", "count", "sq", "label", "label_sq")
+# abs: summed |error| in report units; loss: summed elementwise loss (loss units; carries the
+# gradient in a training step); count: labels; sq: summed squared error (report units);
+# label / label_sq: summed labels and squared labels (report units, for R^2).
+
+
+def unwrap(net):
+    """The model inside a DeepSpeed engine or DDP wrapper (its buffers hold the normalisation)."""
+    return getattr(net, "module", net)
+
+
+class Objective:
+    """Base of the objectives: components, label counts, forward, per-component sums and the loss.
+
+    ``components``: component names (the sums' columns, in this order); ``metric_names``: the name
+    of each in metrics (``mae/<name>``, ``loss/<name>``); ``needs_grad``: the forward differentiates
+    (forces / stress), so evaluation runs with autograd on.
+    """
+
+    components: tuple[str, ...] = ()
+    needs_grad: bool = False
+
+    def metric_name(self, component: str) -> str:
+        return component
+
+    def label_counts(self, batch) -> list[float]:
+        """Labels per component of a (host) batch; all-reduced before the forward to scale the loss."""
+        raise NotImplementedError
+
+    def forward(self, net, batch) -> Any:
+        raise NotImplementedError
+
+    def sums(self, model, out, batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stats (6, C) float64 detached in :data:`SUM_ROWS` order, loss sums (C,) with gradient).
+
+        ``dtype``: the precision of the loss terms (float32 in training, float64 in evaluation).
+        """
+        raise NotImplementedError
+
+    def loss(self, loss_sums: torch.Tensor, global_counts: Sequence[float], world: int) -> torch.Tensor:
+        """This rank's loss: its summed terms scaled so that, after averaging gradients over the
+        ``world`` ranks, the gradient is that of the step's mean over all ranks' labels."""
+        raise NotImplementedError
+
+    def selection_loss(self, totals: torch.Tensor) -> float:
+        """The loss over a whole split from its summed stats (validation loss, best-checkpoint choice)."""
+        raise NotImplementedError
+
+
+class PropertyObjective(Objective):
+    """L1 on standardised property targets (the paper's loss); one component per target.
+
+    The loss is one mean over all labels of all targets (targets with more labels weigh more),
+    as in the paper's multi-target runs.
+    """
+
+    def __init__(self, targets: Sequence[str]):
+        self.components = tuple(targets)
+
+    def label_counts(self, batch) -> list[float]:
+        return torch.isfinite(batch.labels).sum(0).double().tolist()
+
+    def forward(self, net, batch) -> torch.Tensor:
+        return net(batch)
+
+    def sums(self, model, out, batch, dtype):
+        labels = batch.labels.to(out.device)
+        err, mask = masked_abs_error(out.to(dtype), normalised_targets(model, labels, dtype))
+        loss_sums = err.sum(0)
+        std = model.target_std.to(device=out.device, dtype=torch.float64)
+        abs_err = err.detach().double() * std  # original units
+        y = torch.where(mask, labels.double(), torch.zeros((), dtype=torch.float64, device=out.device))
+        stats = torch.stack([abs_err.sum(0), loss_sums.detach().double(), mask.sum(0).double(),
+                             (abs_err * abs_err).sum(0), y.sum(0), (y * y).sum(0)])
+        return stats, loss_sums
+
+    def loss(self, loss_sums, global_counts, world):
+        return loss_sums.sum() * (world / max(float(sum(global_counts)), 1.0))
+
+    def selection_loss(self, totals):
+        count = float(totals[2].sum())
+        return float(totals[1].sum()) / count if count else float("nan")
+
+
+# metric names of an energy model's components (training: "mae/<name>", validation: "val_mae/<name>")
+COMPONENT_METRICS = {"energy": "energy_mev_per_atom", "forces": "forces_mev_per_A", "stress": "stress_gpa"}
+
+
+class EnergyObjective(Objective):
+    """w_E L(E / N) + w_F L(F) + w_S L(sigma) of an energy model (``loss``: a
+    :class:`cfdist.train.config.LossSection`); each term the mean over the step's labels of that
+    component on all ranks. Forces / stress are computed when their weight is nonzero (fixed by
+    the config, never by a batch, so every rank runs the same passes and collectives)."""
+
+    components = ENERGY_COMPONENTS
+
+    def __init__(self, loss):
+        self.weights = {"energy": float(loss.energy_weight), "forces": float(loss.forces_weight),
+                        "stress": float(loss.stress_weight)}
+        self.kind, self.huber_delta = loss.kind, float(loss.huber_delta)
+        self.forces, self.stress = self.weights["forces"] > 0, self.weights["stress"] > 0
+        self.needs_grad = self.forces or self.stress
+
+    def metric_name(self, component: str) -> str:
+        return COMPONENT_METRICS[component]
+
+    def label_counts(self, batch) -> list[float]:
+        return energy_label_counts(batch, self.forces, self.stress)
+
+    def forward(self, net, batch):
+        return net(batch, forces=self.forces, stress=self.stress)
+
+    def sums(self, model, out, batch, dtype):
+        residuals = energy_residuals(out, batch)
+        labels = energy_labels(batch, out.energy.device)
+        columns, loss_sums = [], []
+        zero = out.energy.new_zeros((), dtype=torch.float64)
+        for name in self.components:
+            if name not in residuals:
+                columns.append(torch.zeros(6, dtype=torch.float64, device=zero.device))
+                loss_sums.append(zero)
+                continue
+            res, mask = residuals[name]
+            terms = elementwise_loss(res, self.kind, self.huber_delta)
+            term_sum = torch.where(mask, terms, torch.zeros_like(terms)).sum()
+            r = res.detach().abs() * REPORT_SCALE[name]
+            y = torch.where(mask, torch.nan_to_num(labels[name]) * REPORT_SCALE[name], torch.zeros_like(r))
+            columns.append(torch.stack([r.sum(), term_sum.detach(), mask.sum().double(), (r * r).sum(), y.sum(),
+                                        (y * y).sum()]))
+            loss_sums.append(term_sum)
+        return torch.stack(columns, 1), torch.stack(loss_sums)
+
+    def loss(self, loss_sums, global_counts, world):
+        loss = loss_sums.new_zeros(())
+        for k, name in enumerate(self.components):
+            if self.weights[name] > 0 and global_counts[k] > 0:
+                loss = loss + self.weights[name] * loss_sums[k] * (world / global_counts[k])
+        return loss.float()
+
+    def selection_loss(self, totals):
+        value, any_labels = 0.0, False
+        for k, name in enumerate(self.components):
+            if self.weights[name] > 0 and float(totals[2, k]) > 0:
+                value += self.weights[name] * float(totals[1, k]) / float(totals[2, k])
+                any_labels = True
+        return value if any_labels else float("nan")
+
+
+def make_objective(model_config, targets: Sequence[str], loss=None) -> Objective:
+    """The objective of a model config: :class:`EnergyObjective` (``loss`` section) for an energy
+    model, :class:`PropertyObjective` over ``targets`` otherwise."""
+    if model_config.energy:
+        if loss is None:
+            raise ValueError("an energy model needs a loss section (energy / forces / stress weights)")
+        return EnergyObjective(loss)
+    return PropertyObjective(targets)
+
+
+def energy_labels(batch, device) -> dict[str, torch.Tensor]:
+    """The labels :func:`energy_residuals` compares with, in loss units (float64, NaN = missing)."""
+    n_atoms = batch.n_atoms.to(device=device, dtype=torch.float64)
+    out = {"energy": batch.labels[:, 0].to(device).double() / n_atoms}
+    if batch.forces is not None:
+        out["forces"] = batch.forces.to(device).double()
+    if batch.stress is not None:
+        out["stress"] = batch.stress.to(device).double() * EV_PER_A3_IN_GPA
+    return out
 
 
 def fit_element_energies(paths, energy_label: str, n_elements: int, *, ridge: float = 1e-8,

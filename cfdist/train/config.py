@@ -16,44 +16,18 @@ from typing import Any, Mapping
 from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
                            resolve_config)
-from cfdist.manifest import checksum_mode
-from cfdist.run.config import OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.run.config import DataSection, OptimSection, RunConfigMixin, resolve_model_config
 from cfdist.storage import StorageSection
 
 LOSS_KINDS = ("l1", "l2", "huber")
 
 
-def _check_verify_checksums(value) -> None:
-    """``data.verify_checksums`` is true, false or "full" (ConfigError otherwise)."""
-
-    try:
-        checksum_mode(value)
-    except ValueError as exc:
-        raise ConfigError(f"data.{exc}") from None
-
-
 @dataclass
-class DataSection:
-    """Where the shards are and how batches are cut.
+class PretrainData(DataSection):
+    """The data section of pretraining: the shared fields (:class:`cfdist.run.config.DataSection`)
+    and one only pretraining uses.
 
     Attributes:
-        shards: shard directory written by ``cfdist preprocess``.
-        targets: label columns to train on (the model gets one output per target).
-        train_split / val_split: split names in the manifest (val_split "" = no validation).
-        max_entries / max_atoms / max_structures: per-rank micro-batch budget (cfdist.data.BatchBudget).
-        shuffle_rows: rows per shuffle window of a rank's stream (cfdist.stream); <= 1: no row
-            shuffle (rows in file order).
-        shuffle_lanes: places of a rank's block each window draws rows from (mixes files within a
-            window; memory holds about ``shuffle_lanes + 2`` decoded Parquet row groups).
-        shuffle_files: permute the order of the shard files every epoch (seeded by seed, epoch).
-        prefetch_batches: batches read, packed and collated ahead of the trainer, in a thread
-            that runs on into the next epoch.
-        rows_per_read: unused since training reads go by Parquet row group (cfdist.stream);
-            accepted so that older configs still load.
-        verify_checksums: the shard check before training (``cfdist.manifest.ShardSet.verify``):
-            ``true`` (default) sha256 every shard against the manifest, except files verified before
-            whose size, mtime, ctime and inode are unchanged (records in ``<shards>/.verified.json``,
-            docs/shards.md); ``"full"`` re-hash every file; ``false`` sizes and Parquet footers only.
         force_memory_factor: an energy model trained on forces or stress keeps the autograd graph
             of the forces for the double backward, so a micro-batch costs more memory per
             image-table entry; such runs pack at most ``max_entries / force_memory_factor``
@@ -62,26 +36,10 @@ class DataSection:
             (README, "Training on energies, forces and stress").
     """
 
-    shards: str = ""
-    targets: list[str] = field(default_factory=lambda: ["e_form"])
-    train_split: str = "train"
-    val_split: str = "val"
-    max_entries: int = 400_000
-    max_atoms: int = 4_096
-    max_structures: int = 256
-    shuffle_rows: int = 2_048
-    shuffle_lanes: int = 8
-    shuffle_files: bool = True
-    prefetch_batches: int = 4
-    rows_per_read: int = 256
-    verify_checksums: bool | str = True
     force_memory_factor: float = 2.5
 
     def __post_init__(self):
-        _check_verify_checksums(self.verify_checksums)
-        for name in ("shuffle_lanes", "prefetch_batches"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()
         if not self.force_memory_factor >= 1.0:
             raise ConfigError(f"data.force_memory_factor must be >= 1, got {self.force_memory_factor}")
 
@@ -185,7 +143,7 @@ class PretrainConfig(RunConfigMixin):
     keep_checkpoints: int = 2
     model: Any = "crystalformer"
     init_from: str = ""
-    data: DataSection = field(default_factory=DataSection)
+    data: PretrainData = field(default_factory=PretrainData)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)

@@ -4,7 +4,11 @@ It runs inside Ray Train workers (:func:`ray_train_loop`, launched by :mod:`cfdi
 or in plain processes (:func:`local_train_loop`: one process, or torchrun ranks), and differs
 between the two only in the :class:`WorkerContext` (where rows come from, where checkpoints go).
 
-Lockstep: every micro-step all ranks all-reduce ``[has_batch, n_labelled]``. An epoch ends for
+The step itself (forward, loss, backward) is :func:`cfdist.run.step.train_step` with the run's
+objective (:func:`cfdist.run.objective.make_objective`); validation is
+:func:`cfdist.run.evaluation.evaluate` (the same numbers as fine-tuning and ``cfdist evaluate``).
+
+Lockstep: every micro-step all ranks all-reduce ``[has_batch, labels per component]``. An epoch ends for
 everyone as soon as one rank's stream is exhausted (ranks with a few batches left drop them,
 counted in ``dropped_tail``), so collectives never hang on uneven packing. The loss is the sum
 of a rank's L1 errors times world / global label count, so after DeepSpeed's gradient averaging
@@ -44,7 +48,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -53,15 +57,15 @@ import torch.distributed as dist
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
 from cfdist.cluster import quiet_ray_data
 from cfdist.compile import compile_model, describe
-from cfdist.data import BatchBudget, pack_rows, training_columns
+from cfdist.data import BatchBudget, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer
+from cfdist.run import evaluation
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
-from cfdist.run.objective import (REPORT_SCALE, elementwise_loss, energy_label_counts, energy_residuals,
-                                  fit_element_energies, masked_abs_error, normalised_targets,
-                                  set_target_normalisation, target_stats)
+from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
 from cfdist.run.runinfo import push_run_files
+from cfdist.run.step import train_step
 from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow, read_schema
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
@@ -104,14 +108,6 @@ class WorkerContext:
 
         return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start,
                           depth=self.cfg.data.prefetch_batches)
-
-    def val_tables(self) -> Iterator:
-        """This rank's block of the val split, in file order."""
-        plan = self.plan(self.cfg.data.val_split, 0, shuffle=False)
-        reader = RowGroupReader(self.columns, cache=2)
-        if plan.rows:
-            for segment in plan.segments(int(plan.lane_start[0]), int(plan.lane_start[-1])):
-                yield from reader.read(segment)
 
     @contextmanager
     def latest_checkpoint(self):
@@ -205,6 +201,7 @@ class Trainer:
         self.model_config = cfg.model_config()
         self.energy = bool(self.model_config.energy)
         self.want_forces, self.want_stress = label_columns_wanted(cfg)
+        self.objective = make_objective(self.model_config, self.targets, cfg.loss)
         self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
@@ -296,24 +293,18 @@ class Trainer:
         return collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
                              stress=self.want_stress)
 
-    def batch_to_device(self, table):
-        return self.prepare_batch(table).to(self.ctx.device)
-
     def label_counts(self, batch) -> list[float]:
-        """Labels of a micro-batch: [n] for property models, [energies, force components, stress
-        components] for energy models (all-reduced with has_batch to scale the loss)."""
+        """Labels per component of a host micro-batch (all-reduced with has_batch to scale the loss)."""
         if batch is None:
-            return [0.0] * (3 if self.energy else 1)
-        if self.energy:
-            return energy_label_counts(batch, self.want_forces, self.want_stress)
-        return [float(torch.isfinite(batch.labels).sum())]
+            return [0.0] * len(self.objective.components)
+        return self.objective.label_counts(batch)
 
     # -- training ------------------------------------------------------------------------
     def run(self) -> dict:
         self.build()
         cfg, ctx = self.cfg, self.ctx
         logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
-        window, components = StepWindow(), ComponentWindow()
+        window, components = StepWindow(), ComponentWindow(self.objective)
         metrics: dict[str, Any] = {}
         dropped_tail = 0
         stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
@@ -324,9 +315,9 @@ class Trainer:
                 item = stream.next()
                 if item.epoch != self.cursor.epoch:
                     raise RuntimeError(f"rank {ctx.rank}: stream at epoch {item.epoch}, cursor at {self.cursor.epoch}")
+                counts = self.label_counts(item.batch)  # on the host batch: no device sync
                 batch = item.batch.to(ctx.device) if item.batch is not None else None
                 t_data = time.perf_counter() - t0
-                counts = self.label_counts(batch)
                 have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
                 if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
                     if batch is not None:  # drop this rank's tail (counted, not trained on)
@@ -338,22 +329,19 @@ class Trainer:
                     self.position, epoch_batches_seen = Position(), 0
                     continue
                 boundary = self.engine.is_gradient_accumulation_boundary()
-                if self.energy:
-                    loss_sum = self.energy_micro_step(batch, labelled, components)
-                else:
-                    loss_sum = self.micro_step(batch, labelled[0])
+                self.micro_step(batch, labelled, components)
                 self.cursor.batches += 1
                 self.position, epoch_batches_seen = item.position, epoch_batches_seen + 1
-                window.add(batch, loss_sum, counts[0], t_data)
+                window.add(batch, t_data)
                 if not boundary:
                     continue
                 self.step += 1
                 window.steps += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    metrics = self.window_metrics(window, components if self.energy else None)
+                    metrics = self.window_metrics(window, components)
                     metrics["dropped_tail"] = dropped_tail
                     logger.log(self.step, metrics)
-                    window, components = StepWindow(), ComponentWindow()
+                    window, components = StepWindow(), ComponentWindow(self.objective)
                 if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
                     val = self.validate()
                     metrics.update(val)
@@ -366,52 +354,19 @@ class Trainer:
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
         return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma}
 
-    def micro_step(self, batch, labelled_global: float) -> float:
-        """Forward + backward + (boundary) optimiser step; returns this rank's summed L1 error."""
-        target = normalised_targets(self.model, batch.labels)
-        err, _ = masked_abs_error(self.engine(batch).float(), target)
-        err = err.sum()
-        loss = err * (self.ctx.world_size / max(labelled_global, 1.0))
+    def micro_step(self, batch, labelled_global: list[float], window: ComponentWindow) -> None:
+        """Forward + backward (:func:`cfdist.run.step.train_step`) + the engine's step (an
+        optimiser step at a gradient-accumulation boundary); the sums go to ``window``.
+
+        Under ZeRO-3 an energy model's parameters stay gathered for the whole micro-step (the
+        double backward of forces / stress runs outside any module's hooks)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
-        self.engine.backward(loss)
+        with zero3_parameters_held(self.engine, self.energy and self.cfg.deepspeed.zero_stage == 3):
+            result = train_step(self.engine, batch, self.objective, labelled_global, self.ctx.world_size,
+                                backward=self.engine.backward)
         self.record_grad_norm(boundary)
         self.engine.step()
-        return float(err.detach())
-
-    def energy_micro_step(self, batch, labelled_global: list[float], window: ComponentWindow) -> float:
-        """Forward (energies, and forces / stress when weighted) + backward + (boundary) step.
-
-        Each component's term is this rank's summed elementwise loss times world / the global
-        label count of that component, so after DeepSpeed's averaging the gradient is that of
-        sum_c w_c mean_c. Returns this rank's share of the step loss (summed over ranks: the loss).
-        """
-        lc = self.cfg.loss
-        weights = {"energy": lc.energy_weight, "forces": lc.forces_weight, "stress": lc.stress_weight}
-        world = self.ctx.world_size
-        names, stats = [], []  # per component (|residual| sum, loss sum, label count), read in one transfer
-        n_globals = dict(zip(("energy", "forces", "stress"), labelled_global))
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        with zero3_parameters_held(self.engine, self.cfg.deepspeed.zero_stage == 3):
-            out = self.engine(batch, forces=self.want_forces, stress=self.want_stress)
-            loss = out.energy.new_zeros(())
-            for name, (res, mask) in energy_residuals(out, batch).items():
-                n_global = n_globals[name]
-                terms = elementwise_loss(res, lc.kind, lc.huber_delta)
-                term_sum = torch.where(mask, terms, torch.zeros_like(terms)).sum()
-                if weights[name] > 0 and n_global > 0:
-                    loss = loss + weights[name] * term_sum * (world / n_global)
-                names.append(name)
-                stats.append(torch.stack([res.detach().abs().sum(), term_sum.detach(), mask.sum().to(res.dtype)]))
-            self.engine.backward(loss.float())
-        self.record_grad_norm(boundary)
-        self.engine.step()
-        *values, total = torch.cat([*stats, loss.detach().double().reshape(1)]).double().cpu().tolist()
-        abs_sum = {name: values[3 * k] * REPORT_SCALE[name] for k, name in enumerate(names)}
-        loss_sum = {name: values[3 * k + 1] for k, name in enumerate(names)}
-        count = {name: values[3 * k + 2] for k, name in enumerate(names)}
-        share = total / world
-        window.add(abs_sum, loss_sum, count, share)
-        return share
+        window.add(result.sums, result.loss_share)
 
     def record_grad_norm(self, boundary: bool) -> None:
         """DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
@@ -420,84 +375,31 @@ class Trainer:
             norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
             self.grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def window_metrics(self, w: StepWindow, components: ComponentWindow | None = None) -> dict:
-        tot = self.all_sum([w.structures, w.atoms, w.entries, w.loss_sum, w.labelled, w.data_s])
+    def window_metrics(self, w: StepWindow, components: ComponentWindow) -> dict:
+        values = w.values()
+        tot = self.all_sum(values + components.values())
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
-        metrics = w.summary(world=self.ctx.world_size, totals=tot)
-        if components is not None:
-            metrics.update(ComponentWindow.summary(self.all_sum(components.values()), "",
-                                                   micro_steps=components.micro_steps))
+        metrics = w.summary(world=self.ctx.world_size, totals=tot[:len(values)])
+        metrics.update(components.summary(tot[len(values):], "", train=True))
         metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
         return metrics
 
     def validate(self) -> dict:
-        """MAE per target (original units) over this rank's part of the val split, summed over ranks
-        (energy models: per component, in meV/atom, meV/A and GPa).
-
-        ZeRO-3 gathers parameters inside every forward, so there ranks run in lockstep until all
-        are done; a rank that has finished repeats a forward on its last batch (not counted).
-        Property models run under ``no_grad``; energy models need autograd for forces and stress
-        (the model differentiates with respect to the geometry only and keeps no graph in eval).
-        """
-        self.engine.eval()
-        k = len(self.targets)
-        window = ComponentWindow()
-        err_sum, count = np.zeros(k), np.zeros(k)
-
-        def accumulate(table, counted: bool = True) -> None:
-            if self.energy:
-                self._accumulate_energy_val(table, window if counted else ComponentWindow())
-            else:
-                with torch.no_grad():
-                    self._accumulate_val(table, err_sum if counted else np.zeros(k), count if counted else np.zeros(k))
-
-        lockstep = self.cfg.deepspeed.zero_stage == 3 and self.ctx.world_size > 1
-        last = None
-        for table in pack_rows(self.ctx.val_tables(), self.budget):
-            if lockstep:
-                self.all_sum([1.0])
-            accumulate(table)
-            last = table
-        if lockstep:
-            while self.all_sum([0.0])[0] > 0:
-                if last is None:
-                    raise RuntimeError(f"rank {self.ctx.rank} got no validation rows under ZeRO-3; "
-                                       "use a val split with at least as many structures as workers")
-                accumulate(last, counted=False)
-        self.engine.train()
-        if self.energy:
-            return ComponentWindow.summary(self.all_sum(window.values()), "val_")
-        totals = self.all_sum(list(err_sum) + list(count))
-        out = {}
-        for t, name in enumerate(self.targets):
-            n = totals[k + t]
-            out[f"val_mae/{name}"] = totals[t] / n if n else float("nan")
-        return out
-
-    def _accumulate_val(self, table, err_sum, count) -> None:
-        batch = self.batch_to_device(table)
-        pred = self.model.denormalize(self.engine(batch).float()).double().cpu()
-        err, mask = masked_abs_error(pred, batch.labels.double().cpu())
-        err_sum += err.sum(0).numpy()
-        count += mask.sum(0).numpy()
-
-    def _accumulate_energy_val(self, table, window: ComponentWindow) -> None:
-        batch = self.batch_to_device(table)
-        with torch.enable_grad(), zero3_parameters_held(self.engine, self.cfg.deepspeed.zero_stage == 3):
-            # forces / stress are derivatives; in eval mode the model keeps no graph of them
-            out = self.engine(batch, forces=self.want_forces, stress=self.want_stress)
-        lc = self.cfg.loss
-        abs_sum, loss_sum, count = {}, {}, {}
-        for name, (res, mask) in energy_residuals(out, batch).items():
-            res = res.detach()
-            terms = elementwise_loss(res, lc.kind, lc.huber_delta)
-            abs_sum[name] = float(res.abs().sum()) * REPORT_SCALE[name]
-            loss_sum[name] = float(torch.where(mask, terms, torch.zeros_like(terms)).sum())
-            count[name] = float(mask.sum())
-        window.add(abs_sum, loss_sum, count)
+        """``val_mae/<component>`` (original units; energy models: meV/atom, meV/A, GPa) and
+        ``val_loss`` over the val split, every rank evaluating its block
+        (:func:`cfdist.run.evaluation.evaluate`; under ZeRO-3 the ranks run in lockstep)."""
+        zero3 = self.cfg.deepspeed.zero_stage == 3
+        batches = evaluation.split_batches(self.shards, self.cfg.data.val_split, self.targets, self.budget,
+                                           forces=self.want_forces, stress=self.want_stress,
+                                           rank=self.ctx.rank, world=self.ctx.world_size)
+        totals = evaluation.evaluate(
+            self.engine, batches, self.objective, self.ctx.device, all_sum=self.all_sum,
+            lockstep=zero3 and self.ctx.world_size > 1,
+            hold=lambda: zero3_parameters_held(self.engine, self.energy and zero3))
+        return evaluation.metrics(self.objective, totals, "val_")
 
     def checkpoint(self, metrics: dict) -> None:
         """All ranks save their DeepSpeed state; the context persists the directory."""
