@@ -142,6 +142,7 @@ def main() -> int:
             storage.upload_tree(local, uri, skip=(".verified.json",))
             upload_s = time.perf_counter() - t0
             rows = {}
+            stream_epoch(str(local))  # warm-up (imports, allocator): not counted
             for name, root in (("local", str(local)), ("s3 (moto)", uri)):
                 shards = ShardSet(root)
                 first = shards.verify(["train"], checksums="full")
@@ -157,7 +158,7 @@ def main() -> int:
         proc.terminate()
         proc.wait(timeout=10)
     total = rows["local"][2]["shard_bytes"]
-    print(f"# {args.n} crystals, {args.n // args.shard_size} shards, {total / 1e6:.2f} MB; "
+    print(f"# {args.n} crystals, {-(-args.n // args.shard_size)} shards, {total / 1e6:.2f} MB; "
           f"command: python bench/storage.py --n {args.n} --shard-size {args.shard_size}; "
           f"load average {os.getloadavg()[0]:.2f}\n")
     print("| storage | shard check (sha256 all) s | cached re-check s | batches | s/batch | bytes read/batch | "
