@@ -114,6 +114,23 @@ def bad_records(good):
     return bad
 
 
+def test_in_process_build_writes_what_the_ray_build_writes(ray_session, megnet_records, tmp_path):
+    """``build(in_process=True)`` (what the test fixtures use: no Ray) plans, processes and finalizes
+    two inputs into byte-identical shards and the same manifest as the Ray Data build."""
+    from cfdist.preprocess.job import Settings, build
+
+    inputs = [tmp_path / "a.json", tmp_path / "b.json"]
+    inputs[0].write_text(json.dumps(megnet_records[:20]))
+    inputs[1].write_text(json.dumps(megnet_records[20:40]))
+    settings = Settings(cutoff=8.9095, targets=["e_form"], shard_size=8)
+    ray_manifest = build([str(p) for p in inputs], tmp_path / "ray", settings, workers=2)
+    here = build([str(p) for p in inputs], tmp_path / "here", settings, in_process=True)
+    assert here["n_written"] == ray_manifest["n_written"] == 40
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created", "inputs")}  # noqa: E731
+    assert strip(here) == strip(ray_manifest)
+    assert [s["sha256"] for s in here["shards"]] == [s["sha256"] for s in ray_manifest["shards"]]
+
+
 def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, megnet_slice_records, tmp_path):
     good = megnet_records[:30]
     bad = bad_records(good)
