@@ -6,25 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import freeze_sigma_stats
+from conftest import build_shards, freeze_sigma_stats, run, tiny_model
 
-from paths import ROOT as REPO  # noqa: E402
-TINY = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
+TINY = tiny_model()
 TARGETS = ["e_form", "gap pbe"]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd, timeout):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +29,8 @@ def ft_shards(tmp_path_factory, megnet_records):
     split = {"train": [r["id"] for r in records[:40]], "val": [r["id"] for r in records[40:52]],
              "test": [r["id"] for r in records[52:]]}
     (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "-m", "cfdist.cli", "preprocess", root / "raw.json", "--out", out, "--targets", *TARGETS,
-               "--split-file", root / "split.json", "--shard-size", "16", "--allow-missing-labels",
-               "--cutoff", repr(CrystalformerConfig().cutoff), "--workers", "1"], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    return build_shards([root / "raw.json"], root / "shards", TARGETS, split_file=root / "split.json", shard_size=16,
+                        allow_missing_labels=True, cutoff=CrystalformerConfig().cutoff)
 
 
 def make_config(shards, tmp_path, **kw):

@@ -13,37 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ENV, MATRIX_SPECS, run, tiny_model, torchrun_launcher
 from paths import ROOT as REPO  # noqa: E402
-from ray_cluster_fixture import descendants, free_port, local_cluster
+from ray_cluster_fixture import descendants, local_cluster
 
-TINY_MODEL = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd, timeout, **kwargs):
-    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO,
-                         **kwargs)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory, megnet_records):
-    """48 real crystals: 32 train / 8 val / 8 test, 6 chunks of 8 so every split has several files."""
-    from cfdist.config import CrystalformerConfig
-
-    root = tmp_path_factory.mktemp("tiny")
-    records = megnet_records[:48]
-    (root / "raw.json").write_text(json.dumps(records))
-    names = ["train", "train", "train", "train", "val", "test"]
-    split = {name: [r["id"] for k, r in enumerate(records) if names[k % 6] == name] for name in ("train", "val", "test")}
-    (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "preprocess/build_shards.py", root / "raw.json", "--out", out, "--targets", "e_form",
-               "--split-file", root / "split.json", "--shard-size", "8", "--cutoff", repr(CrystalformerConfig().cutoff)],
-              timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+TINY_MODEL = tiny_model()
 
 
 def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=()):
@@ -59,31 +33,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_zero_stages_and_precisions_train_and_export(tiny_shards, tmp_path):
+def test_zero_stages_and_precisions_train_and_export(property_runs):
     """ZeRO 0-3 x {fp32, bf16}, 2 ranks (torchrun, gloo): loss finite and falling on a fixed batch;
     activation checkpointing reproduces the fp32 trajectory; every run exports a loadable model."""
-    specs = [f"{s},{p},0" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + ["0,fp32,1", "3,bf16,1", "2,fp32,0,2"]
-    res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "tests/scripts/train_matrix.py",
-               tiny_shards, tmp_path, *specs], timeout=600)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    results = {r["spec"]: r for r in (json.loads(line[7:]) for line in res.stdout.splitlines()
-                                      if line.startswith("RESULT "))}
-    assert sorted(results) == sorted(specs)
+    results = {name: r for name, r in property_runs.items() if "compiled" not in name}
+    assert sorted(results) == sorted(n for n in MATRIX_SPECS if "compiled" not in n)
     for spec, r in results.items():
         losses = r["losses"]
         assert len(losses) == 6 and all(math.isfinite(x) for x in losses + r["grad_norms"]), (spec, r)
         assert losses[-1] < 0.9 * losses[0], (spec, losses)  # the same batch every step: the loss must drop
-        accum = int(spec.split(",")[3]) if spec.count(",") == 3 else 1
+        accum = MATRIX_SPECS[spec].get("gradient_accumulation_steps", 1)
         assert r["structures_per_step"][0] == 32 * accum  # whole train split (16 per rank) per micro-batch
         assert r["sigma_stats_equal_across_ranks"] and all(s != 1.0 for s in r["sigma_std"]), r
         assert all(math.isfinite(x) for x in r["exported_prediction"][0]), spec
-    plain, ckpt = results["0,fp32,0"], results["0,fp32,1"]
+    plain, ckpt = results["z0-fp32"], results["z0-fp32-ckpt"]
     for a, b in zip(plain["losses"] + plain["grad_norms"], ckpt["losses"] + ckpt["grad_norms"]):
         assert a == pytest.approx(b, rel=1e-5), (plain, ckpt)
     # the ZeRO stages are the same optimiser sharded differently: fp32 trajectories agree
     for stage in (1, 2, 3):
-        for a, b in zip(plain["losses"], results[f"{stage},fp32,0"]["losses"]):
+        for a, b in zip(plain["losses"], results[f"z{stage}-fp32"]["losses"]):
             assert a == pytest.approx(b, rel=1e-4), stage
 
 
@@ -120,7 +88,7 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
 def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
     """Regression: `--no-ray` under torchrun made every rank verify (hash) all shards and append to
     config.yaml / run_info.jsonl (one line per rank per start). Only rank 0 may do that."""
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    launcher = torchrun_launcher(2)
     res = pretrain_cli(tiny_shards, tmp_path, "tr", "max_steps=2", "data.verify_checksums=true",
                        extra_args=("--no-ray",), launcher=launcher, timeout=300)
     output = res.stdout + res.stderr
@@ -188,7 +156,7 @@ def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_
     manifest["shards"] = ([e for e in manifest["shards"] if e["split"] != "train"]
                           + [shard_record(shards, train["file"], "train", 1)])
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    launcher = torchrun_launcher(2)
     res = pretrain_cli(shards, tmp_path, "empty_rank", "max_steps=3", "data.val_split=", timeout=300,
                        extra_args=("--no-ray",), launcher=launcher)
     assert res.returncode != 0
