@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from paths import FIXTURES, MEGNET_SLICE, ROOT, require
-from ray_cluster_fixture import free_port
+from ray_cluster_fixture import LocalCluster, free_port, local_cluster
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -216,3 +216,21 @@ def property_runs(tiny_shards, tmp_path_factory) -> dict[str, dict]:
             for name, spec in ((n, dict(s)) for n, s in MATRIX_SPECS.items())]
     return deepspeed_runs(runs, tmp_path_factory.mktemp("property_runs"),
                           env={"CFDIST_COMPILE_BACKEND": "aot_eager"})
+
+
+# ---- one Ray cluster for the session's Ray Train runs and job submissions
+@pytest.fixture(scope="session")
+def ray_cluster() -> LocalCluster:
+    """Two raylets (127.0.0.2 / .3, 2 CPUs each, with a dashboard for ``ray job submit``) started once
+    for every test that runs Ray Train or submits a job: each such run connects to it (``ray_env``)
+    instead of starting and ending a cluster of its own (~10-20 s each on 2 cores). Its workers get
+    :data:`ENV` plus ``CFDIST_COMPILE_BACKEND=aot_eager`` (workers inherit the raylets' environment,
+    not the driver's; only runs with model.compile read it). Ended, and checked gone, at session end."""
+    with local_cluster(nodes=2, num_cpus=2, env={**ENV, "CFDIST_COMPILE_BACKEND": "aot_eager"}) as cluster:
+        yield cluster
+
+
+def ray_env(cluster: LocalCluster) -> dict[str, str]:
+    """The environment under which ``cfdist pretrain`` / ``finetune`` (cfdist.run.ray_cluster.init_ray)
+    joins ``cluster``."""
+    return {"RAY_ADDRESS": cluster.gcs_address}

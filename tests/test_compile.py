@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import run, tiny_model
+from conftest import ray_env, run, tiny_model
 
 TINY = tiny_model()
 # the training runs read conftest's shard_dir, whose tables reach 8.9095 A (the default model needs 8.9095 + 4e-5)
@@ -300,9 +300,10 @@ def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_train_deepspeed_compiled_run(shard_dir, tmp_path):
+def test_ray_train_deepspeed_compiled_run(shard_dir, tmp_path, ray_cluster):
     """``cfdist pretrain`` on Ray Train, 2 workers, ZeRO-2, model.compile=true:
-    trains, validates (eval-mode graphs), exports a model.pt that loads as an eager model."""
+    trains, validates (eval-mode graphs), exports a model.pt that loads as an eager model. (The
+    session's Ray cluster gives its workers CFDIST_COMPILE_BACKEND=aot_eager.)"""
     import math
 
     import cfdist
@@ -313,7 +314,7 @@ def test_ray_train_deepspeed_compiled_run(shard_dir, tmp_path):
          f"output_dir={tmp_path}", "run_name=compiled", "model=" + json.dumps({**TRAIN_MODEL, "compile": True}),
          "data.max_structures=8", "data.verify_checksums=false", "log_every=1", "max_steps=3", "val_every=3",
          "checkpoint_every=3", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2"],
-        timeout=600, env=COMPILE_ENV)
+        timeout=600, env={**COMPILE_ENV, **ray_env(ray_cluster)})
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "model compiled (torch.compile, backend aot_eager" in out, out[-4000:]

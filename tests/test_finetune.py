@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_shards, freeze_sigma_stats, run, tiny_model
+from conftest import build_shards, freeze_sigma_stats, ray_env, run, tiny_model
 
 TINY = tiny_model()
 TARGETS = ["e_form", "gap pbe"]
@@ -339,10 +339,10 @@ def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- command line and Ray
-def finetune_cli(shards, out, *overrides, timeout=600):
+def finetune_cli(shards, out, *overrides, timeout=600, env=None):
     return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "megnet_slice_eform",
                 f"data.shards={shards}", f"output_dir={out}", "model=" + json.dumps(TINY), "data.batch_size=8",
-                "log_every=1", *overrides], timeout=timeout)
+                "log_every=1", *overrides], timeout=timeout, env=env)
 
 
 def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
@@ -358,14 +358,15 @@ def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
+def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
     """scaling.num_workers=2 (Ray Train, DDP over gloo, each rank half of every batch) follows the
     single-process run: same sigma statistics, same weights up to float32 reduction order."""
     from cfdist.checkpoint import load
 
     local = finetune_cli(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1")
     assert local.returncode == 0, local.stderr[-3000:]
-    ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2")
+    ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2",
+                       env=ray_env(ray_cluster))
     assert ray.returncode == 0, (ray.stdout + ray.stderr)[-4000:]
     for kind in ("final", "swa"):
         a = load(tmp_path / "local" / "megnet_slice_eform" / "checkpoints" / f"{kind}.pt").state_dict()
@@ -375,13 +376,27 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records):
-    """cfdist pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the
-    other label -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
+def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records, ray_cluster):
+    """cfdist preprocess (a Ray Data job: the same shards as ft_shards' in-process build) -> cfdist
+    pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the other label
+    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
+    from cfdist.config import CrystalformerConfig
+
+    raw = ft_shards.parent
+    shards = tmp_path / "shards"
+    prep = run([sys.executable, "-m", "cfdist.cli", "preprocess", raw / "raw.json", "--out", shards, "--targets",
+                *TARGETS, "--split-file", raw / "split.json", "--shard-size", "16", "--allow-missing-labels",
+                "--cutoff", repr(CrystalformerConfig().cutoff), "--workers", "1"], timeout=300, env=ray_env(ray_cluster))
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (shards, ft_shards))
+    assert manifest["content_hash"] == reference["content_hash"]
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    ft_shards = shards
     pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
-               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
+               f"data.shards={ft_shards}', f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
                "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
-               "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600)
+               "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600,
+              env=ray_env(ray_cluster))
     assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
     ckpt = tmp_path / "pre" / "model.pt"
     ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",

@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV, MATRIX_SPECS, run, tiny_model, torchrun_launcher
+from conftest import ENV, MATRIX_SPECS, ray_env, run, tiny_model, torchrun_launcher
 from paths import ROOT as REPO  # noqa: E402
-from ray_cluster_fixture import descendants, local_cluster
 
 TINY_MODEL = tiny_model()
 
 
-def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=()):
-    """``launch/pretrain.py`` on the tiny shards; ``launcher``: e.g. ``("-m", "torch.distributed.run", ...)``."""
+def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=(), env=None):
+    """``launch/pretrain.py`` on the tiny shards; ``launcher``: e.g. ``torchrun_launcher(2)``; ``env``:
+    e.g. ``ray_env(ray_cluster)``."""
     return run([sys.executable, *launcher, "launch/pretrain.py", "--config", "megnet_slice", *extra_args,
                 f"data.shards={shards}", f"output_dir={out}", f"run_name={run_name}",
                 "model=" + json.dumps(TINY_MODEL), "data.max_structures=8", "data.shuffle_rows=16",
-                "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout)
+                "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout, env=env)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -85,6 +85,7 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
     """Regression: `--no-ray` under torchrun made every rank verify (hash) all shards and append to
     config.yaml / run_info.jsonl (one line per rank per start). Only rank 0 may do that."""
@@ -101,17 +102,18 @@ def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
+def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path, ray_cluster):
     """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 6; equal to a 6-step run."""
     # 16 structures per rank at 4 per batch: 4 steps per epoch, so step 3 is mid-epoch (the cursor
     # skips 3 batches on resume) and steps 5-6 cross into epoch 1
     common = ("scaling.num_workers=2", "scaling.max_failures=0", "checkpoint_every=3", "val_every=6",
               "deepspeed=zero2", "data.max_structures=4")
-    full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=6", *common)
+    env = ray_env(ray_cluster)
+    full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=6", *common, env=env)
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
-    first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", *common, extra_args=("--no-export",))
+    first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", *common, extra_args=("--no-export",), env=env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    second = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=6", *common)
+    second = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=6", *common, env=env)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert "resumed from" in second.stdout + second.stderr
     ref = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
@@ -139,6 +141,7 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_path):
     """Regression (the loop's end-of-epoch check tested a counter it had just reset): ranks split the
     train rows into blocks, so with a one-row train split one of 2 torchrun ranks has no rows; the
@@ -164,13 +167,8 @@ def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_
         res.stderr[-3000:]
 
 
-def ray_worker_pids(driver_pid: int) -> list[int]:
-    """The Ray Train workers of the run ``driver_pid`` started (never another cluster's)."""
-    return sorted(descendants(driver_pid, b"RayTrainWorker"))
-
-
 @pytest.mark.slow
-def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
+def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path, ray_cluster):
     """kill -9 one Ray Train worker mid-run: the group restarts from the last checkpoint and finishes."""
     import signal
     import time
@@ -179,7 +177,10 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
            f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=ft", "model=" + json.dumps(TINY_MODEL),
            "data.max_structures=4", "data.verify_checksums=false", "log_every=1", "max_steps=12",
            "checkpoint_every=2", "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+    # the Ray Train workers of this run: the session cluster's, none of an earlier run's
+    earlier = ray_cluster.pids_running(b"RayTrainWorker")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, **ray_env(ray_cluster)}, cwd=REPO)
     killed = None
     try:
         deadline = time.time() + 300
@@ -189,7 +190,7 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
                 if metrics_file.exists() else []
             # checkpoints at 2 and 4; by step 5 the step-2 one is surely registered with the controller
             if steps and max(steps) >= 5:
-                pids = ray_worker_pids(proc.pid)
+                pids = sorted(ray_cluster.pids_running(b"RayTrainWorker") - earlier)
                 if pids:
                     killed = pids[-1]
                     os.kill(killed, signal.SIGKILL)
@@ -212,26 +213,25 @@ def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
+def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path, ray_cluster):
     """Two raylets (127.0.0.2 / .3), one worker per node (STRICT_SPREAD), ZeRO-3 + bf16 + activation
     checkpointing, submitted with `ray job submit`: the job succeeds, the loss falls, the export loads."""
-    with local_cluster(nodes=2, num_cpus=2, env=ENV) as cluster:
-        job = run([cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", REPO,
-                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
-                   sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
-                   f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
-                   "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
-                   "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",
-                   "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
-                   "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
-                   "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
-        log = job.stdout + job.stderr
-        assert job.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
-        # one worker per node: two worker processes, one of them on the second raylet (127.0.0.3)
-        import re
+    job = run([ray_cluster.ray_bin, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", REPO,
+               "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
+               sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
+               f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
+               "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
+               "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",
+               "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
+               "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
+               "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+    # one worker per node: two worker processes, one of them on the second raylet (127.0.0.3)
+    import re
 
-        assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
-        assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
+    assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
+    assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
     losses = [r["loss"] for r in metrics(tmp_path / "multinode") if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     import cfdist
