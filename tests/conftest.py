@@ -34,10 +34,10 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "DS_B
        "PYTHONPATH": str(ROOT), "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
 
 
-def run(cmd, timeout: float, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """``cmd`` (items str()-ed) in the checkout with :data:`ENV` (plus ``env``), output captured as text."""
+def run(cmd, timeout: float, env: dict | None = None, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` (items str()-ed) in ``cwd`` (the checkout) with :data:`ENV` (plus ``env``), output captured as text."""
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
-                          env={**ENV, **(env or {})}, cwd=ROOT, **kwargs)
+                          env={**ENV, **(env or {})}, cwd=cwd, **kwargs)
 
 
 def torchrun_launcher(nproc: int = 2) -> tuple[str, ...]:

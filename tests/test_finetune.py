@@ -393,7 +393,7 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
     ft_shards = shards
     pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
-               f"data.shards={ft_shards}', f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
+               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
                "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
                "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600,
               env=ray_env(ray_cluster))
