@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 
 import pytest
 
-from conftest import ray_env, run, tiny_model
+from conftest import tiny_model
 
 TINY = tiny_model()
 # the training runs read conftest's shard_dir, whose tables reach 8.9095 A (the default model needs 8.9095 + 4e-5)
@@ -249,9 +248,6 @@ def test_run_configs_refuse_compile_with_zero3_checkpointing_and_force_training(
 
 
 # ----------------------------------------------------------------------------- training runs
-COMPILE_ENV = {"CFDIST_COMPILE_BACKEND": "aot_eager"}
-
-
 @pytest.mark.slow
 def test_deepspeed_training_compiled_equals_eager(property_runs):
     """2 torchrun ranks (gloo), the tiny model on a fixed batch of real crystals: compiled runs under
@@ -299,28 +295,6 @@ def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
     assert load(tmp_path / "compile-true" / "checkpoints" / "swa.pt").config.compile is False
 
 
-@pytest.mark.slow
-def test_ray_train_deepspeed_compiled_run(shard_dir, tmp_path, ray_cluster):
-    """``cfdist pretrain`` on Ray Train, 2 workers, ZeRO-2, model.compile=true:
-    trains, validates (eval-mode graphs), exports a model.pt that loads as an eager model. (The
-    session's Ray cluster gives its workers CFDIST_COMPILE_BACKEND=aot_eager.)"""
-    import math
-
-    import cfdist
-    from cfdist.compile import is_compiled
-
-    res = run(
-        [sys.executable, "launch/pretrain.py", "--config", "megnet_slice", f"data.shards={shard_dir}",
-         f"output_dir={tmp_path}", "run_name=compiled", "model=" + json.dumps({**TRAIN_MODEL, "compile": True}),
-         "data.max_structures=8", "data.verify_checksums=false", "log_every=1", "max_steps=3", "val_every=3",
-         "checkpoint_every=3", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2"],
-        timeout=600, env={**COMPILE_ENV, **ray_env(ray_cluster)})
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    assert "model compiled (torch.compile, backend aot_eager" in out, out[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
-    assert any("val_mae/e_form" in r and math.isfinite(r["val_mae/e_form"]) for r in records)
-    model = cfdist.load(tmp_path / "compiled" / "model.pt")
-    assert not is_compiled(model) and model.config.compile is False
+# The compiled Ray Train run (cfdist pretrain, 2 workers, ZeRO-2, model.compile=true: trains,
+# validates, exports an eager model.pt) is the pretraining stage of
+# test_finetune.py::test_end_to_end_preprocess_pretrain_finetune_predict: one Ray Train run for both.

@@ -379,7 +379,11 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
 def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records, ray_cluster):
     """cfdist preprocess (a Ray Data job: the same shards as ft_shards' in-process build) -> cfdist
     pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the other label
-    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
+    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint.
+
+    The pretraining is also test_compile's Ray Train run: 2 workers, ZeRO-2, model.compile=true
+    (the session cluster's workers compile with aot_eager) trains, validates (eval-mode graphs) and
+    exports a model.pt that loads as an eager model."""
     from cfdist.config import CrystalformerConfig
 
     raw = ft_shards.parent
@@ -393,12 +397,23 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
     ft_shards = shards
     pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
-               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
-               "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
-               "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600,
-              env=ray_env(ray_cluster))
-    assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
+               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre",
+               "model=" + json.dumps({**TINY, "compile": True}), "data.targets=[e_form]", "max_steps=4",
+               "data.max_structures=16", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2",
+               "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600, env=ray_env(ray_cluster))
+    out = pre.stdout + pre.stderr
+    assert pre.returncode == 0, out[-4000:]
+    assert "model compiled (torch.compile, backend aot_eager" in out, out[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("val_mae/e_form" in r and math.isfinite(r["val_mae/e_form"]) for r in records)
     ckpt = tmp_path / "pre" / "model.pt"
+    from cfdist.checkpoint import load
+    from cfdist.compile import is_compiled
+
+    pretrained = load(ckpt)
+    assert not is_compiled(pretrained) and pretrained.config.compile is False
     ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",
               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
               f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)
