@@ -85,6 +85,7 @@ def new_tiny_model(dtype, **overrides):
 
 
 # ----------------------------------------------------------------------------- numerics
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_crystals, tmp_path):
     """float64, train mode, sigma statistics set by the first batch: outputs and gradients equal eager
@@ -126,6 +127,7 @@ def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_
         assert rel_err(loaded(batches[0]), compiled(batches[0])) <= 1e-6  # float32 round trip of the weights
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_sigma_statistics_set_inside_a_compiled_forward_are_lost(megnet_crystals):
     """Why compile_model runs the first training forwards eagerly (EagerUntilSigmaReady): compiled
@@ -180,6 +182,7 @@ def test_inductor_float32_matches_eager(megnet_crystals):
     assert first > 0 and log.update().compiles == first and log.recompiles == 0, log.reasons()
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_energy_model_compiled_forces_equal_eager_and_force_training_is_refused_by_torch(megnet_crystals):
     """Energy model, float64: energies, forces and stress (autograd.grad, no create_graph: evaluation)
@@ -268,6 +271,7 @@ def test_deepspeed_training_compiled_equals_eager(property_runs):
         assert said == ("compiled" in spec), (spec, r["stdout"])
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
     """``cfdist finetune ... model.compile=true`` (one process): the same validation losses as eager for
     the final, best and SWA models (the SWA average is a deep copy of the compiled model), and the
