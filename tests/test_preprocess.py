@@ -25,7 +25,9 @@ SCRIPT = REPO / "preprocess" / "build_shards.py"
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+    # address="local": a new instance of this process's own, never the session's Ray cluster (conftest)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             object_store_memory=256 * 1024**2)
     yield ray
     ray.shutdown()
 
