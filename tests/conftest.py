@@ -57,7 +57,6 @@ def freeze_sigma_stats(model, seed: int = 0):
         att = block.attention
         att.sigma_mean.fill_(float(torch.randn((), generator=gen)) * 0.1)
         att.sigma_std.fill_(0.5 + float(torch.rand((), generator=gen)))
-        att.sigma_ready.fill_(True)
     return model
 
 

@@ -42,7 +42,8 @@ def random_inputs(n_atoms, heads=4, head_dim=5, dtype=torch.float64, seed=0, sig
 
 
 def build_graph(batch, dtype=torch.float64, width=8):
-    return PeriodicGraph.build(batch, n_basis=K, gbf_r_max=R_MAX, gbf_width_scale=1.0, block_width=width, dtype=dtype)
+    return PeriodicGraph.build(batch.with_block_width(width), n_basis=K, gbf_r_max=R_MAX, gbf_width_scale=1.0,
+                               dtype=dtype)
 
 
 @pytest.fixture()
@@ -155,8 +156,7 @@ def test_no_entry_by_head_by_basis_tensor_forward_or_backward(megnet_crystals):
     crystals = megnet_crystals[:24]
     batch = make_batch(crystals, cutoff=8.9).to(dtype=torch.float32)
     heads, head_dim = 8, 16
-    graph = PeriodicGraph.build(batch, n_basis=64, gbf_r_max=R_MAX, gbf_width_scale=1.0, block_width=32,
-                                dtype=torch.float32)
+    graph = PeriodicGraph.build(batch, n_basis=64, gbf_r_max=R_MAX, gbf_width_scale=1.0, dtype=torch.float32)
     n = batch.positions.shape[0]
     q, k, v = (torch.randn(n, heads, head_dim, requires_grad=True) for _ in range(3))
     a = (-torch.rand(n, heads) * 0.5 - 0.1).requires_grad_()
