@@ -22,7 +22,6 @@ from it exactly, since epoch permutations depend only on (seed, epoch)).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -51,13 +50,14 @@ LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
 class SplitData:
     """All rows of one split in memory (one Arrow table); ``batch(indices)`` collates a subset."""
 
-    def __init__(self, shards: ShardSet, split: str, targets: list[str]):
+    def __init__(self, shards: ShardSet, split: str, targets: list[str], block_width: int = 32):
         import pyarrow.parquet as pq
 
         files = shards.files(split)
         columns = training_columns(pq.read_schema(files[0].path), targets)
         self.table = pa.concat_tables([read_shard(e.path, columns) for e in files]).combine_chunks()
         self.targets, self.cutoff, self.split = targets, shards.cutoff, split
+        self.block_width = block_width
         self.n_entries = self.table["n_entries"].to_numpy().astype(np.int64)
         labels = np.stack([self.table[f"y.{t}"].to_numpy() for t in targets], axis=1)
         self.n_labels = np.isfinite(labels).sum(1)  # per row: lets every rank count a step's labels alone
@@ -66,7 +66,8 @@ class SplitData:
         return self.table.num_rows
 
     def batch(self, indices: np.ndarray):
-        return collate_arrow(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.targets, self.cutoff)
+        return collate_arrow(self.table.take(pa.array(np.asarray(indices, dtype=np.int64))), self.targets, self.cutoff,
+                             block_width=self.block_width)
 
     def micro_batches(self, indices: np.ndarray, max_entries: int) -> list[np.ndarray]:
         """Split ``indices`` (in order) into runs of at most ``max_entries`` table entries (>= 1 row each)."""
@@ -146,7 +147,7 @@ class FinetuneTrainer:
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
         from cfdist.config import CrystalformerConfig
-        from cfdist.model import Crystalformer
+        from cfdist.model import Crystalformer, distributed_sum
 
         state, self.resume_state = self.resume_state, None
         if self.cfg.init_from == "resume" and state is None:  # not read by the driver: read it here, once
@@ -155,8 +156,9 @@ class FinetuneTrainer:
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
-        self.train = SplitData(self.shards, cfg.data.train_split, targets)
-        self.val = SplitData(self.shards, cfg.data.val_split, targets) if cfg.data.val_split else None
+        chunk = cfg.compute.entry_chunk
+        self.train = SplitData(self.shards, cfg.data.train_split, targets, chunk)
+        self.val = SplitData(self.shards, cfg.data.val_split, targets, chunk) if cfg.data.val_split else None
         stats = target_stats(self.shards, targets, cfg.data.train_split)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
@@ -164,8 +166,8 @@ class FinetuneTrainer:
         elif cfg.init_from == "pretrained":
             model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
             self.transfer_report.update(report)
-        else:  # model.compile is a run setting: the model (and its checkpoints) record compile: false
-            model = Crystalformer(dataclasses.replace(cfg.model_config(), compile=False))
+        else:
+            model = Crystalformer(cfg.model_config())
             set_target_normalisation(model, stats)
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
@@ -173,7 +175,15 @@ class FinetuneTrainer:
         self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
-        if cfg.model_config().compile:  # the run's model section decides, also for pretrained / resumed models
+        if state is None and cfg.init_from == "scratch":
+            # issue 17: a new model's sigma statistics come from an explicit pass over the first
+            # micro-batch of the first step (pooled over ranks), before compiling / DDP; a
+            # pretrained or resumed model has its checkpoint's
+            batches = self.epoch_batches(0)  # none: refused below (steps_per_epoch)
+            if batches:
+                first = self.train.micro_batches(batches[0][self.rank::self.world], cfg.data.max_entries)[0]
+                self.model.fit_sigma_statistics(self.train.batch(first).to(self.device), distributed_sum)
+        if cfg.compute.compile:  # a run setting: also for pretrained / resumed models
             from cfdist.compile import compile_model, describe
 
             compile_model(self.model)  # in place (cfdist.compile): DDP, SWA copies and checkpoints see the model

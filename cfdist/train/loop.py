@@ -35,7 +35,6 @@ how far into the epoch it was.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -201,16 +200,17 @@ class Trainer:
         self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
+        self.stream: Prefetcher | None = None  # opened by build() for a new run, then read by run()
+        self.first_item = None  # a new run's first stream item: fitted the sigma statistics, trained on first
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
-        from cfdist.model import Crystalformer
+        from cfdist.model import Crystalformer, distributed_sum
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
-        # model.compile is a run setting: the model (and so every checkpoint) records compile: false
-        model = Crystalformer(dataclasses.replace(self.model_config, compile=False))
+        model = Crystalformer(self.model_config)
         set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
         self.step, self.cursor, self.position = 0, DataCursor(), Position()
         with self.ctx.latest_checkpoint() as path:
@@ -222,7 +222,15 @@ class Trainer:
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
-            if self.model_config.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
+            if path is None and not cfg.init_from:
+                # issue 17: a new model's sigma statistics come from an explicit pass over this
+                # rank's first training batch (pooled over ranks), before compiling / DeepSpeed;
+                # that batch stays the first one trained on (self.first_item, read by run())
+                self.stream = self.ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+                self.first_item = self.stream.next()
+                first = self.first_item.batch
+                model.fit_sigma_statistics(first.to(self.ctx.device) if first is not None else None, distributed_sum)
+            if cfg.compute.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
                 from cfdist.compile import compile_model, describe
 
                 compile_model(model)
@@ -294,7 +302,7 @@ class Trainer:
     def prepare_batch(self, table):
         """Arrow rows -> CrystalBatch on the CPU (runs in the prefetch thread for training)."""
         return collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
-                             stress=self.want_stress)
+                             stress=self.want_stress, block_width=self.cfg.compute.entry_chunk)
 
     def batch_to_device(self, table):
         return self.prepare_batch(table).to(self.ctx.device)
@@ -316,12 +324,13 @@ class Trainer:
         window, components = StepWindow(), ComponentWindow()
         metrics: dict[str, Any] = {}
         dropped_tail = 0
-        stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+        # build() opened the stream of a new run (its first batch fitted the sigma statistics)
+        stream = self.stream or ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
         epoch_batches_seen = 0
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                item = stream.next()
+                item, self.first_item = (self.first_item or stream.next()), None
                 if item.epoch != self.cursor.epoch:
                     raise RuntimeError(f"rank {ctx.rank}: stream at epoch {item.epoch}, cursor at {self.cursor.epoch}")
                 batch = item.batch.to(ctx.device) if item.batch is not None else None
