@@ -122,9 +122,10 @@ def cutoff_envelope(distance: torch.Tensor, kind: str, cutoff: float, width: flo
     """
     x = ((distance - (cutoff - width)) / width).clamp(0.0, 1.0)
     if kind == "polynomial":
-        x2 = x * x
-        x6 = x2 * x2 * x2
-        return 1.0 - x6 * (28.0 - x * (48.0 - 21.0 * x))
+        # the same polynomial as (1 - x)^3 (1 + 3x + 6x^2 + 10x^3 + 15x^4 + 21x^5): the triple root
+        # at the cutoff explicit, all terms positive, no cancellation near x = 1 in float32
+        u = 1.0 - x
+        return u * u * u * (1.0 + x * (3.0 + x * (6.0 + x * (10.0 + x * (15.0 + 21.0 * x)))))
     if kind == "cubic":
         return 1.0 - x * x * (3.0 - 2.0 * x)
     raise ValueError(f"cutoff_envelope: unknown kind {kind!r} (polynomial or cubic)")
