@@ -200,3 +200,83 @@ def test_windowed_gaussian_basis_equals_the_dense_formula(n_basis, width_scale):
     g_got, = torch.autograd.grad((got * weights).sum(), d)
     g_dense, = torch.autograd.grad((dense * weights).sum(), d)
     torch.testing.assert_close(g_got, g_dense, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- index work in the collate
+def test_collate_pair_and_block_indices_equal_a_plain_loop(megnet_crystals):
+    """cfdist.batch.pair_blocks (numpy, in the collate) against the definition, loop by loop: pairs
+    are runs of equal (i, j) in table order; each atom's entries fill ceil(T_i / W) blocks of W
+    slots in order; for several widths, and after with_block_width."""
+    crystals = megnet_crystals[:5]
+    for width in (1, 5, 32):
+        batch = collate(crystals, [image_table(c.lattice, c.positions, 8.9) for c in crystals], block_width=width)
+        i, j = batch.entry_i.tolist(), batch.entry_j.tolist()
+        pairs, entry_pair = [], []
+        for a, b in zip(i, j):
+            if not pairs or pairs[-1] != (a, b):
+                pairs.append((a, b))
+            entry_pair.append(len(pairs) - 1)
+        assert batch.entry_pair.tolist() == entry_pair
+        assert list(zip(batch.pair_i.tolist(), batch.pair_j.tolist())) == pairs
+        slots, block_atom, seen = [], [], {}
+        for a in i:
+            rank = seen.get(a, 0)
+            if rank % width == 0:
+                block_atom.append(a)
+            slots.append((len(block_atom) - 1) * width + rank % width)
+            seen[a] = rank + 1
+        n_atoms = batch.positions.shape[0]
+        # atoms without entries (none here: every atom sees itself) would own no block
+        assert batch.entry_slot.tolist() == slots and batch.block_atom.tolist() == block_atom
+        assert batch.block_width == width and sorted(seen) == list(range(n_atoms))
+        again = collate(crystals, [image_table(c.lattice, c.positions, 8.9) for c in crystals]).with_block_width(width)
+        assert torch.equal(again.entry_slot, batch.entry_slot) and torch.equal(again.block_atom, batch.block_atom)
+
+
+class OpTrace(TorchDispatchMode):
+    """Names of every aten op dispatched (forward and backward); boolean-mask indexing named apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] if t is not None):
+            name = "index with a boolean mask"  # x[mask]: as data dependent as nonzero
+        self.ops.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+# aten ops whose output shape depends on tensor values, or that read a tensor on the host
+DATA_DEPENDENT_OPS = {"nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+                      "unique_consecutive", "bincount", "repeat_interleave", "item", "_local_scalar_dense",
+                      "is_nonzero", "equal", "allclose", "argwhere", "histc", "index with a boolean mask"}
+
+
+@pytest.mark.parametrize("energy", [False, True])
+def test_training_step_has_no_data_dependent_op_or_host_sync(megnet_crystals, energy):
+    """A training step's forward and backward (a property model; an energy model with forces and
+    stress, the double backward of force training included) dispatch no op whose output shape
+    depends on tensor values and no host read of a tensor: the collate did that index work, so a
+    device never waits for the host inside a step (docs/model.md, A step without host syncs)."""
+    from conftest import energy_model
+
+    from cfdist import Crystalformer, CrystalformerConfig
+
+    crystals = megnet_crystals[:6]
+    torch.manual_seed(0)
+    model = energy_model(n_blocks=2).train() if energy else \
+        Crystalformer(CrystalformerConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=64, n_basis=16)).train()
+    batch = make_batch(crystals, model.cutoff).to(dtype=model.embedding.weight.dtype)
+    model.fit_sigma_statistics(batch)  # before the step, as the training loops do (it reads statistics on the host)
+    with OpTrace() as trace:
+        if energy:
+            out = model(batch, forces=True, stress=True)
+            loss = out.energy.sum() + (out.forces ** 2).sum() + (out.stress ** 2).sum()
+        else:
+            loss = (model(batch) ** 2).mean()
+        loss.backward()
+    assert "mm" in trace.ops or "addmm" in trace.ops  # the trace saw the step
+    assert not trace.ops & DATA_DEPENDENT_OPS, sorted(trace.ops & DATA_DEPENDENT_OPS)
