@@ -15,6 +15,8 @@ How the model compiles (measured with torch 2.13 on CPU; ``bench/step.py``):
   table, blocks of entries per atom) is done by the CPU collate (:func:`cfdist.batch.pair_blocks`),
   so the forward and backward hold no op whose output shape depends on tensor values and no
   host-device sync: a training step is one graph (before: 7 graph breaks, 10 compiled frames).
+  An energy model's forces / stress still break it around the geometry made a leaf inside the
+  forward (``requires_grad_``) and ``autograd.grad``: Dynamo's limits, not index work.
 - **Sigma statistics** are set before compiling (:meth:`cfdist.Crystalformer.fit_sigma_statistics`)
   and never written by a forward, so the compiled model is the eager model from its first step.
 - **Train / eval / no-grad** are guarded separately: validation compiles its own graphs once.

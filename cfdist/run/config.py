@@ -59,7 +59,7 @@ class ComputeSection:
     """
 
     compile: bool = False
-    entry_chunk: int = 32
+    entry_chunk: int = RUN_SETTINGS["entry_chunk"]
 
     def __post_init__(self):
         if not isinstance(self.compile, bool):
