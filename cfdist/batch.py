@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from cfdist.config import RUN_SETTINGS
 from cfdist.geometry import ImageTable
 
 if TYPE_CHECKING:
@@ -115,7 +114,9 @@ class CrystalBatch:
                        **{name: torch.from_numpy(value).to(device) for name, value in layout.items()})
 
 
-DEFAULT_BLOCK_WIDTH = RUN_SETTINGS["entry_chunk"]  # compute.entry_chunk's default
+# the default of compute.entry_chunk (cfdist.run.config.ComputeSection), for batches made outside a run
+# (predict, the calculator, tests); a constant here keeps the batch free of config imports
+DEFAULT_BLOCK_WIDTH = 32
 
 
 def pair_blocks(entry_i: np.ndarray, entry_j: np.ndarray, n_atoms_total: int, block_width: int) -> dict[str, np.ndarray]:

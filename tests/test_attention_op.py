@@ -231,6 +231,10 @@ def test_collate_pair_and_block_indices_equal_a_plain_loop(megnet_crystals):
         assert batch.block_width == width and sorted(seen) == list(range(n_atoms))
         again = collate(crystals, [image_table(c.lattice, c.positions, 8.9) for c in crystals]).with_block_width(width)
         assert torch.equal(again.entry_slot, batch.entry_slot) and torch.equal(again.block_atom, batch.block_atom)
+    from cfdist.batch import DEFAULT_BLOCK_WIDTH
+    from cfdist.run.config import ComputeSection
+
+    assert DEFAULT_BLOCK_WIDTH == ComputeSection().entry_chunk  # batches made outside a run use the run default
 
 
 class OpTrace(TorchDispatchMode):
