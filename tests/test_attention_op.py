@@ -284,3 +284,28 @@ def test_training_step_has_no_data_dependent_op_or_host_sync(megnet_crystals, en
         loss.backward()
     assert "mm" in trace.ops or "addmm" in trace.ops  # the trace saw the step
     assert not trace.ops & DATA_DEPENDENT_OPS, sorted(trace.ops & DATA_DEPENDENT_OPS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, device syncs)")
+def test_cuda_batch_copies_are_pinned_and_a_training_step_never_syncs(megnet_crystals):
+    """On a GPU: CrystalBatch.to("cuda") equals a plain copy, and a property model's training step
+    (forward + backward) runs under torch.cuda.set_sync_debug_mode("error"), which raises on any
+    host-device synchronisation (a .item(), nonzero, a device-to-host copy)."""
+    from cfdist import Crystalformer, CrystalformerConfig
+
+    crystals = megnet_crystals[:6]
+    torch.manual_seed(0)
+    model = Crystalformer(CrystalformerConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=64, n_basis=16)).cuda().train()
+    host = make_batch(crystals, model.cutoff).to(dtype=torch.float32)
+    batch = host.to("cuda")
+    for name in ("positions", "entry_i", "entry_pair", "entry_slot", "block_atom"):
+        assert torch.equal(getattr(batch, name).cpu(), getattr(host, name))
+    model.fit_sigma_statistics(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (model(batch) ** 2).mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
