@@ -14,16 +14,16 @@ import time
 
 import pytest
 
+from conftest import ENV, ray_env, tiny_model
 from paths import ROOT as REPO
-from ray_cluster_fixture import descendants
 from storage_servers import s3_server
 
-TINY_MODEL = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8, "head_hidden": 16}
+TINY_MODEL = tiny_model(n_blocks=1, d_model=16, n_heads=2, d_ff=32, n_basis=8, head_hidden=16)
 SECRET = "cfdist-test-secret-never-written-7f3a"  # moto accepts any key; this one must never leak
 
 
 @pytest.mark.slow
-def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tmp_path):
+def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tmp_path, ray_cluster):
     from cfdist import storage
     from cfdist.config import CrystalformerConfig
 
@@ -31,9 +31,9 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tm
     work.mkdir()
     with s3_server() as s3:
         bucket = s3.make_bucket("cfdist-e2e")
-        env = {**os.environ, **s3.env, "AWS_SECRET_ACCESS_KEY": SECRET, "CFDIST_CACHE_DIR": str(cache),
-               "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-               "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
+        # the session cluster's workers get the storage variables from the job's runtime_env (cfdist.cluster)
+        env = {**ENV, **s3.env, "AWS_SECRET_ACCESS_KEY": SECRET, "CFDIST_CACHE_DIR": str(cache),
+               **ray_env(ray_cluster)}
         os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET  # this process reads the bucket too (restored by s3_server)
         storage.StorageSection().apply()  # new credentials: drop cached filesystems
 
@@ -63,7 +63,7 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tm
                "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
         proc = subprocess.Popen([sys.executable, "-m", "cfdist.cli", *cmd, "max_steps=10"], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=work)
-        killed = None
+        killed, earlier = None, ray_cluster.pids_running(b"RayTrainWorker")
         try:
             deadline = time.time() + 300
             staged = [p / "metrics.jsonl" for p in (cache / "runs").glob("*-s3run")]  # rank 0's local copy
@@ -74,7 +74,7 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tm
                 stored = {rel.split("/")[0] for rel, _ in storage.list_files(f"{runs}/s3run/ray")}
                 # the step-2 and step-4 checkpoints are on the bucket; by step 5 the controller has the first
                 if steps and max(steps) >= 5 and "checkpoint_000000004" in stored:
-                    pids = sorted(descendants(proc.pid, b"RayTrainWorker"))
+                    pids = sorted(ray_cluster.pids_running(b"RayTrainWorker") - earlier)
                     if pids:
                         killed = pids[-1]
                         os.kill(killed, signal.SIGKILL)

@@ -560,14 +560,18 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
 
 
 def _single_node(target: str) -> None:
-    """The staging directory is on this node's disk: workers on other nodes could not write into it."""
+    """The staging directory is on this machine's disk: workers on other machines could not write into it
+    (several Ray nodes on this one machine can)."""
+    import socket
+
     import ray
 
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) > 1:
+    here = socket.gethostname()
+    elsewhere = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerHostname", here) != here]
+    if elsewhere:
         raise BuildError(f"--out {target}: building for object storage stages the shards on the driver's disk, "
-                         f"which the other {len(alive) - 1} node(s) of this Ray cluster cannot write; run the "
-                         f"build on one node (or --out a shared path, then upload it)")
+                         f"which the {len(elsewhere)} node(s) of this Ray cluster on other machines cannot write; "
+                         f"run the build on one machine (or --out a shared path, then upload it)")
 
 
 def _reusable_plan(out: Path, done: set[int]) -> list[Chunk] | None:
