@@ -206,3 +206,13 @@ def test_publish_uploads_the_manifest_last_and_resumes(bucket, shard_dir, tmp_pa
     assert ShardSet(uri).verify(["train", "val"], checksums="full").files == 6
     with pytest.raises(BuildError, match="holds shards with content hash"):
         check_target(uri, "b" * 64, overwrite=False)
+
+
+def test_storage_config_section_is_typed_and_holds_no_secrets():
+    from cfdist.config import ConfigError
+    from cfdist.train.config import load_pretrain_config
+
+    cfg = load_pretrain_config("megnet_slice", ["storage.endpoint=http://10.0.0.5:9000", "storage.region=eu-west-1"])
+    assert (cfg.storage.endpoint, cfg.storage.region) == ("http://10.0.0.5:9000", "eu-west-1")
+    with pytest.raises(ConfigError, match="secret_key"):
+        load_pretrain_config("megnet_slice", ["storage.secret_key=abc"])  # secrets: environment only
