@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cfdist import __version__
 from cfdist.crystal import Crystal, SiteDisorder
+from cfdist import storage
 from cfdist.fileio import atomic_write
 from cfdist.geometry import ImageTable
 
@@ -213,7 +214,8 @@ def _optional_rows(column, width: int, lengths: np.ndarray, name: str) -> tuple[
 
 
 def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
-                  cutoff: float | None = None, *, forces: bool = False, stress: bool = False) -> "CrystalBatch":
+                  cutoff: float | None = None, *, forces: bool = False, stress: bool = False,
+                  block_width: int | None = None) -> "CrystalBatch":
     """Vectorised shard rows -> :class:`CrystalBatch` (no Python loop over rows or atoms).
 
     Args:
@@ -223,10 +225,14 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         forces / stress: fill ``batch.forces`` (N, 3) / ``batch.stress`` (B, 3, 3) (float64, NaN
             for crystals whose row is null) from the ``forces`` / ``stress`` columns; left None
             when not asked or when the table has no such column.
+        block_width: entries per block of the attention op's basis layout (``compute.entry_chunk``;
+            the pair and block indices are computed here, :func:`cfdist.batch.pair_blocks`); None: 32.
     """
     import torch
 
-    from cfdist.batch import CrystalBatch
+    from cfdist.batch import DEFAULT_BLOCK_WIDTH, CrystalBatch, index_tensors
+
+    block_width = DEFAULT_BLOCK_WIDTH if block_width is None else block_width
 
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
@@ -293,6 +299,7 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         entry_i=torch.from_numpy(ti),
         entry_j=torch.from_numpy(tj + entry_offset),
         entry_n=torch.from_numpy(tn.astype(np.float64)),
+        **index_tensors(ti, tj + entry_offset, n_total, block_width),
         labels=labels,
         ids=table["id"].to_pylist(),
         cutoff=float(cutoff),
@@ -323,10 +330,31 @@ def write_shard(path: str | Path, table: pa.Table, metadata: dict, row_group_siz
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, use_dictionary=False)
 
 
+def parquet_file(path: str | Path) -> pq.ParquetFile:
+    """A shard's ``ParquetFile``, local or on object storage (``s3://``, ``gs://``: the footer and
+    each row group are then range requests, :mod:`cfdist.storage`)."""
+    if storage.is_uri(path):
+        fs, key = storage.filesystem(path)
+        return pq.ParquetFile(key, filesystem=fs)
+    return pq.ParquetFile(path)
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    """A shard's Arrow schema (one footer read), local or on object storage."""
+    if storage.is_uri(path):
+        return parquet_file(path).schema_arrow
+    return pq.read_schema(path)
+
+
 def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a shard, with a clear :class:`ShardError` for a truncated or foreign file."""
+    """Read a shard (local or on object storage), with a clear :class:`ShardError` for a truncated
+    or foreign file."""
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
+        if storage.is_uri(path):
+            fs, key = storage.filesystem(path)
+            table = pq.read_table(key, filesystem=fs, columns=list(columns) if columns else None)
+        else:
+            table = pq.read_table(path, columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet shard ({exc})") from exc
     meta = read_metadata_from_schema(table.schema)

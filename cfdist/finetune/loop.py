@@ -33,19 +33,17 @@ from it exactly, since an epoch's stream depends only on (seed, epoch)).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
+from cfdist import storage
 from cfdist.checkpoint import load, load_checkpoint_file, save_portable
 from cfdist.compile import compile_model, describe
 from cfdist.config import CrystalformerConfig
@@ -53,14 +51,14 @@ from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict
 from cfdist.manifest import ShardSet
-from cfdist.model import Crystalformer
+from cfdist.model import Crystalformer, distributed_sum
 from cfdist.run import evaluation
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.run.step import train_step
 from cfdist.run.transfer import freeze, model_from_pretrained
-from cfdist.shards import collate_arrow
+from cfdist.shards import collate_arrow, read_schema, read_shard
 from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
@@ -115,7 +113,7 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     state = load_checkpoint_file(path)
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
-    given["data"]["shards"] = str(Path(cfg.data.shards).resolve()) if cfg.data.shards else ""
+    given["data"]["shards"] = storage.absolute(cfg.data.shards) if cfg.data.shards else ""
     skip = {"init_from", "overwrite", "checkpoint"} | ({"model"} if isinstance(cfg.model, str) else set())
     ignored = sorted(k for k in _flatten(saved) if k not in skip and _flatten(given).get(k) != _flatten(saved)[k])
     if ignored:
@@ -161,7 +159,7 @@ class FinetuneTrainer:
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
         self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
         self.n_train = sum(rows for _, rows in self.train_files)
-        self.columns = training_columns(pq.read_schema(self.train_files[0][0]), targets)
+        self.columns = training_columns(read_schema(self.train_files[0][0]), targets)
         stats = target_stats(self.shards, targets, cfg.data.train_split)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
@@ -169,8 +167,8 @@ class FinetuneTrainer:
         elif cfg.init_from == "pretrained":
             model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
             self.transfer_report.update(report)
-        else:  # model.compile is a run setting: the model (and its checkpoints) record compile: false
-            model = Crystalformer(dataclasses.replace(cfg.model_config(), compile=False))
+        else:
+            model = Crystalformer(cfg.model_config())
             set_target_normalisation(model, stats)
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
@@ -178,7 +176,12 @@ class FinetuneTrainer:
         self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
-        if cfg.model_config().compile:  # the run's model section decides, also for pretrained / resumed models
+        if state is None and cfg.init_from == "scratch":
+            # a new model's sigma statistics come from an explicit pass over this rank's first
+            # micro-batch of the first step (pooled over ranks), before compiling / DDP; a
+            # pretrained or resumed model has its checkpoint's
+            self.model.fit_sigma_statistics(self.first_micro_batch(), distributed_sum)
+        if cfg.compute.compile:  # a run setting: also for pretrained / resumed models
             compile_model(self.model)  # in place (cfdist.compile): DDP, SWA copies and checkpoints see the model
             if self.rank == 0:
                 print(describe(self.model), flush=True)
@@ -217,16 +220,25 @@ class FinetuneTrainer:
         """This rank's steps from the current epoch on, each a list of host micro-batches, prepared
         ahead in a thread (:class:`cfdist.stream.Prefetcher`)."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
-        targets = list(self.cfg.data.targets)
 
         def epoch(e: int, _start: Position):
             return epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
                                self.rank, self.world)
 
-        def prepare(table: pa.Table) -> list:
-            return [collate_arrow(t, targets, cutoff=self.shards.cutoff) for t in pack_rows([table], self.budget)]
+        return Prefetcher(epoch, self.prepare_step, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
 
-        return Prefetcher(epoch, prepare, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
+    def prepare_step(self, table: pa.Table) -> list:
+        """This rank's share of a step (Arrow rows) -> its host micro-batches, packed within the budget."""
+        return [collate_arrow(t, list(self.cfg.data.targets), cutoff=self.shards.cutoff,
+                              block_width=self.cfg.compute.entry_chunk) for t in pack_rows([table], self.budget)]
+
+    def first_micro_batch(self):
+        """This rank's first micro-batch of the first step (on the device), or None when it has none."""
+        reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
+        for table, _ in epoch_steps(self.plan(0), reader, self.cfg.data.batch_size, 1, self.rank, self.world):
+            micro_batches = self.prepare_step(table)
+            return micro_batches[0].to(self.device) if micro_batches else None
+        return None
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -332,7 +344,8 @@ class FinetuneTrainer:
     # -- evaluation and checkpoints ------------------------------------------------------
     def evaluate(self, model, split: str):
         """Summed stats of ``model`` on ``split`` (this process reads the whole split)."""
-        batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget)
+        batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget,
+                                            block_width=self.cfg.compute.entry_chunk)
         return evaluation.evaluate(model, batches, self.objective, self.device)
 
     def validate(self, model) -> dict:
@@ -393,7 +406,7 @@ class FinetuneTrainer:
         out = {}
         files = [e.path for e in self.shards.files(split)]
         for name in self.cfg.data.targets:
-            y = np.concatenate([pq.read_table(p, columns=[f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
+            y = np.concatenate([read_shard(p, [f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
                                 for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
             mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
