@@ -324,6 +324,7 @@ def section_mace(args) -> dict:
         splits = {s: frames[:args.mace_frames] for s, frames in splits.items()}
     for s, frames in splits.items():
         ase.io.write(mdir / f"{s}.extxyz", frames, format="extxyz")
+    elements = sorted({int(z) for frames in splits.values() for atoms in frames for z in atoms.numbers})
     budget = args.mace_seconds
     # cfdist: steps that fit the budget, from a measured rate (first 20 steps), then the run itself
     jobs = {}
@@ -343,6 +344,8 @@ def section_mace(args) -> dict:
                      "--valid_file", str(mdir / "val.extxyz"), "--energy_key", "REF_energy", "--forces_key",
                      "REF_forces", "--stress_key", "REF_stress", "--model", "MACE", "--hidden_irreps", args.mace_irreps,
                      "--r_max", "5.0", "--num_interactions", "2", "--max_L", "1", "--correlation", "2",
+                     "--atomic_numbers", str(elements),  # every element of any split (a test
+                     # frame's element missing from the train frames would have no index in MACE's table)
                      "--E0s", "average", "--loss", "universal", "--energy_weight", "1", "--forces_weight", "1",
                      "--stress_weight", "1", "--compute_stress", "True", "--batch_size", str(args.pretrain_batch),
                      "--max_num_epochs", str(args.mace_epochs), "--lr", "0.005", "--device", "cpu",
