@@ -101,6 +101,7 @@ class FinetuneConfig(RunConfigMixin):
     epochs: int = 500
     swa_epochs: int = 50
     log_every: int = 20
+    max_bad_steps: int = 5
     overwrite: bool = False
     task: str = ""  # name of the paper task the data comes from (informational; cfdist prepare-task)
     data: FinetuneData = field(default_factory=FinetuneData)
@@ -113,8 +114,8 @@ class FinetuneConfig(RunConfigMixin):
             raise ConfigError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
         if self.init_from == "pretrained" and not self.checkpoint:
             raise ConfigError("init_from=pretrained needs checkpoint=PATH (a portable model.pt)")
-        if self.epochs < 1 or self.log_every < 1:
-            raise ConfigError("epochs and log_every must be >= 1")
+        if self.epochs < 1 or self.log_every < 1 or self.max_bad_steps < 1:
+            raise ConfigError("epochs, log_every and max_bad_steps must be >= 1")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], got {self.swa_epochs}")
 

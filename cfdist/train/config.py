@@ -140,6 +140,7 @@ class PretrainConfig(RunConfigMixin):
     val_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5
     model: Any = "crystalformer"
     init_from: str = ""
     data: PretrainData = field(default_factory=PretrainData)
@@ -149,7 +150,8 @@ class PretrainConfig(RunConfigMixin):
     scaling: ScalingSection = field(default_factory=ScalingSection)
 
     def __post_init__(self):
-        for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
+                     "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         self._check_compile()

@@ -23,6 +23,7 @@ from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoin
 from cfdist.cluster import init_ray, train_logging_config
 from cfdist.config import ConfigError
 from cfdist.manifest import ShardSet
+from cfdist.run.preempt import driver_stop, preemptible_torch_config
 from cfdist.run.runinfo import write_run_files
 from cfdist.run.transfer import check_encoder
 from cfdist.shards import ShardError
@@ -96,22 +97,34 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
         check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
 
 
-def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: int | None = None) -> Path | None:
-    """Train on a Ray Train worker group; returns the last checkpoint's directory."""
+def run_ray(cfg: PretrainConfig, shards, address: str | None = None,
+            num_cpus: int | None = None) -> tuple[Path | None, dict]:
+    """Train on a Ray Train worker group; returns (the last checkpoint's directory, its metrics).
+
+    SIGTERM / Ctrl-C to this driver or to a worker: the workers checkpoint at the next step
+    boundary and return (``metrics["preempted"]``; :mod:`cfdist.run.preempt`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     # workers read their own rows (cfdist.stream): no Ray Data tasks need CPUs beside them
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(address=address, num_cpus=num_cpus or max(4, os.cpu_count() or 1, int(need + 0.999)),
              use_gpu=cfg.scaling.use_gpu, include_dashboard=True)
+    with driver_stop() as board:
+        return _fit(cfg, board)
+
+
+def _fit(cfg: PretrainConfig, board: str) -> tuple[Path | None, dict]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "stop_board": board},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                      placement_strategy=cfg.scaling.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=preemptible_torch_config("nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -120,7 +133,7 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+    return (Path(result.checkpoint.path) if result.checkpoint is not None else None), dict(result.metrics or {})
 
 
 def main(argv=None) -> int:
@@ -138,12 +151,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.no_ray:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-        local_train_loop(cfg)
+        final = local_train_loop(cfg)
         if rank != 0:
             return 0
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
     else:
-        checkpoint = run_ray(cfg, shards, args.address, args.num_cpus) or find_latest_checkpoint(run_dir / "ray")
+        checkpoint, final = run_ray(cfg, shards, args.address, args.num_cpus)
+        checkpoint = checkpoint or find_latest_checkpoint(run_dir / "ray")
+    if final.get("preempted"):  # stopped by a signal: saved, not finished; no model.pt yet
+        print(f"run stopped after {time.perf_counter() - t0:.1f} s at step {final.get('step')}, before max_steps="
+              f"{cfg.max_steps}; checkpoint {checkpoint}; run the same command again to resume", flush=True)
+        return 0
     print(f"training finished in {time.perf_counter() - t0:.1f} s; last checkpoint {checkpoint}", flush=True)
     if not args.no_export:
         out = export_deepspeed_checkpoint(checkpoint, run_dir / "model.pt")

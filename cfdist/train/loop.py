@@ -62,14 +62,16 @@ from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer
 from cfdist.run import evaluation
+from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
+from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
 from cfdist.run.step import train_step
 from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
-from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
+from cfdist.train.engine import build_engine, init_distributed, skip_step, zero3_parameters_held
 
 
 # ----------------------------------------------------------------------------- worker contexts
@@ -117,6 +119,13 @@ class WorkerContext:
         context then makes the directory the run's newest checkpoint."""
         raise NotImplementedError
 
+    def checkpoint_location(self, step: int) -> str:
+        """Where the checkpoint of ``step`` lives (for messages)."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict) -> None:
+        """Metrics without a checkpoint, for the driver (all ranks call it)."""
+
 
 class RayContext(WorkerContext):
     """Inside a Ray Train worker: checkpoints are reported to Ray Train, which persists them."""
@@ -148,6 +157,15 @@ class RayContext(WorkerContext):
             write(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:09d}")
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def checkpoint_location(self, step: int) -> str:
+        # the driver's RunConfig: storage_path=<run_dir>, name="ray" (cfdist.train.driver.run_ray)
+        return str(self.cfg.run_dir() / "ray" / f"checkpoint_{step:09d}")
 
 
 class LocalContext(WorkerContext):
@@ -187,6 +205,9 @@ class LocalContext(WorkerContext):
                 shutil.rmtree(old.parent, ignore_errors=True)
         dist.barrier()
 
+    def checkpoint_location(self, step: int) -> str:
+        return str(self.checkpoints / f"step_{step:09d}")
+
 
 # ----------------------------------------------------------------------------- the loop
 class Trainer:
@@ -202,6 +223,10 @@ class Trainer:
         self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
+        self.guard = BadStepGuard(cfg.max_bad_steps, ctx.rank)
+        self.cycle: list = []  # this accumulation cycle's micro-steps: (loss share, sums, ids)
+        self.saved_step = -1  # the step of the newest checkpoint this process wrote
+        self.stopped: dict[str, Any] = {}  # set when a stop request ended the run
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -315,7 +340,12 @@ class Trainer:
                 counts = self.label_counts(item.batch)  # on the host batch: no device sync
                 batch = item.batch.to(ctx.device) if item.batch is not None else None
                 t_data = time.perf_counter() - t0
-                have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
+                # the stop request (a signal to any rank) rides on the micro-step's one collective
+                have, stop, *labelled = self.all_sum([1.0 if batch is not None else 0.0,
+                                                      float(StopRequest.get()), *counts])
+                if stop and not self.cycle:  # at an optimiser-step boundary: save here and stop
+                    self.stop(StopRequest.get(), metrics)
+                    break
                 if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
                     if batch is not None:  # drop this rank's tail (counted, not trained on)
                         dropped_tail += batch.n_crystals + stream.skip_epoch(self.cursor.epoch)
@@ -337,6 +367,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     metrics = self.window_metrics(window, components)
                     metrics["dropped_tail"] = dropped_tail
+                    metrics["bad_steps"] = self.guard.total
                     logger.log(self.step, metrics)
                     window, components = StepWindow(), ComponentWindow(self.objective)
                 if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
@@ -349,7 +380,22 @@ class Trainer:
             stream.close()
             logger.close()
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
-        return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma}
+        return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma,
+                "bad_steps": self.guard.total, **self.stopped}
+
+    def stop(self, signum: int, metrics: dict) -> None:
+        """A stop request reached every rank at a step boundary: checkpoint this step (unless the
+        newest checkpoint already is this step) and end the run; the next run resumes here."""
+        name = signal_name(signum) if signum else "a signal to another rank"
+        self.stopped = {"preempted": 1, "preempted_by": name}
+        if self.saved_step != self.step:
+            self.checkpoint({**metrics, "preempted": 1})
+        else:  # this step's checkpoint exists: only tell the driver why the run ends
+            self.ctx.report(_scalars({**metrics, "preempted": 1}, self.step))
+        if self.ctx.rank == 0:
+            where = self.ctx.checkpoint_location(self.step)
+            print(f"stopped by {name} at step {self.step}: checkpoint {where}; run the same command again to "
+                  f"resume from it", flush=True)
 
     def micro_step(self, batch, labelled_global: list[float], window: ComponentWindow) -> None:
         """Forward + backward (:func:`cfdist.run.step.train_step`) + the engine's step (an
@@ -361,9 +407,22 @@ class Trainer:
         with zero3_parameters_held(self.engine, self.energy and self.cfg.deepspeed.zero_stage == 3):
             result = train_step(self.engine, batch, self.objective, labelled_global, self.ctx.world_size,
                                 backward=self.engine.backward)
-        self.record_grad_norm(boundary)
-        self.engine.step()
-        window.add(result.sums, result.loss_share)
+        self.cycle.append((result, batch.ids))
+        if not boundary:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+            return
+        # before the update: any non-finite loss or gradient on any rank skips the step on all of them
+        bad = local_bad([r.loss_share for r, _ in self.cycle], self.model.parameters())
+        if self.all_sum([float(bad)])[0]:
+            skip_step(self.engine)
+            self.guard.skipped(self.step + 1, [i for _, ids in self.cycle for i in ids])
+        else:
+            self.guard.good()
+            self.record_grad_norm(boundary)
+            self.engine.step()
+            for r, _ in self.cycle:  # a skipped step's NaN never reaches the logged loss
+                window.add(r.sums, r.loss_share)
+        self.cycle = []
 
     def record_grad_norm(self, boundary: bool) -> None:
         """DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
@@ -379,6 +438,8 @@ class Trainer:
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
         metrics = w.summary(world=self.ctx.world_size, totals=tot[:len(values)])
         metrics.update(components.summary(tot[len(values):], "", train=True))
+        if not components.micro_steps:  # every step of the window was skipped (bad): no loss to show
+            metrics.pop("loss", None)
         metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
@@ -423,6 +484,7 @@ class Trainer:
                 write_json_atomic(path / STATE_FILE, state, indent=1, default=_json_default)
 
         self.ctx.save_checkpoint(self.step, write, _scalars(metrics, self.step))
+        self.saved_step = self.step
 
 
 def _scalars(metrics: dict, step: int) -> dict:
@@ -445,6 +507,7 @@ def ray_train_loop(loop_config: dict) -> None:
 
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
+    watch_board(loop_config.get("stop_board", ""))  # the driver's SIGTERM / Ctrl-C reaches this worker
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
     Trainer(cfg, RayContext(cfg, columns, shards), shards).run()
@@ -454,6 +517,7 @@ def ray_train_loop(loop_config: dict) -> None:
 
 def local_train_loop(cfg: PretrainConfig) -> dict:
     """Train in this process (world size 1) or as one torchrun rank (RANK/WORLD_SIZE set)."""
+    install_handlers()  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then stop
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
     result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()
