@@ -118,3 +118,54 @@ def test_a_nan_label_is_a_missing_label_not_a_bad_step(shard_dir, tmp_path, monk
     t = trainer(shards, tmp_path / "runs", 0, monkeypatch, max_steps=2)
     result = t.run()
     assert result["bad_steps"] == 0 and math.isfinite(result["loss"])
+
+
+def test_fine_tuning_skips_bad_steps_with_weights_adamw_and_schedule_bit_identical(shard_dir, tmp_path, capfd):
+    import copy
+
+    from cfdist.finetune.config import finetune_config_from_dict
+    from cfdist.finetune.loop import FinetuneTrainer
+    from cfdist.run.badsteps import BadStepError
+
+    shards, bad_id = corrupt_copy(shard_dir, tmp_path / "shards")
+
+    class Recording(FinetuneTrainer):
+        """Records (outcome, state before the step) of every step."""
+
+        seen: list = []
+
+        def optimiser_step(self, *args):
+            before = ({n: p.detach().clone() for n, p in self.model.named_parameters()},
+                      copy.deepcopy(self.optimizer.state_dict()), copy.deepcopy(self.scheduler.state_dict()))
+            outcome, norm = super().optimiser_step(*args)
+            self.seen.append((outcome, before))
+            return outcome, norm
+
+    def config(name, **kw):
+        # rows in file order: the corrupt row is in the first of the 4 steps (12 rows) of every epoch
+        return finetune_config_from_dict({
+            "run_name": name, "output_dir": str(tmp_path), "model": TINY, "epochs": 2, "swa_epochs": 0,
+            "log_every": 1, "data": {"shards": str(shards), "targets": ["e_form"], "batch_size": 12,
+                                     "shuffle_rows": 0, "shuffle_files": False, "val_split": "", "test_split": ""},
+            **kw})
+
+    trainer = Recording(config("ft"))
+    trainer.run()
+    assert [o for o, _ in trainer.seen] == ["bad", "ok", "ok", "ok", "bad", "ok", "ok", "ok"]
+    (p0, o0, s0), (p1, o1, s1) = trainer.seen[4][1], trainer.seen[5][1]  # before / after step 5 (bad)
+    assert o0["state"]  # AdamW moments exist (steps 2-4): they must not move
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    assert s0 == s1
+    for key, state in o0["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, o1["state"][key][k]), (key, k)
+    records = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in records if "bad_steps" in r] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert bad_id in capfd.readouterr().err
+
+    with pytest.raises(BadStepError, match=r"2 consecutive steps .*" + bad_id):  # every step holds the row
+        FinetuneTrainer(config("all_bad", max_bad_steps=2, data={
+            "shards": str(shards), "targets": ["e_form"], "batch_size": 48, "shuffle_rows": 0, "val_split": "",
+            "test_split": ""})).run()

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.run.config import DataSection, OptimSection, RunConfigMixin
+from cfdist.run.tracking import TrackingSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -108,6 +109,7 @@ class FinetuneConfig(RunConfigMixin):
     optim: OptimSection = field(default_factory=OptimSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def __post_init__(self):
         if self.init_from not in INIT_FROM:

@@ -25,6 +25,7 @@ from cfdist.config import ConfigError
 from cfdist.manifest import ShardSet
 from cfdist.run.preempt import driver_stop, preemptible_torch_config
 from cfdist.run.runinfo import write_run_files
+from cfdist.run.tracking import log_artifacts
 from cfdist.run.transfer import check_encoder
 from cfdist.shards import ShardError
 from cfdist.train.config import PretrainConfig, load_pretrain_config
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     print(f"training finished in {time.perf_counter() - t0:.1f} s; last checkpoint {checkpoint}", flush=True)
     if not args.no_export:
         out = export_deepspeed_checkpoint(checkpoint, run_dir / "model.pt")
+        log_artifacts(cfg.tracking, run_dir, [out])  # the tracked run (tracking.backend) gets the model
         print(f"portable checkpoint: {out}  (cfdist.load('{out}').predict(structures))", flush=True)
     return 0
 

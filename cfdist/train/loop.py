@@ -67,6 +67,7 @@ from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_m
 from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
 from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
 from cfdist.run.step import train_step
+from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
@@ -325,7 +326,9 @@ class Trainer:
     def run(self) -> dict:
         self.build()
         cfg, ctx = self.cfg, self.ctx
-        logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
+        tracker = Tracker(cfg.tracking, cfg.run_dir(), cfg.to_dict(), cfg.run_name) if ctx.rank == 0 else None
+        logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step, tracker=tracker)
+        status = "FAILED"
         window, components = StepWindow(), ComponentWindow(self.objective)
         metrics: dict[str, Any] = {}
         dropped_tail = 0
@@ -376,9 +379,10 @@ class Trainer:
                     logger.log(self.step, val)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.checkpoint(metrics)
+            status = "KILLED" if self.stopped else "FINISHED"  # a preempted run is reopened on resume
         finally:
             stream.close()
-            logger.close()
+            logger.close(status)
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
         return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma,
                 "bad_steps": self.guard.total, **self.stopped}
