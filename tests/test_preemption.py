@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ENV, ray_env, run, tiny_model, torchrun_launcher
 from paths import ROOT as REPO
@@ -176,8 +177,6 @@ def test_sigterm_to_a_fine_tuning_saves_last_pt_mid_epoch_and_resume_equals_the_
 
 
 def torch_threads(n: int) -> int:
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     return before
