@@ -93,6 +93,7 @@ def test_bad_steps_are_skipped_bit_identically_and_stop_the_run_at_the_limit(sha
     before = snapshot(t)
     assert all(before[1]) and before[2] == 3  # AdamW moments exist; 3 scheduler steps (the bad one skipped)
     t.cfg.max_steps = 5
+    t.stream = None  # the first run closed the stream build() opened: read on from the cursor
     result = t.run()  # step 5: epoch 1's first step, bad again
     assert result["bad_steps"] == 2 and result["step"] == 5
     assert_same(before, snapshot(t))  # weights, moments, step counts and schedule bit-identical

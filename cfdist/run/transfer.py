@@ -45,8 +45,7 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
     if head == "keep" and old != targets:
         raise ConfigError(f"transfer.head=keep needs the checkpoint's targets {old}, got data.targets {targets}; "
                           f"use transfer.head=auto or replace")
-    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False,
-                                            "compile": False})  # compiling is the fine-tuning run's choice
+    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False})
     model = Crystalformer(config)  # fresh head initialisation for whatever is not copied below
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "energy_head.")) and k not in
              ("target_mean", "target_std", "element_energy", "energy_scale")}
