@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin
 from cfdist.run.tracking import TrackingSection
+from cfdist.storage import StorageSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -111,6 +112,7 @@ class FinetuneConfig(RunConfigMixin):
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         self.take_run_settings()

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from cfdist.crystal import MAX_Z
+from cfdist.shards import parquet_file
 
 
 def target_stats(shards, targets: Sequence[str], split: str) -> dict[str, tuple[float, float]]:
@@ -305,14 +306,13 @@ def fit_element_energies(paths, energy_label: str, n_elements: int, *, ridge: fl
     "structures", "elements": present Z, "scale_from": "residual" | "fallback"}.
     """
     import numpy as np
-    import pyarrow.parquet as pq
 
     width = MAX_Z + 1
     gram, rhs, col_sum = np.zeros((width, width)), np.zeros(width), np.zeros(width)
     count, e_sum, e_sq = 0, 0.0, 0.0
     columns = ["n_atoms", "numbers", "disorder_site", "disorder_z", "disorder_occupancy", f"y.{energy_label}"]
     for path in paths:
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_read, columns=columns):
+        for record_batch in parquet_file(path).iter_batches(batch_size=rows_per_read, columns=columns):
             n_atoms = record_batch.column("n_atoms").to_numpy().astype(np.int64)
             energy = record_batch.column(f"y.{energy_label}").to_numpy(zero_copy_only=False).astype(np.float64)
             rows = len(n_atoms)

@@ -18,6 +18,7 @@ from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, bu
                            resolve_config)
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin, resolve_model_config
 from cfdist.run.tracking import TrackingSection
+from cfdist.storage import StorageSection
 
 LOSS_KINDS = ("l1", "l2", "huber")
 
@@ -151,6 +152,7 @@ class PretrainConfig(RunConfigMixin):
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
