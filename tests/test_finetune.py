@@ -471,3 +471,27 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
               "--split", "test", "--out", tmp_path / "eval"], timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["gap pbe"]["n"] >= 1
+
+
+def test_example_bandgap_config_never_predicts_negative_gaps(ft_shards, tmp_path):
+    """configs/finetune/megnet_slice_bandgap.yaml declares ``gap pbe`` softplus: a short run from it
+    predicts no negative gap on the test split, and its checkpoint keeps the transform even with the
+    head pushed far below zero (where the identity head would predict about -30 eV)."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.config import load_finetune_config
+    from cfdist.predict import evaluate
+
+    cfg = load_finetune_config("megnet_slice_bandgap", [
+        f"data.shards={ft_shards}", f"output_dir={tmp_path}", f"model={json.dumps(TINY)}", "epochs=1",
+        "swa_epochs=0", "data.batch_size=8"])
+    assert cfg.model_config().target_transforms == {"gap pbe": "softplus"}
+    trainer, results = trainer_run(cfg)
+    assert results["test"]["final"]["gap pbe"]["n"] > 0
+    model = load(tmp_path / cfg.run_name / "checkpoints" / "best.pt")
+    assert model.config.target_transforms == {"gap pbe": "softplus"}
+    with torch.no_grad():
+        model.head[2].bias.fill_(-30.0 / float(model.target_std[0]))
+    evaluate(model, [str(ft_shards)], tmp_path / "eval", split="test")
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    gaps = [float(r["gap pbe"]) for r in rows]
+    assert len(gaps) == 12 and min(gaps) >= 0.0

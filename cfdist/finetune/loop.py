@@ -157,17 +157,18 @@ class FinetuneTrainer:
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
-        self.objective = PropertyObjective(targets)
+        transforms = cfg.model_config().target_transforms
+        self.objective = PropertyObjective(targets, transforms)
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
         self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
         self.n_train = sum(rows for _, rows in self.train_files)
         self.columns = training_columns(pq.read_schema(self.train_files[0][0]), targets)
-        stats = target_stats(self.shards, targets, cfg.data.train_split)
+        stats = target_stats(self.shards, targets, cfg.data.train_split, transforms)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
             model = Crystalformer(CrystalformerConfig.from_dict(state["model_config"]))
         elif cfg.init_from == "pretrained":
-            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
+            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats, transforms)
             self.transfer_report.update(report)
         else:  # model.compile is a run setting: the model (and its checkpoints) record compile: false
             model = Crystalformer(dataclasses.replace(cfg.model_config(), compile=False))
@@ -389,14 +390,19 @@ class FinetuneTrainer:
         return results
 
     def train_mean_baseline(self, split: str) -> dict:
-        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline)."""
+        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline; in
+        log10 units for a ``log`` target, as its metrics are)."""
         out = {}
         files = [e.path for e in self.shards.files(split)]
+        transforms = self.model.config.target_transforms
+        stats = target_stats(self.shards, self.cfg.data.targets, self.cfg.data.train_split, transforms)
         for name in self.cfg.data.targets:
             y = np.concatenate([pq.read_table(p, columns=[f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
                                 for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
-            mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
+            if transforms.get(name) == "log":
+                y = np.log10(y[y > 0])
+            mean, _ = stats[name]
             out[name] = {"n": int(len(y)), "mae": float(np.abs(y - mean).mean()) if len(y) else None}
         return out
 

@@ -27,6 +27,9 @@ class DataSection:
         shards: shard directory written by ``cfdist preprocess`` (or ``cfdist prepare-task``).
         targets: label columns to train on (a property model gets one output per target; an energy
             model's one target is the total-energy column).
+        transforms: {target: output transform} (``softplus``: predictions >= 0, for band gaps and
+            moduli; ``log``: learnt in log10, for quantities spanning decades); the model config's
+            ``target_transforms`` (:class:`cfdist.config.CrystalformerConfig`), kept in checkpoints.
         train_split / val_split: split names in the manifest (val_split "" = no validation).
         max_entries / max_atoms / max_structures: per-rank micro-batch budget
             (:class:`cfdist.data.BatchBudget`; training, validation and test passes). The one
@@ -51,6 +54,7 @@ class DataSection:
 
     shards: str = ""
     targets: list[str] = field(default_factory=lambda: ["e_form"])
+    transforms: dict[str, str] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
     max_entries: int = DEFAULT_MAX_ENTRIES
@@ -106,8 +110,8 @@ class RunConfigMixin:
     run_name: str
 
     def model_config(self) -> CrystalformerConfig:
-        """The model config with ``target_names`` set to the data's targets."""
-        return resolve_model_config(self.model, self.data.targets)
+        """The model config with ``target_names`` set to the data's targets (and their transforms)."""
+        return resolve_model_config(self.model, self.data.targets, self.data.transforms)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.run_name
@@ -116,9 +120,18 @@ class RunConfigMixin:
         return dataclasses.asdict(self)
 
 
-def resolve_model_config(model: Any, targets: list[str]) -> CrystalformerConfig:
+def resolve_model_config(model: Any, targets: list[str],
+                         transforms: Mapping[str, str] | None = None) -> CrystalformerConfig:
     """``model`` (an inline mapping, a YAML path or a packaged model config name such as
-    ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets``."""
+    ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets`` and
+    ``transforms`` (``data.transforms``) over the model config's own ``target_transforms``."""
     cfg = CrystalformerConfig.from_dict(model) if isinstance(model, Mapping) else CrystalformerConfig.from_yaml(model)
     cfg.target_names = list(targets)
+    if not isinstance(transforms or {}, Mapping):
+        raise ConfigError(f"data.transforms must be a mapping target -> transform, got {transforms!r}")
+    cfg.target_transforms = {**cfg.target_transforms, **(transforms or {})}
+    try:
+        cfg.check_transforms()
+    except ConfigError as exc:
+        raise ConfigError(f"data.transforms: {exc}") from None
     return cfg

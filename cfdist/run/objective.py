@@ -32,9 +32,31 @@ import torch
 from cfdist.crystal import MAX_Z
 
 
-def target_stats(shards, targets: Sequence[str], split: str) -> dict[str, tuple[float, float]]:
-    """{target: (mean, std)} on ``split`` of a :class:`cfdist.manifest.ShardSet` (std 0 -> 1)."""
-    return {t: shards.target_stats(t, split) for t in targets}
+def target_stats(shards, targets: Sequence[str], split: str,
+                 transforms: Mapping[str, str] | None = None) -> dict[str, tuple[float, float]]:
+    """{target: (mean, std)} on ``split`` of a :class:`cfdist.manifest.ShardSet` (std 0 -> 1), in
+    the space the model learns each target in: a ``log`` target (``transforms``,
+    :attr:`cfdist.config.CrystalformerConfig.target_transforms`) gets log10-space statistics."""
+    stats = {}
+    for t in targets:
+        mean, std = shards.target_stats(t, split)
+        if (transforms or {}).get(t) == "log":
+            mean, std = log10_moments(mean, std, t)
+        stats[t] = (mean, std)
+    return stats
+
+
+def log10_moments(mean: float, std: float, target: str = "target") -> tuple[float, float]:
+    """(mean, std) of log10 y from y's mean and std, by matching a log-normal's moments:
+    s^2 = ln(1 + std^2 / mean^2), mu = ln(mean) - s^2 / 2 (exact for log-normal y; only the
+    normalisation of a ``log`` target uses it, so the manifest's moments suffice and start-up
+    reads no labels)."""
+    if not mean > 0:
+        raise ValueError(f"target {target!r} has a log output transform but its train mean is {mean}; "
+                         f"a log target needs positive labels")
+    var_ln = math.log1p((std / mean) ** 2)
+    ln10 = math.log(10.0)
+    return (math.log(mean) - var_ln / 2) / ln10, max(math.sqrt(var_ln) / ln10, 1e-6)
 
 
 def set_target_normalisation(model, stats: Mapping[str, tuple[float, float]]) -> None:
@@ -45,8 +67,13 @@ def set_target_normalisation(model, stats: Mapping[str, tuple[float, float]]) ->
 
 
 def normalised_targets(model, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, T) labels in original units -> standardised targets in ``dtype`` (NaN stays NaN)."""
-    labels = labels.to(dtype)
+    """(B, T) labels in original units -> standardised targets in ``dtype`` (NaN stays NaN; ``log``
+    targets standardised in log10 space, :meth:`cfdist.model.Crystalformer.label_space`)."""
+    return standardised(model, model.label_space(labels.to(dtype)))
+
+
+def standardised(model, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels already in the model's label space -> (labels - mean) / std."""
     return (labels - model.target_mean.to(labels)) / model.target_std.to(labels)
 
 
@@ -167,18 +194,24 @@ class PropertyObjective(Objective):
     as in the paper's multi-target runs.
     """
 
-    def __init__(self, targets: Sequence[str]):
+    def __init__(self, targets: Sequence[str], transforms: Mapping[str, str] | None = None):
         self.components = tuple(targets)
+        # a log target's non-positive labels are missing in its log10 space (Crystalformer.label_space)
+        self.positive_only = [(transforms or {}).get(t) == "log" for t in targets]
 
     def label_counts(self, batch) -> list[float]:
-        return torch.isfinite(batch.labels).sum(0).double().tolist()
+        ok = torch.isfinite(batch.labels)
+        if any(self.positive_only):
+            ok = ok & ~(torch.tensor(self.positive_only, device=ok.device) & (batch.labels <= 0))
+        return ok.sum(0).double().tolist()
 
     def forward(self, net, batch) -> torch.Tensor:
         return net(batch)
 
     def sums(self, model, out, batch, dtype):
-        labels = batch.labels.to(out.device)
-        err, mask = masked_abs_error(out.to(dtype), normalised_targets(model, labels, dtype))
+        # errors and label moments in the space the target is learnt in (log10 for ``log`` targets)
+        labels = model.label_space(batch.labels.to(out.device).double())
+        err, mask = masked_abs_error(out.to(dtype), standardised(model, labels.to(dtype)))
         loss_sums = err.sum(0)
         std = model.target_std.to(device=out.device, dtype=torch.float64)
         abs_err = err.detach().double() * std  # original units
@@ -266,7 +299,7 @@ def make_objective(model_config, targets: Sequence[str], loss=None) -> Objective
         if loss is None:
             raise ValueError("an energy model needs a loss section (energy / forces / stress weights)")
         return EnergyObjective(loss)
-    return PropertyObjective(targets)
+    return PropertyObjective(targets, model_config.target_transforms)
 
 
 def energy_labels(batch, device) -> dict[str, torch.Tensor]:

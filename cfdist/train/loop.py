@@ -210,7 +210,8 @@ class Trainer:
         init_distributed(self.ctx.backend)
         # model.compile is a run setting: the model (and so every checkpoint) records compile: false
         model = Crystalformer(dataclasses.replace(self.model_config, compile=False))
-        set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
+        set_target_normalisation(model, target_stats(self.shards, model.config.target_names, cfg.data.train_split,
+                                                     model.config.target_transforms))
         self.step, self.cursor, self.position = 0, DataCursor(), Position()
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
