@@ -495,3 +495,40 @@ def test_example_bandgap_config_never_predicts_negative_gaps(ft_shards, tmp_path
     rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
     gaps = [float(r["gap pbe"]) for r in rows]
     assert len(gaps) == 12 and min(gaps) >= 0.0
+
+
+def test_layer_decay_scales_lr_per_depth(ft_shards, tmp_path):
+    """optim.layer_decay: heads at lr, block i of n at lr * d ** (n - i), embedding at lr * d ** (n + 1),
+    combined with transfer.lr_scale; the fine-tuning optimiser's groups carry exactly these lrs."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.config import ConfigError
+    from cfdist.run.config import OptimSection
+    from cfdist.run.optim import make_optimizer, parameter_groups
+
+    model = Crystalformer(CrystalformerConfig(**TINY))  # 2 blocks
+    groups = parameter_groups(model, 1e-5, layer_decay=0.5, scaled_blocks=1, lr_scale=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {"embedding": 0.1 * 0.5 ** 3, "blocks.0": 0.1 * 0.5 ** 2, "blocks.1": 0.5, "head": 1.0}
+    seen = set()
+    for g in groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            prefix = next(k for k in expected if name.startswith(k + "."))
+            assert g["lr_scale"] == pytest.approx(expected[prefix]), name
+            assert (g["weight_decay"] == 0.0) == name.endswith(".bias")
+            seen.add(id(p))
+    assert seen == {id(p) for p in model.parameters()}
+    optimizer = make_optimizer(model, OptimSection(lr=1e-3, layer_decay=0.5))
+    lrs = {names[id(p)].split(".")[0]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs["embedding"] == pytest.approx(1e-3 * 0.125) and lrs["head"] == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="layer_decay"):
+        OptimSection(layer_decay=1.5)
+    cfg = make_config(ft_shards, tmp_path, epochs=1, swa_epochs=0, optim={"layer_decay": 0.5})
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    trainer = FinetuneTrainer(cfg)
+    trainer.build()
+    by_name = {names_: g["lr"] for g in trainer.optimizer.param_groups
+               for names_ in [n for n, p in trainer.model.named_parameters() if any(p is q for q in g["params"])]}
+    assert by_name["embedding.weight"] == pytest.approx(5e-4 * 0.125)
+    assert by_name["blocks.1.ffn.0.weight"] == pytest.approx(5e-4 * 0.5) and by_name["head.2.bias"] == 5e-4

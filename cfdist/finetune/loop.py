@@ -190,7 +190,7 @@ class FinetuneTrainer:
             # statistics buffers are set identically on every rank (all-reduced), no need to broadcast
             self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
         groups = parameter_groups(self.model, cfg.optim.weight_decay, scaled_blocks=cfg.transfer.lr_scale_blocks,
-                                  lr_scale=cfg.transfer.lr_scale)
+                                  lr_scale=cfg.transfer.lr_scale, layer_decay=cfg.optim.layer_decay)
         for group in groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)

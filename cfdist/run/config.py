@@ -83,6 +83,10 @@ class OptimSection:
     schedule: ``inverse_sqrt`` (lr * sqrt(T / (T + t)), T = ``inverse_sqrt_t``; paper) or
     ``warmup_cosine`` (linear warmup over ``warmup_steps`` then cosine to ``min_lr_ratio`` * lr at
     ``max_steps``) or ``constant``.
+
+    layer_decay: layer-wise learning-rate decay in (0, 1] (1 = off): the heads train at ``lr``,
+    block i of n at ``lr * layer_decay ** (n - i)``, the embedding at ``lr * layer_decay ** (n + 1)``
+    (:func:`cfdist.run.optim.parameter_groups`; JMP fine-tunes with per-layer multipliers of this kind).
     """
 
     lr: float = 5e-4
@@ -94,9 +98,12 @@ class OptimSection:
     inverse_sqrt_t: int = 4000
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
+        if not 0.0 < float(self.layer_decay) <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1] (1 = no layer-wise decay), got {self.layer_decay}")
         if self.schedule not in ("inverse_sqrt", "warmup_cosine", "constant"):
             raise ConfigError(f"optim.schedule must be inverse_sqrt, warmup_cosine or constant, got {self.schedule!r}")
 
