@@ -1,5 +1,7 @@
-"""Shared fixtures: real structures from the committed data, float64 models with frozen sigma stats,
-and a small shard directory.
+"""Shared fixtures and helpers: real structures from the committed data, float64 models with frozen
+sigma stats, small shard directories (built without Ray), the tiny model every training test uses,
+the environment and subprocess helper of every command a test runs, and the launcher of the one
+torchrun program (``tests/scripts/train_matrix.py``).
 
 Data (all in the repository): ``tests/data/megnet_64.json`` (64 real crystals; most tests need no
 more) and the full example slice ``examples/data/megnet_slice.json.gz`` (3,909 crystals).
@@ -10,15 +12,67 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from paths import FIXTURES, MEGNET_SLICE, require
+from paths import FIXTURES, MEGNET_SLICE, ROOT, require
+from ray_cluster_fixture import LocalCluster, free_port, local_cluster
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# ---- the environment and subprocess helper of every command a test runs
+# Ray without token auth (docs: the token-auth trap), DeepSpeed on CPU without building its ops, the
+# checkout under test first on the path, 2 CPUs for Ray (the CI machine's), one OpenMP thread per
+# process (several processes share 2 cores; more threads only contend).
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "DS_BUILD_OPS": "0",
+       "PYTHONPATH": str(ROOT), "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd, timeout: float, env: dict | None = None, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` (items str()-ed) in ``cwd`` (the checkout) with :data:`ENV` (plus ``env``), output captured as text."""
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})}, cwd=cwd, **kwargs)
+
+
+def torchrun_launcher(nproc: int = 2) -> tuple[str, ...]:
+    """``python`` arguments that start ``nproc`` local torchrun ranks on a free rendezvous port."""
+    return ("-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()))
+
+
+# ---- the tiny model every training test uses (the default architecture, narrowed)
+def tiny_model(**overrides) -> dict:
+    """Model config dict of a 2-block, 32-wide Crystalformer (trains in seconds on a CPU), with ``overrides``."""
+    return {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32, **overrides}
+
+
+# ---- the one torchrun program: short DeepSpeed trainings, results as JSON files
+def deepspeed_runs(runs: list[dict], out: Path, timeout: float = 600, env: dict | None = None) -> dict[str, dict]:
+    """Train every run of ``runs`` (dicts of ``tests/scripts/train_matrix.py``'s ``RunSpec``) in one
+    2-rank torchrun job (gloo); returns ``{name: result}`` read from ``out/<name>/result.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "runs.json"
+    spec.write_text(json.dumps(runs, indent=1))
+    res = run([sys.executable, *torchrun_launcher(2), "tests/scripts/train_matrix.py", spec, out], timeout, env)
+    (out / "torchrun.log").write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return {r["name"]: json.loads((out / r["name"] / "result.json").read_text()) for r in runs}
+
+
+def build_shards(inputs: list[Path], out: Path, targets: list[str], **settings) -> Path:
+    """``cfdist preprocess`` of ``inputs`` into ``out`` in this process (no Ray: the same chunk and
+    finalize functions, cfdist.preprocess.job.build(in_process=True)); returns ``out``."""
+    from cfdist.preprocess.job import Settings, build
+
+    if settings.get("split_file") is not None:
+        settings["split_file"] = str(Path(settings["split_file"]).resolve())
+    build([str(p) for p in inputs], out, Settings(targets=list(targets), **settings), in_process=True)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -61,8 +115,7 @@ def freeze_sigma_stats(model, seed: int = 0):
     return model
 
 
-TINY_ENERGY = {"energy": True, "n_blocks": 2, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8,
-               "head_hidden": 16, "target_names": []}
+TINY_ENERGY = tiny_model(energy=True, d_model=16, n_heads=2, d_ff=32, n_basis=8, head_hidden=16, target_names=[])
 
 
 def energy_model(seed: int = 0, dtype=torch.float64, **overrides):
@@ -123,3 +176,61 @@ def shard_dir(megnet_crystals, tmp_path_factory):
         stats.add(split, arrow)
     write_manifest(root, cutoff=CUTOFF, targets=TARGETS, shards=shards, statistics=stats.summary())
     return root
+
+
+# ---- shard directories built by the preprocessing job (in this process, no Ray)
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, megnet_records):
+    """48 real crystals: 32 train / 8 val / 8 test, 6 chunks of 8 so every split has several files;
+    the default model's cutoff."""
+    from cfdist.config import CrystalformerConfig
+
+    root = tmp_path_factory.mktemp("tiny")
+    records = megnet_records[:48]
+    (root / "raw.json").write_text(json.dumps(records))
+    names = ["train", "train", "train", "train", "val", "test"]
+    split = {name: [r["id"] for k, r in enumerate(records) if names[k % 6] == name] for name in ("train", "val", "test")}
+    (root / "split.json").write_text(json.dumps(split))
+    return build_shards([root / "raw.json"], root / "shards", ["e_form"], split_file=root / "split.json",
+                        shard_size=8, cutoff=CrystalformerConfig().cutoff)
+
+
+# ---- the property-model DeepSpeed runs (one torchrun job serves test_pretrain and test_compile)
+MATRIX_SPECS = {f"z{s}-{p}": {"zero_stage": s, "precision": p} for s in (0, 1, 2, 3) for p in ("fp32", "bf16")}
+MATRIX_SPECS.update({
+    "z0-fp32-ckpt": {"zero_stage": 0, "activation_checkpointing": True},
+    "z3-bf16-ckpt": {"zero_stage": 3, "precision": "bf16", "activation_checkpointing": True},
+    "z2-fp32-accum2": {"zero_stage": 2, "gradient_accumulation_steps": 2},
+    # model.compile (aot_eager backend: the job's CFDIST_COMPILE_BACKEND); eager reference: z0-fp32
+    "z2-fp32-compiled": {"zero_stage": 2, "compile": True},
+    "z1-bf16-compiled": {"zero_stage": 1, "precision": "bf16", "compile": True},
+})
+
+
+@pytest.fixture(scope="session")
+def property_runs(tiny_shards, tmp_path_factory) -> dict[str, dict]:
+    """:data:`MATRIX_SPECS`, 6 steps each of the tiny e_form model on the whole train split of
+    :func:`tiny_shards` (a fixed batch), trained by 2 torchrun ranks in one job: ``{name: result}``."""
+    runs = [{"name": name, "shards": str(tiny_shards), "targets": ["e_form"],
+             "model": tiny_model(**({"compile": True} if spec.pop("compile", False) else {})), **spec}
+            for name, spec in ((n, dict(s)) for n, s in MATRIX_SPECS.items())]
+    return deepspeed_runs(runs, tmp_path_factory.mktemp("property_runs"),
+                          env={"CFDIST_COMPILE_BACKEND": "aot_eager"})
+
+
+# ---- one Ray cluster for the session's Ray Train runs and job submissions
+@pytest.fixture(scope="session")
+def ray_cluster() -> LocalCluster:
+    """Two raylets (127.0.0.2 / .3, 2 CPUs each, with a dashboard for ``ray job submit``) started once
+    for every test that runs Ray Train or submits a job: each such run connects to it (``ray_env``)
+    instead of starting and ending a cluster of its own (~10-20 s each on 2 cores). Its workers get
+    :data:`ENV` plus ``CFDIST_COMPILE_BACKEND=aot_eager`` (workers inherit the raylets' environment,
+    not the driver's; only runs with model.compile read it). Ended, and checked gone, at session end."""
+    with local_cluster(nodes=2, num_cpus=2, env={**ENV, "CFDIST_COMPILE_BACKEND": "aot_eager"}) as cluster:
+        yield cluster
+
+
+def ray_env(cluster: LocalCluster) -> dict[str, str]:
+    """The environment under which ``cfdist pretrain`` / ``finetune`` (cfdist.run.ray_cluster.init_ray)
+    joins ``cluster``."""
+    return {"RAY_ADDRESS": cluster.gcs_address}

@@ -210,6 +210,11 @@ class LocalCluster:
         """The live processes of this cluster now."""
         return cluster_pids(self.temp_dir)
 
+    def pids_running(self, cmdline_contains: bytes) -> set[int]:
+        """The live processes of this cluster whose command line contains ``cmdline_contains``
+        (Ray renames actor workers: ``ray::RayTrainWorker...``)."""
+        return {pid for pid in self.pids() if cmdline_contains in _read(f"/proc/{pid}/cmdline")}
+
     def ray_start(self, *args, timeout: float = 120) -> subprocess.CompletedProcess:
         cmd = [self.ray_bin, "start", "--temp-dir", str(self.temp_dir), "--disable-usage-stats", *map(str, args)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env, check=False)

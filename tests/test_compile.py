@@ -7,23 +7,20 @@ AOTAutograd as inductor, without generating C++ (seconds instead of a minute per
 cores); one test runs inductor itself. The compiled-vs-eager ratios and the default model's
 numbers are ``bench/step.py``'s.
 
-Also a torchrun script: ``torchrun --nproc_per_node 2 tests/test_compile.py SHARDS OUT SPEC...``
-(SPEC = "stage,precision,ckpt,compile", ckpt = activation checkpointing) trains the tiny model under DeepSpeed for each SPEC and
-prints one ``RESULT {...}`` line per run (rank 0).
+The DeepSpeed runs are conftest's ``property_runs`` (the tests' one torchrun job, shared with
+test_pretrain's ZeRO matrix, whose eager ZeRO-0 run is the reference here).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-TINY = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
+from conftest import tiny_model
+
+TINY = tiny_model()
 # the training runs read conftest's shard_dir, whose tables reach 8.9095 A (the default model needs 8.9095 + 4e-5)
 TRAIN_MODEL = {**TINY, "cutoff_sigmas": 4.49}
 # (first crystal, crystals) of the real batches the numerics tests run: sizes differ in every dimension
@@ -88,6 +85,7 @@ def new_tiny_model(dtype, **overrides):
 
 
 # ----------------------------------------------------------------------------- numerics
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_crystals, tmp_path):
     """float64, train mode, sigma statistics set by the first batch: outputs and gradients equal eager
@@ -129,6 +127,7 @@ def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_
         assert rel_err(loaded(batches[0]), compiled(batches[0])) <= 1e-6  # float32 round trip of the weights
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_sigma_statistics_set_inside_a_compiled_forward_are_lost(megnet_crystals):
     """Why compile_model runs the first training forwards eagerly (EagerUntilSigmaReady): compiled
@@ -183,6 +182,7 @@ def test_inductor_float32_matches_eager(megnet_crystals):
     assert first > 0 and log.update().compiles == first and log.recompiles == 0, log.reasons()
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_energy_model_compiled_forces_equal_eager_and_force_training_is_refused_by_torch(megnet_crystals):
     """Energy model, float64: energies, forces and stress (autograd.grad, no create_graph: evaluation)
@@ -251,28 +251,14 @@ def test_run_configs_refuse_compile_with_zero3_checkpointing_and_force_training(
 
 
 # ----------------------------------------------------------------------------- training runs
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1", "CFDIST_COMPILE_BACKEND": "aot_eager"}
-
-
 @pytest.mark.slow
-def test_deepspeed_training_compiled_equals_eager(shard_dir, tmp_path):
+def test_deepspeed_training_compiled_equals_eager(property_runs):
     """2 torchrun ranks (gloo), the tiny model on a fixed batch of real crystals: compiled runs under
     ZeRO-2 (fp32) and ZeRO-1 (bf16) train, the fp32 one follows the eager ZeRO-0 trajectory (the
     ZeRO stages agree to 1e-4: test_pretrain), and every exported model.pt records compile: false
     and loads as an eager model."""
-    from ray_cluster_fixture import free_port
-
-    specs = ["0,fp32,0,0", "2,fp32,0,1", "1,bf16,0,1"]
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(free_port()), __file__, str(shard_dir), str(tmp_path), *specs],
-                         capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO, check=False)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    results = {r["spec"]: r for r in (json.loads(line[7:]) for line in res.stdout.splitlines()
-                                      if line.startswith("RESULT "))}
-    assert sorted(results) == sorted(specs)
-    eager = results["0,fp32,0,0"]
+    results = {name: property_runs[name] for name in ("z0-fp32", "z2-fp32-compiled", "z1-bf16-compiled")}
+    eager = results["z0-fp32"]
     for spec, r in results.items():
         assert r["losses"][-1] < 0.9 * r["losses"][0], (spec, r["losses"])  # a fixed batch: the loss falls
         assert not r["exported_compiled"] and r["exported_compile_flag"] is False, (spec, r)
@@ -280,10 +266,12 @@ def test_deepspeed_training_compiled_equals_eager(shard_dir, tmp_path):
         if "fp32" in spec:
             for a, b in zip(eager["losses"], r["losses"]):
                 assert a == pytest.approx(b, rel=1e-4), (spec, eager["losses"], r["losses"])
-    # rank 0 said so for each compiled run (Trainer.build)
-    assert res.stdout.count("model compiled (torch.compile, backend aot_eager") == 2, res.stdout[-3000:]
+        # rank 0 said so for each compiled run (Trainer.build), and only for those
+        said = sum("model compiled (torch.compile, backend aot_eager" in line for line in r["stdout"])
+        assert said == ("compiled" in spec), (spec, r["stdout"])
 
 
+@pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
     """``cfdist finetune ... model.compile=true`` (one process): the same validation losses as eager for
     the final, best and SWA models (the SWA average is a deep copy of the compiled model), and the
@@ -311,76 +299,6 @@ def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
     assert load(tmp_path / "compile-true" / "checkpoints" / "swa.pt").config.compile is False
 
 
-@pytest.mark.slow
-def test_ray_train_deepspeed_compiled_run(shard_dir, tmp_path):
-    """``cfdist pretrain`` on Ray Train, 2 workers, ZeRO-2, model.compile=true:
-    trains, validates (eval-mode graphs), exports a model.pt that loads as an eager model."""
-    import math
-
-    import cfdist
-    from cfdist.compile import is_compiled
-
-    res = subprocess.run(
-        [sys.executable, "launch/pretrain.py", "--config", "megnet_slice", f"data.shards={shard_dir}",
-         f"output_dir={tmp_path}", "run_name=compiled", "model=" + json.dumps({**TRAIN_MODEL, "compile": True}),
-         "data.max_structures=8", "data.verify_checksums=false", "log_every=1", "max_steps=3", "val_every=3",
-         "checkpoint_every=3", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2"],
-        capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO, check=False)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-4000:]
-    assert "model compiled (torch.compile, backend aot_eager" in out, out[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
-    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
-    assert any("val_mae/e_form" in r and math.isfinite(r["val_mae/e_form"]) for r in records)
-    model = cfdist.load(tmp_path / "compiled" / "model.pt")
-    assert not is_compiled(model) and model.config.compile is False
-
-
-# ----------------------------------------------------------------------------- torchrun script
-def _torchrun_main(shards: str, out: Path, specs: list[str]) -> None:
-    import math
-
-    import torch.distributed as dist
-
-    from cfdist.checkpoint import (
-        export_deepspeed_checkpoint,
-        find_latest_checkpoint,
-        load,
-    )
-    from cfdist.compile import is_compiled
-    from cfdist.config import build
-    from cfdist.shards import collate_arrow, read_shard
-    from cfdist.train.config import PretrainConfig
-    from cfdist.train.loop import local_train_loop
-
-    rank = int(os.environ.get("RANK", "0"))
-    for spec in specs:
-        stage, precision, ckpt, compiled = spec.split(",")
-        cfg = build(PretrainConfig, {
-            "run_name": spec.replace(",", "-"), "output_dir": str(out), "seed": 0, "max_steps": 6, "log_every": 1,
-            "val_every": 100, "checkpoint_every": 6, "model": {**TRAIN_MODEL, "compile": compiled == "1"},
-            "data": {"shards": shards, "targets": ["e_form"], "val_split": "", "max_structures": 64,
-                     "max_entries": 10**7, "max_atoms": 10**5, "shuffle_rows": 0, "verify_checksums": False},
-            "optim": {"lr": 2e-3, "schedule": "constant"},
-            "deepspeed": {"zero_stage": int(stage), "precision": precision, "activation_checkpointing": ckpt == "1"},
-            "scaling": {"num_workers": 2},
-        }, source=spec)
-        local_train_loop(cfg)
-        dist.barrier()
-        if rank == 0:
-            records = [json.loads(line) for line in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
-            exported = load(export_deepspeed_checkpoint(find_latest_checkpoint(cfg.run_dir() / "checkpoints"),
-                                                        cfg.run_dir() / "model.pt"))
-            table = read_shard(min(Path(shards).glob("val/*.parquet")))
-            prediction = exported(collate_arrow(table, ["e_form"]).to(dtype=exported.embedding.weight.dtype))
-            print("RESULT " + json.dumps({
-                "spec": spec, "losses": [r["loss"] for r in records if "loss" in r],
-                "exported_compiled": is_compiled(exported), "exported_compile_flag": exported.config.compile,
-                "exported_prediction_finite": all(math.isfinite(v) for v in prediction.flatten().tolist())}),
-                flush=True)
-        dist.barrier()
-
-
-if __name__ == "__main__":
-    _torchrun_main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+# The compiled Ray Train run (cfdist pretrain, 2 workers, ZeRO-2, model.compile=true: trains,
+# validates, exports an eager model.pt) is the pretraining stage of
+# test_finetune.py::test_end_to_end_preprocess_pretrain_finetune_predict: one Ray Train run for both.

@@ -3,7 +3,7 @@ reference-energy fit, the double backward through checkpointed blocks, real Deep
 MPtrj frames (force MAE falls on train and held-out frames, ZeRO 0-3 with forces on 2 ranks, exact
 resume), and transfer both ways.
 
-The shards are built once per session by the real preprocessing CLI, with a small cutoff (5.94 A) so
+The shards are built once per session by the preprocessing job (in the test process, no Ray), with a small cutoff (5.94 A) so
 that a tiny model trains in seconds: ``mptrj_shards`` from the first 64 frames of the vendored
 ``examples/data/mptrj/mptrj-random-1k.extxyz.gz`` (48 train / 8 val / 8 test, 4 shard files per
 split); ``stressed_mptrj_shards`` from the 387 frames of at most 8 atoms of
@@ -15,9 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
 import re
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -27,18 +25,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from paths import EXAMPLE_DATA, ROOT as REPO, require
-from ray_cluster_fixture import free_port
+from conftest import build_shards, deepspeed_runs, run, tiny_model
+from paths import EXAMPLE_DATA, require
 
-TINY = {"energy": True, "n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32,
-        "cutoff_sigmas": 3.0}  # cutoff 3 * 1.4 / sqrt(0.5) = 5.94 A
+TINY = tiny_model(energy=True, cutoff_sigmas=3.0)  # cutoff 3 * 1.4 / sqrt(0.5) = 5.94 A
 CUTOFF = 5.94
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd, timeout):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
 def extxyz_frames(path: Path, count: int | None = None, max_atoms: int | None = None) -> list[str]:
@@ -56,24 +47,20 @@ def extxyz_frames(path: Path, count: int | None = None, max_atoms: int | None = 
 
 @pytest.fixture(scope="session")
 def mptrj_shards(tmp_path_factory):
-    """64 real MPtrj frames -> shards with energy, forces and stress (``cfdist preprocess``)."""
+    """64 real MPtrj frames -> shards with energy, forces and stress (the preprocessing job)."""
     root = tmp_path_factory.mktemp("mptrj")
     frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-random-1k.extxyz.gz"), 64)
     (root / "frames.extxyz").write_text("".join(frames))
     split = {f"frames.extxyz:{k}": ("val" if k % 8 == 6 else "test" if k % 8 == 7 else "train") for k in range(64)}
     (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "preprocess/build_shards.py", root / "frames.extxyz", "--out", out,
-               "--targets", "energy", "--with-forces", "--with-stress", "--split-file", root / "split.json", "--shard-size", "16",
-               "--cutoff", repr(CUTOFF)], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    return build_shards([root / "frames.extxyz"], root / "shards", ["energy"], with_forces=True, with_stress=True,
+                        split_file=root / "split.json", shard_size=16, cutoff=CUTOFF)
 
 
 @pytest.fixture(scope="session")
 def stressed_mptrj_shards(tmp_path_factory):
     """The 387 frames of at most 8 atoms of the vendored highest-stress MPtrj frames -> 256 train / 114 val /
-    17 test (``cfdist preprocess``). A trajectory's frames all land in val or all outside it (hash of
+    17 test (the preprocessing job). A trajectory's frames all land in val or all outside it (hash of
     ``mptrj_traj_id``), so no held-out frame has a relaxation neighbour in train."""
     root = tmp_path_factory.mktemp("mptrj_stressed")
     frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-highest-stress-1k.extxyz.gz"), max_atoms=8)
@@ -85,12 +72,8 @@ def stressed_mptrj_shards(tmp_path_factory):
         n_train += name == "train"
         split[f"frames.extxyz:{k}"] = name
     (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "preprocess/build_shards.py", root / "frames.extxyz", "--out", out,
-               "--targets", "energy", "--with-forces", "--with-stress", "--split-file", root / "split.json",
-               "--shard-size", "64", "--cutoff", repr(CUTOFF)], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    return build_shards([root / "frames.extxyz"], root / "shards", ["energy"], with_forces=True, with_stress=True,
+                        split_file=root / "split.json", shard_size=64, cutoff=CUTOFF)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -337,28 +320,28 @@ def test_zero_stages_with_forces_on_two_ranks_and_exact_resume(mptrj_shards, tmp
     """torchrun, 2 ranks, gloo: ZeRO 0 / 2 / 3 (fp32) train on energies, forces and stress with the same
     trajectory; ZeRO-3 + bf16 + activation checkpointing runs; a ZeRO-3 run stopped mid-epoch at step
     2 and resumed to 4 equals the uninterrupted run exactly; reference energies stay float64 end to end."""
-    specs = ["0,fp32,0,64", "2,fp32,0,64", "3,fp32,0,64", "3,bf16,1,64", "3,fp32,0,8", "3,fp32,0,8,2"]
-    res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "tests/scripts/energy_matrix.py", mptrj_shards, tmp_path, *specs], timeout=600)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    results = {r["spec"]: r for r in (json.loads(line[7:]) for line in res.stdout.splitlines()
-                                      if line.startswith("RESULT "))}
-    assert sorted(results) == sorted(specs)
+    specs = {"z0": {"zero_stage": 0}, "z2": {"zero_stage": 2}, "z3": {"zero_stage": 3},
+             "z3-bf16-ckpt": {"zero_stage": 3, "precision": "bf16", "activation_checkpointing": True},
+             "z3-b8": {"zero_stage": 3, "max_structures": 8},
+             "z3-b8-stop2": {"zero_stage": 3, "max_structures": 8, "stop_at": 2}}
+    results = deepspeed_runs([{"name": name, "shards": str(mptrj_shards), "targets": ["energy"], "model": TINY,
+                               "max_steps": 4, "val_split": "val", "val_every": 4, "checkpoint_every": 2, **spec}
+                              for name, spec in specs.items()], tmp_path)
     for spec, r in results.items():
         assert r["steps"] == [1, 2, 3, 4] and all(math.isfinite(x) for x in r["losses"] + r["force_mae"]), (spec, r)
         assert r["sigma_stats_equal_across_ranks"] and r["element_energy_dtype"] == "torch.float64", spec
         assert r["exported_reference_exact"] and r["reference_nonzero"] == 58, spec
         assert all(f"val_mae/{k}" in r["val"] for k in ("energy_mev_per_atom", "forces_mev_per_A", "stress_gpa"))
         assert math.isfinite(r["exported_energy"][0])
-    plain = results["0,fp32,0,64"]
+    plain = results["z0"]
     assert plain["structures_per_step"] == [48.0] * 4  # the whole train split, 24 per rank
     assert plain["losses"][-1] < plain["losses"][0]
-    for spec in ("2,fp32,0,64", "3,fp32,0,64"):
+    for spec in ("z2", "z3"):
         for key in ("losses", "force_mae", "stress_mae"):
             assert results[spec][key] == pytest.approx(plain[key], rel=1e-6), (spec, key)
-    bf16 = results["3,bf16,1,64"]
+    bf16 = results["z3-bf16-ckpt"]
     assert bf16["force_mae"] == pytest.approx(plain["force_mae"], rel=1e-3)
-    full, resumed = results["3,fp32,0,8"], results["3,fp32,0,8,2"]
+    full, resumed = results["z3-b8"], results["z3-b8-stop2"]
     assert full["structures_per_step"] == [16.0] * 4 and resumed["resumed"]
     for key in ("losses", "force_mae", "stress_mae", "grad_norms"):
         assert resumed[key] == full[key], key  # bit-identical

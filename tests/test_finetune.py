@@ -6,25 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import freeze_sigma_stats
+from conftest import build_shards, freeze_sigma_stats, ray_env, run, tiny_model
 
-from paths import ROOT as REPO  # noqa: E402
-TINY = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
+TINY = tiny_model()
 TARGETS = ["e_form", "gap pbe"]
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd, timeout):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +29,8 @@ def ft_shards(tmp_path_factory, megnet_records):
     split = {"train": [r["id"] for r in records[:40]], "val": [r["id"] for r in records[40:52]],
              "test": [r["id"] for r in records[52:]]}
     (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "-m", "cfdist.cli", "preprocess", root / "raw.json", "--out", out, "--targets", *TARGETS,
-               "--split-file", root / "split.json", "--shard-size", "16", "--allow-missing-labels",
-               "--cutoff", repr(CrystalformerConfig().cutoff), "--workers", "1"], timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
+    return build_shards([root / "raw.json"], root / "shards", TARGETS, split_file=root / "split.json", shard_size=16,
+                        allow_missing_labels=True, cutoff=CrystalformerConfig().cutoff)
 
 
 def make_config(shards, tmp_path, **kw):
@@ -376,10 +363,10 @@ def test_micro_batches_give_the_same_step(ft_shards, pretrained_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- command line and Ray
-def finetune_cli(shards, out, *overrides, timeout=600):
+def finetune_cli(shards, out, *overrides, timeout=600, env=None):
     return run([sys.executable, "-m", "cfdist.cli", "finetune", "--config", "megnet_slice_eform",
                 f"data.shards={shards}", f"output_dir={out}", "model=" + json.dumps(TINY), "data.batch_size=8",
-                "log_every=1", *overrides], timeout=timeout)
+                "log_every=1", *overrides], timeout=timeout, env=env)
 
 
 def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_ckpt, tmp_path):
@@ -425,14 +412,15 @@ def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
+def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
     """scaling.num_workers=2 (Ray Train, DDP over gloo, each rank half of every batch) follows the
     single-process run: same sigma statistics, same weights up to float32 reduction order."""
     from cfdist.checkpoint import load
 
     local = finetune_cli(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1")
     assert local.returncode == 0, local.stderr[-3000:]
-    ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2")
+    ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2",
+                       env=ray_env(ray_cluster))
     assert ray.returncode == 0, (ray.stdout + ray.stderr)[-4000:]
     for kind in ("final", "swa"):
         a = load(tmp_path / "local" / "megnet_slice_eform" / "checkpoints" / f"{kind}.pt").state_dict()
@@ -442,15 +430,44 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records):
-    """cfdist pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the
-    other label -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint."""
+def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records, ray_cluster):
+    """cfdist preprocess (a Ray Data job: the same shards as ft_shards' in-process build) -> cfdist
+    pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the other label
+    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint.
+
+    The pretraining is also test_compile's Ray Train run: 2 workers, ZeRO-2, model.compile=true
+    (the session cluster's workers compile with aot_eager) trains, validates (eval-mode graphs) and
+    exports a model.pt that loads as an eager model."""
+    from cfdist.config import CrystalformerConfig
+
+    raw = ft_shards.parent
+    shards = tmp_path / "shards"
+    prep = run([sys.executable, "-m", "cfdist.cli", "preprocess", raw / "raw.json", "--out", shards, "--targets",
+                *TARGETS, "--split-file", raw / "split.json", "--shard-size", "16", "--allow-missing-labels",
+                "--cutoff", repr(CrystalformerConfig().cutoff), "--workers", "1"], timeout=300, env=ray_env(ray_cluster))
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    manifest, reference = (json.loads((d / "manifest.json").read_text()) for d in (shards, ft_shards))
+    assert manifest["content_hash"] == reference["content_hash"]
+    assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+    ft_shards = shards
     pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
-               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre", "model=" + json.dumps(TINY),
-               "data.targets=[e_form]", "max_steps=4", "data.max_structures=16", "scaling.num_workers=1",
-               "deepspeed.zero_stage=0", "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600)
-    assert pre.returncode == 0, (pre.stdout + pre.stderr)[-4000:]
+               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre",
+               "model=" + json.dumps({**TINY, "compile": True}), "data.targets=[e_form]", "max_steps=4",
+               "data.max_structures=16", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2",
+               "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600, env=ray_env(ray_cluster))
+    out = pre.stdout + pre.stderr
+    assert pre.returncode == 0, out[-4000:]
+    assert "model compiled (torch.compile, backend aot_eager" in out, out[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    assert any("val_mae/e_form" in r and math.isfinite(r["val_mae/e_form"]) for r in records)
     ckpt = tmp_path / "pre" / "model.pt"
+    from cfdist.checkpoint import load
+    from cfdist.compile import is_compiled
+
+    pretrained = load(ckpt)
+    assert not is_compiled(pretrained) and pretrained.config.compile is False
     ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",
               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
               f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from test_lazy_imports import run_blocked
 
 RUN_SCRIPT = """
@@ -16,6 +18,7 @@ RUN_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # compiles the step (aot_eager) for 4 cases: ~25 s on 2 cores
 def test_quick_cpu_run_covers_every_case_without_the_heavy_stack(shard_dir, tmp_path):
     out = tmp_path / "gpu_step.json"
     res = run_blocked(RUN_SCRIPT, "--shards", str(shard_dir), "--device", "cpu", "--quick",

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_model
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 16, "n_basis": 8, "head_hidden": 8}
+TINY = tiny_model(n_blocks=1, d_model=16, n_heads=2, d_ff=16, n_basis=8, head_hidden=8)
 # conftest.shard_dir's tables reach 8.9095 A, a hair short of the default model's 8.90954 A (4.5 sigma_max)
 SHARD_MODEL = {**TINY, "cutoff_sigmas": 4.4}
 COMMANDS = ("preprocess", "pretrain", "finetune", "prepare-task", "export", "evaluate", "predict", "configs")

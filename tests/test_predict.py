@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CUTOFF, freeze_sigma_stats
+from conftest import CUTOFF, freeze_sigma_stats, run, tiny_model
 
 from paths import ROOT as REPO  # noqa: E402
-TINY = dict(n_blocks=1, d_model=32, n_heads=4, d_ff=64, n_basis=16, head_hidden=32)
+TINY = tiny_model(n_blocks=1)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,7 @@ def portable(tmp_path_factory):
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "cfdist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+    return run([sys.executable, "-m", "cfdist.cli", *args], timeout=300, cwd=cwd)
 
 
 def _read_csv(path):

@@ -15,6 +15,7 @@ import pytest
 from cfdist.geometry import image_table
 from cfdist.shards import arrow_to_crystals, collate_arrow, read_shard
 
+from conftest import ENV, build_shards, run
 from paths import EXAMPLE_DATA, require
 from paths import ROOT as REPO  # noqa: E402
 SCRIPT = REPO / "preprocess" / "build_shards.py"
@@ -24,7 +25,9 @@ SCRIPT = REPO / "preprocess" / "build_shards.py"
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", object_store_memory=256 * 1024**2)
+    # address="local": a new instance of this process's own, never the session's Ray cluster (conftest)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             object_store_memory=256 * 1024**2)
     yield ray
     ray.shutdown()
 
@@ -37,9 +40,8 @@ def run_build(ray_session, inputs, out, **overrides):
 
 
 def cli(*args, timeout=240, **kwargs):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CFDIST_RAY_NUM_CPUS": "2", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO, **kwargs)
+    """``preprocess/build_shards.py ARGS`` (a Ray Data job on a Ray instance of its own)."""
+    return run([sys.executable, SCRIPT, *args], timeout, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,23 @@ def bad_records(good):
     }
     bad["unknown_symbol"] = variant(8, elements=["Xx"] * len(good[8]["atoms"]["elements"]))
     return bad
+
+
+def test_in_process_build_writes_what_the_ray_build_writes(ray_session, megnet_records, tmp_path):
+    """``build(in_process=True)`` (what the test fixtures use: no Ray) plans, processes and finalizes
+    two inputs into byte-identical shards and the same manifest as the Ray Data build."""
+    from cfdist.preprocess.job import Settings, build
+
+    inputs = [tmp_path / "a.json", tmp_path / "b.json"]
+    inputs[0].write_text(json.dumps(megnet_records[:20]))
+    inputs[1].write_text(json.dumps(megnet_records[20:40]))
+    settings = Settings(cutoff=8.9095, targets=["e_form"], shard_size=8)
+    ray_manifest = build([str(p) for p in inputs], tmp_path / "ray", settings, workers=2)
+    here = build([str(p) for p in inputs], tmp_path / "here", settings, in_process=True)
+    assert here["n_written"] == ray_manifest["n_written"] == 40
+    strip = lambda m: {k: v for k, v in m.items() if k not in ("created", "inputs")}  # noqa: E731
+    assert strip(here) == strip(ray_manifest)
+    assert [s["sha256"] for s in here["shards"]] == [s["sha256"] for s in ray_manifest["shards"]]
 
 
 def test_bad_records_are_accounted_with_reasons(ray_session, megnet_records, megnet_slice_records, tmp_path):
@@ -202,12 +221,11 @@ def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_record
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps(megnet_slice_records[:240]))
     args = [raw, "--targets", "e_form", "--shard-size", "8", "--workers", "1", "--cutoff", "8.9095"]
-    reference = cli(*args, "--out", tmp_path / "full")
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    # the uninterrupted reference: the same build in this process (the same files: test_in_process_build_...)
+    build_shards([raw], tmp_path / "full", ["e_form"], shard_size=8, cutoff=8.9095)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CFDIST_RAY_NUM_CPUS": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)], env=env, cwd=REPO,
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     progress = out / ".progress"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run
 from paths import ROOT as REPO  # noqa: E402
 from ray_cluster_fixture import local_cluster
 
@@ -22,22 +23,20 @@ def slice_file(tmp_path, megnet_records):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_against_a_running_cluster(slice_file, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    with local_cluster(nodes=1, num_cpus=2, env=env) as cluster:
-        out = tmp_path / "job-out"
-        submit = subprocess.run(
-            [cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet"]}), "--",
-             # The job driver runs with the cluster's PATH, not this process's venv: name the
-             # interpreter explicitly, as a cluster user would use their environment's python.
-             sys.executable, "preprocess/build_shards.py", str(slice_file), "--out", str(out), "--targets", "e_form",
-             "--shard-size", "20"],
-            capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
-        assert "succeeded" in submit.stdout.lower()
-        manifest = json.loads((out / "manifest.json").read_text())
-        assert manifest["n_written"] == 60
+def test_ray_job_submit_against_a_running_cluster(slice_file, tmp_path, ray_cluster):
+    """`ray job submit` of preprocess/build_shards.py to the session's running cluster (conftest)."""
+    out = tmp_path / "job-out"
+    submit = run(
+        [ray_cluster.ray_bin, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
+         # The job driver runs with the cluster's PATH, not this process's venv: name the
+         # interpreter explicitly, as a cluster user would use their environment's python.
+         sys.executable, "preprocess/build_shards.py", str(slice_file), "--out", str(out), "--targets", "e_form",
+         "--shard-size", "20"], timeout=300)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    assert "succeeded" in submit.stdout.lower()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["n_written"] == 60
 
 
 # a detached actor that starts a grandchild with a scrubbed environment in its own session: the

@@ -13,45 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ENV, MATRIX_SPECS, ray_env, run, tiny_model, torchrun_launcher
 from paths import ROOT as REPO  # noqa: E402
-from ray_cluster_fixture import descendants, free_port, local_cluster
 
-TINY_MODEL = {"n_blocks": 2, "d_model": 32, "n_heads": 4, "d_ff": 64, "n_basis": 16, "head_hidden": 32}
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
-       "CFDIST_RAY_NUM_CPUS": "2", "OMP_NUM_THREADS": "1"}
+TINY_MODEL = tiny_model()
 
 
-def run(cmd, timeout, **kwargs):
-    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO,
-                         **kwargs)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory, megnet_records):
-    """48 real crystals: 32 train / 8 val / 8 test, 6 chunks of 8 so every split has several files."""
-    from cfdist.config import CrystalformerConfig
-
-    root = tmp_path_factory.mktemp("tiny")
-    records = megnet_records[:48]
-    (root / "raw.json").write_text(json.dumps(records))
-    names = ["train", "train", "train", "train", "val", "test"]
-    split = {name: [r["id"] for k, r in enumerate(records) if names[k % 6] == name] for name in ("train", "val", "test")}
-    (root / "split.json").write_text(json.dumps(split))
-    out = root / "shards"
-    res = run([sys.executable, "preprocess/build_shards.py", root / "raw.json", "--out", out, "--targets", "e_form",
-               "--split-file", root / "split.json", "--shard-size", "8", "--cutoff", repr(CrystalformerConfig().cutoff)],
-              timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
-
-
-def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=()):
-    """``launch/pretrain.py`` on the tiny shards; ``launcher``: e.g. ``("-m", "torch.distributed.run", ...)``."""
+def pretrain_cli(shards, out, run_name, *overrides, timeout=420, extra_args=(), launcher=(), env=None):
+    """``launch/pretrain.py`` on the tiny shards; ``launcher``: e.g. ``torchrun_launcher(2)``; ``env``:
+    e.g. ``ray_env(ray_cluster)``."""
     return run([sys.executable, *launcher, "launch/pretrain.py", "--config", "megnet_slice", *extra_args,
                 f"data.shards={shards}", f"output_dir={out}", f"run_name={run_name}",
                 "model=" + json.dumps(TINY_MODEL), "data.max_structures=8", "data.shuffle_rows=16",
-                "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout)
+                "data.verify_checksums=false", "log_every=1", *overrides], timeout=timeout, env=env)
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -59,31 +33,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_zero_stages_and_precisions_train_and_export(tiny_shards, tmp_path):
+def test_zero_stages_and_precisions_train_and_export(property_runs):
     """ZeRO 0-3 x {fp32, bf16}, 2 ranks (torchrun, gloo): loss finite and falling on a fixed batch;
     activation checkpointing reproduces the fp32 trajectory; every run exports a loadable model."""
-    specs = [f"{s},{p},0" for s in (0, 1, 2, 3) for p in ("fp32", "bf16")] + ["0,fp32,1", "3,bf16,1", "2,fp32,0,2"]
-    res = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29500 + os.getpid() % 1000), "tests/scripts/train_matrix.py",
-               tiny_shards, tmp_path, *specs], timeout=600)
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    results = {r["spec"]: r for r in (json.loads(line[7:]) for line in res.stdout.splitlines()
-                                      if line.startswith("RESULT "))}
-    assert sorted(results) == sorted(specs)
+    results = {name: r for name, r in property_runs.items() if "compiled" not in name}
+    assert sorted(results) == sorted(n for n in MATRIX_SPECS if "compiled" not in n)
     for spec, r in results.items():
         losses = r["losses"]
         assert len(losses) == 6 and all(math.isfinite(x) for x in losses + r["grad_norms"]), (spec, r)
         assert losses[-1] < 0.9 * losses[0], (spec, losses)  # the same batch every step: the loss must drop
-        accum = int(spec.split(",")[3]) if spec.count(",") == 3 else 1
+        accum = MATRIX_SPECS[spec].get("gradient_accumulation_steps", 1)
         assert r["structures_per_step"][0] == 32 * accum  # whole train split (16 per rank) per micro-batch
         assert r["sigma_stats_equal_across_ranks"] and all(s != 1.0 for s in r["sigma_std"]), r
         assert all(math.isfinite(x) for x in r["exported_prediction"][0]), spec
-    plain, ckpt = results["0,fp32,0"], results["0,fp32,1"]
+    plain, ckpt = results["z0-fp32"], results["z0-fp32-ckpt"]
     for a, b in zip(plain["losses"] + plain["grad_norms"], ckpt["losses"] + ckpt["grad_norms"]):
         assert a == pytest.approx(b, rel=1e-5), (plain, ckpt)
     # the ZeRO stages are the same optimiser sharded differently: fp32 trajectories agree
     for stage in (1, 2, 3):
-        for a, b in zip(plain["losses"], results[f"{stage},fp32,0"]["losses"]):
+        for a, b in zip(plain["losses"], results[f"z{stage}-fp32"]["losses"]):
             assert a == pytest.approx(b, rel=1e-4), stage
 
 
@@ -117,10 +85,11 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
     """Regression: `--no-ray` under torchrun made every rank verify (hash) all shards and append to
     config.yaml / run_info.jsonl (one line per rank per start). Only rank 0 may do that."""
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    launcher = torchrun_launcher(2)
     res = pretrain_cli(tiny_shards, tmp_path, "tr", "max_steps=2", "data.verify_checksums=true",
                        extra_args=("--no-ray",), launcher=launcher, timeout=300)
     output = res.stdout + res.stderr
@@ -132,23 +101,70 @@ def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
     cfdist.load(tmp_path / "tr" / "model.pt")
 
 
+def pretrain_popen(shards, out, run_name, *overrides, env=None) -> subprocess.Popen:
+    """:func:`pretrain_cli` started in the background, stdout and stderr merged into ``proc.stdout``."""
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "megnet_slice", f"data.shards={shards}",
+           f"output_dir={out}", f"run_name={run_name}", "model=" + json.dumps(TINY_MODEL), "data.max_structures=8",
+           "data.shuffle_rows=16", "data.verify_checksums=false", "log_every=1", *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, **(env or {})}, cwd=REPO)
+
+
+def kill_a_worker_at_step(proc: subprocess.Popen, cluster, metrics_file: Path, step: int, earlier: set[int],
+                          timeout: float = 300) -> int | None:
+    """Once ``metrics_file`` shows ``step``, SIGKILL one Ray Train worker of ``cluster`` that is not in
+    ``earlier`` (an earlier run's); returns its pid, or None if ``proc`` ended first."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        steps = [json.loads(x).get("step", 0) for x in metrics_file.read_text().splitlines()] \
+            if metrics_file.exists() else []
+        if steps and max(steps) >= step:
+            pids = sorted(cluster.pids_running(b"RayTrainWorker") - earlier)
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                return pids[-1]
+        time.sleep(0.2)
+    return None
+
+
 @pytest.mark.slow
-def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
-    """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 6; equal to a 6-step run."""
+def test_ray_train_resume_and_killed_worker_match_uninterrupted_run(tiny_shards, tmp_path, ray_cluster):
+    """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 9 (a CLI restart), and
+    in that run one worker is killed with SIGKILL after step 5: the group restarts from the last
+    checkpoint and finishes. Every step's loss equals a 9-step uninterrupted run's, and so does the
+    exported model. (One test for both: the CLI resume and the failure restart restore through
+    the same ray.train checkpoint, and each Ray Train run costs ~30 s of start-up on 2 cores.)"""
     # 16 structures per rank at 4 per batch: 4 steps per epoch, so step 3 is mid-epoch (the cursor
-    # skips 3 batches on resume) and steps 5-6 cross into epoch 1
-    common = ("scaling.num_workers=2", "scaling.max_failures=0", "checkpoint_every=3", "val_every=6",
-              "deepspeed=zero2", "data.max_structures=4")
-    full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=6", *common)
+    # skips 3 batches on resume) and steps 5-9 cross into epochs 1 and 2
+    common = ("scaling.num_workers=2", "checkpoint_every=3", "val_every=6", "deepspeed=zero2",
+              "data.max_structures=4")
+    env = ray_env(ray_cluster)
+    full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=9", "scaling.max_failures=0", *common, env=env)
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
-    first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", *common, extra_args=("--no-export",))
+    first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", "scaling.max_failures=0", *common,
+                         extra_args=("--no-export",), env=env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    second = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=6", *common)
-    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-    assert "resumed from" in second.stdout + second.stderr
+    earlier = ray_cluster.pids_running(b"RayTrainWorker")  # none of this run's; never kill those
+    proc = pretrain_popen(tiny_shards, tmp_path, "resumed", "max_steps=9", "scaling.max_failures=2", *common, env=env)
+    try:
+        killed = kill_a_worker_at_step(proc, ray_cluster, tmp_path / "resumed" / "metrics.jsonl", 5, earlier)
+        output, _ = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (tmp_path / "driver.log").write_text(output)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, output[-4000:]
+    # resumed twice: from the first command's step 3, and after the kill from the last checkpoint
+    assert output.count("resumed from") >= 2, output[-4000:]
     ref = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
-    got = {r["step"]: r for r in metrics(tmp_path / "resumed") if "loss" in r}
-    assert sorted(ref) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    records = [r for r in metrics(tmp_path / "resumed") if "loss" in r]
+    got = {r["step"]: r for r in records}  # the last record of each step
+    assert sorted(ref) == sorted(got) == list(range(1, 10))
+    assert len(records) > 9  # some steps after the last checkpoint were run twice
     for step in ref:
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-7), step
         assert got[step]["structures_per_step"] == ref[step]["structures_per_step"]
@@ -157,6 +173,7 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     import cfdist
 
     a, b = cfdist.load(tmp_path / "full" / "model.pt"), cfdist.load(tmp_path / "resumed" / "model.pt")
+    assert b.checkpoint_info["extra"]["step"] == 9
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
     # the on-demand export CLI gives the same portable model as the end-of-run export
@@ -171,6 +188,7 @@ def test_ray_train_resume_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_path):
     """Regression (the loop's end-of-epoch check tested a counter it had just reset): ranks split the
     train rows into blocks, so with a one-row train split one of 2 torchrun ranks has no rows; the
@@ -188,7 +206,7 @@ def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_
     manifest["shards"] = ([e for e in manifest["shards"] if e["split"] != "train"]
                           + [shard_record(shards, train["file"], "train", 1)])
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()))
+    launcher = torchrun_launcher(2)
     res = pretrain_cli(shards, tmp_path, "empty_rank", "max_steps=3", "data.val_split=", timeout=300,
                        extra_args=("--no-ray",), launcher=launcher)
     assert res.returncode != 0
@@ -196,74 +214,26 @@ def test_a_rank_without_training_rows_fails_with_a_clear_error(tiny_shards, tmp_
         res.stderr[-3000:]
 
 
-def ray_worker_pids(driver_pid: int) -> list[int]:
-    """The Ray Train workers of the run ``driver_pid`` started (never another cluster's)."""
-    return sorted(descendants(driver_pid, b"RayTrainWorker"))
-
-
 @pytest.mark.slow
-def test_killed_worker_restarts_from_last_checkpoint(tiny_shards, tmp_path):
-    """kill -9 one Ray Train worker mid-run: the group restarts from the last checkpoint and finishes."""
-    import signal
-    import time
-
-    cmd = [sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
-           f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=ft", "model=" + json.dumps(TINY_MODEL),
-           "data.max_structures=4", "data.verify_checksums=false", "log_every=1", "max_steps=12",
-           "checkpoint_every=2", "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
-    killed = None
-    try:
-        deadline = time.time() + 300
-        metrics_file = tmp_path / "ft" / "metrics.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            steps = [json.loads(x).get("step", 0) for x in metrics_file.read_text().splitlines()] \
-                if metrics_file.exists() else []
-            # checkpoints at 2 and 4; by step 5 the step-2 one is surely registered with the controller
-            if steps and max(steps) >= 5:
-                pids = ray_worker_pids(proc.pid)
-                if pids:
-                    killed = pids[-1]
-                    os.kill(killed, signal.SIGKILL)
-                    break
-            time.sleep(0.2)
-        output, _ = proc.communicate(timeout=420)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    (tmp_path / "driver.log").write_text(output)
-    assert killed is not None, "the run ended before a worker could be killed"
-    assert proc.returncode == 0, output[-4000:]
-    assert "resumed from" in output, output[-4000:]
-    import cfdist
-
-    model = cfdist.load(tmp_path / "ft" / "model.pt")
-    assert model.checkpoint_info["extra"]["step"] == 12
-    steps = [json.loads(x)["step"] for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 12 and len(steps) > 12  # some steps after the last checkpoint were run twice
-
-
-@pytest.mark.slow
-def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path):
+def test_two_node_cluster_job_submit_zero3_bf16(tiny_shards, tmp_path, ray_cluster):
     """Two raylets (127.0.0.2 / .3), one worker per node (STRICT_SPREAD), ZeRO-3 + bf16 + activation
     checkpointing, submitted with `ray job submit`: the job succeeds, the loss falls, the export loads."""
-    with local_cluster(nodes=2, num_cpus=2, env=ENV) as cluster:
-        job = run([cluster.ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", REPO,
-                   "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
-                   sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
-                   f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
-                   "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
-                   "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",
-                   "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
-                   "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
-                   "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
-        log = job.stdout + job.stderr
-        assert job.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
-        # one worker per node: two worker processes, one of them on the second raylet (127.0.0.3)
-        import re
+    job = run([ray_cluster.ray_bin, "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", REPO,
+               "--runtime-env-json", json.dumps({"excludes": [".venv", "outputs", "*.parquet", ".git"]}), "--",
+               sys.executable, "launch/pretrain.py", "--config", "megnet_slice",
+               f"data.shards={tiny_shards}", f"output_dir={tmp_path}", "run_name=multinode",
+               "model=" + json.dumps(TINY_MODEL), "max_steps=4", "log_every=1", "val_every=4",
+               "checkpoint_every=4", "data.max_structures=64", "data.shuffle_rows=0", "optim.lr=2e-3",
+               "optim.schedule=constant", "deepspeed.zero_stage=3", "deepspeed.precision=bf16",
+               "deepspeed.activation_checkpointing=true", "scaling.num_workers=2",
+               "scaling.placement_strategy=STRICT_SPREAD"], timeout=480)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in log.lower(), log[-4000:]
+    # one worker per node: two worker processes, one of them on the second raylet (127.0.0.3)
+    import re
 
-        assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
-        assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
+    assert len(set(re.findall(r"RayTrainWorker pid=(\d+)", log))) == 2, log[-4000:]
+    assert re.search(r"RayTrainWorker pid=\d+, ip=127\.0\.0\.3", log), log[-4000:]
     losses = [r["loss"] for r in metrics(tmp_path / "multinode") if "loss" in r]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     import cfdist

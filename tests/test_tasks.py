@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import zipfile
 
 import pytest
 
-from paths import ROOT as REPO  # noqa: E402
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+from conftest import ray_env, run
 
 
 def test_megnet_split_is_the_reference_rule():
@@ -94,13 +91,14 @@ def test_every_task_has_a_config():
         assert cfg.data.shards == f"data/{name}" and cfg.swa_epochs == 50
 
 
-def _prepare(*args):
-    return subprocess.run([sys.executable, "-m", "cfdist.cli", "prepare-task", *map(str, args), "--workers", "1"],
-                          capture_output=True, text=True, timeout=400, env=ENV, cwd=REPO)
+def _prepare(cluster, *args):
+    """``cfdist prepare-task ARGS`` (its Ray Data preprocessing job runs on ``cluster``)."""
+    return run([sys.executable, "-m", "cfdist.cli", "prepare-task", *args, "--workers", "1"], timeout=400,
+               env=ray_env(cluster))
 
 
 @pytest.mark.slow
-def test_prepare_task_megnet_and_jarvis_from_local_files(megnet_records, tmp_path):
+def test_prepare_task_megnet_and_jarvis_from_local_files(megnet_records, tmp_path, ray_cluster):
     """The downloaded formats (megnet.json in a zip; dft_3d JSON) -> split file -> shards; every
     record is written or rejected with a reason (rows outside the split: not_in_split_file)."""
     from cfdist.manifest import ShardSet
@@ -108,7 +106,7 @@ def test_prepare_task_megnet_and_jarvis_from_local_files(megnet_records, tmp_pat
     archive = tmp_path / "megnet.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("megnet.json", json.dumps(megnet_records[:60]))
-    res = _prepare("megnet_bandgap", "--out", tmp_path / "mb", "--source", archive, "--sizes", 40, 10, 10)
+    res = _prepare(ray_cluster, "megnet_bandgap", "--out", tmp_path / "mb", "--source", archive, "--sizes", 40, 10, 10)
     assert res.returncode == 0, res.stderr[-3000:]
     shards = ShardSet(tmp_path / "mb")
     assert shards.targets == ["gap pbe"]
@@ -119,7 +117,7 @@ def test_prepare_task_megnet_and_jarvis_from_local_files(megnet_records, tmp_pat
 
     records = _dft3d_records(megnet_records, 50)
     (tmp_path / "dft3d.json").write_text(json.dumps(records))
-    res = _prepare("jarvis_formation", "--out", tmp_path / "jf", "--source", tmp_path / "dft3d.json")
+    res = _prepare(ray_cluster, "jarvis_formation", "--out", tmp_path / "jf", "--source", tmp_path / "dft3d.json")
     assert res.returncode == 0, res.stderr[-3000:]
     shards = ShardSet(tmp_path / "jf")
     assert [shards.n_rows(s) for s in ("train", "val", "test")] == [36, 4, 4]  # 45 finite rows, ALIGNN rule

@@ -330,6 +330,15 @@ def run_chunks(pending: list[tuple[int, Chunk]], settings: Settings, out: Path, 
           f"structures/s with {concurrency} worker(s))", file=sys.stderr)
 
 
+def run_chunks_here(pending: list[tuple[int, Chunk]], settings: Settings, out: Path) -> None:
+    """``build(in_process=True)``: the pending chunks one after the other in this process, through
+    :func:`process_chunks`, the function the Ray Data tasks map (so both paths write the same files)."""
+    for index, chunk in pending:
+        process_chunks({"index": [index], "chunk": [json.dumps(asdict(chunk))]}, asdict(settings), str(out))
+    if pending:
+        print(f"processed {len(pending)} chunk(s) in this process", file=sys.stderr)
+
+
 def _chunk_record(out: Path, index: int) -> dict:
     return json.loads((out / PROGRESS_DIR / f"chunk-{index:06d}.json").read_text())
 
@@ -468,8 +477,14 @@ def _groups_per_split(groups: PartitionedPairs) -> dict[str, int]:
 
 
 def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
-          workers: int | None = None, overwrite: bool = False) -> dict:
-    """Build (or resume) the shards of ``inputs`` into ``out``; returns the manifest."""
+          workers: int | None = None, overwrite: bool = False, in_process: bool = False) -> dict:
+    """Build (or resume) the shards of ``inputs`` into ``out``; returns the manifest.
+
+    ``in_process=True`` runs the planning and every chunk in the calling process, one after the
+    other, through the same functions the Ray tasks run (:func:`plan_chunks`, :func:`process_chunks`)
+    and the same :func:`finalize`: identical shards and manifest without starting Ray, for small
+    builds (tests, a few hundred structures) where a cluster's start-up costs more than the work.
+    """
 
     out = Path(out).resolve()
     paths = expand_inputs(list(inputs))
@@ -504,7 +519,8 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     done_files = {int(p.name[6:12]) for p in (out / PROGRESS_DIR).glob("chunk-[0-9]*.json")}
     chunks = _reusable_plan(out, done_files)
     if chunks is None:
-        chunks = plan_inputs(paths, fmt, settings.shard_size, out / PROGRESS_DIR / SPILL_DIR, settings.reader_options)
+        chunks = plan_inputs(paths, fmt, settings.shard_size, out / PROGRESS_DIR / SPILL_DIR, settings.reader_options,
+                             in_process=in_process)
         write_json_atomic(out / PROGRESS_DIR / "plan.json",
                            {"content_hash": digest, "n_chunks": len(chunks), "chunks": [asdict(c) for c in chunks]},
                           sort_keys=True)
@@ -515,9 +531,12 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     print(f"{fmt}: {total:,} records in {len(chunks)} chunk(s); {len(done)} already done, {len(pending)} to run; "
           f"cutoff {settings.cutoff:.4f} A; content hash {digest[:12]}", file=sys.stderr)
     _remove_partial_files(out)
-    if pending:
-        init_ray(object_store_memory=512 * 1024**2)
-    run_chunks(pending, settings, out, workers, total, already)
+    if in_process:
+        run_chunks_here(pending, settings, out)
+    else:
+        if pending:
+            init_ray(object_store_memory=512 * 1024**2)
+        run_chunks(pending, settings, out, workers, total, already)
     manifest = finalize(out, len(chunks), digest, fmt, fingerprint, settings)
     shutil.rmtree(out / PROGRESS_DIR / SPILL_DIR, ignore_errors=True)  # decompressed copies: no longer needed
     print_summary(manifest)
@@ -537,13 +556,16 @@ def _reusable_plan(out: Path, done: set[int]) -> list[Chunk] | None:
 
 
 def plan_inputs(paths: Sequence[str], fmt: str, shard_size: int, spill_dir: Path,
-                options: dict[str, str] | None = None) -> list[Chunk]:
+                options: dict[str, str] | None = None, in_process: bool = False) -> list[Chunk]:
     """Chunks of every input, in input order; several inputs are planned in parallel Ray tasks
-    (planning a compressed input means decompressing it, which is the slow part). ``options``: the
-    reader options (:func:`cfdist.io.plan_chunks`)."""
+    (planning a compressed input means decompressing it, which is the slow part), or one after
+    the other in this process with ``in_process``. ``options``: the reader options
+    (:func:`cfdist.io.plan_chunks`)."""
     import ray
     from tqdm import tqdm
 
+    if in_process:
+        return [c for p in paths for c in plan_chunks(p, fmt, shard_size, str(spill_dir), options)]
     if len(paths) == 1:
         print(f"planning {paths[0]} ...", file=sys.stderr)
         return plan_chunks(paths[0], fmt, shard_size, str(spill_dir), options)
