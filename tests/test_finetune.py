@@ -549,3 +549,23 @@ def test_layer_decay_scales_lr_per_depth(ft_shards, tmp_path):
                for names_ in [n for n, p in trainer.model.named_parameters() if any(p is q for q in g["params"])]}
     assert by_name["embedding.weight"] == pytest.approx(5e-4 * 0.125)
     assert by_name["blocks.1.ffn.0.weight"] == pytest.approx(5e-4 * 0.5) and by_name["head.2.bias"] == 5e-4
+
+
+def test_a_kept_pretrained_head_loses_no_accuracy_at_step_0(ft_shards, pretrained_ckpt, tmp_path):
+    """Fine-tuning from a checkpoint that already predicts the target (transfer.head keep / auto):
+    before the first update the model scores exactly what the checkpoint scores on the same split (no
+    fresh head, no re-standardisation with the new train split's statistics)."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    for head in ("keep", "auto"):
+        cfg = make_config(ft_shards, tmp_path / head, init_from="pretrained", checkpoint=str(pretrained_ckpt),
+                          transfer={"head": head})
+        trainer = FinetuneTrainer(cfg)
+        trainer.build()
+        at_step_0 = trainer.validate(trainer.model)
+        pretrained = trainer.validate(load(pretrained_ckpt).to(trainer.device))
+        assert at_step_0["val_mae/e_form"] == pytest.approx(pretrained["val_mae/e_form"], rel=1e-6), head
+        # the checkpoint's standardisation (mean -1.5), not this train split's (which would shift every prediction)
+        mean, _ = trainer.shards.target_stats("e_form", "train")
+        assert float(trainer.model.target_mean[0]) == -1.5 and abs(mean + 1.5) > 0.1
