@@ -654,8 +654,7 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         model = Crystalformer(config)
         model.train()
-        with torch.no_grad():  # the first training forward sets (and freezes) the sigma statistics
-            model(collate(batches[0], tables_by_c[0][config.cutoff_sigmas]))
+        model.fit_sigma_statistics(collate(batches[0], tables_by_c[0][config.cutoff_sigmas]))
         assert model.sigma_stats_ready
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)

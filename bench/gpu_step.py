@@ -20,11 +20,12 @@ shapes, inductor), plus the reference implementation's dense-box attention math
 (``cfdist.ops.dense_box``: every atom pair x a 5x5x5 translation box) eager fp32 at the same batches
 for the ratio. Batches are real shard rows (a seeded permutation of ``--split``; every step takes
 the next batch of a pool of distinct batches, so shapes change every step as in training),
-collated and moved to the device before timing, as a data loader's prefetch would (the step
-itself still reads the batch's counts back to the host: the geometry has data-dependent sizes).
+collated and moved to the device before timing, as a data loader's prefetch would (the collate
+also computes the pair and block indices, so the step itself never reads anything back to the host).
 
-Per case: warm-up steps (the compiled cases compile there: the first two training forwards run
-eagerly while the sigma statistics are set, then the compile; "warm-up s" holds it), then timed
+Per case: the sigma statistics are fitted on the first pool batch before compiling
+(``Crystalformer.fit_sigma_statistics``), then warm-up steps (the compiled cases compile there;
+"warm-up s" holds it), then timed
 steps (CUDA synchronised) until ``--steps`` or ``--case-s`` seconds; structures/s = structures per
 step / median step time; peak memory = ``torch.cuda.max_memory_allocated`` since the case began
 (model, optimiser state and activations; on CPU the process's max RSS). A case that runs out of
@@ -152,6 +153,7 @@ def main(argv=None) -> dict:
             from cfdist.ops.dense_box import DenseBoxAttention
 
             model.attention_backend = DenseBoxAttention(box_range=2)
+        model.fit_sigma_statistics(pools[sizes[0]][0])  # before compiling, as the training loops do
         if mode == "compiled":
             compile_model(model, backend=args.compile_backend)
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=1e-5,

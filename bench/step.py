@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training-step time of the whole model, eager vs ``torch.compile`` (``model.compile``), on real crystals.
+"""Training-step time of the whole model, eager vs ``torch.compile`` (``compute.compile``), on real crystals.
 
     python bench/step.py                      # default + simplified model (~5 min on 2 shared cores)
     python bench/step.py --quick              # smoke run: 2 timing batches, 20 recompile batches, no float64
@@ -10,13 +10,14 @@ What it measures, for the default Crystalformer (853,505 parameters) and the pap
 tables at the model's cutoff, built untimed):
 
 1. ``time``: one training step = geometry + forward + backward (loss = mean squared output; no
-   optimiser), float32, train mode, sigma statistics set beforehand. Eager and compiled run side by
+   optimiser), float32, train mode, sigma statistics fitted beforehand. Eager and compiled run side by
    side in this process on the same ``--timing-batches`` batches of ``--batch`` structures, each
    batch ``--repeats`` times, alternating eager and compiled per batch (so load changes hit both
    alike); the median per-step time of each is reported, with structures/s and the compiled
    speed-up. The compile time is reported separately: the wall time of the first compiled step
    minus the median compiled step. The inductor cache goes to a fresh directory (cold compile)
-   unless ``--warm-cache``.
+   unless ``--warm-cache``, with the graph breaks of the first compiled step. The collate (CPU: the
+   batch's arrays and its pair / block indices, outside the step) is timed apart.
 2. ``numerics``: the largest relative difference compiled vs eager of the outputs and of the
    gradients over the timing batches (float32), and for the default model also in float64 (a
    separate compile).
@@ -127,12 +128,11 @@ def main(argv=None) -> dict:
         return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
     def models_for(name, dtype):
-        """(eager, compiled) with the same weights and frozen sigma statistics (set by one eager step)."""
+        """(eager, compiled) with the same weights and sigma statistics (fitted before compiling)."""
         torch.manual_seed(args.seed)
         eager = Crystalformer(CrystalformerConfig(target_names=["e_form"], **MODELS[name])).to(dtype).train()
-        step(eager, make_batch(timing_idx[0], dtype))  # sets the sigma statistics
+        eager.fit_sigma_statistics(make_batch(timing_idx[0], dtype))
         compiled = compile_model(copy.deepcopy(eager), backend=args.backend)
-        step(compiled, make_batch(timing_idx[0][:8], dtype))  # the gate's one eager forward (cfdist.compile)
         return eager, compiled
 
     results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "models": {}}
@@ -141,6 +141,11 @@ def main(argv=None) -> dict:
         print(f"## {name} model ({sum(p.numel() for p in Crystalformer(CrystalformerConfig(**MODELS[name])).parameters()):,} "
               f"parameters), float32", flush=True)
         torch._dynamo.reset()  # each model compiles from scratch (the on-disk inductor cache stays)
+        collate_s = []
+        for ix in timing_idx:
+            t0 = time.perf_counter()
+            make_batch(ix, torch.float32)
+            collate_s.append(time.perf_counter() - t0)
         batches = [make_batch(ix, torch.float32) for ix in timing_idx]
         res["timing_batches"] = [{"structures": b.n_crystals, "atoms": int(b.positions.shape[0]),
                                   "entries": b.n_entries} for b in batches]
@@ -149,7 +154,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         step(compiled, batches[0])
         first_compiled = time.perf_counter() - t0
-        first_compiles = log.update().compiles
+        first_compiles, graph_breaks = log.update().compiles, log.graph_breaks
         times = {"eager": [], "compiled": []}
         errs = {"output": 0.0, "grad": 0.0}
         for batch in batches:
@@ -166,9 +171,11 @@ def main(argv=None) -> dict:
         res.update(eager_s=med["eager"], compiled_s=med["compiled"], speedup=med["eager"] / med["compiled"],
                    structures_per_s_eager=args.batch / med["eager"], structures_per_s_compiled=args.batch / med["compiled"],
                    compile_s=first_compiled - med["compiled"], first_compile_graphs=first_compiles,
+                   graph_breaks=graph_breaks, collate_s=statistics.median(collate_s),
                    fp32_rel_err_output=errs["output"], fp32_rel_err_grad=errs["grad"], step_times=times)
         print(f"step: eager {1e3 * med['eager']:.0f} ms, compiled {1e3 * med['compiled']:.0f} ms "
-              f"(x{res['speedup']:.2f}); compile {res['compile_s']:.0f} s ({first_compiles} frames); "
+              f"(x{res['speedup']:.2f}); compile {res['compile_s']:.0f} s ({first_compiles} frames, {graph_breaks} graph "
+              f"breaks); collate {1e3 * res['collate_s']:.0f} ms (CPU, outside the step); "
               f"fp32 max rel err output {errs['output']:.1e}, grad {errs['grad']:.1e}", flush=True)
 
         if "recompiles" in sections:

@@ -23,8 +23,10 @@ so |v| >= s_min(F) |v_0| - 2 u_max. The calculator rebuilds the table as soon as
 moved more than skin / 2, the rule of ASE's and vesin's neighbour lists), or when the atoms' count
 or species change. Displacements are measured modulo lattice translations, so wrapping atoms back
 into the cell (``atoms.wrap()``) does not force a rebuild. Images beyond the cutoff carry weight
-exactly zero under the model's smooth cutoff envelope, so a table with a skin gives the same
-energies and forces as a fresh one (``tests/test_calculator.py`` checks this while atoms cross the
+exactly zero under the model's smooth cutoff envelope (by default the polynomial one, whose value,
+first and second derivatives vanish at the cutoff, so forces and their derivatives are continuous
+for MD and finite-displacement phonons; docs/model.md, Cutoff envelope), so a table with a skin
+gives the same energies and forces as a fresh one (``tests/test_calculator.py`` checks this while atoms cross the
 cutoff). A model without an envelope (``CrystalformerConfig(energy=True, envelope=False)``) is not
 smooth at the cutoff and extra images would change it: the calculator then uses no skin and
 rebuilds on every change.

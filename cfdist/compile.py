@@ -1,4 +1,4 @@
-"""``torch.compile`` for the Crystalformer (the ``model.compile`` option) and compile statistics.
+"""``torch.compile`` for the Crystalformer (the ``compute.compile`` run setting) and compile statistics.
 
 :func:`compile_model` compiles a model in place (``nn.Module.compile``): the module object, its
 parameters and its ``state_dict`` keys stay what they were (no ``_orig_mod.`` prefix, unlike the
@@ -11,13 +11,14 @@ How the model compiles (measured with torch 2.13 on CPU; ``bench/step.py``):
   T, atom pairs P and basis blocks R, so the model is compiled with ``dynamic=True``: all sizes
   are symbols from the first compile on and a new batch shape does not recompile. Dynamo still
   specialises sizes 0 and 1, so the first batch with a single crystal (B = 1) compiles once more.
-- **Graph breaks.** ``PeriodicGraph.build`` derives the batch's pairs and blocks with
-  data-dependent shapes (boolean-mask indexing, ``bincount``, ``repeat_interleave``, a ``.item()``
-  for the block count). Dynamo runs those few integer ops eagerly and compiles the float math
-  between and after them (distances, Gaussian basis, envelope, then embedding, every block and
-  the head as one graph): 7 graph breaks, 10 compiled frames for a training step.
-- **Sigma statistics.** Traced by Dynamo, the first training forward's statistics update was lost
-  (:class:`EagerUntilSigmaReady`): until they are frozen, training forwards run eagerly.
+- **No graph breaks.** The batch's index work with data-dependent shapes (pairs of the image
+  table, blocks of entries per atom) is done by the CPU collate (:func:`cfdist.batch.pair_blocks`),
+  so the forward and backward hold no op whose output shape depends on tensor values and no
+  host-device sync: a training step is one graph (before: 7 graph breaks, 10 compiled frames).
+  An energy model's forces / stress still break it around the geometry made a leaf inside the
+  forward (``requires_grad_``) and ``autograd.grad``: Dynamo's limits, not index work.
+- **Sigma statistics** are set before compiling (:meth:`cfdist.Crystalformer.fit_sigma_statistics`)
+  and never written by a forward, so the compiled model is the eager model from its first step.
 - **Train / eval / no-grad** are guarded separately: validation compiles its own graphs once.
 - **Energy models.** Energies and forces / stress by ``autograd.grad`` without ``create_graph``
   (evaluation, prediction, relaxations) work compiled and equal eager. Training on forces or
@@ -55,90 +56,56 @@ BACKEND_ENV = "CFDIST_COMPILE_BACKEND"
 
 def compile_model(model: nn.Module, *, backend: str | None = None, dynamic: bool = True,
                   **options: Any) -> nn.Module:
-    """Compile ``model`` (a :class:`cfdist.Crystalformer`) in place with ``torch.compile`` and return it.
+    """Compile ``model`` (a :class:`cfdist.Crystalformer`) in place with ``Module.compile`` and return it.
+
+    Compile a model whose sigma statistics are set (:meth:`cfdist.Crystalformer.fit_sigma_statistics`
+    or a loaded checkpoint): a forward never changes them, so the compiled graphs hold no buffer writes.
 
     ``backend``: ``"inductor"`` (generated kernels: the speed-up; the default) or ``"aot_eager"``
     (the same graph capture, graph breaks, guards and AOTAutograd, without code generation:
     seconds instead of minutes to compile on a small CPU, so the training tests use it). None
-    reads ``$CFDIST_COMPILE_BACKEND`` (default ``inductor``), which is how ``model.compile=true``
+    reads ``$CFDIST_COMPILE_BACKEND`` (default ``inductor``), which is how ``compute.compile=true``
     runs pick it. The first forward of each new mode (train / eval / no-grad) compiles.
     """
-    import torch
-
     backend = backend or os.environ.get(BACKEND_ENV) or "inductor"
     model.compile(backend=backend, dynamic=dynamic, **options)
-    compiled = getattr(model, "_compiled_call_impl", None)
-    if compiled is None:  # nn.Module.compile keeps the compiled __call__ there (torch >= 2.2)
-        raise RuntimeError(f"torch {torch.__version__}: nn.Module.compile did not set _compiled_call_impl")
-    gate = EagerUntilSigmaReady(compiled, model, backend)
-    model._compiled_call_impl = gate
-    # a loaded state dict resets the layers' host mirrors of sigma_ready: one eager forward again
-    # (a bound method, so that a deep copy of the model gets a hook on its own copy of the gate)
-    model.register_load_state_dict_post_hook(gate.after_load)
+    # recorded for is_compiled / describe; a deep copy (SWA's AveragedModel) keeps both
+    model.compile_backend = backend
     return model
-
-
-class EagerUntilSigmaReady:
-    """The compiled ``__call__`` of a model, run eagerly until its sigma statistics are frozen.
-
-    A Crystalformer's first training forward sets each layer's sigma statistics (a host read, a
-    collective over ranks, buffer writes); traced by Dynamo, those writes are lost (torch 2.13:
-    the compiled model keeps sigma_mean = 0 while the eager one sets it; a test checks that this
-    is still so).
-    So training forwards run eagerly until every layer reports its statistics ready (one host
-    read of a flag per layer per forward, only until then) and once more after that, which
-    also sets the layers' host mirrors of the flag (the compiled graph is guarded on them, so
-    this avoids a recompile); eval forwards never set statistics and always run compiled.
-    Deep copies (``AveragedModel`` for SWA) copy the gate with the model.
-    """
-
-    def __init__(self, compiled, model: nn.Module, backend: str):
-        self.compiled, self.model, self.backend = compiled, model, backend
-        self.ready = False
-
-    def after_load(self, module, incompatible_keys) -> None:
-        self.ready = False
-
-    def __call__(self, *args, **kwargs):
-        model = self.model
-        if model.training and not self.ready:
-            self.ready = bool(model.sigma_stats_ready)  # checked before: a forward that sets them is eager
-            return model._call_impl(*args, **kwargs)
-        return self.compiled(*args, **kwargs)
 
 
 def is_compiled(model: nn.Module) -> bool:
     """Whether ``model`` was compiled in place (:func:`compile_model`)."""
-    return isinstance(getattr(model, "_compiled_call_impl", None), EagerUntilSigmaReady)
+    return getattr(model, "compile_backend", None) is not None
 
 
 def describe(model: nn.Module) -> str:
     """One line for run logs: how ``model`` runs."""
     if not is_compiled(model):
         return "model eager"
-    return f"model compiled (torch.compile, backend {model._compiled_call_impl.backend}, dynamic shapes)"
+    return f"model compiled (torch.compile, backend {model.compile_backend}, dynamic shapes)"
 
 
 def compile_refusal(*, energy: bool, double_backward: bool, zero_stage: int = 0,
                     activation_checkpointing: bool = False) -> str | None:
-    """Why ``model.compile`` cannot run with these settings (None when it can).
+    """Why ``compute.compile`` cannot run with these settings (None when it can).
 
     ``double_backward``: an energy model trained on forces or stress (the loss differentiates
     the forces again). ``zero_stage`` / ``activation_checkpointing``: a pretraining run's DeepSpeed
     settings.
     """
     if energy and double_backward:
-        return ("model.compile=true cannot train an energy model on forces or stress: the force loss "
+        return ("compute.compile=true cannot train an energy model on forces or stress: the force loss "
                 "differentiates the forces again (double backward), which torch.compile's AOTAutograd "
-                "backward does not support; set model.compile=false, or loss.forces_weight=0 and "
+                "backward does not support; set compute.compile=false, or loss.forces_weight=0 and "
                 "loss.stress_weight=0 to train on energies only")
     if zero_stage == 3:
-        return ("model.compile=true gains nothing under DeepSpeed ZeRO-3: its per-layer parameter-gathering hooks "
+        return ("compute.compile=true gains nothing under DeepSpeed ZeRO-3: its per-layer parameter-gathering hooks "
                 "split the compiled model into per-layer graphs that recompile for every layer (cfdist.compile); "
                 "use deepspeed.zero_stage 0, 1 or 2 (ZeRO-2 also shards gradients and optimiser states), "
-                "or model.compile=false")
+                "or compute.compile=false")
     if activation_checkpointing:
-        return ("model.compile=true does not work with deepspeed.activation_checkpointing=true (torch.compile "
+        return ("compute.compile=true does not work with deepspeed.activation_checkpointing=true (torch.compile "
                 "fails to trace the checkpointed encoder blocks); turn one of them off")
     return None
 

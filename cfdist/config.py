@@ -16,6 +16,7 @@ import dataclasses
 import importlib.resources
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,9 @@ from typing import Any, Mapping
 from cfdist.crystal import MAX_Z
 
 CONFIG_KINDS = ("model", "pretrain", "finetune", "deepspeed")
+ENVELOPE_KINDS = ("polynomial", "cubic")
+# run settings that older model configs held, with the values those configs defaulted to
+RUN_SETTINGS = {"compile": False, "entry_chunk": 32}
 # per-target output transforms (CrystalformerConfig.target_transforms; cfdist.model applies them)
 OUTPUT_TRANSFORMS = ("identity", "softplus", "log")
 
@@ -63,23 +67,15 @@ class CrystalformerConfig:
         energy: add the energy head: per-atom energies summed per crystal on top of per-element
             reference energies (extensive, eV); forces and stress by autograd
             (:meth:`cfdist.Crystalformer.forward` with ``forces`` / ``stress``).
-        envelope: multiply the within-pair image weights by a smooth switch that falls from 1 at
-            ``cutoff - envelope_width`` to 0 at the cutoff with a continuous derivative, so energy
-            and forces are continuous when atoms cross the cutoff (needed for MD and relaxations).
-            None: on for energy models, off otherwise (the paper's property model is unchanged).
+        envelope: multiply the within-pair image weights by a smooth switch f(d) that falls from 1
+            at ``cutoff - envelope_width`` to 0 at the cutoff, so energy and forces are continuous
+            when atoms cross the cutoff (needed for MD, relaxations and phonons). None: on for
+            energy models, off otherwise (the paper's property model is unchanged).
         envelope_width: width of the switching shell (A).
-        entry_chunk: entries per block in the blocked basis product of the attention op
-            (a speed knob, not a model parameter).
-        compile: train with the model compiled by ``torch.compile`` (dynamic shapes; a run setting,
-            not a model parameter: the training loops compile the model they build and record
-            ``compile: false`` in its checkpoints, which always load as eager models;
-            :mod:`cfdist.compile`). Off by default, by measurement (``bench/step.py`` on the 2-core
-            CPU machines, float32, batches of 64 real structures): compiled steps are 1.8x (default
-            model) to 1.9x (simplified) faster, but every process compiles for ~100 s (default model,
-            cold cache) before its first compiled training step, and again for its first eval
-            forward, which outweighs the gain in short runs, fine-tuning on small sets and tests;
-            and it cannot train an energy model on forces or stress, nor run with ZeRO-3 or
-            activation checkpointing (the run configs refuse those). Turn it on for long runs.
+        envelope_kind: the switch's shape (:func:`cfdist.graph.cutoff_envelope`): ``"polynomial"``
+            (DimeNet's p = 6 polynomial: f, f' and f'' vanish at the cutoff, so forces have a
+            continuous derivative; the default) or ``"cubic"`` (1 - 3x^2 + 2x^3: f and f' only; what
+            cfdist 0.1.0 used, and what a saved config without this key gets, see :meth:`from_dict`).
     """
 
     n_blocks: int = 4
@@ -100,8 +96,7 @@ class CrystalformerConfig:
     energy: bool = False
     envelope: bool | None = None
     envelope_width: float = 1.0
-    entry_chunk: int = 32
-    compile: bool = False
+    envelope_kind: str = "polynomial"
 
     def __post_init__(self) -> None:
         self.target_names = list(self.target_names)
@@ -124,9 +119,9 @@ class CrystalformerConfig:
             (self.envelope_width > 0, "envelope_width must be > 0"),
             (not self.envelope or self.envelope_width < self.cutoff_sigmas * self.r0 / math.sqrt(self.rho_lower_bound),
              "envelope_width must be smaller than the cutoff"),
+            (self.envelope_kind in ENVELOPE_KINDS,
+             f"envelope_kind must be one of {', '.join(ENVELOPE_KINDS)}, got {self.envelope_kind!r}"),
             (len(set(self.target_names)) == len(self.target_names), "target_names must be unique"),
-            (self.entry_chunk >= 1, "entry_chunk must be >= 1"),
-            (isinstance(self.compile, bool), f"compile must be true or false, got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -173,14 +168,31 @@ class CrystalformerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CrystalformerConfig":
-        return from_mapping(cls, data)
+    def from_dict(cls, data: Mapping[str, Any], source: str = "model config") -> "CrystalformerConfig":
+        """From a mapping: a YAML model section, or a config saved in a checkpoint.
+
+        Two kinds of keys of older configs are read, not refused: the run settings ``compile`` and
+        ``entry_chunk`` (now :class:`cfdist.run.config.ComputeSection`; dropped here, with a warning
+        when set to anything but their old defaults), and a saved energy config without
+        ``envelope_kind`` (its ``envelope`` resolved to true by cfdist 0.1.0) keeps the cubic switch
+        it was trained with.
+        """
+        data = dict(data)
+        moved = {key: data.pop(key) for key in RUN_SETTINGS if key in data}
+        changed = {key: value for key, value in moved.items() if value != RUN_SETTINGS[key]}
+        if changed:
+            warnings.warn(f"{source}: {', '.join(f'{k}={v!r}' for k, v in changed.items())} in the model config "
+                          f"ignored: these are run settings now, set compute.{next(iter(changed))} in the run config "
+                          f"(cfdist.run.config.ComputeSection)", UserWarning, stacklevel=2)
+        if data.get("envelope") is True and "envelope_kind" not in data:
+            data["envelope_kind"] = "cubic"  # what cfdist 0.1.0 recorded as envelope: true
+        return from_mapping(cls, data, source=source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CrystalformerConfig":
         """From a YAML file, or a packaged model config by name (``crystalformer``, ``crystalformer_7blocks``, ...)."""
         path = resolve_config(path, "model")
-        return from_mapping(cls, load_yaml(path), source=str(path))
+        return cls.from_dict(load_yaml(path), source=str(path))
 
 
 def table_cutoff(config: CrystalformerConfig) -> float:
@@ -299,7 +311,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def inline_named_model(data: dict, overrides: list[str], default: str = "crystalformer") -> dict:
     """Before ``model.<key>=value`` overrides of a run config: a ``model`` given by name (or absent:
     ``default``) is replaced by that model config's mapping, so the override edits its settings
-    (``model.compile=true`` on ``model: crystalformer_simplified`` compiles the simplified model)."""
+    (``model.n_basis=0`` on ``model: crystalformer`` edits that named model config)."""
     model = data.get("model", default)
     if isinstance(model, str) and any(o.strip().startswith("model.") for o in overrides):
         data = {**data, "model": load_yaml(resolve_config(model, "model"))}

@@ -2,10 +2,11 @@
 
 From a :class:`~cfdist.batch.CrystalBatch` this derives, on the batch's device:
 entry distances (recomputed from positions and integer translations, so positions
-and lattice stay differentiable; docs/model.md, Image tables), the (pair) grouping of
-table entries, each pair's smallest squared distance, and the Gaussian basis of every
-entry laid out in fixed-width blocks per query atom for the attention op's blocked
-product (docs/model.md, Attention op).
+and lattice stay differentiable; docs/model.md, Image tables), each pair's smallest squared
+distance, the cutoff envelope, and the Gaussian basis of every entry laid out in the
+fixed-width blocks per query atom of the attention op's blocked product (docs/model.md,
+Attention op). The pair grouping and the block layout themselves are index work with
+data-dependent sizes, done by the CPU collate (:func:`cfdist.batch.pair_blocks`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class PeriodicGraph:
         pair_d2_min: (P,) smallest squared distance among the pair's entries (detached:
             it only shifts the log-sum-exp and cancels exactly in the gradient).
         entry_weight: (T,) smooth cutoff envelope f(d) in [0, 1] multiplying each entry's
-            within-pair weight (1 inside ``cutoff - width``, 0 from the cutoff on, C^1 between);
-            None when the model has no envelope.
+            within-pair weight (1 inside ``cutoff - width``, 0 from the cutoff on;
+            :func:`cutoff_envelope`); None when the model has no envelope.
         basis_blocks: (R, W, K) Gaussian basis of the entries, W entries per block, each
             block holding entries of one query atom, zero padded; None when K = 0.
         entry_slot: (T,) flat position of each entry in the (R * W) block layout.
@@ -54,74 +55,80 @@ class PeriodicGraph:
 
     @property
     def n_pairs(self) -> int:
-        return int(self.pair_i.shape[0])
+        return self.pair_i.shape[0]
 
     @property
     def block_width(self) -> int:
-        return 0 if self.basis_blocks is None else int(self.basis_blocks.shape[1])
+        return 0 if self.basis_blocks is None else self.basis_blocks.shape[1]
 
     @classmethod
     def build(cls, batch: CrystalBatch, *, n_basis: int, gbf_r_max: float, gbf_width_scale: float,
-              block_width: int, dtype: torch.dtype, envelope: tuple[float, float] | None = None) -> "PeriodicGraph":
+              dtype: torch.dtype, envelope: tuple[str, float, float] | None = None) -> "PeriodicGraph":
         """Derive the graph of ``batch``; geometry in ``max(dtype, float32)`` precision.
 
-        ``envelope``: (cutoff, width) of the smooth cutoff switch (:func:`cutoff_envelope`), or None.
+        Only float math on tensors of sizes the batch fixes: the pairs and blocks come from the
+        collate (:func:`cfdist.batch.pair_blocks`), so nothing here reads a tensor's values on the
+        host or makes a shape from them.
+
+        ``envelope``: (kind, cutoff, width) of the smooth cutoff switch (:func:`cutoff_envelope`), or None.
         """
         geo_dtype = torch.promote_types(dtype, torch.float32)
         positions = batch.positions.to(geo_dtype)
         lattice = batch.lattice.to(geo_dtype)
         i, j = batch.entry_i, batch.entry_j
-        n_atoms_total = int(positions.shape[0])
+        n_atoms_total = positions.shape[0]
         crystal = batch.atom_crystal[i]
         # p_j + n L - p_i, per entry with its own crystal's lattice.
         shift = torch.bmm(batch.entry_n.to(geo_dtype).unsqueeze(1), lattice[crystal]).squeeze(1)
         vec = positions[j] + shift - positions[i]
         d2 = (vec * vec).sum(-1)
 
-        # Pairs: runs of equal (i, j) in the sorted table.
-        key = i * n_atoms_total + j
-        starts = torch.ones_like(key, dtype=torch.bool)
-        starts[1:] = key[1:] != key[:-1]
-        entry_pair = torch.cumsum(starts.long(), 0) - 1
-        pair_i, pair_j = i[starts], j[starts]
-        n_pairs = int(pair_i.shape[0])
+        entry_pair = batch.entry_pair
+        n_pairs = batch.pair_i.shape[0]
         pair_d2_min = torch.full((n_pairs,), float("inf"), dtype=geo_dtype, device=d2.device)
         pair_d2_min = pair_d2_min.scatter_reduce(0, entry_pair, d2.detach(), reduce="amin")
-
-        # Blocks of W entries per query atom (entries of one atom are contiguous).
-        width = int(block_width)
-        per_atom = torch.bincount(i, minlength=n_atoms_total)
-        blocks_per_atom = (per_atom + width - 1) // width
-        first_entry = torch.cumsum(per_atom, 0) - per_atom
-        first_block = torch.cumsum(blocks_per_atom, 0) - blocks_per_atom
-        rank = torch.arange(i.shape[0], device=i.device) - first_entry[i]
-        entry_slot = (first_block[i] + rank // width) * width + rank % width
-        n_blocks = int(blocks_per_atom.sum())
-        block_atom = torch.repeat_interleave(torch.arange(n_atoms_total, device=i.device), blocks_per_atom)
 
         # clamp keeps the gradient finite (zero) at the self image, where d = 0
         distance = torch.sqrt(d2.clamp_min(1e-30))
         entry_weight = None if envelope is None else cutoff_envelope(distance, *envelope)
         basis_blocks = None
         if n_basis > 0:
+            width, n_blocks = batch.block_width, batch.block_atom.shape[0]
             basis = gaussian_basis(distance, n_basis, gbf_r_max, gbf_width_scale).to(dtype)
-            basis_blocks = basis.new_zeros(n_blocks * width, n_basis).index_copy(0, entry_slot, basis)
+            basis_blocks = basis.new_zeros(n_blocks * width, n_basis).index_copy(0, batch.entry_slot, basis)
             basis_blocks = basis_blocks.view(n_blocks, width, n_basis)
         return cls(n_atoms_total=n_atoms_total, entry_i=i, entry_pair=entry_pair, entry_d2=d2,
-                   pair_i=pair_i, pair_j=pair_j, pair_d2_min=pair_d2_min, entry_weight=entry_weight,
-                   basis_blocks=basis_blocks,
-                   entry_slot=entry_slot, block_atom=block_atom)
+                   pair_i=batch.pair_i, pair_j=batch.pair_j, pair_d2_min=pair_d2_min, entry_weight=entry_weight,
+                   basis_blocks=basis_blocks, entry_slot=batch.entry_slot, block_atom=batch.block_atom)
 
 
-def cutoff_envelope(distance: torch.Tensor, cutoff: float, width: float) -> torch.Tensor:
-    """Smooth switch f(d): 1 for d <= cutoff - width, 0 for d >= cutoff, 1 - 3x^2 + 2x^3 between
-    (x = (d - cutoff + width) / width), so f and df/dd are continuous everywhere.
+def cutoff_envelope(distance: torch.Tensor, kind: str, cutoff: float, width: float) -> torch.Tensor:
+    """Smooth switch f(d): 1 for d <= cutoff - width, 0 for d >= cutoff, a polynomial of
+    x = (d - cutoff + width) / width in [0, 1] between.
 
     Multiplying every image's weight exp(a d^2) by f makes the attention, and so an energy
     model's energy and forces, continuous when an atom or image crosses the cutoff.
+
+    Kinds:
+        ``"polynomial"``: f = 1 - 28 x^6 + 48 x^7 - 21 x^8 (DimeNet's envelope, p = 6, on the
+            shell): f' = -168 x^5 (1 - x)^2, so f, f' and f'' vanish at the cutoff (forces have a
+            continuous derivative: finite-displacement phonons, MD) and f', ..., f^(5) at the inner edge.
+        ``"cubic"``: f = 1 - 3x^2 + 2x^3: f and f' continuous (cfdist 0.1.0's envelope).
+
+    Args:
+        distance: (T,) distances (A).
+    Returns:
+        (T,) weights in [0, 1], in the dtype of ``distance``.
     """
     x = ((distance - (cutoff - width)) / width).clamp(0.0, 1.0)
-    return 1.0 - x * x * (3.0 - 2.0 * x)
+    if kind == "polynomial":
+        # the same polynomial as (1 - x)^3 (1 + 3x + 6x^2 + 10x^3 + 15x^4 + 21x^5): the triple root
+        # at the cutoff explicit, all terms positive, no cancellation near x = 1 in float32
+        u = 1.0 - x
+        return u * u * u * (1.0 + x * (3.0 + x * (6.0 + x * (10.0 + x * (15.0 + 21.0 * x)))))
+    if kind == "cubic":
+        return 1.0 - x * x * (3.0 - 2.0 * x)
+    raise ValueError(f"cutoff_envelope: unknown kind {kind!r} (polynomial or cubic)")
 
 
 def gaussian_basis(distance: torch.Tensor, n_basis: int, r_max: float, width_scale: float) -> torch.Tensor:

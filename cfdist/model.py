@@ -7,8 +7,8 @@ top of per-element reference energies; forces and stress come from autograd thro
 geometry (positions and a symmetric strain of positions and lattice), so they are exactly
 the derivatives of the energy. Each attention layer owns its Gaussian-width statistics
 (``sigma_mean``, ``sigma_std`` buffers; docs/model.md, Sigma statistics): they start at
-0 / 1, are set once by the first training forward (pooled over all ranks through
-``stats_reducer``), frozen, saved in checkpoints, and never changed by inference.
+0 / 1, are set once before training by :meth:`Crystalformer.fit_sigma_statistics` (pooled over
+all ranks), saved in checkpoints, and never changed by a forward.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class EnergyOutput:
 
 
 def distributed_sum(stats: torch.Tensor) -> torch.Tensor:
-    """Default ``stats_reducer``: sum over data-parallel ranks when a process group exists."""
+    """Sum ``stats`` over the default process group's ranks (unchanged without one).
+
+    The all-reduce :meth:`Crystalformer.fit_sigma_statistics` uses when given none.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         stats = stats.clone()
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
@@ -63,10 +66,9 @@ class TableAttention:
     """Attention backend over sphere-cutoff image tables (the default)."""
 
     def prepare(self, batch: CrystalBatch, config: CrystalformerConfig, dtype: torch.dtype) -> PeriodicGraph:
+        envelope = (config.envelope_kind, config.cutoff, config.envelope_width) if config.envelope else None
         return PeriodicGraph.build(batch, n_basis=config.n_basis, gbf_r_max=config.gbf_r_max,
-                                   gbf_width_scale=config.gbf_width_scale, block_width=config.entry_chunk,
-                                   dtype=dtype,
-                                   envelope=(config.cutoff, config.envelope_width) if config.envelope else None)
+                                   gbf_width_scale=config.gbf_width_scale, dtype=dtype, envelope=envelope)
 
     def __call__(self, q, k, v, a, geometry, edge_proj):
         return periodic_attention(q, k, v, a, geometry, edge_proj)
@@ -91,50 +93,65 @@ class PeriodicSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.sigma_weight = nn.Parameter(torch.empty(h, self.head_dim))
         self.edge_proj = nn.Parameter(torch.empty(h, self.head_dim, config.n_basis)) if config.n_basis > 0 else None
+        # frozen statistics of the score s (docs/model.md, Sigma statistics): set before training
+        # by Crystalformer.fit_sigma_statistics, saved in checkpoints, never changed by a forward
         self.register_buffer("sigma_mean", torch.zeros(()))
         self.register_buffer("sigma_std", torch.ones(()))
-        self.register_buffer("sigma_ready", torch.zeros((), dtype=torch.bool))
-        self._ready_on_host = False  # mirror of sigma_ready once True: no device sync per training forward
-        self.stats_reducer: Callable[[torch.Tensor], torch.Tensor] = distributed_sum
+        self.register_load_state_dict_pre_hook(_drop_legacy_sigma_ready)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, d) atom states -> (N, H, d_h) queries, keys and values."""
+        shape = (x.shape[0], self.n_heads, self.head_dim)
+        return self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+
+    def score(self, q: torch.Tensor) -> torch.Tensor:
+        """(N, H, d_h) queries -> (N, H) scores s = q . w_h, in >= float32."""
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return (q.to(acc) * self.sigma_weight.to(acc)).sum(-1)
 
     def exponent(self, q: torch.Tensor) -> torch.Tensor:
         """(N, H, d_h) queries -> (N, H) coefficients a = -rho / (2 r0^2), in >= float32."""
         cfg = self.config
-        acc = torch.promote_types(q.dtype, torch.float32)
-        score = (q.to(acc) * self.sigma_weight.to(acc)).sum(-1)  # (N, H)
-        if self.training and not self._ready_on_host:
-            if bool(self.sigma_ready):
-                self._ready_on_host = True
-            else:
-                self._set_sigma_stats(score.detach())
-        x = (score - self.sigma_mean.to(acc)) / self.sigma_std.to(acc)
+        score = self.score(q)
+        x = (score - self.sigma_mean.to(score.dtype)) / self.sigma_std.to(score.dtype)
         b = cfg.rho_lower_bound
         rho = (1.0 - b) * F.elu(cfg.rho_beta * x / (1.0 - b)) + 1.0
         return -rho / (2.0 * cfg.r0 * cfg.r0)
 
     @torch.no_grad()
-    def _set_sigma_stats(self, score: torch.Tensor) -> None:
-        """Mean and unbiased std of s over all atoms, heads (and ranks) of this batch."""
-        x = score.double().reshape(-1)
-        stats = self.stats_reducer(torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()]))
-        count, total, total_sq = stats.tolist()
+    def fit_statistics(self, score: torch.Tensor | None,
+                       all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Set ``sigma_mean`` / ``sigma_std`` to the mean and unbiased std of ``score`` over all
+        atoms and heads of every rank's batch.
+
+        Args:
+            score: (N, H) this rank's scores, or None for a rank without a batch (it adds zeros).
+            all_reduce: sums a (3,) float64 tensor (count, sum, sum of squares) over ranks.
+        """
+        if score is None:
+            stats = torch.zeros(3, dtype=torch.float64, device=self.sigma_mean.device)
+        else:
+            x = score.double().reshape(-1)
+            stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
+        count, total, total_sq = all_reduce(stats).tolist()
+        if count < 1:
+            raise ValueError("fit_sigma_statistics: no atoms on any rank; the first batch is empty everywhere")
         mean = total / count
         var = max(total_sq - count * mean * mean, 0.0) / max(count - 1.0, 1.0)
         self.sigma_mean.fill_(mean)
         self.sigma_std.fill_(math.sqrt(var) if var > 0 else 1.0)
-        self.sigma_ready.fill_(True)
-        self._ready_on_host = True
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._ready_on_host = False  # re-read the loaded sigma_ready on the next training forward
 
     def forward(self, x: torch.Tensor, geometry: Any, backend: Callable) -> torch.Tensor:
-        n = x.shape[0]
-        shape = (n, self.n_heads, self.head_dim)
-        q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
+        """(N, d) atom states -> (N, d) attention output."""
+        q, k, v = self.project(x)
         y = backend(q, k, v, self.exponent(q), geometry, self.edge_proj)
-        return self.out_proj(y.reshape(n, -1))
+        return self.out_proj(y.reshape(x.shape[0], -1))
+
+
+def _drop_legacy_sigma_ready(module, state_dict, prefix, *args) -> None:
+    """cfdist 0.1.0 checkpoints hold a ``sigma_ready`` flag per layer (statistics were set lazily by
+    the first training forward); a checkpoint's statistics are always set, so the flag is dropped."""
+    state_dict.pop(prefix + "sigma_ready", None)
 
 
 class EncoderBlock(nn.Module):
@@ -184,6 +201,7 @@ class Crystalformer(nn.Module):
             self.register_buffer("energy_scale", torch.ones(()))
         self.attention_backend: Any = TableAttention()
         self.activation_checkpointing = False
+        self.compile_backend: str | None = None  # set by cfdist.compile.compile_model
         self.reset_parameters()
 
     @property
@@ -225,14 +243,42 @@ class Crystalformer(nn.Module):
             self.element_energy = reference.to(device=self.target_mean.device, dtype=torch.float64)
         return self
 
-    def set_stats_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace how the first-batch sigma statistics (count, sum, sum of squares) are summed across ranks."""
-        for block in self.blocks:
-            block.attention.stats_reducer = reducer
-
     @property
     def sigma_stats_ready(self) -> bool:
-        return all(bool(b.attention.sigma_ready) for b in self.blocks)
+        """Whether the sigma statistics were set (:meth:`fit_sigma_statistics`, or a loaded checkpoint):
+        every layer's differ from the initial 0 / 1, which a fitted mean of a continuous score never equals."""
+        return all(float(b.attention.sigma_mean) != 0.0 or float(b.attention.sigma_std) != 1.0 for b in self.blocks)
+
+    @torch.no_grad()
+    def fit_sigma_statistics(self, batch: CrystalBatch | None,
+                             all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Set every layer's sigma statistics from the first training batch, in one explicit pass.
+
+        Call it once on a new model, before it is compiled or wrapped by DeepSpeed / DDP (the
+        training loops do). A forward over ``batch`` in which block k's statistics are fitted to
+        its scores s = q . w_h, the scores of block k-1's output computed with block k-1's fitted
+        statistics; (count, sum of s, sum of s^2) are summed over ranks with ``all_reduce``, so
+        every rank sets the same values (docs/model.md, Sigma statistics). The same numbers as
+        the first training forward set before this pass existed.
+
+        Args:
+            batch: this rank's first training batch on the model's device, or None for a rank
+                without one (it still joins every all-reduce, with zeros).
+            all_reduce: sums a (3,) float64 tensor over ranks; None: :func:`distributed_sum`
+                (the default process group when one is initialised, else this process alone).
+        """
+        all_reduce = all_reduce or distributed_sum
+        if batch is None:
+            for block in self.blocks:
+                block.attention.fit_statistics(None, all_reduce)
+            return
+        dtype = self.embedding.weight.dtype
+        geometry = self.geometry(batch, dtype)
+        x = self.embed(batch, dtype)
+        for block in self.blocks:
+            q, _, _ = block.attention.project(x)
+            block.attention.fit_statistics(block.attention.score(q), all_reduce)
+            x = block(x, geometry, self.attention_backend)
 
     def embed(self, batch: CrystalBatch, dtype: torch.dtype) -> torch.Tensor:
         """(N, d) atom states: occupancy-weighted sum of species embeddings (one-hot of Z - 1)."""
@@ -241,13 +287,17 @@ class Crystalformer(nn.Module):
         n_atoms = batch.positions.shape[0]
         return weight.new_zeros(n_atoms, weight.shape[1]).index_add_(0, batch.species_site, contrib).to(dtype)
 
-    def encode(self, batch: CrystalBatch) -> torch.Tensor:
-        """(N, d) final atom states."""
+    def geometry(self, batch: CrystalBatch, dtype: torch.dtype) -> Any:
+        """The attention backend's per-batch geometry (a :class:`PeriodicGraph` by default)."""
         if batch.cutoff + 1e-9 < self.cutoff:
             raise ValueError(f"batch image tables were built with cutoff {batch.cutoff:.4f} A but the model "
                              f"needs {self.cutoff:.4f} A (cutoff_sigmas={self.config.cutoff_sigmas}); rebuild them")
+        return self.attention_backend.prepare(batch, self.config, dtype)
+
+    def encode(self, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) final atom states."""
         dtype = self.embedding.weight.dtype
-        geometry = self.attention_backend.prepare(batch, self.config, dtype)
+        geometry = self.geometry(batch, dtype)
         x = self.embed(batch, dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():

@@ -213,7 +213,8 @@ def _optional_rows(column, width: int, lengths: np.ndarray, name: str) -> tuple[
 
 
 def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] | None = None,
-                  cutoff: float | None = None, *, forces: bool = False, stress: bool = False) -> "CrystalBatch":
+                  cutoff: float | None = None, *, forces: bool = False, stress: bool = False,
+                  block_width: int | None = None) -> "CrystalBatch":
     """Vectorised shard rows -> :class:`CrystalBatch` (no Python loop over rows or atoms).
 
     Args:
@@ -223,10 +224,14 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         forces / stress: fill ``batch.forces`` (N, 3) / ``batch.stress`` (B, 3, 3) (float64, NaN
             for crystals whose row is null) from the ``forces`` / ``stress`` columns; left None
             when not asked or when the table has no such column.
+        block_width: entries per block of the attention op's basis layout (``compute.entry_chunk``;
+            the pair and block indices are computed here, :func:`cfdist.batch.pair_blocks`); None: 32.
     """
     import torch
 
-    from cfdist.batch import CrystalBatch
+    from cfdist.batch import DEFAULT_BLOCK_WIDTH, CrystalBatch, index_tensors
+
+    block_width = DEFAULT_BLOCK_WIDTH if block_width is None else block_width
 
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
@@ -293,6 +298,7 @@ def collate_arrow(table: pa.Table | pa.RecordBatch, target_names: Sequence[str] 
         entry_i=torch.from_numpy(ti),
         entry_j=torch.from_numpy(tj + entry_offset),
         entry_n=torch.from_numpy(tn.astype(np.float64)),
+        **index_tensors(ti, tj + entry_offset, n_total, block_width),
         labels=labels,
         ids=table["id"].to_pylist(),
         cutoff=float(cutoff),

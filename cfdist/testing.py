@@ -323,7 +323,6 @@ def morse_like_energy_model(depth: float = 1.0, stiffness: float = 1.5, bond: fl
         model.energy_head[2].weight[0].copy_(torch.from_numpy(2.0 * phi / eps))
         attention.sigma_mean.fill_(0.0)
         attention.sigma_std.fill_(1.0)
-        attention.sigma_ready.fill_(True)
         model.energy_scale.fill_(1.0)
         model.element_energy.copy_(-1.0 - 3.0 * torch.arange(cfg.n_elements, dtype=torch.float64) / 97.0)
     return model

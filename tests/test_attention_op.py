@@ -42,7 +42,8 @@ def random_inputs(n_atoms, heads=4, head_dim=5, dtype=torch.float64, seed=0, sig
 
 
 def build_graph(batch, dtype=torch.float64, width=8):
-    return PeriodicGraph.build(batch, n_basis=K, gbf_r_max=R_MAX, gbf_width_scale=1.0, block_width=width, dtype=dtype)
+    return PeriodicGraph.build(batch.with_block_width(width), n_basis=K, gbf_r_max=R_MAX, gbf_width_scale=1.0,
+                               dtype=dtype)
 
 
 @pytest.fixture()
@@ -155,8 +156,7 @@ def test_no_entry_by_head_by_basis_tensor_forward_or_backward(megnet_crystals):
     crystals = megnet_crystals[:24]
     batch = make_batch(crystals, cutoff=8.9).to(dtype=torch.float32)
     heads, head_dim = 8, 16
-    graph = PeriodicGraph.build(batch, n_basis=64, gbf_r_max=R_MAX, gbf_width_scale=1.0, block_width=32,
-                                dtype=torch.float32)
+    graph = PeriodicGraph.build(batch, n_basis=64, gbf_r_max=R_MAX, gbf_width_scale=1.0, dtype=torch.float32)
     n = batch.positions.shape[0]
     q, k, v = (torch.randn(n, heads, head_dim, requires_grad=True) for _ in range(3))
     a = (-torch.rand(n, heads) * 0.5 - 0.1).requires_grad_()
@@ -200,3 +200,112 @@ def test_windowed_gaussian_basis_equals_the_dense_formula(n_basis, width_scale):
     g_got, = torch.autograd.grad((got * weights).sum(), d)
     g_dense, = torch.autograd.grad((dense * weights).sum(), d)
     torch.testing.assert_close(g_got, g_dense, rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- index work in the collate
+def test_collate_pair_and_block_indices_equal_a_plain_loop(megnet_crystals):
+    """cfdist.batch.pair_blocks (numpy, in the collate) against the definition, loop by loop: pairs
+    are runs of equal (i, j) in table order; each atom's entries fill ceil(T_i / W) blocks of W
+    slots in order; for several widths, and after with_block_width."""
+    crystals = megnet_crystals[:5]
+    for width in (1, 5, 32):
+        batch = collate(crystals, [image_table(c.lattice, c.positions, 8.9) for c in crystals], block_width=width)
+        i, j = batch.entry_i.tolist(), batch.entry_j.tolist()
+        pairs, entry_pair = [], []
+        for a, b in zip(i, j):
+            if not pairs or pairs[-1] != (a, b):
+                pairs.append((a, b))
+            entry_pair.append(len(pairs) - 1)
+        assert batch.entry_pair.tolist() == entry_pair
+        assert list(zip(batch.pair_i.tolist(), batch.pair_j.tolist())) == pairs
+        slots, block_atom, seen = [], [], {}
+        for a in i:
+            rank = seen.get(a, 0)
+            if rank % width == 0:
+                block_atom.append(a)
+            slots.append((len(block_atom) - 1) * width + rank % width)
+            seen[a] = rank + 1
+        n_atoms = batch.positions.shape[0]
+        # atoms without entries (none here: every atom sees itself) would own no block
+        assert batch.entry_slot.tolist() == slots and batch.block_atom.tolist() == block_atom
+        assert batch.block_width == width and sorted(seen) == list(range(n_atoms))
+        again = collate(crystals, [image_table(c.lattice, c.positions, 8.9) for c in crystals]).with_block_width(width)
+        assert torch.equal(again.entry_slot, batch.entry_slot) and torch.equal(again.block_atom, batch.block_atom)
+    from cfdist.batch import DEFAULT_BLOCK_WIDTH
+    from cfdist.run.config import ComputeSection
+
+    assert DEFAULT_BLOCK_WIDTH == ComputeSection().entry_chunk  # batches made outside a run use the run default
+
+
+class OpTrace(TorchDispatchMode):
+    """Names of every aten op dispatched (forward and backward); boolean-mask indexing named apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in args[1] if t is not None):
+            name = "index with a boolean mask"  # x[mask]: as data dependent as nonzero
+        self.ops.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+# aten ops whose output shape depends on tensor values, or that read a tensor on the host
+DATA_DEPENDENT_OPS = {"nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
+                      "unique_consecutive", "bincount", "repeat_interleave", "item", "_local_scalar_dense",
+                      "is_nonzero", "equal", "allclose", "argwhere", "histc", "index with a boolean mask"}
+
+
+@pytest.mark.parametrize("energy", [False, True])
+def test_training_step_has_no_data_dependent_op_or_host_sync(megnet_crystals, energy):
+    """A training step's forward and backward (a property model; an energy model with forces and
+    stress, the double backward of force training included) dispatch no op whose output shape
+    depends on tensor values and no host read of a tensor: the collate did that index work, so a
+    device never waits for the host inside a step (docs/model.md, A step without host syncs)."""
+    from conftest import energy_model
+
+    from cfdist import Crystalformer, CrystalformerConfig
+
+    crystals = megnet_crystals[:6]
+    torch.manual_seed(0)
+    model = energy_model(n_blocks=2).train() if energy else \
+        Crystalformer(CrystalformerConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=64, n_basis=16)).train()
+    batch = make_batch(crystals, model.cutoff).to(dtype=model.embedding.weight.dtype)
+    model.fit_sigma_statistics(batch)  # before the step, as the training loops do (it reads statistics on the host)
+    with OpTrace() as trace:
+        if energy:
+            out = model(batch, forces=True, stress=True)
+            loss = out.energy.sum() + (out.forces ** 2).sum() + (out.stress ** 2).sum()
+        else:
+            loss = (model(batch) ** 2).mean()
+        loss.backward()
+    assert "mm" in trace.ops or "addmm" in trace.ops  # the trace saw the step
+    assert not trace.ops & DATA_DEPENDENT_OPS, sorted(trace.ops & DATA_DEPENDENT_OPS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pinned memory, device syncs)")
+def test_cuda_batch_copies_are_pinned_and_a_training_step_never_syncs(megnet_crystals):
+    """On a GPU: CrystalBatch.to("cuda") equals a plain copy, and a property model's training step
+    (forward + backward) runs under torch.cuda.set_sync_debug_mode("error"), which raises on any
+    host-device synchronisation (a .item(), nonzero, a device-to-host copy)."""
+    from cfdist import Crystalformer, CrystalformerConfig
+
+    crystals = megnet_crystals[:6]
+    torch.manual_seed(0)
+    model = Crystalformer(CrystalformerConfig(n_blocks=2, d_model=32, n_heads=4, d_ff=64, n_basis=16)).cuda().train()
+    host = make_batch(crystals, model.cutoff).to(dtype=torch.float32)
+    batch = host.to("cuda")
+    for name in ("positions", "entry_i", "entry_pair", "entry_slot", "block_atom"):
+        assert torch.equal(getattr(batch, name).cpu(), getattr(host, name))
+    model.fit_sigma_statistics(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (model(batch) ** 2).mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

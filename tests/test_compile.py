@@ -1,4 +1,4 @@
-"""``model.compile``: the compiled model equals the eager one on real batches, does not recompile per
+"""``compute.compile``: the compiled model equals the eager one on real batches, does not recompile per
 batch, keeps checkpoints portable, trains under DeepSpeed and Ray Train, and the run configs refuse
 what it cannot do (cfdist.compile).
 
@@ -75,22 +75,26 @@ def _one_thread():
         yield
 
 
-def new_tiny_model(dtype, **overrides):
+def new_tiny_model(dtype, fit_on=None, **overrides):
+    """The tiny model in train mode; ``fit_on``: a batch its sigma statistics are fitted to (before compiling)."""
     import torch
 
     from cfdist import Crystalformer, CrystalformerConfig
 
     torch.manual_seed(0)
-    return Crystalformer(CrystalformerConfig(**{**TINY, **overrides})).to(dtype).train()
+    model = Crystalformer(CrystalformerConfig(**{**TINY, **overrides})).to(dtype).train()
+    if fit_on is not None:
+        model.fit_sigma_statistics(fit_on)
+    return model
 
 
 # ----------------------------------------------------------------------------- numerics
 @pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
 def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_crystals, tmp_path):
-    """float64, train mode, sigma statistics set by the first batch: outputs and gradients equal eager
-    to 1e-10 over 8 real batches of 2-16 crystals, and no batch after the first compiled one compiles
-    again. Dynamo specialises size 1: the first one-crystal batch compiles once more, later ones and
+    """float64, train mode, sigma statistics fitted to the first batch before compiling: outputs and
+    gradients equal eager to 1e-10 over 8 real batches of 2-16 crystals from the first step on, and no
+    batch after the first compiles again. Dynamo specialises size 1: the first one-crystal batch compiles once more, later ones and
     many-crystal batches reuse what was compiled. Eval mode equals eager; the state dict keeps its
     keys, and a portable checkpoint of the compiled model loads as an eager model that predicts the
     same."""
@@ -99,10 +103,10 @@ def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_
     from cfdist import load, save_portable
     from cfdist.compile import CompileLog, compile_model, is_compiled
 
-    eager = new_tiny_model(torch.float64)
+    batches = real_batches(megnet_crystals, new_tiny_model(torch.float64).cutoff)
+    eager = new_tiny_model(torch.float64, fit_on=batches[0])
     compiled = compile_model(copy.deepcopy(eager), backend="aot_eager")
     assert is_compiled(compiled) and list(compiled.state_dict()) == list(eager.state_dict())
-    batches = real_batches(megnet_crystals, eager.cutoff)
     singles = real_batches(megnet_crystals, eager.cutoff, [(30, 1), (31, 1)])
     log = CompileLog().start()
     counts = []
@@ -110,12 +114,12 @@ def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_
         (y0, g0), (y1, g1) = step_outputs(eager, batch), step_outputs(compiled, batch)
         assert rel_err(y1, y0) <= 1e-10 and rel_err(g1, g0) <= 1e-10, (k, rel_err(y1, y0), rel_err(g1, g0))
         counts.append(log.update().compiles)
-    # batches 0 and 1 run eagerly (sigma statistics), 2 compiles; 7 is the first single crystal
-    assert counts[0] == counts[1] == 0 < counts[2], counts
-    assert counts[2] == counts[6] and log.events[counts[2] - 1].recompile_reason is None, (counts, log.reasons())
-    assert counts[6] < counts[7] == counts[8] == counts[9], (counts, log.reasons())
+    # batch 0 compiles (one graph: no graph breaks), 1-6 reuse it; 7 is the first single crystal
+    assert 0 < counts[0] == counts[6] and log.events[counts[0] - 1].recompile_reason is None, (counts, log.reasons())
+    assert counts[6] < counts[7] == counts[8] == counts[9] and log.recompiles == 1, (counts, log.reasons())
+    assert log.graph_breaks == 0
     for a, b in zip(eager.buffers(), compiled.buffers()):
-        assert torch.equal(a, b)  # the sigma statistics were set alike (by an eager forward)
+        assert torch.equal(a, b)  # no forward changes a buffer
     eager.eval(), compiled.eval()
     with torch.no_grad():
         for batch in batches[:3]:
@@ -129,36 +133,46 @@ def test_compiled_model_equals_eager_on_real_batches_without_recompiling(megnet_
 
 @pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 @pytest.mark.usefixtures("_one_thread")
-def test_sigma_statistics_set_inside_a_compiled_forward_are_lost(megnet_crystals):
-    """Why compile_model runs the first training forwards eagerly (EagerUntilSigmaReady): compiled
-    by plain ``nn.Module.compile``, the forward that sets the sigma statistics leaves them at 0 / 1
-    (torch 2.13). If this test fails because they are set, the gate can go."""
+def test_training_step_compiles_to_one_graph_without_host_syncs(megnet_crystals):
+    """The batch's data-dependent index work is done by the collate (cfdist.batch.pair_blocks), so
+    Dynamo captures a whole training step (property model; energy model on energies) as one graph: no graph break, which an op with a value-dependent output shape or a
+    host read (.item(), nonzero, repeat_interleave without output_size) would cause. (Before issue
+    17: 7 graph breaks, 10 graphs.)"""
     import torch
+    from conftest import energy_model
 
-    eager = new_tiny_model(torch.float64, n_blocks=1)
-    plain = copy.deepcopy(eager)
-    plain.compile(backend="aot_eager", dynamic=True)
-    batch = real_batches(megnet_crystals, eager.cutoff, [(0, 6)])[0]
-    eager(batch), plain(batch)
-    assert eager.sigma_stats_ready and float(eager.blocks[0].attention.sigma_mean) != 0.0
-    assert float(plain.blocks[0].attention.sigma_mean) == 0.0 and float(plain.blocks[0].attention.sigma_std) == 1.0
+    batch = real_batches(megnet_crystals, new_tiny_model(torch.float64).cutoff, [(0, 6)])[0]
+    model = new_tiny_model(torch.float64, fit_on=batch)
+
+    def step(b):
+        (model(b).float() ** 2).mean().backward()
+
+    explained = torch._dynamo.explain(step)(batch)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    energy = energy_model(n_blocks=1).train()
+    explained = torch._dynamo.explain(lambda b: energy(b).energy.sum())(batch)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    # forces / stress: Dynamo breaks the graph around the geometry made a leaf inside the forward
+    # (requires_grad_) and autograd.grad, never at index work
+    explained = torch._dynamo.explain(lambda b: energy(b, forces=True, stress=True).forces.sum())(batch)
+    reasons = " ".join(r.reason for r in explained.break_reasons)
+    assert not any(word in reasons for word in ("nonzero", "item", "data-dependent", "repeat_interleave")), reasons
 
 
 @pytest.mark.usefixtures("_one_thread")
 def test_activation_checkpointing_still_fails_to_compile(megnet_crystals):
-    """Why the run configs refuse model.compile with activation checkpointing: Dynamo fails on the
+    """Why the run configs refuse compute.compile with activation checkpointing: Dynamo fails on the
     second checkpointed block (torch 2.13). If this test fails because it compiles, lift that refusal
     (cfdist.compile.compile_refusal) and test the numerics instead."""
     import torch
 
     from cfdist.compile import compile_model
 
-    model = compile_model(new_tiny_model(torch.float64), backend="aot_eager")  # (one block compiles)
+    batches = real_batches(megnet_crystals, new_tiny_model(torch.float64).cutoff, [(0, 4)])
+    model = compile_model(new_tiny_model(torch.float64, fit_on=batches[0]), backend="aot_eager")
     model.activation_checkpointing = True
-    batches = real_batches(megnet_crystals, model.cutoff, [(0, 4), (4, 4), (8, 4)])
-    step_outputs(model, batches[0]), step_outputs(model, batches[1])  # eager (sigma statistics)
     with pytest.raises(Exception, match="lift_tracked_freevar_to_input"):
-        step_outputs(model, batches[2])
+        step_outputs(model, batches[0])
 
 
 @pytest.mark.slow
@@ -203,7 +217,7 @@ def test_energy_model_compiled_forces_equal_eager_and_force_training_is_refused_
         for name in ("energy", "forces", "stress"):
             assert rel_err(getattr(got, name).detach(), getattr(want, name).detach()) <= 1e-10, name
     eager.train(), compiled.train()
-    for batch in batches + batches:  # the first training forward runs eagerly (EagerUntilSigmaReady)
+    for batch in batches + batches:
         grads = []
         for model in (eager, compiled):
             model.zero_grad(set_to_none=True)
@@ -216,20 +230,34 @@ def test_energy_model_compiled_forces_equal_eager_and_force_training_is_refused_
 
 
 # ----------------------------------------------------------------------------- configs
-def test_model_compile_option_parses_inlines_named_models_and_rejects_unknown_keys():
-    from cfdist.config import ConfigError
+def test_compute_section_parses_and_old_model_keys_move_there():
+    """``compute.compile`` / ``compute.entry_chunk`` are run settings of both run configs; older run
+    configs' ``model.compile`` / ``model.entry_chunk`` move there with a warning, and a saved model
+    config holding them (cfdist 0.1.0 checkpoints) still loads."""
+    from cfdist.config import ConfigError, CrystalformerConfig
     from cfdist.finetune.config import load_finetune_config
     from cfdist.train.config import load_pretrain_config
 
-    assert load_pretrain_config("megnet_slice").model_config().compile is False
-    cfg = load_pretrain_config("megnet_slice", ["model=crystalformer_simplified", "model.compile=true"])
-    model = cfg.model_config()
-    assert model.compile is True and model.n_basis == 0 and model.n_blocks == 4  # the named file, edited
-    assert load_finetune_config("megnet_slice_eform", ["model.compile=true"]).model_config().compile is True
+    assert load_pretrain_config("megnet_slice").compute.compile is False
+    cfg = load_pretrain_config("megnet_slice", ["model=crystalformer_simplified", "compute.compile=true",
+                                                "compute.entry_chunk=8"])
+    assert cfg.compute.compile is True and cfg.compute.entry_chunk == 8 and cfg.model_config().n_basis == 0
+    assert load_finetune_config("megnet_slice_eform", ["compute.compile=true"]).compute.compile is True
+    with pytest.warns(UserWarning, match="moved to compute.compile"):
+        old = load_pretrain_config("megnet_slice", ["model=crystalformer_simplified", "model.compile=true"])
+    assert old.compute.compile is True and old.model_config().n_basis == 0  # the named file, edited
+    with pytest.warns(UserWarning, match="moved to compute"):
+        assert load_finetune_config("megnet_slice_eform", ["model.entry_chunk=4"]).compute.entry_chunk == 4
     with pytest.raises(ConfigError, match="did you mean 'compile'"):
-        load_pretrain_config("megnet_slice", ["model.compil=true"]).model_config()
+        load_pretrain_config("megnet_slice", ["compute.compil=true"])
     with pytest.raises(ConfigError, match="compile must be true or false"):
-        load_pretrain_config("megnet_slice", ["model.compile=sometimes"]).model_config()
+        load_pretrain_config("megnet_slice", ["compute.compile=sometimes"])
+    with pytest.raises(ConfigError, match="entry_chunk must be an integer >= 1"):
+        load_pretrain_config("megnet_slice", ["compute.entry_chunk=0"])
+    saved = {**CrystalformerConfig().to_dict(), "compile": False, "entry_chunk": 32}  # as 0.1.0 saved it
+    assert CrystalformerConfig.from_dict(saved) == CrystalformerConfig()
+    with pytest.warns(UserWarning, match="run settings now"):
+        CrystalformerConfig.from_dict({**saved, "entry_chunk": 16})
 
 
 def test_run_configs_refuse_compile_with_zero3_checkpointing_and_force_training():
@@ -237,15 +265,15 @@ def test_run_configs_refuse_compile_with_zero3_checkpointing_and_force_training(
     from cfdist.train.config import load_pretrain_config
 
     with pytest.raises(ConfigError, match="ZeRO-3"):
-        load_pretrain_config("megnet_slice", ["model.compile=true", "deepspeed=zero3"])
+        load_pretrain_config("megnet_slice", ["compute.compile=true", "deepspeed=zero3"])
     with pytest.raises(ConfigError, match="double backward"):
-        load_pretrain_config("mptrj", ["model.compile=true"])  # energy model, forces and stress weighted
+        load_pretrain_config("mptrj", ["compute.compile=true"])  # energy model, forces and stress weighted
     with pytest.raises(ConfigError, match="double backward"):
-        load_pretrain_config("mptrj", ["model.compile=true", "loss.forces_weight=0"])  # stress still weighted
-    ok = load_pretrain_config("mptrj", ["model.compile=true", "loss.forces_weight=0", "loss.stress_weight=0"])
-    assert ok.model_config().compile and ok.model_config().energy
+        load_pretrain_config("mptrj", ["compute.compile=true", "loss.forces_weight=0"])  # stress still weighted
+    ok = load_pretrain_config("mptrj", ["compute.compile=true", "loss.forces_weight=0", "loss.stress_weight=0"])
+    assert ok.compute.compile and ok.model_config().energy
     with pytest.raises(ConfigError, match="activation_checkpointing"):
-        load_pretrain_config("megnet_slice", ["model.compile=true", "deepspeed.activation_checkpointing=true"])
+        load_pretrain_config("megnet_slice", ["compute.compile=true", "deepspeed.activation_checkpointing=true"])
     eager = load_pretrain_config("megnet_slice", ["deepspeed=zero3", "deepspeed.activation_checkpointing=true"])
     assert eager.deepspeed.zero_stage == 3  # without compile: fine
 
@@ -255,7 +283,7 @@ def test_run_configs_refuse_compile_with_zero3_checkpointing_and_force_training(
 def test_deepspeed_training_compiled_equals_eager(property_runs):
     """2 torchrun ranks (gloo), the tiny model on a fixed batch of real crystals: compiled runs under
     ZeRO-2 (fp32) and ZeRO-1 (bf16) train, the fp32 one follows the eager ZeRO-0 trajectory (the
-    ZeRO stages agree to 1e-4: test_pretrain), and every exported model.pt records compile: false
+    ZeRO stages agree to 1e-4: test_pretrain), and every exported model.pt records no compile setting
     and loads as an eager model."""
     results = {name: property_runs[name] for name in ("z0-fp32", "z2-fp32-compiled", "z1-bf16-compiled")}
     eager = results["z0-fp32"]
@@ -273,9 +301,9 @@ def test_deepspeed_training_compiled_equals_eager(property_runs):
 
 @pytest.mark.slow  # Dynamo compiles: 20-60 s on 2 cores
 def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
-    """``cfdist finetune ... model.compile=true`` (one process): the same validation losses as eager for
+    """``cfdist finetune ... compute.compile=true`` (one process): the same validation losses as eager for
     the final, best and SWA models (the SWA average is a deep copy of the compiled model), and the
-    saved checkpoints record compile: false."""
+    saved checkpoints record no compile setting."""
     import torch
 
     from cfdist.checkpoint import load
@@ -288,7 +316,7 @@ def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
         for compiled in ("false", "true"):
             cfg = load_finetune_config("megnet_slice_eform", [
                 f"data.shards={shard_dir}", f"output_dir={tmp_path}", f"run_name=compile-{compiled}",
-                "model=" + json.dumps(TRAIN_MODEL), f"model.compile={compiled}", "epochs=2", "swa_epochs=1",
+                "model=" + json.dumps(TRAIN_MODEL), f"compute.compile={compiled}", "epochs=2", "swa_epochs=1",
                 "data.batch_size=16", "data.test_split=", "scaling.threads=1"])
             results[compiled] = local_finetune(cfg)
     finally:
@@ -296,9 +324,9 @@ def test_finetuning_compiled_equals_eager(shard_dir, tmp_path, monkeypatch):
     for name in ("final", "best", "swa"):
         assert results["true"]["val"][name]["val_loss"] == pytest.approx(results["false"]["val"][name]["val_loss"],
                                                                          rel=1e-9), name
-    assert load(tmp_path / "compile-true" / "checkpoints" / "swa.pt").config.compile is False
+    assert "compile" not in load(tmp_path / "compile-true" / "checkpoints" / "swa.pt").config.to_dict()
 
 
-# The compiled Ray Train run (cfdist pretrain, 2 workers, ZeRO-2, model.compile=true: trains,
+# The compiled Ray Train run (cfdist pretrain, 2 workers, ZeRO-2, compute.compile=true: trains,
 # validates, exports an eager model.pt) is the pretraining stage of
 # test_finetune.py::test_end_to_end_preprocess_pretrain_finetune_predict: one Ray Train run for both.

@@ -228,6 +228,7 @@ def test_energy_and_forces_continuous_when_an_image_crosses_the_cutoff(cutoff_si
     """
     smooth = energy_model(cutoff_sigmas=cutoff_sigmas)
     assert smooth.config.envelope and smooth.config.envelope_width == 1.0  # the default for energy models
+    assert smooth.config.envelope_kind == "polynomial"
     crossing, n = first_crossing(smooth.cutoff)
     # the image (0, 1, n) is in the table just before the crossing and not after it (or the reverse)
     inside = []
@@ -249,6 +250,74 @@ def test_energy_and_forces_continuous_when_an_image_crosses_the_cutoff(cutoff_si
     assert fine_f > 1e-8 and coarse_f / fine_f < 3  # a jump: the same size whatever the step
     if cutoff_sigmas == 2.5:
         assert fine_e > 1e-7 and coarse_e / fine_e < 3
+
+
+def test_force_derivatives_continuous_across_the_cutoff_with_the_polynomial_envelope():
+    """Second differences of the forces, F(t + h) - 2 F(t) + F(t - h), over 21 scan points h apart
+    straddling the crossing (cutoff 2.5 sigma_max, where an image at the cutoff weighs ~e^-3 of a
+    nearest one). The default polynomial envelope (f, f', f'' vanish at the cutoff) gives forces
+    with a continuous derivative: the second differences shrink as h^2 (x100 for 10x smaller h).
+    The cubic envelope of cfdist 0.1.0 (f'' jumps at the cutoff) gives a jump in dF/dt: they
+    shrink only as h (x10)."""
+    ratios = {}
+    for kind in ("polynomial", "cubic"):
+        model = energy_model(cutoff_sigmas=2.5, **({} if kind == "polynomial" else {"envelope_kind": kind}))
+        assert model.config.envelope_kind == kind
+        crossing, _ = first_crossing(model.cutoff)
+        second = []
+        for h in (1e-4, 1e-3):
+            _, forces = scan(model, crossing + (np.arange(21) - 10) * h)
+            second.append(np.abs(forces[2:] - 2 * forces[1:-1] + forces[:-2]).max() / np.abs(forces).max())
+        ratios[kind] = second[1] / second[0]
+    assert 70 < ratios["polynomial"] < 130 and 5 < ratios["cubic"] < 20, ratios
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "cubic"])
+def test_cutoff_envelope_equals_its_float64_reference_and_is_smooth_at_both_edges(kind):
+    """The envelope against its polynomial written out in numpy (float64), in float32 and float64;
+    f = 1 with vanishing derivatives at the shell's inner edge, f = 0 at the cutoff with f' = 0, and
+    f'' = 0 there too for the polynomial kind (autograd, float64)."""
+    from cfdist.graph import cutoff_envelope
+
+    cutoff, width = 5.0, 1.0
+    d = np.linspace(3.0, 6.0, 3001)
+    x = np.clip((d - (cutoff - width)) / width, 0.0, 1.0)
+    reference = 1 - 28 * x**6 + 48 * x**7 - 21 * x**8 if kind == "polynomial" else 1 - 3 * x**2 + 2 * x**3
+    for dtype, tol in ((torch.float64, 1e-14), (torch.float32, 1e-6)):
+        got = cutoff_envelope(torch.tensor(d, dtype=dtype), kind, cutoff, width).double().numpy()
+        assert np.abs(got - reference).max() <= tol
+    assert ((reference >= 0) & (reference <= 1)).all() and (np.diff(reference) <= 1e-15).all()
+
+    def derivatives(at: float):
+        t = torch.tensor(at, dtype=torch.float64, requires_grad=True)
+        f = cutoff_envelope(t, kind, cutoff, width)
+        (df,) = torch.autograd.grad(f, t, create_graph=True)
+        (d2f,) = torch.autograd.grad(df, t)
+        return float(f.detach()), float(df.detach()), float(d2f)
+
+    for side in (-1e-7, 1e-7):  # approached from inside and outside the shell
+        f, df, d2f = derivatives(cutoff + side)
+        assert abs(f) < 1e-12 and abs(df) < 1e-6
+        assert (abs(d2f) < 1e-4) if kind == "polynomial" or side > 0 else (abs(d2f - 6.0) < 1e-4)
+        f, df, d2f = derivatives(cutoff - width + side)
+        assert abs(f - 1) < 1e-12 and abs(df) < 1e-6
+    with pytest.raises(ValueError, match="unknown kind"):
+        cutoff_envelope(torch.zeros(1), "linear", cutoff, width)
+
+
+def test_envelope_kind_recorded_and_old_energy_configs_keep_the_cubic_one():
+    """New energy models get the polynomial envelope and record it; a saved config from before the
+    kinds (envelope: true, no envelope_kind) keeps the cubic switch it was trained with."""
+    from cfdist.config import ConfigError
+
+    new = CrystalformerConfig(energy=True)
+    assert new.envelope is True and new.envelope_kind == "polynomial"
+    assert CrystalformerConfig.from_dict(new.to_dict()).envelope_kind == "polynomial"
+    old = {k: v for k, v in new.to_dict().items() if k != "envelope_kind"}  # as cfdist 0.1.0 saved it
+    assert CrystalformerConfig.from_dict(old).envelope_kind == "cubic"
+    assert CrystalformerConfig.from_dict({**old, "envelope": None}).envelope_kind == "polynomial"
+    with pytest.raises(ConfigError, match="envelope_kind must be one of"):
+        CrystalformerConfig(energy=True, envelope_kind="linear")
 
 
 # ---------------------------------------------------------------- property models and checkpoints

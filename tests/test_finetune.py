@@ -435,7 +435,7 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the other label
     -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint.
 
-    The pretraining is also test_compile's Ray Train run: 2 workers, ZeRO-2, model.compile=true
+    The pretraining is also test_compile's Ray Train run: 2 workers, ZeRO-2, compute.compile=true
     (the session cluster's workers compile with aot_eager) trains, validates (eval-mode graphs) and
     exports a model.pt that loads as an eager model."""
     from cfdist.config import CrystalformerConfig
@@ -452,7 +452,7 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     ft_shards = shards
     pre = run([sys.executable, "-m", "cfdist.cli", "pretrain", "--config", "megnet_slice",
                f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=pre",
-               "model=" + json.dumps({**TINY, "compile": True}), "data.targets=[e_form]", "max_steps=4",
+               "model=" + json.dumps(TINY), "compute.compile=true", "data.targets=[e_form]", "max_steps=4",
                "data.max_structures=16", "scaling.num_workers=2", "scaling.max_failures=0", "deepspeed=zero2",
                "log_every=1", "val_every=4", "checkpoint_every=4"], timeout=600, env=ray_env(ray_cluster))
     out = pre.stdout + pre.stderr
@@ -467,7 +467,7 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
     from cfdist.compile import is_compiled
 
     pretrained = load(ckpt)
-    assert not is_compiled(pretrained) and pretrained.config.compile is False
+    assert not is_compiled(pretrained) and "compile" not in pretrained.config.to_dict()
     ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",
               f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
               f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import numpy as np
@@ -61,17 +63,17 @@ def test_sigma_is_bounded_for_any_input():
     assert rho.min().item() >= 0.5 and rho[1].item() == 1.0
 
 
-def test_sigma_stats_set_by_first_training_step_and_frozen(megnet_crystals):
+def test_sigma_stats_set_by_the_explicit_pass_and_never_by_a_forward(megnet_crystals):
     torch.manual_seed(0)
     model = Crystalformer(CrystalformerConfig(n_blocks=2))
     crystals = megnet_crystals[:6]
     batch = batch_of(crystals, model)
-    model.eval()
-    model(batch)
-    assert not model.sigma_stats_ready  # inference never sets them
-    assert all(b.attention.sigma_mean.item() == 0 and b.attention.sigma_std.item() == 1 for b in model.blocks)
-    model.train()
-    model(batch).sum().backward()
+    for mode in (model.eval, model.train):  # neither inference nor training forwards set them
+        mode()
+        model(batch).sum().backward()
+        assert not model.sigma_stats_ready
+        assert all(b.attention.sigma_mean.item() == 0 and b.attention.sigma_std.item() == 1 for b in model.blocks)
+    model.fit_sigma_statistics(batch)
     assert model.sigma_stats_ready
     first = [(b.attention.sigma_mean.item(), b.attention.sigma_std.item()) for b in model.blocks]
     # Layer 0's statistics are the pooled mean / unbiased std of s = q . w over all atoms and heads.
@@ -81,14 +83,44 @@ def test_sigma_stats_set_by_first_training_step_and_frozen(megnet_crystals):
     s = (q * att.sigma_weight).sum(-1).detach().double()
     assert first[0][0] == pytest.approx(s.mean().item(), rel=1e-5)
     assert first[0][1] == pytest.approx(s.std(unbiased=True).item(), rel=1e-5)
-    model(batch_of(megnet_crystals[10:14], model))  # a second training batch changes nothing
+    # Layer 1's are those of block 0's output computed with block 0's fitted statistics.
+    with torch.no_grad():
+        geometry = model.geometry(batch, torch.float32)
+        x1 = model.blocks[0](x, geometry, model.attention_backend)
+        s1 = model.blocks[1].attention.score(model.blocks[1].attention.project(x1)[0]).double()
+    assert first[1][0] == pytest.approx(s1.mean().item(), rel=1e-6)
+    assert first[1][1] == pytest.approx(s1.std(unbiased=True).item(), rel=1e-6)
+    model(batch_of(megnet_crystals[10:14], model)).sum().backward()  # a training step changes nothing
     assert first == [(b.attention.sigma_mean.item(), b.attention.sigma_std.item()) for b in model.blocks]
     state = model.state_dict()
-    assert "blocks.0.attention.sigma_mean" in state and "blocks.1.attention.sigma_ready" in state
+    assert "blocks.0.attention.sigma_mean" in state and not any(k.endswith("sigma_ready") for k in state)
 
 
-def test_sigma_stats_reducer_hook_pools_across_ranks(megnet_crystals):
-    """A reducer that sums (count, sum, sum of squares) over 'ranks' gives pooled statistics."""
+def test_sigma_stats_equal_those_the_first_training_forward_set(megnet_crystals):
+    """The explicit pass sets the numbers the lazy first training forward of cfdist 0.1.0 set:
+    emulated here by running each block's scores through the same reduction as the forward goes."""
+    torch.manual_seed(0)
+    model = Crystalformer(CrystalformerConfig(n_blocks=3)).double()
+    batch = batch_of(megnet_crystals[:8], model).to(dtype=torch.float64)
+    lazy = copy.deepcopy(model).train()
+    geometry = lazy.geometry(batch, torch.float64)
+    x = lazy.embed(batch, torch.float64)
+    for block in lazy.blocks:  # what the first training forward did, block by block, inside the forward
+        att = block.attention
+        score = att.score(att.project(x)[0]).detach().double().reshape(-1)
+        mean = score.mean()
+        att.sigma_mean.fill_(float(mean))
+        att.sigma_std.fill_(float(((score - mean) ** 2).sum() / (score.numel() - 1)) ** 0.5)
+        x = block(x, geometry, lazy.attention_backend)
+    model.fit_sigma_statistics(batch)
+    for a, b in zip(model.blocks, lazy.blocks):
+        assert a.attention.sigma_mean.item() == pytest.approx(b.attention.sigma_mean.item(), rel=1e-12)
+        assert a.attention.sigma_std.item() == pytest.approx(b.attention.sigma_std.item(), rel=1e-12)
+
+
+def test_sigma_stats_all_reduce_pools_across_ranks(megnet_crystals):
+    """An all_reduce that sums (count, sum, sum of squares) over 'ranks' gives pooled statistics;
+    a rank without a batch joins every reduction with zeros."""
     torch.manual_seed(0)
     model = Crystalformer(CrystalformerConfig(n_blocks=1)).train()
     other_rank = torch.tensor([100.0, 50.0, 400.0], dtype=torch.float64)
@@ -98,13 +130,18 @@ def test_sigma_stats_reducer_hook_pools_across_ranks(megnet_crystals):
         seen.append(stats.clone())
         return stats + other_rank
 
-    model.set_stats_reducer(fake_two_rank_sum)
-    model(batch_of(megnet_crystals[:3], model))
+    model.fit_sigma_statistics(batch_of(megnet_crystals[:3], model), all_reduce=fake_two_rank_sum)
     count, total, total_sq = (seen[0] + other_rank).tolist()
     mean = total / count
     att = model.blocks[0].attention
     assert att.sigma_mean.item() == pytest.approx(mean)
     assert att.sigma_std.item() == pytest.approx(math.sqrt((total_sq - count * mean**2) / (count - 1)), rel=1e-6)
+    idle = Crystalformer(CrystalformerConfig(n_blocks=2))
+    idle.fit_sigma_statistics(None, all_reduce=lambda stats: (seen.append(stats.clone()), stats + other_rank)[1])
+    assert len(seen) == 3 and not seen[1].any() and not seen[2].any()
+    assert idle.blocks[1].attention.sigma_mean.item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="no atoms on any rank"):
+        idle.fit_sigma_statistics(None, all_reduce=lambda stats: stats)
 
 
 def test_predict_accepts_structures_atoms_and_crystals_in_model_dtype(model64, megnet_crystals):

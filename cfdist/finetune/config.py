@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
-from cfdist.run.config import DataSection, OptimSection, RunConfigMixin
+from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -105,10 +105,12 @@ class FinetuneConfig(RunConfigMixin):
     task: str = ""  # name of the paper task the data comes from (informational; cfdist prepare-task)
     data: FinetuneData = field(default_factory=FinetuneData)
     optim: OptimSection = field(default_factory=OptimSection)
+    compute: ComputeSection = field(default_factory=ComputeSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
 
     def __post_init__(self):
+        self.take_run_settings()
         if self.init_from not in INIT_FROM:
             raise ConfigError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
         if self.init_from == "pretrained" and not self.checkpoint:

@@ -33,7 +33,6 @@ from it exactly, since an epoch's stream depends only on (seed, epoch)).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.fileio import atomic_write, write_json_atomic
 from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict
 from cfdist.manifest import ShardSet
-from cfdist.model import Crystalformer
+from cfdist.model import Crystalformer, distributed_sum
 from cfdist.run import evaluation
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
@@ -170,8 +169,8 @@ class FinetuneTrainer:
         elif cfg.init_from == "pretrained":
             model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats, transforms)
             self.transfer_report.update(report)
-        else:  # model.compile is a run setting: the model (and its checkpoints) record compile: false
-            model = Crystalformer(dataclasses.replace(cfg.model_config(), compile=False))
+        else:
+            model = Crystalformer(cfg.model_config())
             set_target_normalisation(model, stats)
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
@@ -179,7 +178,12 @@ class FinetuneTrainer:
         self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
-        if cfg.model_config().compile:  # the run's model section decides, also for pretrained / resumed models
+        if state is None and cfg.init_from == "scratch":
+            # a new model's sigma statistics come from an explicit pass over this rank's first
+            # micro-batch of the first step (pooled over ranks), before compiling / DDP; a
+            # pretrained or resumed model has its checkpoint's
+            self.model.fit_sigma_statistics(self.first_micro_batch(), distributed_sum)
+        if cfg.compute.compile:  # a run setting: also for pretrained / resumed models
             compile_model(self.model)  # in place (cfdist.compile): DDP, SWA copies and checkpoints see the model
             if self.rank == 0:
                 print(describe(self.model), flush=True)
@@ -218,16 +222,25 @@ class FinetuneTrainer:
         """This rank's steps from the current epoch on, each a list of host micro-batches, prepared
         ahead in a thread (:class:`cfdist.stream.Prefetcher`)."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
-        targets = list(self.cfg.data.targets)
 
         def epoch(e: int, _start: Position):
             return epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
                                self.rank, self.world)
 
-        def prepare(table: pa.Table) -> list:
-            return [collate_arrow(t, targets, cutoff=self.shards.cutoff) for t in pack_rows([table], self.budget)]
+        return Prefetcher(epoch, self.prepare_step, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
 
-        return Prefetcher(epoch, prepare, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
+    def prepare_step(self, table: pa.Table) -> list:
+        """This rank's share of a step (Arrow rows) -> its host micro-batches, packed within the budget."""
+        return [collate_arrow(t, list(self.cfg.data.targets), cutoff=self.shards.cutoff,
+                              block_width=self.cfg.compute.entry_chunk) for t in pack_rows([table], self.budget)]
+
+    def first_micro_batch(self):
+        """This rank's first micro-batch of the first step (on the device), or None when it has none."""
+        reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
+        for table, _ in epoch_steps(self.plan(0), reader, self.cfg.data.batch_size, 1, self.rank, self.world):
+            micro_batches = self.prepare_step(table)
+            return micro_batches[0].to(self.device) if micro_batches else None
+        return None
 
     def all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -333,7 +346,8 @@ class FinetuneTrainer:
     # -- evaluation and checkpoints ------------------------------------------------------
     def evaluate(self, model, split: str):
         """Summed stats of ``model`` on ``split`` (this process reads the whole split)."""
-        batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget)
+        batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget,
+                                            block_width=self.cfg.compute.entry_chunk)
         return evaluation.evaluate(model, batches, self.objective, self.device)
 
     def validate(self, model) -> dict:

@@ -1,4 +1,4 @@
-"""What every run config shares: the data section, the optimiser section, the run directory, the
+"""What every run config shares: the data, optimiser and compute sections, the run directory, the
 model config.
 
 Pretraining (:mod:`cfdist.train.config`) and fine-tuning (:mod:`cfdist.finetune.config`) build
@@ -8,11 +8,12 @@ their configs from these pieces and the generic machinery of :mod:`cfdist.config
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cfdist.config import ConfigError, CrystalformerConfig
+from cfdist.config import RUN_SETTINGS, ConfigError, CrystalformerConfig
 from cfdist.data import DEFAULT_MAX_ENTRIES
 from cfdist.manifest import checksum_mode
 
@@ -108,13 +109,55 @@ class OptimSection:
             raise ConfigError(f"optim.schedule must be inverse_sqrt, warmup_cosine or constant, got {self.schedule!r}")
 
 
+@dataclass
+class ComputeSection:
+    """How a run computes the model: settings of the run, not of the model (checkpoints do not record them).
+
+    Attributes:
+        compile: train with the model compiled by ``torch.compile`` (dynamic shapes;
+            :mod:`cfdist.compile`). Off by default, by measurement (``bench/step.py`` on the 2-core
+            CPU machines, float32, batches of 64 real structures): compiled steps are faster, but
+            every process compiles for ~100 s (default model, cold cache) before its first
+            compiled training step, and again for its first eval forward, which outweighs the gain
+            in short runs, fine-tuning on small sets and tests; and it cannot train an energy model
+            on forces or stress, nor run with ZeRO-3 or activation checkpointing (the run configs
+            refuse those). Turn it on for long runs.
+        entry_chunk: image-table entries per block in the attention op's blocked basis product
+            (a speed knob: the batch collate lays the entries out in blocks of this width,
+            :func:`cfdist.batch.pair_blocks`; results do not depend on it).
+    """
+
+    compile: bool = False
+    entry_chunk: int = RUN_SETTINGS["entry_chunk"]
+
+    def __post_init__(self):
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compute.compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.entry_chunk, int) or self.entry_chunk < 1:
+            raise ConfigError(f"compute.entry_chunk must be an integer >= 1, got {self.entry_chunk!r}")
+
+
 class RunConfigMixin:
     """What pretraining and fine-tuning configs share: the run directory and the model config."""
 
     model: Any
     data: Any
+    compute: ComputeSection
     output_dir: str
     run_name: str
+
+    def take_run_settings(self) -> None:
+        """Move ``compile`` / ``entry_chunk`` of an inline model section (where older run configs set
+        them, e.g. ``model.compile=true``) onto the ``compute`` section, with a warning."""
+        if not isinstance(self.model, Mapping):
+            return
+        moved = {key: self.model[key] for key in RUN_SETTINGS if key in self.model}
+        if moved:
+            warnings.warn(f"model.{', model.'.join(moved)} moved to compute.{', compute.'.join(moved)}: they are "
+                          f"run settings, not model parameters (set them in the compute section)", UserWarning,
+                          stacklevel=3)
+            self.model = {key: value for key, value in self.model.items() if key not in RUN_SETTINGS}
+            self.compute = dataclasses.replace(self.compute, **moved)
 
     def model_config(self) -> CrystalformerConfig:
         """The model config with ``target_names`` set to the data's targets (and their transforms)."""

@@ -42,7 +42,7 @@ def split_tables(shards, split: str, columns: Sequence[str] | None, *, rank: int
 
 
 def split_batches(shards, split: str, labels: Sequence[str], budget: BatchBudget, *, forces: bool = False,
-                  stress: bool = False, rank: int = 0, world: int = 1) -> Iterator:
+                  stress: bool = False, rank: int = 0, world: int = 1, block_width: int | None = None) -> Iterator:
     """Host :class:`cfdist.batch.CrystalBatch` es of rank ``rank``'s block of ``split``, packed
     within ``budget``; ``labels``: the label columns (property targets, or an energy model's energy)."""
     files = shards.files(split)
@@ -50,7 +50,8 @@ def split_batches(shards, split: str, labels: Sequence[str], budget: BatchBudget
         return
     columns = training_columns(pq.read_schema(files[0].path), labels, forces=forces, stress=stress)
     for table in pack_rows(split_tables(shards, split, columns, rank=rank, world=world), budget):
-        yield collate_arrow(table, list(labels), cutoff=shards.cutoff, forces=forces, stress=stress)
+        yield collate_arrow(table, list(labels), cutoff=shards.cutoff, forces=forces, stress=stress,
+                            block_width=block_width)
 
 
 def evaluate(net, batches: Iterable, objective: Objective, device: torch.device | str, *,

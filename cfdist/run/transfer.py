@@ -50,8 +50,7 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
         raise ConfigError(f"transfer.head=keep needs the checkpoint's targets {old}, got data.targets {targets}; "
                           f"use transfer.head=auto or replace")
     config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False,
-                                            "target_transforms": dict(transforms or {}),
-                                            "compile": False})  # compiling is the fine-tuning run's choice
+                                            "target_transforms": dict(transforms or {})})
     same_space = {t for t in targets if t in old and source.config.transform_of(t) == config.transform_of(t)}
     if head == "keep" and len(same_space) != len(targets):
         changed = {t: (source.config.transform_of(t), config.transform_of(t)) for t in targets if t not in same_space}

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
                            resolve_config)
-from cfdist.run.config import DataSection, OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin, resolve_model_config
 
 LOSS_KINDS = ("l1", "l2", "huber")
 
@@ -145,6 +145,7 @@ class PretrainConfig(RunConfigMixin):
     data: PretrainData = field(default_factory=PretrainData)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    compute: ComputeSection = field(default_factory=ComputeSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
 
@@ -152,16 +153,17 @@ class PretrainConfig(RunConfigMixin):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.take_run_settings()
         self._check_compile()
 
     def _check_compile(self) -> None:
-        """``model.compile`` with settings it cannot run with is refused here, before any worker starts."""
+        """``compute.compile`` with settings it cannot run with is refused here, before any worker starts."""
 
         try:
             model = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         except ConfigError:
             return  # a broken model section is reported where the model config is built (model_config)
-        if model.compile:
+        if self.compute.compile:
             double_backward = self.loss.forces_weight > 0 or self.loss.stress_weight > 0
             reason = compile_refusal(energy=model.energy, double_backward=double_backward,
                                      zero_stage=self.deepspeed.zero_stage,

@@ -39,7 +39,6 @@ how far into the epoch it was.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -60,7 +59,7 @@ from cfdist.compile import compile_model, describe
 from cfdist.data import BatchBudget, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
-from cfdist.model import Crystalformer
+from cfdist.model import Crystalformer, distributed_sum
 from cfdist.preprocess.element_fit import ElementFitSums
 from cfdist.preprocess.element_fit import solve as solve_element_fit
 from cfdist.run import evaluation
@@ -204,14 +203,15 @@ class Trainer:
         self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
+        self.stream: Prefetcher | None = None  # opened by build() for a new run, then read by run()
+        self.first_item = None  # a new run's first stream item: fitted the sigma statistics, trained on first
 
     # -- setup ---------------------------------------------------------------------------
     def build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
-        # model.compile is a run setting: the model (and so every checkpoint) records compile: false
-        model = Crystalformer(dataclasses.replace(self.model_config, compile=False))
+        model = Crystalformer(self.model_config)
         set_target_normalisation(model, target_stats(self.shards, model.config.target_names, cfg.data.train_split,
                                                      model.config.target_transforms))
         self.step, self.cursor, self.position = 0, DataCursor(), Position()
@@ -222,7 +222,15 @@ class Trainer:
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
-            if self.model_config.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
+            if path is None and not cfg.init_from:
+                # issue 17: a new model's sigma statistics come from an explicit pass over this
+                # rank's first training batch (pooled over ranks), before compiling / DeepSpeed;
+                # that batch stays the first one trained on (self.first_item, read by run())
+                self.stream = self.ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+                self.first_item = self.stream.next()
+                first = self.first_item.batch
+                model.fit_sigma_statistics(first.to(self.ctx.device) if first is not None else None, distributed_sum)
+            if cfg.compute.compile:  # in place, before DeepSpeed wraps it (cfdist.compile)
                 compile_model(model)
                 if self.ctx.rank == 0:
                     print(describe(model), flush=True)
@@ -299,7 +307,7 @@ class Trainer:
     def prepare_batch(self, table):
         """Arrow rows -> CrystalBatch on the CPU (runs in the prefetch thread for training)."""
         return collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
-                             stress=self.want_stress)
+                             stress=self.want_stress, block_width=self.cfg.compute.entry_chunk)
 
     def label_counts(self, batch) -> list[float]:
         """Labels per component of a host micro-batch (all-reduced with has_batch to scale the loss)."""
@@ -315,12 +323,13 @@ class Trainer:
         window, components = StepWindow(), ComponentWindow(self.objective)
         metrics: dict[str, Any] = {}
         dropped_tail = 0
-        stream = ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+        # build() opened the stream of a new run (its first batch fitted the sigma statistics)
+        stream = self.stream or ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
         epoch_batches_seen = 0
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
-                item = stream.next()
+                item, self.first_item = (self.first_item or stream.next()), None
                 if item.epoch != self.cursor.epoch:
                     raise RuntimeError(f"rank {ctx.rank}: stream at epoch {item.epoch}, cursor at {self.cursor.epoch}")
                 counts = self.label_counts(item.batch)  # on the host batch: no device sync
@@ -402,7 +411,8 @@ class Trainer:
         zero3 = self.cfg.deepspeed.zero_stage == 3
         batches = evaluation.split_batches(self.shards, self.cfg.data.val_split, self.targets, self.budget,
                                            forces=self.want_forces, stress=self.want_stress,
-                                           rank=self.ctx.rank, world=self.ctx.world_size)
+                                           rank=self.ctx.rank, world=self.ctx.world_size,
+                                           block_width=self.cfg.compute.entry_chunk)
         totals = evaluation.evaluate(
             self.engine, batches, self.objective, self.ctx.device, all_sum=self.all_sum,
             lockstep=zero3 and self.ctx.world_size > 1,

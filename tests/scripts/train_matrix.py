@@ -34,6 +34,7 @@ class RunSpec:
     zero_stage: int = 0
     precision: str = "fp32"
     activation_checkpointing: bool = False
+    compile: bool = False  # compute.compile (the backend: the job's CFDIST_COMPILE_BACKEND)
     gradient_accumulation_steps: int = 1
     max_structures: int = 64  # 64: the whole train split of the test shards in one micro-batch (a fixed batch)
     max_steps: int = 6
@@ -53,6 +54,7 @@ def config(spec: RunSpec, out: Path, max_steps: int):
         "run_name": spec.name, "output_dir": str(out), "seed": 0, "max_steps": max_steps, "log_every": 1,
         "val_every": spec.val_every, "checkpoint_every": spec.checkpoint_every,
         "keep_checkpoints": spec.keep_checkpoints, "model": spec.model, "loss": spec.loss,
+        "compute": {"compile": spec.compile},
         "data": {"shards": spec.shards, "targets": spec.targets, "val_split": spec.val_split,
                  "max_structures": spec.max_structures, "max_entries": 10**7, "max_atoms": 10**5, "shuffle_rows": 0,
                  "verify_checksums": False},
@@ -122,7 +124,7 @@ def result(spec: RunSpec, out: Path, trained: dict, printed: list[str], equal_si
         # a compiled module is wrapped (torch.compile) or carries a compiled call (Module.compile)
         "exported_compiled": isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
         or getattr(model, "_compiled_call_impl", None) is not None,
-        "exported_compile_flag": getattr(model.config, "compile", False), "init_from": state.get("init_from"),
+        "exported_compile_flag": "compile" in model.config.to_dict(), "init_from": state.get("init_from"),
     }
     nacl = [bulk("NaCl", "rocksalt", a=5.64)]
     if model.config.energy:
