@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cfdist import __version__
+from cfdist import __version__, storage
 from cfdist.config import CrystalformerConfig
 from cfdist.fileio import atomic_write
 from cfdist.model import Crystalformer
@@ -105,8 +105,20 @@ def load(path: str | Path, map_location: str | torch.device = "cpu"):
     Loads every kind: property models (also those written before checkpoints recorded a kind),
     energy models (reference energies float64) and multi-task models. ``model.checkpoint_info``
     holds ``kind``, ``cfdist_version``, ``cutoff`` and ``extra``.
+
+    ``path`` may be ``s3://...`` / ``gs://...`` (a ``model.pt`` object, or a run prefix holding
+    one): it is downloaded once into the user cache (keyed by the object's size and ETag, so a
+    changed object is fetched again) and loaded from there, with ``weights_only=True`` as always.
     """
 
+    if storage.is_uri(path):
+        location = storage.absolute(path)
+        if not storage.is_file(location):
+            location = storage.join(location, "model.pt")
+        try:
+            path = storage.cached_copy(location, "checkpoints")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{location}: no portable checkpoint (export one with `cfdist export`)") from None
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"

@@ -26,7 +26,8 @@ def _predict(argv) -> int:
                                      "cannot be read, get an error row. Exit status 1 when nothing could be "
                                      "predicted (or, with --strict, when anything failed).")
     parser.add_argument("inputs", nargs="+", help="files, directories or globs (CIF, JARVIS/pymatgen JSON, extxyz, ASE db)")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="portable checkpoint (model.pt)")
+    parser.add_argument("--checkpoint", required=True, help="portable checkpoint (model.pt; a path or an s3:// / "
+                        "gs:// URI, downloaded once into the user cache)")
     parser.add_argument("--out", type=Path, default=Path("predictions.csv"))
     parser.add_argument("--format", default=None, help="input format (default: inferred per file)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -36,6 +37,7 @@ def _predict(argv) -> int:
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
     from cfdist.io import iter_input_records
+    from cfdist.preprocess.publish import localize_inputs
     from cfdist.predict import (
         exit_status,
         output_names,
@@ -45,7 +47,8 @@ def _predict(argv) -> int:
     )
 
     model = load(args.checkpoint, map_location=args.device).to(args.device)
-    rows = write_predictions(predict_records(model, iter_input_records(args.inputs, args.format, on_error="row"),
+    inputs = localize_inputs(args.inputs)  # s3:// / gs:// inputs: cached local copies
+    rows = write_predictions(predict_records(model, iter_input_records(inputs, args.format, on_error="row"),
                                              args.batch_size), args.out, output_names(model))
     counts = row_counts(rows)
     print(f"{counts['rows']} rows -> {args.out}: {counts['summary']}")
@@ -56,8 +59,9 @@ def _evaluate(argv) -> int:
     parser = argparse.ArgumentParser(prog="cfdist evaluate", description="MAE / RMSE / R^2 per target, "
                                      "predictions CSV and parity plot. Raw inputs that cannot be read get "
                                      "error rows, as in `cfdist predict`.")
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--data", required=True, nargs="+", help="a shard directory, or labelled raw inputs")
+    parser.add_argument("--checkpoint", required=True, help="portable checkpoint (a path or an s3:// / gs:// URI)")
+    parser.add_argument("--data", required=True, nargs="+", help="a shard directory (or s3:// / gs:// prefix), or "
+                        "labelled raw inputs")
     parser.add_argument("--split", default="test", help="split of a shard directory (default test)")
     parser.add_argument("--out", type=Path, default=Path("evaluation"))
     parser.add_argument("--batch-size", type=int, default=64)

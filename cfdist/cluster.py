@@ -21,11 +21,14 @@ import logging
 import os
 from typing import Any
 
+from cfdist import storage
+
 
 def runtime_env(use_gpu: bool = False) -> dict[str, Any]:
     """The runtime environment every Ray worker of a cfdist job gets."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return {"env_vars": {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+    # object-storage credentials and endpoints: Ray does not forward AWS_* / GCS variables itself
+    return {"env_vars": {**storage.worker_env(), "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
                          "RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]},
             "worker_process_setup_hook": "cfdist.cluster.quiet_logs"}
 

@@ -22,9 +22,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from cfdist.shards import ShardError, target_columns
+from cfdist.shards import ShardError, parquet_file, target_columns
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -51,7 +50,7 @@ def iter_local_shards(paths: Sequence[str | Path], *, rank: int = 0, world_size:
     """
     for path in list(paths)[rank::world_size]:
         try:
-            reader = pq.ParquetFile(path)
+            reader = parquet_file(path)
             for record_batch in reader.iter_batches(batch_size=rows_per_read, columns=list(columns) if columns else None):
                 yield pa.Table.from_batches([record_batch])
         except (pa.ArrowInvalid, OSError) as exc:

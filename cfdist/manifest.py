@@ -19,6 +19,11 @@ can restore the mtime, nothing but the clock the ctime), and a copied or replace
 inode, so a changed file is always re-hashed; ``checksums="full"`` re-hashes everything regardless.
 When ``DIR`` is read-only the records go to the user cache directory
 (:func:`cfdist.fileio.user_cache_dir`), or, failing that, are skipped with a one-line warning.
+
+Object storage (``DIR`` = ``s3://...`` / ``gs://...``, :mod:`cfdist.storage`): sizes come from the
+listing, footers are range requests, hashing streams each object once; the verification records
+always live on local disk (the user cache, keyed by the URI) and record each object's identity
+(size + ETag), which changes whenever the object is rewritten.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cfdist import __version__
+from cfdist import __version__, storage
 from cfdist.fileio import sha256_file, user_cache_dir, write_json_atomic
 from cfdist.shards import SCHEMA_VERSION, ShardError, read_metadata_from_schema
 
@@ -82,12 +87,12 @@ def write_manifest(root: str | Path, *, cutoff: float, targets: Sequence[str], s
 
 def read_manifest(root: str | Path) -> dict:
     """``root/manifest.json`` with clear errors for a missing, unreadable or foreign-version file."""
-    path = Path(root) / MANIFEST
-    if not path.is_file():
+    path = storage.join(root, MANIFEST) if storage.is_uri(root) else Path(root) / MANIFEST
+    if not storage.is_file(path):
         raise ShardError(f"{root}: no {MANIFEST}; is this a directory written by `cfdist preprocess` "
                          f"(and did the job finish)?")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise ShardError(f"{path}: unreadable manifest ({exc})") from exc
     if manifest.get("schema_version") != SCHEMA_VERSION:
@@ -101,7 +106,7 @@ def read_manifest(root: str | Path) -> dict:
 class ShardEntry:
     """One shard file listed in the manifest."""
 
-    path: Path
+    path: Path | str  # a str for objects (s3://..., gs://...)
     split: str
     rows: int
     bytes: int
@@ -112,12 +117,19 @@ class ShardSet:
     """A preprocessed shard directory (``DIR/manifest.json`` + ``DIR/<split>/*.parquet``)."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        # a URI stays a string (never a Path: cfdist.storage); a local directory is a Path
+        self.root = storage.absolute(root) if storage.is_uri(root) else Path(root)
         self.manifest = read_manifest(self.root)
         self.cutoff = float(self.manifest["cutoff"])
         self.targets = list(self.manifest.get("targets", []))
-        self.entries = [ShardEntry(self.root / s["file"], s["split"], int(s["rows"]), int(s["bytes"]), s["sha256"])
+        where = (lambda f: storage.join(self.root, f)) if self.remote else (lambda f: self.root / f)
+        self.entries = [ShardEntry(where(s["file"]), s["split"], int(s["rows"]), int(s["bytes"]), s["sha256"])
                         for s in self.manifest["shards"]]
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shards live on object storage."""
+        return isinstance(self.root, str)
 
     def files(self, split: str) -> list[ShardEntry]:
         return [e for e in self.entries if e.split == split]
@@ -256,7 +268,9 @@ class VerifyReport:
         return f"checked {self.files} shards ({self.hashed} hashed, {self.cached} cached{full}) in {self.seconds:.2f} s"
 
 
-def _stat_key(st: os.stat_result) -> dict:
+def _stat_key(st: os.stat_result | dict) -> dict:
+    if isinstance(st, dict):  # an object's identity (cfdist.storage.identity)
+        return dict(st)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
 
 
@@ -267,17 +281,21 @@ class _VerifyCache:
 
     def __init__(self, shards: "ShardSet", fallback: str | Path | None):
         self.root = shards.root
-        self.names = {e.path: e.path.relative_to(self.root).as_posix() for e in shards.entries}
-        key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:32]
-        self.local = self.root / VERIFY_CACHE
+        where = str(self.root) if shards.remote else str(self.root.resolve())
+        self.names = {e.path: storage.relative(str(e.path), str(self.root)) for e in shards.entries}
+        key = hashlib.sha256(where.encode()).hexdigest()[:32]
+        # objects: records only on local disk (never written into the bucket)
+        self.local = None if shards.remote else self.root / VERIFY_CACHE
+        self.where = where
         self.fallback = Path(fallback if fallback is not None else user_cache_dir() / "verified") / f"{key}.json"
-        self.records: dict[str, dict] = {**self._read(self.fallback), **self._read(self.local)}
+        self.records: dict[str, dict] = {**self._read(self.fallback),
+                                         **(self._read(self.local) if self.local else {})}
         self.changed = False
-        self.path: Path | None = self.local
+        self.path: Path | None = self.local or self.fallback
         self.warning: str | None = None
 
     @staticmethod
-    def _read(path: Path) -> dict[str, dict]:
+    def _read(path: Path | None) -> dict[str, dict]:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):  # missing, unreadable or torn: the records are only a shortcut
@@ -301,10 +319,10 @@ class _VerifyCache:
             return
         # only files of this manifest (a rebuilt directory's old names are dropped)
         valid = set(self.names.values())
-        data = {"version": _CACHE_VERSION, "root": str(self.root.resolve()),
+        data = {"version": _CACHE_VERSION, "root": self.where,
                 "files": {k: v for k, v in sorted(self.records.items()) if k in valid}}
         errors = []
-        for path in (self.local, self.fallback):
+        for path in (p for p in (self.local, self.fallback) if p is not None):
             try:
                 write_json_atomic(path, data, sort_keys=True)
                 self.path = path
@@ -350,19 +368,67 @@ def _run_all(pool: ThreadPoolExecutor, fn, items: Sequence, desc: str, progress:
 def _hash_checked(entry: "ShardEntry") -> os.stat_result | None:
     """Hash ``entry``'s file; ShardError on a mismatch. Returns the file's stat if it did not change
     while it was read (then the result may be recorded), else None."""
-    before = entry.path.stat()
-    digest = sha256_file(entry.path)
+    remote = storage.is_uri(entry.path)
+    before = storage.identity(entry.path) if remote else entry.path.stat()
+    digest = _sha256_object(entry.path) if remote else sha256_file(entry.path)
     if digest != entry.sha256:
         raise ShardError(f"{entry.path}: sha256 {digest[:12]}... does not match the manifest's "
                          f"{entry.sha256[:12]}... (corrupted or replaced file)")
-    after = entry.path.stat()
+    after = storage.identity(entry.path) if remote else entry.path.stat()
     return after if _stat_key(after) == _stat_key(before) else None
 
 
-def verify_shard_file(entry: ShardEntry, cutoff: float, *, checksum: bool = True) -> os.stat_result:
+def _sha256_object(location: str, block_size: int = 1 << 22) -> str:
+    """Hex sha256 of an object, streamed once (constant memory)."""
+    fs, key = storage.filesystem(location)
+    digest = hashlib.sha256()
+    with fs.open_input_stream(key) as fh:
+        for block in iter(lambda: fh.read(block_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_object(entry: ShardEntry, cutoff: float, checksum: bool) -> dict:
+    """:func:`verify_shard_file` for an object: identity (one HEAD), footer by range request."""
+    try:
+        ident = storage.identity(entry.path)
+    except FileNotFoundError:
+        raise ShardError(f"{entry.path}: listed in the manifest but missing") from None
+    if ident["size"] != entry.bytes:
+        raise ShardError(f"{entry.path}: {ident['size']:,} bytes, the manifest says {entry.bytes:,} "
+                         f"(truncated or rewritten object)")
+    fs, key = storage.filesystem(entry.path)
+    try:
+        meta = pq.read_metadata(key, filesystem=fs)
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardError(f"{entry.path}: not a readable Parquet file ({exc})") from exc
+    _check_footer(entry, meta, schema, cutoff)
+    if checksum:
+        digest = _sha256_object(entry.path)
+        if digest != entry.sha256:
+            raise ShardError(f"{entry.path}: sha256 {digest[:12]}... does not match the manifest's "
+                             f"{entry.sha256[:12]}... (corrupted or replaced object)")
+    return ident
+
+
+def _check_footer(entry: ShardEntry, meta, schema, cutoff: float) -> None:
+    path = entry.path
+    if meta.num_rows != entry.rows:
+        raise ShardError(f"{path}: {meta.num_rows} rows, the manifest says {entry.rows}")
+    file_meta = read_metadata_from_schema(schema)
+    if file_meta.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {file_meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    if abs(float(file_meta.get("cutoff", -1.0)) - cutoff) > 1e-9:
+        raise ShardError(f"{path}: built with cutoff {file_meta.get('cutoff')} A, the manifest says {cutoff} A")
+
+
+def verify_shard_file(entry: ShardEntry, cutoff: float, *, checksum: bool = True) -> os.stat_result | dict:
     """Check one shard file against its manifest entry (existence, size, Parquet footer: rows, schema
     version, cutoff; with ``checksum`` its sha256); ShardError naming the file otherwise. Returns the
-    file's ``os.stat`` (taken before the checks)."""
+    file's ``os.stat`` (taken before the checks), or an object's identity (:func:`cfdist.storage.identity`)."""
+    if storage.is_uri(entry.path):
+        return _verify_object(entry, cutoff, checksum)
     path = entry.path
     try:
         st = path.stat()
@@ -378,13 +444,7 @@ def verify_shard_file(entry: ShardEntry, cutoff: float, *, checksum: bool = True
         schema = meta.schema.to_arrow_schema()  # with the file's key-value metadata; one footer read
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet file ({exc})") from exc
-    if meta.num_rows != entry.rows:
-        raise ShardError(f"{path}: {meta.num_rows} rows, the manifest says {entry.rows}")
-    file_meta = read_metadata_from_schema(schema)
-    if file_meta.get("schema_version") != SCHEMA_VERSION:
-        raise ShardError(f"{path}: schema version {file_meta.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-    if abs(float(file_meta.get("cutoff", -1.0)) - cutoff) > 1e-9:
-        raise ShardError(f"{path}: built with cutoff {file_meta.get('cutoff')} A, the manifest says {cutoff} A")
+    _check_footer(entry, meta, schema, cutoff)
     if checksum:
         digest = sha256_file(path)
         if digest != entry.sha256:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from cfdist import storage
 from cfdist.batch import collate
 from cfdist.crystal import InvalidCrystalError, validate
 from cfdist.data import BatchBudget, iter_local_shards, pack_rows, training_columns
@@ -35,7 +35,7 @@ from cfdist.io import FileError, iter_input_records
 from cfdist.manifest import ShardSet
 from cfdist.run import evaluation
 from cfdist.run.objective import PropertyObjective
-from cfdist.shards import collate_arrow, target_columns
+from cfdist.shards import collate_arrow, read_schema, target_columns
 
 
 @dataclass
@@ -218,8 +218,8 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(model)
     shared: dict | None = None
-    if len(data) == 1 and (Path(data[0]) / "manifest.json").is_file():
-        source = {"shards": str(Path(data[0]).resolve()), "split": split}
+    if len(data) == 1 and storage.is_file(storage.join(data[0], "manifest.json")):  # also s3:// / gs://
+        source = {"shards": storage.absolute(data[0]), "split": split}
         if _shard_targets_cover(model, data[0], split):
             rows, shared = _evaluate_shards(model, data[0], split, batch_size=max(batch_size, 128))
         else:
@@ -248,7 +248,7 @@ def _shard_targets_cover(model, shard_dir: str | Path, split: str) -> bool:
     files = ShardSet(shard_dir).files(split)
     if model.config.energy or not files:
         return False
-    return set(model.config.target_names) <= set(target_columns(pq.read_schema(files[0].path)))
+    return set(model.config.target_names) <= set(target_columns(read_schema(files[0].path)))
 
 
 def _evaluate_shards(model, shard_dir: str | Path, split: str, batch_size: int) -> tuple[list[Prediction], dict]:
@@ -259,7 +259,7 @@ def _evaluate_shards(model, shard_dir: str | Path, split: str, batch_size: int) 
     shards.verify([split], required_cutoff=model.cutoff, checksums=False)
     targets = list(model.config.target_names)
     objective = PropertyObjective(targets)
-    schema = pq.read_schema(shards.files(split)[0].path)
+    schema = read_schema(shards.files(split)[0].path)
     columns = training_columns(schema, targets) + (["source"] if "source" in schema.names else [])
     budget = BatchBudget(max_structures=batch_size)
     sources: deque = deque()

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cfdist import __version__
 from cfdist.crystal import Crystal, SiteDisorder
+from cfdist import storage
 from cfdist.fileio import atomic_write
 from cfdist.geometry import ImageTable
 
@@ -329,10 +330,31 @@ def write_shard(path: str | Path, table: pa.Table, metadata: dict, row_group_siz
         pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, use_dictionary=False)
 
 
+def parquet_file(path: str | Path) -> pq.ParquetFile:
+    """A shard's ``ParquetFile``, local or on object storage (``s3://``, ``gs://``: the footer and
+    each row group are then range requests, :mod:`cfdist.storage`)."""
+    if storage.is_uri(path):
+        fs, key = storage.filesystem(path)
+        return pq.ParquetFile(key, filesystem=fs)
+    return pq.ParquetFile(path)
+
+
+def read_schema(path: str | Path) -> pa.Schema:
+    """A shard's Arrow schema (one footer read), local or on object storage."""
+    if storage.is_uri(path):
+        return parquet_file(path).schema_arrow
+    return pq.read_schema(path)
+
+
 def read_shard(path: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read a shard, with a clear :class:`ShardError` for a truncated or foreign file."""
+    """Read a shard (local or on object storage), with a clear :class:`ShardError` for a truncated
+    or foreign file."""
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
+        if storage.is_uri(path):
+            fs, key = storage.filesystem(path)
+            table = pq.read_table(key, filesystem=fs, columns=list(columns) if columns else None)
+        else:
+            table = pq.read_table(path, columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet shard ({exc})") from exc
     meta = read_metadata_from_schema(table.schema)

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cfdist.data import BatchBudget, Packer, PackStats
-from cfdist.shards import ShardError
+from cfdist.shards import ShardError, parquet_file
 
 
 def stream_seed(*key: int) -> int:
@@ -148,16 +148,20 @@ class RowGroupReader:
         self.groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
         self.footers: OrderedDict[str, tuple[pq.ParquetFile, np.ndarray]] = OrderedDict()
         self.decoded = 0  # row groups decoded (for benchmarks)
+        # bytes the reads fetch: footers + the column chunks of the row groups decoded (on object
+        # storage each is a range request of that size; bench/storage.py reports it per step)
+        self.bytes_read = 0
 
     def _file(self, path: str) -> tuple[pq.ParquetFile, np.ndarray]:
         if path in self.footers:
             self.footers.move_to_end(path)
             return self.footers[path]
         try:
-            file = pq.ParquetFile(path)
+            file = parquet_file(path)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ShardError(f"{path}: cannot read shard ({exc})") from exc
         meta = file.metadata
+        self.bytes_read += meta.serialized_size + 8  # footer + its length and magic
         starts = np.concatenate([[0], np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])])
         self.footers[path] = (file, starts.astype(np.int64))
         while len(self.footers) > self.cache_size:
@@ -175,6 +179,11 @@ class RowGroupReader:
         except (pa.ArrowInvalid, OSError) as exc:
             raise ShardError(f"{path}: cannot read row group {g} ({exc})") from exc
         self.decoded += 1
+        group = file.metadata.row_group(g)
+        chunks = (group.column(c) for c in range(group.num_columns))
+        self.bytes_read += sum(ch.total_compressed_size for ch in chunks  # nested: "numbers.list.element"
+                               if any(ch.path_in_schema == n or ch.path_in_schema.startswith(n + ".")
+                                      for n in table.column_names))
         self.groups[key] = table
         while len(self.groups) > self.cache_size:
             self.groups.popitem(last=False)

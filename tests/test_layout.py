@@ -5,7 +5,8 @@ with every import counted (module level, inside functions, under ``TYPE_CHECKING
 and ``finetune`` are siblings that import nothing from each other:
 
     base           cfdist (the root: ``__version__``; its public names are lazy strings, no imports),
-                   fileio, geometry, crystal, config (YAML machinery + the model config),
+                   fileio, storage (object storage and local paths through pyarrow.fs), geometry,
+                   crystal, config (YAML machinery + the model config),
                    cluster (the Ray bootstrap every job shares, preprocessing included)
     io             cfdist.io: raw input formats
     shards/manifest  batch (the in-memory batch shard rows collate into), shards (the on-disk
@@ -44,7 +45,8 @@ SKIP_DIRS = {".git", ".venv", "__pycache__", "outputs", "data", ".pytest_cache",
 
 # (layer, its groups); groups of one layer are siblings. A module's group is its longest prefix here.
 LAYERS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
-    ("base", (("cfdist", "cfdist.fileio", "cfdist.geometry", "cfdist.crystal", "cfdist.config", "cfdist.cluster"),)),
+    ("base", (("cfdist", "cfdist.fileio", "cfdist.storage", "cfdist.geometry", "cfdist.crystal", "cfdist.config",
+              "cfdist.cluster"),)),
     ("io", (("cfdist.io",),)),
     ("shards/manifest", (("cfdist.batch", "cfdist.shards", "cfdist.manifest"),)),
     ("preprocess", (("cfdist.preprocess",),)),

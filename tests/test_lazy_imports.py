@@ -28,7 +28,8 @@ DELIBERATE_LAZY = {
     **{("cfdist.cli", module): "the CLI imports a command's modules only when that command runs, so "
                                "`cfdist --help` and `cfdist configs` start in a fraction of a second"
        for module in ("cfdist.checkpoint", "cfdist.io", "cfdist.predict", "cfdist.finetune.tasks", "cfdist.config",
-                      "cfdist.preprocess.cli", "cfdist.train.driver", "cfdist.finetune.driver", "cfdist.export")},
+                      "cfdist.preprocess.cli", "cfdist.preprocess.publish", "cfdist.train.driver",
+                      "cfdist.finetune.driver", "cfdist.export")},
     ("cfdist.shards", "cfdist.batch"): "collate_arrow builds a CrystalBatch (torch); preprocessing writes shards "
                                        "through cfdist.shards and never imports torch",
 }

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin
+from cfdist.storage import StorageSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
 HEAD_MODES = ("auto", "keep", "replace")
@@ -108,6 +109,7 @@ class FinetuneConfig(RunConfigMixin):
     compute: ComputeSection = field(default_factory=ComputeSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         self.take_run_settings()

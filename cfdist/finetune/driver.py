@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from cfdist import storage
 from cfdist.cluster import init_ray, train_logging_config
 from cfdist.finetune.config import FinetuneConfig, load_finetune_config
 from cfdist.finetune.loop import LAST, local_finetune, ray_finetune_loop, resume_config
@@ -49,6 +50,10 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
     if not cfg.data.shards:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (written by `cfdist preprocess` "
                          "or `cfdist prepare-task`)")
+    cfg.storage.apply()  # endpoints into the environment (forwarded to Ray workers by init_ray)
+    if storage.is_uri(cfg.output_dir):
+        raise SystemExit(f"output_dir={cfg.output_dir}: fine-tuning writes its run directory on a local or shared "
+                         f"path (object storage is read here: data.shards=s3://..., checkpoint=s3://...)")
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     run_dir = cfg.run_dir()
     state = None
@@ -56,10 +61,10 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
         if not (run_dir / "checkpoints" / LAST).is_file():
             raise SystemExit(f"init_from=resume: {run_dir / 'checkpoints' / LAST} does not exist")
         cfg, state = resume_config(cfg)  # a run continues with the settings it started with
-    cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    cfg.data.shards = storage.absolute(cfg.data.shards)
     if cfg.checkpoint:
-        cfg.checkpoint = str(Path(cfg.checkpoint).resolve())
-        if not Path(cfg.checkpoint).exists():
+        cfg.checkpoint = storage.absolute(cfg.checkpoint)  # s3:// / gs://: cached by cfdist.checkpoint.load
+        if not storage.exists(cfg.checkpoint):
             raise SystemExit(f"checkpoint={cfg.checkpoint}: not found")
     if cfg.init_from == "scratch" and not isinstance(cfg.model, dict):
         model = cfg.model_config().to_dict()

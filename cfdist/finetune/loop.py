@@ -35,16 +35,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
+from cfdist import storage
 from cfdist.checkpoint import load, load_checkpoint_file, save_portable
 from cfdist.compile import compile_model, describe
 from cfdist.config import CrystalformerConfig
@@ -59,7 +58,7 @@ from cfdist.run.objective import PropertyObjective, set_target_normalisation, ta
 from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.run.step import train_step
 from cfdist.run.transfer import freeze, model_from_pretrained
-from cfdist.shards import collate_arrow
+from cfdist.shards import collate_arrow, read_schema, read_shard
 from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
@@ -114,7 +113,7 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     state = load_checkpoint_file(path)
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
-    given["data"]["shards"] = str(Path(cfg.data.shards).resolve()) if cfg.data.shards else ""
+    given["data"]["shards"] = storage.absolute(cfg.data.shards) if cfg.data.shards else ""
     skip = {"init_from", "overwrite", "checkpoint"} | ({"model"} if isinstance(cfg.model, str) else set())
     ignored = sorted(k for k in _flatten(saved) if k not in skip and _flatten(given).get(k) != _flatten(saved)[k])
     if ignored:
@@ -161,7 +160,7 @@ class FinetuneTrainer:
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
         self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
         self.n_train = sum(rows for _, rows in self.train_files)
-        self.columns = training_columns(pq.read_schema(self.train_files[0][0]), targets)
+        self.columns = training_columns(read_schema(self.train_files[0][0]), targets)
         stats = target_stats(self.shards, targets, cfg.data.train_split, transforms)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
@@ -411,7 +410,7 @@ class FinetuneTrainer:
         transforms = self.model.config.target_transforms
         stats = target_stats(self.shards, self.cfg.data.targets, self.cfg.data.train_split, transforms)
         for name in self.cfg.data.targets:
-            y = np.concatenate([pq.read_table(p, columns=[f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
+            y = np.concatenate([read_shard(p, [f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
                                 for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
             if transforms.get(name) == "log":

@@ -28,13 +28,15 @@ from cfdist.config import CrystalformerConfig, table_cutoff
 from cfdist.io import FORMATS
 from cfdist.preprocess.job import Settings, build
 from cfdist.preprocess.splits import BuildError
+from cfdist.storage import StorageError
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cfdist preprocess", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="input files, directories or globs")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory, or an s3:// / gs:// prefix (built locally, "
+                        "then uploaded: shards first, the manifest last)")
     parser.add_argument("--format", choices=FORMATS, default=None, help="input format (default: from extension)")
     parser.add_argument("--targets", nargs="*", default=[], help="label names to keep (required per record)")
     cut = parser.add_mutually_exclusive_group()
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         build(args.inputs, args.out, settings_from_args(args), args.format, args.workers, args.overwrite)
-    except (BuildError, FileNotFoundError, ValueError) as exc:
+    except (BuildError, FileNotFoundError, ValueError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,9 @@ trajectory stay together; :mod:`cfdist.preprocess.splits`), or a split file's en
     DIR/rejects.jsonl                   every rejected record: id, source, reason, message
     DIR/.progress/                      the plan and per-chunk completion records (resume state)
 
+``DIR`` may be ``s3://...`` / ``gs://...``: the job then builds in a local staging directory and
+publishes the finished build, manifest last (:mod:`cfdist.preprocess.publish`); inputs may be URIs.
+
 Every input record is written or rejected (``n_input == n_written + n_rejected`` is checked
 before the manifest is written). A chunk's completion record is written last, atomically, so
 re-running the same build skips finished chunks and ends with the same manifest; a changed
@@ -36,6 +39,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cfdist import storage
 from cfdist.cluster import init_ray
 from cfdist.crystal import InvalidCrystalError, check_overlaps, validate
 from cfdist.fileio import TMP_MARK, atomic_write, sha256_file, write_json_atomic
@@ -44,9 +48,10 @@ from cfdist.io import FORMATS, Chunk, default_id, expand_inputs, infer_format, p
 from cfdist.manifest import SPLITS, shard_record, write_manifest
 from cfdist.preprocess.dedupe import (PartitionedPairs, SplitConflict, distinct_per_split, key_hashes,
                                       repeated_values)
+from cfdist.preprocess.element_fit import FIT_COLUMNS
+from cfdist.preprocess.publish import check_target, localize_inputs, publish
 from cfdist.preprocess.splits import (MISSING_GROUP, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
-from cfdist.preprocess.element_fit import FIT_COLUMNS
 from cfdist.preprocess.statistics import StatsAccumulator
 from cfdist.shards import (MAX_ATOMS, SCHEMA_VERSION, TRANSLATION_LIMIT, crystals_to_arrow, read_shard, shard_metadata,
                            write_shard)
@@ -478,7 +483,8 @@ def _groups_per_split(groups: PartitionedPairs) -> dict[str, int]:
 
 def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str | None = None,
           workers: int | None = None, overwrite: bool = False, in_process: bool = False) -> dict:
-    """Build (or resume) the shards of ``inputs`` into ``out``; returns the manifest.
+    """Build (or resume) the shards of ``inputs`` into ``out`` (a directory, or an ``s3://`` /
+    ``gs://`` prefix); returns the manifest.
 
     ``in_process=True`` runs the planning and every chunk in the calling process, one after the
     other, through the same functions the Ray tasks run (:func:`plan_chunks`, :func:`process_chunks`)
@@ -486,8 +492,10 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     builds (tests, a few hundred structures) where a cluster's start-up costs more than the work.
     """
 
-    out = Path(out).resolve()
-    paths = expand_inputs(list(inputs))
+    target = storage.absolute(out) if storage.is_uri(str(out)) else None
+    # a URI never goes through pathlib: the build happens in a local staging directory
+    out = storage.staging_dir(target, "preprocess") if target else Path(out).resolve()
+    paths = expand_inputs(localize_inputs(inputs))
     formats = {infer_format(p) for p in paths} if fmt is None else {fmt}
     if len(formats) != 1:
         raise BuildError(f"inputs mix formats {sorted(formats)}; pass --format or build them separately")
@@ -515,7 +523,12 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     print(f"hashing {len(paths)} input(s) ...", file=sys.stderr)
     fingerprint = input_fingerprint(paths)
     digest = content_hash(fingerprint, fmt, settings)
-    prepare_output(out, digest, overwrite)
+    if target and check_target(target, digest, overwrite):
+        manifest = json.loads(storage.read_text(storage.join(target, "manifest.json")))
+        print(f"{target} already holds this build (content hash {digest[:12]})", file=sys.stderr)
+        print_summary(manifest)
+        return manifest
+    prepare_output(out, digest, overwrite or bool(target))  # a staging directory is only a cache
     done_files = {int(p.name[6:12]) for p in (out / PROGRESS_DIR).glob("chunk-[0-9]*.json")}
     chunks = _reusable_plan(out, done_files)
     if chunks is None:
@@ -536,11 +549,30 @@ def build(inputs: Sequence[str], out: str | Path, settings: Settings, fmt: str |
     else:
         if pending:
             init_ray(object_store_memory=512 * 1024**2)
+            if target:
+                _single_node(target)
         run_chunks(pending, settings, out, workers, total, already)
     manifest = finalize(out, len(chunks), digest, fmt, fingerprint, settings)
     shutil.rmtree(out / PROGRESS_DIR / SPILL_DIR, ignore_errors=True)  # decompressed copies: no longer needed
+    if target:
+        publish(out, target, manifest)
     print_summary(manifest)
     return manifest
+
+
+def _single_node(target: str) -> None:
+    """The staging directory is on this machine's disk: workers on other machines could not write into it
+    (several Ray nodes on this one machine can)."""
+    import socket
+
+    import ray
+
+    here = socket.gethostname()
+    elsewhere = [n for n in ray.nodes() if n.get("Alive") and n.get("NodeManagerHostname", here) != here]
+    if elsewhere:
+        raise BuildError(f"--out {target}: building for object storage stages the shards on the driver's disk, "
+                         f"which the {len(elsewhere)} node(s) of this Ray cluster on other machines cannot write; "
+                         f"run the build on one machine (or --out a shared path, then upload it)")
 
 
 def _reusable_plan(out: Path, done: set[int]) -> list[Chunk] | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from cfdist import storage
 from cfdist.config import RUN_SETTINGS, ConfigError, CrystalformerConfig
 from cfdist.data import DEFAULT_MAX_ENTRIES
 from cfdist.manifest import checksum_mode
@@ -163,8 +164,25 @@ class RunConfigMixin:
         """The model config with ``target_names`` set to the data's targets (and their transforms)."""
         return resolve_model_config(self.model, self.data.targets, self.data.transforms)
 
+    def run_location(self) -> str:
+        """Where the run's files live: ``<output_dir>/<run_name>``, a local path or an ``s3://`` /
+        ``gs://`` URI (never through pathlib)."""
+        if storage.is_uri(self.output_dir):
+            return storage.join(storage.absolute(self.output_dir), self.run_name)
+        return str(Path(self.output_dir).resolve() / self.run_name)
+
     def run_dir(self) -> Path:
+        """The local directory the run writes into: the run directory itself, or for an
+        ``output_dir`` on object storage a staging directory in the user cache whose files are
+        uploaded to :meth:`run_location` (:mod:`cfdist.run.runinfo`)."""
+        if storage.is_uri(self.output_dir):
+            return storage.staging_dir(self.run_location(), "runs")
         return Path(self.output_dir).resolve() / self.run_name
+
+    @property
+    def remote(self) -> bool:
+        """Whether ``output_dir`` is on object storage."""
+        return storage.is_uri(self.output_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,14 +20,13 @@ import math
 from contextlib import nullcontext
 from typing import Callable, Iterable, Iterator, Sequence
 
-import pyarrow.parquet as pq
 import torch
 
 from cfdist.data import BatchBudget, pack_rows, training_columns
 from cfdist.run.metrics import summarise
 from cfdist.run.objective import SUM_ROWS, Objective
 from cfdist.run.step import eval_step
-from cfdist.shards import collate_arrow
+from cfdist.shards import collate_arrow, read_schema
 from cfdist.stream import EpochPlan, RowGroupReader
 
 
@@ -48,7 +47,7 @@ def split_batches(shards, split: str, labels: Sequence[str], budget: BatchBudget
     files = shards.files(split)
     if not files:
         return
-    columns = training_columns(pq.read_schema(files[0].path), labels, forces=forces, stress=stress)
+    columns = training_columns(read_schema(files[0].path), labels, forces=forces, stress=stress)
     for table in pack_rows(split_tables(shards, split, columns, rank=rank, world=world), budget):
         yield collate_arrow(table, list(labels), cutoff=shards.cutoff, forces=forces, stress=stress,
                             block_width=block_width)

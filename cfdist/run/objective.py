@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cfdist.preprocess.element_fit import FIT_COLUMNS, ElementFitSums, composition, solve
+from cfdist.shards import parquet_file
 
 
 def target_stats(shards, targets: Sequence[str], split: str,
@@ -322,12 +323,10 @@ def fit_element_energies(paths, energy_label: str, n_elements: int, *, ridge: fl
     scale and the returned dict). Training uses the manifest's sums instead when the preprocessing
     job wrote them (``ShardSet.element_fit``), so start-up reads no labels; this pass serves shards
     written before that, and checks that the two agree (tests)."""
-    import pyarrow.parquet as pq
-
     sums = ElementFitSums()
     columns = FIT_COLUMNS + [f"y.{energy_label}"]
     for path in paths:
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_read, columns=columns):
+        for record_batch in parquet_file(path).iter_batches(batch_size=rows_per_read, columns=columns):
             comp, n_atoms = composition(record_batch)
             label = record_batch.column(f"y.{energy_label}").to_numpy(zero_copy_only=False).astype(np.float64)
             sums.add(comp, n_atoms, label)

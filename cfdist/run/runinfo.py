@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from cfdist import storage
+
 
 
 def versions() -> dict:
@@ -38,8 +40,35 @@ def git_sha() -> str:
     return os.environ.get("CFDIST_GIT_SHA", "unknown (no git checkout in the working dir; set CFDIST_GIT_SHA)")
 
 
-def write_run_files(run_dir: Path, config: dict, **info) -> Path:
-    """``config.yaml`` (resolved config) and one ``run_info.jsonl`` line per (re)start of the run."""
+# the run files that live beside the checkpoints (uploaded for a run on object storage)
+RUN_FILES = ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt")
+
+
+def pull_run_files(run_dir: Path, location: str) -> None:
+    """Before a (re)start of a run on object storage: its appendable files (run_info.jsonl,
+    metrics.jsonl) from ``location`` into the local staging directory, unless already there."""
+    for name in ("run_info.jsonl", "metrics.jsonl"):
+        remote = storage.join(location, name)
+        if not (run_dir / name).exists() and storage.is_file(remote):
+            storage.download_file(remote, run_dir / name)
+
+
+def push_run_files(run_dir: Path, location: str, names=RUN_FILES, tensorboard: bool = True) -> None:
+    """Upload the run files of the staging directory to ``location`` (whole files, after they were
+    written locally); TensorBoard event files too."""
+    if not storage.is_uri(location):
+        return
+    for name in names:
+        if (run_dir / name).is_file():
+            storage.upload_file(run_dir / name, storage.join(location, name))
+    if tensorboard and (run_dir / "tensorboard").is_dir():
+        storage.upload_tree(run_dir / "tensorboard", storage.join(location, "tensorboard"))
+
+
+def write_run_files(run_dir: Path, config: dict, location: str | None = None, **info) -> Path:
+    """``config.yaml`` (resolved config) and one ``run_info.jsonl`` line per (re)start of the run;
+    with ``location`` on object storage, both are uploaded there. No environment variables are
+    recorded (credentials live there)."""
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -48,4 +77,6 @@ def write_run_files(run_dir: Path, config: dict, **info) -> Path:
               "argv": sys.argv, **info}
     with open(run_dir / "run_info.jsonl", "a") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
+    if location is not None and storage.is_uri(location):
+        push_run_files(run_dir, location, ("config.yaml", "run_info.jsonl"), tensorboard=False)
     return run_dir

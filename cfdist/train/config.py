@@ -17,6 +17,7 @@ from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
                            resolve_config)
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.storage import StorageSection
 
 LOSS_KINDS = ("l1", "l2", "huber")
 
@@ -148,6 +149,7 @@ class PretrainConfig(RunConfigMixin):
     compute: ComputeSection = field(default_factory=ComputeSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):

@@ -9,23 +9,31 @@ Before any worker starts the driver checks the shards (manifest, sizes, checksum
 elements vs the model, targets), writes ``<output_dir>/<run_name>/`` with the resolved config,
 package versions and git SHA, and after training exports the portable checkpoint ``model.pt``.
 Running the same command again resumes the run from its latest checkpoint.
+
+Object storage: ``data.shards``, ``output_dir`` and ``init_from`` may be ``s3://`` / ``gs://``
+URIs (:mod:`cfdist.storage`). With ``output_dir=s3://bucket/runs`` Ray Train's ``storage_path`` is
+``s3://bucket/runs/<run_name>`` (it persists every checkpoint there and resumes from it after a
+worker failure or a driver restart); config.yaml, run_info.jsonl, metrics.jsonl, TensorBoard files
+and model.pt are written in a local staging directory and uploaded beside them.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from cfdist import storage
 from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoint, load
 from cfdist.cluster import init_ray, train_logging_config
 from cfdist.config import ConfigError
 from cfdist.manifest import ShardSet
-from cfdist.run.runinfo import write_run_files
+from cfdist.run.runinfo import pull_run_files, push_run_files, write_run_files
 from cfdist.run.transfer import check_encoder
-from cfdist.shards import ShardError
+from cfdist.shards import ShardError, read_schema
 from cfdist.train.config import PretrainConfig, load_pretrain_config
 from cfdist.train.loop import label_columns_wanted, local_train_loop, ray_train_loop
 
@@ -48,10 +56,11 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
     """Make the config self-contained for workers that run elsewhere: absolute paths, inline model."""
     if not cfg.data.shards:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (a directory written by `cfdist preprocess`)")
-    cfg.data.shards = str(Path(cfg.data.shards).resolve())
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    cfg.storage.apply()  # endpoints into the environment (forwarded to every worker by init_ray)
+    cfg.data.shards = storage.absolute(cfg.data.shards)
+    cfg.output_dir = storage.absolute(cfg.output_dir)
     if cfg.init_from:
-        cfg.init_from = str(Path(cfg.init_from).resolve())
+        cfg.init_from = storage.absolute(cfg.init_from)
     model = cfg.model_config().to_dict()
     model.pop("target_names")
     cfg.model = model
@@ -77,13 +86,11 @@ def check_shards(cfg: PretrainConfig):
 def check_energy_run(cfg: PretrainConfig, shards) -> None:
     """An energy run's label columns exist (forces / stress when weighted), and ``init_from`` names a
     checkpoint whose encoder fits the model: fail here, before any worker starts."""
-    import pyarrow.parquet as pq
-
     forces, stress = label_columns_wanted(cfg)
     splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
     for split in splits:
         for entry in shards.files(split):
-            names = pq.read_schema(entry.path).names
+            names = read_schema(entry.path).names
             for column, wanted, flag, weight in (("forces", forces, "--with-forces", "forces_weight"),
                                                   ("stress", stress, "--with-stress", "stress_weight")):
                 if wanted and column not in names:
@@ -91,13 +98,23 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
                                      f"(loss.{weight} > 0); rebuild the shards with `cfdist preprocess "
                                      f"{flag}` or set loss.{weight}=0")
     if cfg.init_from:
-        if not Path(cfg.init_from).is_file():
+        if not storage.is_file(cfg.init_from):
             raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
         check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
 
 
-def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: int | None = None) -> Path | None:
-    """Train on a Ray Train worker group; returns the last checkpoint's directory."""
+def ray_storage(cfg: PretrainConfig) -> dict:
+    """RunConfig's storage arguments: the run's ``ray/`` directory, locally, or the run's prefix on
+    object storage with its filesystem (the path then has no scheme)."""
+    if cfg.remote:
+        fs, path = storage.filesystem(cfg.run_location())
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(cfg.run_dir())}
+
+
+def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: int | None = None) -> str | Path | None:
+    """Train on a Ray Train worker group; returns the last checkpoint's directory (a URI when the
+    run is on object storage)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -112,7 +129,7 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                      placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()),
+        run_config=RunConfig(name="ray", **ray_storage(cfg),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              logging_config=train_logging_config()),
@@ -120,7 +137,28 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return Path(result.checkpoint.path) if result.checkpoint is not None else None
+    if result.checkpoint is None:
+        return None
+    if cfg.remote:  # the checkpoint's path has no scheme
+        return cfg.run_location().split("://")[0] + "://" + result.checkpoint.path.lstrip("/")
+    return Path(result.checkpoint.path)
+
+
+def export_run(cfg: PretrainConfig, checkpoint) -> str:
+    """The portable ``model.pt`` of the run from ``checkpoint`` (a local directory, or a URI that is
+    downloaded first); uploaded beside the run's checkpoints when the run is on object storage."""
+    run_dir = cfg.run_dir()
+    if storage.is_uri(str(checkpoint)):
+        local = run_dir / "export" / storage.basename(str(checkpoint))
+        shutil.rmtree(local, ignore_errors=True)
+        storage.download_tree(str(checkpoint), local)
+        checkpoint = local
+    out = export_deepspeed_checkpoint(checkpoint, run_dir / "model.pt")
+    if cfg.remote:
+        shutil.rmtree(run_dir / "export", ignore_errors=True)
+        push_run_files(run_dir, cfg.run_location())
+        return storage.join(cfg.run_location(), "model.pt")
+    return str(out)
 
 
 def main(argv=None) -> int:
@@ -132,9 +170,15 @@ def main(argv=None) -> int:
     run_dir = cfg.run_dir()
     if rank == 0:
         shards = check_shards(cfg)
-        write_run_files(run_dir, cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"),
+        if cfg.remote:
+            if args.no_ray:
+                raise SystemExit(f"output_dir={cfg.output_dir}: runs on object storage need Ray Train (which "
+                                 f"persists their checkpoints); drop --no-ray or use a shared path")
+            pull_run_files(run_dir, cfg.run_location())
+        write_run_files(run_dir, cfg.to_dict(), cfg.run_location(),
+                        shards_content_hash=shards.manifest.get("content_hash"),
                         model_config=cfg.model_config().to_dict())
-        print(f"run directory: {run_dir}", flush=True)
+        print(f"run directory: {cfg.run_location()}", flush=True)
     t0 = time.perf_counter()
     if args.no_ray:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
@@ -143,11 +187,15 @@ def main(argv=None) -> int:
             return 0
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
     else:
-        checkpoint = run_ray(cfg, shards, args.address, args.num_cpus) or find_latest_checkpoint(run_dir / "ray")
+        checkpoint = run_ray(cfg, shards, args.address, args.num_cpus)
+        if checkpoint is None and not cfg.remote:
+            checkpoint = find_latest_checkpoint(run_dir / "ray")
     print(f"training finished in {time.perf_counter() - t0:.1f} s; last checkpoint {checkpoint}", flush=True)
     if not args.no_export:
-        out = export_deepspeed_checkpoint(checkpoint, run_dir / "model.pt")
+        out = export_run(cfg, checkpoint)
         print(f"portable checkpoint: {out}  (cfdist.load('{out}').predict(structures))", flush=True)
+    elif cfg.remote:
+        push_run_files(run_dir, cfg.run_location())
     return 0
 
 

@@ -65,9 +65,10 @@ from cfdist.preprocess.element_fit import solve as solve_element_fit
 from cfdist.run import evaluation
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
+from cfdist.run.runinfo import push_run_files
 from cfdist.run.step import train_step
 from cfdist.run.transfer import init_from_checkpoint
-from cfdist.shards import collate_arrow
+from cfdist.shards import collate_arrow, read_schema
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
 from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
@@ -149,6 +150,8 @@ class RayContext(WorkerContext):
             write(Path(tmp))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:09d}")
+        if self.rank == 0 and self.cfg.remote:  # metrics beside the checkpoints on object storage
+            push_run_files(self.cfg.run_dir(), self.cfg.run_location(), ("metrics.jsonl",))
 
 
 class LocalContext(WorkerContext):
@@ -484,11 +487,9 @@ def local_train_loop(cfg: PretrainConfig) -> dict:
 
 
 def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
-    import pyarrow.parquet as pq
-
     first = shards.files(cfg.data.train_split)[0].path
     forces, stress = label_columns_wanted(cfg)
-    return training_columns(pq.read_schema(first), cfg.data.targets, forces=forces, stress=stress)
+    return training_columns(read_schema(first), cfg.data.targets, forces=forces, stress=stress)
 
 
 def label_columns_wanted(cfg: PretrainConfig) -> tuple[bool, bool]:

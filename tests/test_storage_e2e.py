@@ -1,0 +1,128 @@
+"""End to end on object storage (moto's S3 server on loopback): preprocess -> pretrain (2 Ray
+workers, one killed mid-run, resumed from the stored checkpoint; then a driver restart) -> export
+-> predict, with every path an ``s3://`` URI and nothing written locally but caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ENV, ray_env, tiny_model
+from paths import ROOT as REPO
+from storage_servers import s3_server
+
+TINY_MODEL = tiny_model(n_blocks=1, d_model=16, n_heads=2, d_ff=32, n_basis=8, head_hidden=16)
+SECRET = "cfdist-test-secret-never-written-7f3a"  # moto accepts any key; this one must never leak
+
+
+@pytest.mark.slow
+def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tmp_path, ray_cluster):
+    from cfdist import storage
+    from cfdist.config import CrystalformerConfig
+
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    with s3_server() as s3:
+        bucket = s3.make_bucket("cfdist-e2e")
+        # the session cluster's workers get the storage variables from the job's runtime_env (cfdist.cluster)
+        env = {**ENV, **s3.env, "AWS_SECRET_ACCESS_KEY": SECRET, "CFDIST_CACHE_DIR": str(cache),
+               **ray_env(ray_cluster)}
+        os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET  # this process reads the bucket too (restored by s3_server)
+        storage.StorageSection().apply()  # new credentials: drop cached filesystems
+
+        def cfdist(*args, timeout=300):
+            res = subprocess.run([sys.executable, "-m", "cfdist.cli", *map(str, args)], capture_output=True,
+                                 text=True, timeout=timeout, env=env, cwd=work)
+            assert SECRET not in res.stdout + res.stderr
+            return res
+
+        # inputs on the bucket too: 48 real crystals, 32 train / 8 val / 8 test
+        records = megnet_records[:48]
+        names = ["train", "train", "train", "train", "val", "test"]
+        split = {n: [r["id"] for k, r in enumerate(records) if names[k % 6] == n] for n in ("train", "val", "test")}
+        storage.write_text(f"{bucket}/raw/megnet48.json", json.dumps(records))
+        (tmp_path / "split.json").write_text(json.dumps(split))
+        shards = f"{bucket}/shards"
+        res = cfdist("preprocess", f"{bucket}/raw/megnet48.json", "--out", shards, "--targets", "e_form",
+                     "--split-file", tmp_path / "split.json", "--shard-size", "8",
+                     "--cutoff", repr(CrystalformerConfig().cutoff))
+        assert res.returncode == 0, res.stderr[-3000:]
+        files = dict(storage.list_files(shards))
+        assert "manifest.json" in files and sum(f.endswith(".parquet") for f in files) >= 6
+
+        runs = f"{bucket}/runs"
+        cmd = ["pretrain", "--config", "megnet_slice", f"data.shards={shards}", f"output_dir={runs}", "run_name=s3run",
+               "model=" + json.dumps(TINY_MODEL), "data.max_structures=4", "log_every=1", "checkpoint_every=2",
+               "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
+        proc = subprocess.Popen([sys.executable, "-m", "cfdist.cli", *cmd, "max_steps=10"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd=work)
+        killed, earlier = None, ray_cluster.pids_running(b"RayTrainWorker")
+        try:
+            deadline = time.time() + 300
+            staged = [p / "metrics.jsonl" for p in (cache / "runs").glob("*-s3run")]  # rank 0's local copy
+            while time.time() < deadline and proc.poll() is None:
+                staged = staged or [p / "metrics.jsonl" for p in (cache / "runs").glob("*-s3run")]
+                steps = [json.loads(x)["step"] for x in staged[0].read_text().splitlines()] \
+                    if staged and staged[0].exists() else []
+                stored = {rel.split("/")[0] for rel, _ in storage.list_files(f"{runs}/s3run/ray")}
+                # the step-2 and step-4 checkpoints are on the bucket; by step 5 the controller has the first
+                if steps and max(steps) >= 5 and "checkpoint_000000004" in stored:
+                    pids = sorted(ray_cluster.pids_running(b"RayTrainWorker") - earlier)
+                    if pids:
+                        killed = pids[-1]
+                        os.kill(killed, signal.SIGKILL)
+                        break
+                time.sleep(0.3)
+            output, _ = proc.communicate(timeout=420)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        (tmp_path / "driver.log").write_text(output)
+        assert killed is not None, "the run ended before a worker could be killed: " + output[-3000:]
+        assert proc.returncode == 0, output[-4000:]
+        assert re.search(r"resumed from \S+ at step [24] ", output), output[-4000:]
+        assert SECRET not in output
+        shard_check = re.search(r"checked \d+ shards .* in ([0-9.]+) s", output)
+        print(f"\nshard check: {shard_check.group(0) if shard_check else '?'}")
+
+        # the driver restarts: the same command with more steps resumes from the stored step-10 checkpoint
+        res = cfdist(*cmd, "max_steps=12", timeout=420)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+        assert "at step 10" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
+
+        run_files = dict(storage.list_files(f"{runs}/s3run"))
+        for name in ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt"):
+            assert name in run_files, sorted(run_files)
+        steps = [json.loads(x)["step"] for x in storage.read_text(f"{runs}/s3run/metrics.jsonl").splitlines()
+                 if '"loss"' in x]
+        assert steps[-1] == 12 and len(steps) > 12  # the steps after the step-4 checkpoint ran twice
+        assert len(storage.read_text(f"{runs}/s3run/run_info.jsonl").splitlines()) == 2  # one line per start
+
+        # predict straight from the URI (downloaded once into the cache, weights_only=True)
+        res = cfdist("predict", "--checkpoint", f"{runs}/s3run/model.pt", REPO / "tests/data/megnet_64.json",
+                     "--out", work / "pred.csv")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert len((work / "pred.csv").read_text().splitlines()) == 65
+        res = cfdist("evaluate", "--checkpoint", f"{runs}/s3run", "--data", shards, "--out", work / "eval")
+        assert res.returncode == 0, res.stderr[-3000:]
+
+        import cfdist as package
+
+        model = package.load(f"{runs}/s3run/model.pt")
+        assert model.checkpoint_info["extra"]["step"] == 12
+        assert str(model.checkpoint_info["extra"]["source_checkpoint"]).startswith(str(cache))
+
+        # nothing local but caches and what was asked for; no credentials in any object or cached file
+        assert sorted(p.name for p in work.iterdir()) == ["eval", "pred.csv"]
+        for rel, _ in storage.list_files(bucket):
+            assert SECRET.encode() not in storage.read_bytes(f"{bucket}/{rel}"), rel
+        for path in cache.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
