@@ -164,17 +164,18 @@ class FinetuneTrainer:
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
-        self.objective = PropertyObjective(targets)
+        transforms = cfg.model_config().target_transforms
+        self.objective = PropertyObjective(targets, transforms)
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
         self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
         self.n_train = sum(rows for _, rows in self.train_files)
         self.columns = training_columns(read_schema(self.train_files[0][0]), targets)
-        stats = target_stats(self.shards, targets, cfg.data.train_split)
+        stats = target_stats(self.shards, targets, cfg.data.train_split, transforms)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
             model = Crystalformer(CrystalformerConfig.from_dict(state["model_config"]))
         elif cfg.init_from == "pretrained":
-            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
+            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats, transforms)
             self.transfer_report.update(report)
         else:
             model = Crystalformer(cfg.model_config())
@@ -201,7 +202,7 @@ class FinetuneTrainer:
             # statistics buffers are set identically on every rank (all-reduced), no need to broadcast
             self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
         groups = parameter_groups(self.model, cfg.optim.weight_decay, scaled_blocks=cfg.transfer.lr_scale_blocks,
-                                  lr_scale=cfg.transfer.lr_scale)
+                                  lr_scale=cfg.transfer.lr_scale, layer_decay=cfg.optim.layer_decay)
         for group in groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -473,14 +474,19 @@ class FinetuneTrainer:
         return results
 
     def train_mean_baseline(self, split: str) -> dict:
-        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline)."""
+        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline; in
+        log10 units for a ``log`` target, as its metrics are)."""
         out = {}
         files = [e.path for e in self.shards.files(split)]
+        transforms = self.model.config.target_transforms
+        stats = target_stats(self.shards, self.cfg.data.targets, self.cfg.data.train_split, transforms)
         for name in self.cfg.data.targets:
             y = np.concatenate([read_shard(p, [f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
                                 for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
-            mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
+            if transforms.get(name) == "log":
+                y = np.log10(y[y > 0])
+            mean, _ = stats[name]
             out[name] = {"n": int(len(y)), "mae": float(np.abs(y - mean).mean()) if len(y) else None}
         return out
 

@@ -166,7 +166,7 @@ class PretrainConfig(RunConfigMixin):
         """``compute.compile`` with settings it cannot run with is refused here, before any worker starts."""
 
         try:
-            model = resolve_model_config(self.model, self.data.targets)
+            model = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         except ConfigError:
             return  # a broken model section is reported where the model config is built (model_config)
         if self.compute.compile:
@@ -180,11 +180,14 @@ class PretrainConfig(RunConfigMixin):
     def model_config(self) -> CrystalformerConfig:
         """The model config: ``target_names`` = ``data.targets`` for a property model; an energy
         model has no property targets (its one data target is the energy label)."""
-        config = resolve_model_config(self.model, self.data.targets)
+        config = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         if config.energy:
             if len(self.data.targets) != 1:
                 raise ConfigError(f"an energy model (model.energy: true) trains on one label, the total energy per "
                                   f"structure (eV): set data.targets to it, e.g. [energy]; got {self.data.targets}")
+            if config.target_transforms:
+                raise ConfigError(f"data.transforms {config.target_transforms}: an energy model has no property "
+                                  f"targets to transform (its energy is a sum over atoms in eV)")
             config.target_names = []
         return config
 

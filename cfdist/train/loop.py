@@ -60,6 +60,8 @@ from cfdist.data import BatchBudget, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer, distributed_sum
+from cfdist.preprocess.element_fit import ElementFitSums
+from cfdist.preprocess.element_fit import solve as solve_element_fit
 from cfdist.run import evaluation
 from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
@@ -239,7 +241,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
         model = Crystalformer(self.model_config)
-        set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
+        set_target_normalisation(model, target_stats(self.shards, model.config.target_names, cfg.data.train_split,
+                                                     model.config.target_transforms))
         self.step, self.cursor, self.position = 0, DataCursor(), Position()
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
@@ -275,20 +278,28 @@ class Trainer:
                 self.fit_reference_energies()
 
     def fit_reference_energies(self) -> None:
-        """Least-squares reference energies on the train split (rank 0) -> every rank's model."""
+        """Least-squares reference energies on the train split (rank 0) -> every rank's model: solved
+        from the sums the preprocessing job wrote into the manifest (no pass over the train split,
+        so start-up does not grow with N), or by a pass over it for shards written without them."""
         n = self.model_config.n_elements
         values = torch.zeros(n + 1, dtype=torch.float64)
         if self.ctx.rank == 0:
             t0 = time.perf_counter()
-            fit = fit_element_energies([e.path for e in self.shards.files(self.cfg.data.train_split)],
-                                       self.targets[0], n)
+            label, split = self.targets[0], self.cfg.data.train_split
+            stored = self.shards.element_fit(label, split)
+            if stored is not None:
+                fit = solve_element_fit(ElementFitSums.from_dict(stored), n, label=label)
+                source = "the manifest's statistics"
+            else:
+                fit = fit_element_energies([e.path for e in self.shards.files(split)], label, n)
+                source = "a pass over the train split (the manifest has no element_fit: shards from an older cfdist)"
             values = torch.from_numpy(np.concatenate([fit["element_energy"], [fit["energy_scale"]]]))
             how = ("the residual's" if fit["scale_from"] == "residual"
                    else "fallback: too few structures per element for")
             print(f"reference energies: least squares on {fit['structures']:,} train structures, "
-                  f"{len(fit['elements'])} elements; per-atom residual std {fit['residual_std']:.4f} eV/atom; "
-                  f"energy scale {fit['energy_scale']:.4f} eV/atom ({how} dof-corrected std) "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                  f"{len(fit['elements'])} elements, from {source}; per-atom residual std "
+                  f"{fit['residual_std']:.4f} eV/atom; energy scale {fit['energy_scale']:.4f} eV/atom ({how} "
+                  f"dof-corrected std) ({time.perf_counter() - t0:.2f} s)", flush=True)
         if self.ctx.world_size > 1:
             values = values.to(self.ctx.device) if self.ctx.backend == "nccl" else values
             dist.broadcast(values, src=0)
