@@ -16,7 +16,8 @@ The space file (typed; unknown keys are errors)::
       epochs: {choice: [20, 40]}
       transfer.head: {choice: [keep, replace]}
       transfer.freeze_blocks: {choice: [0, 2, 4]}
-      transfer.lr_scale: {uniform: [0.1, 1.0]}     # layer-wise lr decay of the lower blocks
+      transfer.lr_scale: {uniform: [0.1, 1.0]}     # lr factor of the lower blocks
+      optim.layer_decay: {uniform: [0.6, 1.0]}     # layer-wise lr decay (1 = off)
       data.batch_size: {choice: [32, 64]}           # batch budget
 
 Distributions: ``choice``, ``grid`` (every value, times ``num_samples``), ``uniform``,
