@@ -439,7 +439,10 @@ class Trainer:
             self.engine.step()  # a micro-step: DeepSpeed only counts it
             return
         # before the update: any non-finite loss or gradient on any rank skips the step on all of them
-        bad = local_bad([r.loss_share for r, _ in self.cycle], self.model.parameters())
+        # (fp16: gradient overflow is the loss scaler's business, skipped and rescaled by DeepSpeed itself;
+        # only a non-finite loss counts here)
+        held = () if self.cfg.deepspeed.precision == "fp16" else self.model.parameters()
+        bad = local_bad([r.loss_share for r, _ in self.cycle], held)
         if self.all_sum([float(bad)])[0]:
             skip_step(self.engine)
             self.guard.skipped(self.step + 1, [i for _, ids in self.cycle for i in ids])
