@@ -3,6 +3,7 @@
     cfdist preprocess INPUT... --out DIR ...            raw structures -> shards (Ray Data job)
     cfdist pretrain --config NAME_OR_YAML [key=value]    Ray Train + DeepSpeed pretraining
     cfdist finetune --config NAME_OR_YAML [key=value]    fine-tuning (paper recipe), this process or Ray
+    cfdist tune --config NAME_OR_YAML --space SPACE.yaml [key=value]   fine-tuning sweep (Ray Tune, ASHA)
     cfdist prepare-task TASK --out DIR [--source FILE]   download + paper split + preprocess
     cfdist export RUN_OR_CHECKPOINT OUT.pt               training checkpoint -> portable model.pt
     cfdist evaluate --checkpoint model.pt --data SHARDS_OR_INPUTS [--split test] [--out DIR]
@@ -133,7 +134,8 @@ def _configs(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("preprocess", "pretrain", "finetune", "prepare-task", "export", "evaluate", "predict", "configs")
+    commands = ("preprocess", "pretrain", "finetune", "tune", "prepare-task", "export", "evaluate", "predict",
+                "configs")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -144,6 +146,8 @@ def main(argv=None) -> int:
         from cfdist.train.driver import main as run
     elif command == "finetune":
         from cfdist.finetune.driver import main as run
+    elif command == "tune":
+        from cfdist.finetune.sweep import main as run
     elif command == "configs":
         run = _configs
     elif command == "prepare-task":

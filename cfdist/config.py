@@ -27,6 +27,8 @@ CONFIG_KINDS = ("model", "pretrain", "finetune", "deepspeed")
 ENVELOPE_KINDS = ("polynomial", "cubic")
 # run settings that older model configs held, with the values those configs defaulted to
 RUN_SETTINGS = {"compile": False, "entry_chunk": 32}
+# per-target output transforms (CrystalformerConfig.target_transforms; cfdist.model applies them)
+OUTPUT_TRANSFORMS = ("identity", "softplus", "log")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,13 @@ class CrystalformerConfig:
         head_hidden: hidden width of the output MLP.
         target_names: names of the predicted (intensive, mean-pooled) targets; the property
             head has one output per name. May be empty for an energy-only model.
+        target_transforms: {target: transform} so that predictions respect the target's domain
+            (:data:`OUTPUT_TRANSFORMS`; targets not named are ``identity``). ``softplus``: the
+            prediction is std * softplus(h + mean / std) >= 0 (band gaps, moduli), identity far
+            above zero; ``log``: the model learns log10 of the target (quantities spanning decades;
+            normalisation, loss and MAE in log10 units, non-positive labels count as missing) and
+            predicts 10 ** (log10 prediction) > 0. Part of the model, so checkpoints and
+            ``predict`` keep it (docs/model.md, "Output transforms").
         energy: add the energy head: per-atom energies summed per crystal on top of per-element
             reference energies (extensive, eV); forces and stress by autograd
             (:meth:`cfdist.Crystalformer.forward` with ``forces`` / ``stress``).
@@ -83,6 +92,7 @@ class CrystalformerConfig:
     n_elements: int = MAX_Z
     head_hidden: int = 128
     target_names: list[str] = field(default_factory=lambda: ["y"])
+    target_transforms: dict[str, str] = field(default_factory=dict)
     energy: bool = False
     envelope: bool | None = None
     envelope_width: float = 1.0
@@ -116,6 +126,25 @@ class CrystalformerConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"CrystalformerConfig: {message}")
+        self.check_transforms()
+
+    def check_transforms(self) -> None:
+        """:class:`ConfigError` unless every ``target_transforms`` entry names a target and a known transform."""
+        if not isinstance(self.target_transforms, Mapping):
+            raise ConfigError(f"CrystalformerConfig: target_transforms must be a mapping target -> transform, "
+                              f"got {self.target_transforms!r}")
+        self.target_transforms = {str(k): str(v) for k, v in self.target_transforms.items()}
+        for name, kind in self.target_transforms.items():
+            if name not in self.target_names:
+                raise ConfigError(f"CrystalformerConfig: target_transforms names {name!r}, which is not a target "
+                                  f"(targets: {self.target_names})")
+            if kind not in OUTPUT_TRANSFORMS:
+                raise ConfigError(f"CrystalformerConfig: target_transforms[{name!r}] = {kind!r}; "
+                                  f"choose one of {OUTPUT_TRANSFORMS}")
+
+    def transform_of(self, target: str) -> str:
+        """The output transform of ``target`` (``identity`` when none is set)."""
+        return self.target_transforms.get(target, "identity")
 
     @property
     def n_targets(self) -> int:

@@ -153,6 +153,14 @@ class ShardSet:
         std = float(stats["std"]) if stats.get("std") else 1.0
         return float(stats["mean"]), std if std > 0 else 1.0
 
+    def element_fit(self, target: str, split: str = "train") -> dict | None:
+        """The preprocessing job's sufficient statistics of the per-atom reference-energy fit of
+        ``target`` on ``split`` (JSON form of :class:`cfdist.preprocess.element_fit.ElementFitSums`),
+        or None when the manifest has none (written before they existed; only the train split has them)."""
+        if split != "train":
+            return None
+        return self.manifest.get("statistics", {}).get("element_fit", {}).get(target)
+
     def verify(self, splits: Sequence[str], *, required_cutoff: float | None = None,
                targets: Sequence[str] = (), n_elements: int | None = None, checksums: bool | str = True,
                workers: int | None = None, cache_fallback: str | Path | None = None,

@@ -184,6 +184,14 @@ class Crystalformer(nn.Module):
                                   nn.Linear(config.head_hidden, config.n_targets)) if config.n_targets else None
         self.register_buffer("target_mean", torch.zeros(config.n_targets))
         self.register_buffer("target_std", torch.ones(config.n_targets))
+        # which outputs carry which transform (config.target_transforms); derived from the config,
+        # so not saved in state dicts (persistent=False) but moved with the module
+        kinds = [config.transform_of(t) for t in config.target_names]
+        self.register_buffer("softplus_mask", torch.tensor([k == "softplus" for k in kinds], dtype=torch.bool),
+                             persistent=False)
+        self.register_buffer("log_mask", torch.tensor([k == "log" for k in kinds], dtype=torch.bool),
+                             persistent=False)
+        self._any_softplus, self._any_log = "softplus" in kinds, "log" in kinds
         if config.energy:
             # per-atom energy = energy_scale * head(x) + the atom's element reference (eV/atom);
             # the references are fitted on the training data and kept in float64 (_apply)
@@ -315,7 +323,28 @@ class Crystalformer(nn.Module):
         counts = batch.n_atoms.to(x.device)
         pooled = x.new_zeros(len(counts), x.shape[1]).index_add_(0, batch.atom_crystal, x)
         pooled = pooled / counts[:, None].to(x.dtype)
-        return self.head(pooled)
+        return self.output_transform(self.head(pooled))
+
+    def output_transform(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n_targets) head outputs -> normalised predictions, with each ``softplus`` target's
+        output mapped to (softplus(h + m / s) - m / s): its de-normalised prediction s * softplus(h
+        + m / s) is >= 0 for every input and ~ the identity well above zero, so the head keeps the
+        standardised scale of the others. ``log`` targets are learnt in log10 space (no change
+        here; :meth:`denormalize` exponentiates)."""
+        if not self._any_softplus:
+            return h
+        shift = (self.target_mean / self.target_std).to(h.dtype)
+        return torch.where(self.softplus_mask, F.softplus(h + shift) - shift, h)
+
+    def label_space(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, n_targets) labels in original units -> the space the model learns in: log10 of
+        ``log`` targets (non-positive labels become NaN = missing), the rest unchanged."""
+        if not self._any_log:
+            return labels
+        mask = self.log_mask.to(labels.device)
+        positive = mask & (labels > 0)
+        logged = torch.log10(torch.where(positive, labels, torch.ones_like(labels)))
+        return torch.where(positive, logged, torch.where(mask, torch.full_like(labels, float("nan")), labels))
 
     def energy_forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False,
                        create_graph: bool | None = None) -> EnergyOutput:
@@ -367,7 +396,15 @@ class Crystalformer(nn.Module):
         return per_atom.new_zeros(batch.n_crystals).index_add_(0, batch.atom_crystal, per_atom)
 
     def denormalize(self, y: torch.Tensor) -> torch.Tensor:
-        return y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
+        """(B, n_targets) normalised predictions -> original units, with the output transforms
+        undone: 10 ** of ``log`` targets; ``softplus`` targets clamped at 0, which only removes the
+        rounding of s * (softplus(.) - m / s) + m (the value is already s * softplus(.) >= 0)."""
+        y = y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
+        if self._any_log:
+            y = torch.where(self.log_mask.to(y.device), torch.pow(10.0, y), y)
+        if self._any_softplus:
+            y = torch.where(self.softplus_mask.to(y.device), y.clamp_min(0.0), y)
+        return y
 
     @torch.no_grad()
     def predict(self, structures: Sequence[Any], batch_size: int = 64, *, validate: bool = True,

@@ -181,6 +181,38 @@ def test_reference_energies_are_the_per_atom_least_squares_fit(mptrj_shards):
     assert set(np.nonzero(fit["element_energy"])[0] + 1) <= set(present.tolist())
 
 
+
+def test_reference_energies_from_the_manifest_equal_the_pass_over_the_train_split(mptrj_shards):
+    """The preprocessing job's per-chunk sums (merged in the manifest's statistics.element_fit) give
+    the reference energies of a pass over the train split, so pretraining reads no labels at start-up;
+    the sums add: chunk sums merged == one accumulation; a model too small for the elements is refused."""
+    import pyarrow.parquet as pq
+
+    from cfdist.manifest import ShardSet
+    from cfdist.preprocess.element_fit import FIT_COLUMNS, ElementFitSums, composition, solve
+    from cfdist.run.objective import fit_element_energies
+
+    shards = ShardSet(mptrj_shards)
+    stored = shards.element_fit("energy")
+    assert stored is not None and shards.element_fit("energy", "val") is None
+    paths = [e.path for e in shards.files("train")]
+    assert len(paths) > 1  # several chunks were merged
+    sums = ElementFitSums.from_dict(stored)
+    from_manifest, from_pass = solve(sums, 98), fit_element_energies(paths, "energy", 98)
+    assert from_manifest["structures"] == from_pass["structures"] == 48
+    assert from_manifest["elements"] == from_pass["elements"]
+    np.testing.assert_allclose(from_manifest["element_energy"], from_pass["element_energy"], rtol=1e-9, atol=1e-12)
+    assert from_manifest["residual_std"] == pytest.approx(from_pass["residual_std"], abs=1e-9)
+    one = ElementFitSums()
+    for path in paths:
+        table = pq.read_table(path, columns=FIT_COLUMNS + ["y.energy"])
+        one.add(*composition(table), table["y.energy"].to_numpy())
+    np.testing.assert_allclose(one.gram, sums.gram, rtol=1e-12)
+    assert one.count == sums.count and one.e_sq == pytest.approx(sums.e_sq, rel=1e-12)
+    with pytest.raises(ValueError, match="beyond the model's n_elements=20"):
+        solve(sums, 20)
+
+
 # ----------------------------------------------------------------------------- model
 def test_activation_checkpointing_double_backward_equals_plain(megnet_crystals):
     """A loss on forces and stress differentiates the forces again (double backward); through
@@ -387,6 +419,7 @@ def test_a_property_checkpoint_starts_an_energy_run(mptrj_shards, tmp_path):
         if name.endswith(("sigma_mean", "sigma_std", "sigma_ready")):  # frozen: exactly the checkpoint's
             assert torch.equal(model.state_dict()[name], value), name
     assert int((model.element_energy != 0).sum()) == 58  # fitted on the run's train split
+    assert "58 elements, from the manifest's statistics" in res.stdout  # ... without reading its labels
     assert not torch.equal(model.embedding.weight, prop.embedding.weight)  # and trained from there
 
 

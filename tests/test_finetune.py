@@ -488,3 +488,84 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
               "--split", "test", "--out", tmp_path / "eval"], timeout=300)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["gap pbe"]["n"] >= 1
+
+
+def test_example_bandgap_config_never_predicts_negative_gaps(ft_shards, tmp_path):
+    """configs/finetune/megnet_slice_bandgap.yaml declares ``gap pbe`` softplus: a short run from it
+    predicts no negative gap on the test split, and its checkpoint keeps the transform even with the
+    head pushed far below zero (where the identity head would predict about -30 eV)."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.config import load_finetune_config
+    from cfdist.predict import evaluate
+
+    cfg = load_finetune_config("megnet_slice_bandgap", [
+        f"data.shards={ft_shards}", f"output_dir={tmp_path}", f"model={json.dumps(TINY)}", "epochs=1",
+        "swa_epochs=0", "data.batch_size=8"])
+    assert cfg.model_config().target_transforms == {"gap pbe": "softplus"}
+    trainer, results = trainer_run(cfg)
+    assert results["test"]["final"]["gap pbe"]["n"] > 0
+    model = load(tmp_path / cfg.run_name / "checkpoints" / "best.pt")
+    assert model.config.target_transforms == {"gap pbe": "softplus"}
+    with torch.no_grad():
+        model.head[2].bias.fill_(-30.0 / float(model.target_std[0]))
+    evaluate(model, [str(ft_shards)], tmp_path / "eval", split="test")
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    gaps = [float(r["gap pbe"]) for r in rows]
+    assert len(gaps) == 12 and min(gaps) >= 0.0
+
+
+def test_layer_decay_scales_lr_per_depth(ft_shards, tmp_path):
+    """optim.layer_decay: heads at lr, block i of n at lr * d ** (n - i), embedding at lr * d ** (n + 1),
+    combined with transfer.lr_scale; the fine-tuning optimiser's groups carry exactly these lrs."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.config import ConfigError
+    from cfdist.run.config import OptimSection
+    from cfdist.run.optim import make_optimizer, parameter_groups
+
+    model = Crystalformer(CrystalformerConfig(**TINY))  # 2 blocks
+    groups = parameter_groups(model, 1e-5, layer_decay=0.5, scaled_blocks=1, lr_scale=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {"embedding": 0.1 * 0.5 ** 3, "blocks.0": 0.1 * 0.5 ** 2, "blocks.1": 0.5, "head": 1.0}
+    seen = set()
+    for g in groups:
+        for p in g["params"]:
+            name = names[id(p)]
+            prefix = next(k for k in expected if name.startswith(k + "."))
+            assert g["lr_scale"] == pytest.approx(expected[prefix]), name
+            assert (g["weight_decay"] == 0.0) == name.endswith(".bias")
+            seen.add(id(p))
+    assert seen == {id(p) for p in model.parameters()}
+    optimizer = make_optimizer(model, OptimSection(lr=1e-3, layer_decay=0.5))
+    lrs = {names[id(p)].split(".")[0]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lrs["embedding"] == pytest.approx(1e-3 * 0.125) and lrs["head"] == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="layer_decay"):
+        OptimSection(layer_decay=1.5)
+    cfg = make_config(ft_shards, tmp_path, epochs=1, swa_epochs=0, optim={"layer_decay": 0.5})
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    trainer = FinetuneTrainer(cfg)
+    trainer.build()
+    by_name = {names_: g["lr"] for g in trainer.optimizer.param_groups
+               for names_ in [n for n, p in trainer.model.named_parameters() if any(p is q for q in g["params"])]}
+    assert by_name["embedding.weight"] == pytest.approx(5e-4 * 0.125)
+    assert by_name["blocks.1.ffn.0.weight"] == pytest.approx(5e-4 * 0.5) and by_name["head.2.bias"] == 5e-4
+
+
+def test_a_kept_pretrained_head_loses_no_accuracy_at_step_0(ft_shards, pretrained_ckpt, tmp_path):
+    """Fine-tuning from a checkpoint that already predicts the target (transfer.head keep / auto):
+    before the first update the model scores exactly what the checkpoint scores on the same split (no
+    fresh head, no re-standardisation with the new train split's statistics)."""
+    from cfdist.checkpoint import load
+    from cfdist.finetune.loop import FinetuneTrainer
+
+    for head in ("keep", "auto"):
+        cfg = make_config(ft_shards, tmp_path / head, init_from="pretrained", checkpoint=str(pretrained_ckpt),
+                          transfer={"head": head})
+        trainer = FinetuneTrainer(cfg)
+        trainer.build()
+        at_step_0 = trainer.validate(trainer.model)
+        pretrained = trainer.validate(load(pretrained_ckpt).to(trainer.device))
+        assert at_step_0["val_mae/e_form"] == pytest.approx(pretrained["val_mae/e_form"], rel=1e-6), head
+        # the checkpoint's standardisation (mean -1.5), not this train split's (which would shift every prediction)
+        mean, _ = trainer.shards.target_stats("e_form", "train")
+        assert float(trainer.model.target_mean[0]) == -1.5 and abs(mean + 1.5) > 0.1

@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("io", (("cfdist.io",),)),
     ("shards/manifest", (("cfdist.batch", "cfdist.shards", "cfdist.manifest"),)),
     ("preprocess", (("cfdist.preprocess",),)),
-    ("data/stream", (("cfdist.data", "cfdist.stream"),)),
+    ("data/stream", (("cfdist.data", "cfdist.stream", "cfdist.mixture"),)),
     ("model", (("cfdist.graph", "cfdist.ops", "cfdist.model", "cfdist.compile", "cfdist.testing"),)),
     ("run", (("cfdist.run", "cfdist.checkpoint"),)),
     ("train | finetune", (("cfdist.train",), ("cfdist.finetune",))),

@@ -29,7 +29,7 @@ DELIBERATE_LAZY = {
                                "`cfdist --help` and `cfdist configs` start in a fraction of a second"
        for module in ("cfdist.checkpoint", "cfdist.io", "cfdist.predict", "cfdist.finetune.tasks", "cfdist.config",
                       "cfdist.preprocess.cli", "cfdist.preprocess.publish", "cfdist.train.driver",
-                      "cfdist.finetune.driver", "cfdist.export")},
+                      "cfdist.finetune.driver", "cfdist.export", "cfdist.finetune.sweep")},
     ("cfdist.shards", "cfdist.batch"): "collate_arrow builds a CrystalBatch (torch); preprocessing writes shards "
                                        "through cfdist.shards and never imports torch",
 }

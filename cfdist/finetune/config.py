@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin
+from cfdist.run.tracking import TrackingSection
 from cfdist.storage import StorageSection
 
 INIT_FROM = ("scratch", "pretrained", "resume")
@@ -102,6 +103,7 @@ class FinetuneConfig(RunConfigMixin):
     epochs: int = 500
     swa_epochs: int = 50
     log_every: int = 20
+    max_bad_steps: int = 5
     overwrite: bool = False
     task: str = ""  # name of the paper task the data comes from (informational; cfdist prepare-task)
     data: FinetuneData = field(default_factory=FinetuneData)
@@ -109,6 +111,7 @@ class FinetuneConfig(RunConfigMixin):
     compute: ComputeSection = field(default_factory=ComputeSection)
     transfer: TransferSection = field(default_factory=TransferSection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
@@ -117,8 +120,8 @@ class FinetuneConfig(RunConfigMixin):
             raise ConfigError(f"init_from must be one of {INIT_FROM}, got {self.init_from!r}")
         if self.init_from == "pretrained" and not self.checkpoint:
             raise ConfigError("init_from=pretrained needs checkpoint=PATH (a portable model.pt)")
-        if self.epochs < 1 or self.log_every < 1:
-            raise ConfigError("epochs and log_every must be >= 1")
+        if self.epochs < 1 or self.log_every < 1 or self.max_bad_steps < 1:
+            raise ConfigError("epochs, log_every and max_bad_steps must be >= 1")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], got {self.swa_epochs}")
 

@@ -26,6 +26,7 @@ from cfdist.cluster import init_ray, train_logging_config
 from cfdist.finetune.config import FinetuneConfig, load_finetune_config
 from cfdist.finetune.loop import LAST, local_finetune, ray_finetune_loop, resume_config
 from cfdist.manifest import ShardSet
+from cfdist.run.preempt import driver_stop, preemptible_torch_config
 from cfdist.run.runinfo import write_run_files
 
 
@@ -94,21 +95,29 @@ def run_ray(cfg: FinetuneConfig, address: str | None = None) -> dict:
     """The fine-tuning loop on ``scaling.num_workers`` Ray Train workers (DDP); returns results.json."""
     import os
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     init_ray(address=address, num_cpus=max(int(need + 0.999), os.cpu_count() or 1), use_gpu=cfg.scaling.use_gpu,
              object_store_memory=1 << 29)
+    with driver_stop() as board:  # SIGTERM / Ctrl-C here: the workers save last.pt at the next step
+        return _fit(cfg, board)
+
+
+def _fit(cfg: FinetuneConfig, board: str) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
-        ray_finetune_loop, train_loop_config={"config": cfg.to_dict()},
+        ray_finetune_loop, train_loop_config={"config": cfg.to_dict(), "stop_board": board},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=preemptible_torch_config("nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir()), logging_config=train_logging_config()))
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if (result.metrics or {}).get("preempted"):
+        return {"preempted": 1, "step": result.metrics.get("step"),
+                "checkpoint": str(cfg.run_dir() / "checkpoints" / "last.pt")}
     return json.loads((cfg.run_dir() / "results.json").read_text())
 
 
@@ -119,11 +128,17 @@ def run(cfg: FinetuneConfig, address: str | None = None) -> dict:
     t0 = time.perf_counter()
     # Ray workers read last.pt themselves (each needs the state); here it is passed on, not re-read
     results = run_ray(cfg, address) if cfg.scaling.num_workers >= 1 else local_finetune(cfg, resume_state=state)
+    if results.get("preempted"):
+        print(f"fine-tuning stopped after {time.perf_counter() - t0:.1f} s at step {results.get('step')}; checkpoint "
+              f"{results.get('checkpoint')}; run the same command with init_from=resume to continue", flush=True)
+        return results
     print(f"fine-tuning finished in {time.perf_counter() - t0:.1f} s -> {cfg.run_dir()}")
     return results
 
 
 def print_results(results: dict) -> None:
+    if results.get("preempted"):
+        return
     test = results.get("test")
     if not test:
         print("no test split: see results.json for validation metrics")

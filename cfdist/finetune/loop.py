@@ -27,12 +27,18 @@ under DDP: each rank takes its share of every step, and rank 0 validates and wri
 Checkpoints in ``<run_dir>/checkpoints``: ``best.pt`` (portable, lowest validation loss),
 ``swa.pt`` (portable, the SWA average at the end), ``last.pt`` (full state after every epoch:
 model, optimiser, schedule, SWA average, RNG-free epoch counter; ``init_from=resume`` continues
-from it exactly, since an epoch's stream depends only on (seed, epoch)).
+from it exactly, since an epoch's stream depends only on (seed, epoch)). A SIGTERM / Ctrl-C
+(:mod:`cfdist.run.preempt`, all-reduced with the step's label counts) saves ``last.pt`` at the next
+step boundary, mid-epoch (``epoch_step``: the resumed run skips the epoch's first steps), and stops.
+
+A step whose loss or gradients are not finite on any rank is skipped (no optimiser, schedule or SWA
+update; :mod:`cfdist.run.badsteps`), counted in ``bad_steps``; ``max_bad_steps`` in a row stop the run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from typing import Any, Iterator
@@ -53,10 +59,13 @@ from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer, distributed_sum
 from cfdist.run import evaluation
+from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
+from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
 from cfdist.run.step import train_step
+from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_schema, read_shard
 from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
@@ -155,17 +164,18 @@ class FinetuneTrainer:
         torch.manual_seed(cfg.seed)  # same initial head on every rank
         self.shards = ShardSet(cfg.data.shards)
         targets = list(cfg.data.targets)
-        self.objective = PropertyObjective(targets)
+        transforms = cfg.model_config().target_transforms
+        self.objective = PropertyObjective(targets, transforms)
         self.budget = BatchBudget(cfg.data.max_entries, cfg.data.max_atoms, cfg.data.max_structures)
         self.train_files = [(e.path, e.rows) for e in self.shards.files(cfg.data.train_split)]
         self.n_train = sum(rows for _, rows in self.train_files)
         self.columns = training_columns(read_schema(self.train_files[0][0]), targets)
-        stats = target_stats(self.shards, targets, cfg.data.train_split)
+        stats = target_stats(self.shards, targets, cfg.data.train_split, transforms)
         self.transfer_report: dict[str, Any] = {"init_from": cfg.init_from}
         if state is not None:  # weights come from last.pt; the architecture from the run itself
             model = Crystalformer(CrystalformerConfig.from_dict(state["model_config"]))
         elif cfg.init_from == "pretrained":
-            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats)
+            model, report = model_from_pretrained(cfg.checkpoint, targets, cfg.transfer.head, stats, transforms)
             self.transfer_report.update(report)
         else:
             model = Crystalformer(cfg.model_config())
@@ -192,7 +202,7 @@ class FinetuneTrainer:
             # statistics buffers are set identically on every rank (all-reduced), no need to broadcast
             self.ddp = DistributedDataParallel(self.model, broadcast_buffers=False)
         groups = parameter_groups(self.model, cfg.optim.weight_decay, scaled_blocks=cfg.transfer.lr_scale_blocks,
-                                  lr_scale=cfg.transfer.lr_scale)
+                                  lr_scale=cfg.transfer.lr_scale, layer_decay=cfg.optim.layer_decay)
         for group in groups:
             group["lr"] = cfg.optim.lr * group.get("lr_scale", 1.0)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -206,6 +216,9 @@ class FinetuneTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg.optim, self.total_steps))
         self.swa: AveragedModel | None = None
         self.epoch, self.step, self.best_val, self.best_epoch = 0, 0, math.inf, -1
+        self.epoch_step = 0  # steps taken in the current epoch (a preempted run saves mid-epoch)
+        self.guard = BadStepGuard(cfg.max_bad_steps, self.rank)
+        self.stopped: dict[str, Any] = {}
         self.micro_batches = 0  # packed micro-batches this process trained on (all its steps)
         if state is not None:
             self.restore(state)
@@ -221,9 +234,14 @@ class FinetuneTrainer:
         ahead in a thread (:class:`cfdist.stream.Prefetcher`)."""
         reader = RowGroupReader(self.columns, cache=self.cfg.data.shuffle_lanes + 2)
 
+        first, skip = self.epoch, self.epoch_step
+
         def epoch(e: int, _start: Position):
-            return epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
-                               self.rank, self.world)
+            steps = epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
+                                self.rank, self.world)
+            # a run saved mid-epoch (preempted) goes on after the steps it took: the epoch's stream
+            # depends only on (seed, epoch), so skipping them gives exactly the steps it had left
+            return itertools.islice(steps, skip, None) if e == first and skip else steps
 
         return Prefetcher(epoch, self.prepare_step, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
 
@@ -257,28 +275,38 @@ class FinetuneTrainer:
             self.swa = AveragedModel(self.model)
             self.swa.load_state_dict(state["swa"])
         self.epoch, self.step = state["epoch"], state["step"]
+        self.epoch_step = state.get("epoch_step", 0)
         self.best_val, self.best_epoch = state["best_val"], state["best_epoch"]
         self.transfer_report = state["transfer_report"]
         if self.rank == 0:
-            print(f"resumed {self.ckpt_dir / LAST} after epoch {self.epoch} (step {self.step}, best val loss {self.best_val:.4g} "
+            where = f"{self.epoch_step} steps into epoch {self.epoch + 1}" if self.epoch_step else f"after epoch {self.epoch}"
+            print(f"resumed {self.ckpt_dir / LAST} {where} (step {self.step}, best val loss {self.best_val:.4g} "
                   f"at epoch {self.best_epoch})", flush=True)
 
     # -- training ------------------------------------------------------------------------
     def run(self) -> dict:
         self.build()
         cfg = self.cfg
-        logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step)
+        tracker = (Tracker(cfg.tracking, self.run_dir, cfg.to_dict(), cfg.run_name) if self.rank == 0 else None)
+        logger = MetricLogger(self.run_dir, self.rank == 0, self.total_steps, self.step, tracker=tracker)
+        status = "FAILED"
         window, components = StepWindow(), ComponentWindow(self.objective)
         stream = self.train_stream()
         try:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and not self.stopped:
                 swa_phase = cfg.swa_epochs > 0 and self.epoch >= cfg.epochs - cfg.swa_epochs
                 while (item := stream.next()).batch is not None:
                     if item.epoch != self.epoch:
                         raise RuntimeError(f"rank {self.rank}: stream at epoch {item.epoch}, loop at {self.epoch}")
-                    grad_norm = self.optimiser_step(item.batch, window, components)
+                    outcome, grad_norm = self.optimiser_step(item.batch, window, components)
+                    if outcome == "stop":  # every rank saw the request at this step boundary
+                        self.stop(logger)
+                        break
                     self.step += 1
-                    if swa_phase:  # paper: average after every step of the last epochs, lr held
+                    self.epoch_step += 1
+                    if outcome == "bad":  # skipped: no schedule or SWA step either (weights unchanged)
+                        pass
+                    elif swa_phase:  # paper: average after every step of the last epochs, lr held
                         if self.swa is None:
                             self.swa = AveragedModel(self.model)
                         self.swa.update_parameters(self.model)
@@ -288,7 +316,10 @@ class FinetuneTrainer:
                     if self.step % cfg.log_every == 0:
                         logger.log(self.step, self.window_metrics(window, components, grad_norm))
                         window, components = StepWindow(), ComponentWindow(self.objective)
+                if self.stopped:
+                    break
                 self.epoch += 1
+                self.epoch_step = 0
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
                     if cfg.data.val_split:
@@ -301,45 +332,85 @@ class FinetuneTrainer:
                     logger.log(self.step, record)
                 if self.report is not None:
                     self.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
+            if self.stopped:
+                status = "KILLED"  # the resumed run reopens the tracked run
+                return dict(self.stopped)
+            results = self.finish() if self.rank == 0 else {}
+            if tracker is not None:
+                tracker.log_files([p for p in (self.ckpt_dir / n for n in ("final.pt", BEST, SWA)) if p.is_file()]
+                                  + [self.run_dir / "results.json"])
+            status = "FINISHED"
+            return results
         finally:
             stream.close()
-            logger.close()
-        return self.finish() if self.rank == 0 else {}
+            logger.close(status)
 
-    def optimiser_step(self, micro_batches: list, window: StepWindow, components: ComponentWindow) -> torch.Tensor:
-        """One optimiser step on this rank's share of the step (host micro-batches).
+    def stop(self, logger: MetricLogger) -> None:
+        """A stop request reached every rank at a step boundary: rank 0 saves ``last.pt`` here
+        (mid-epoch), every rank returns."""
+        signum = StopRequest.get()
+        name = signal_name(signum) if signum else "a signal to another rank"
+        self.stopped = {"preempted": 1, "preempted_by": name, "step": self.step,
+                        "checkpoint": str(self.ckpt_dir / LAST)}
+        if self.rank == 0:
+            self.save_last()
+            logger.log(self.step, {"preempted": 1, "epoch": self.epoch, "epoch_step": self.epoch_step})
+            print(f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}, {self.epoch_step} steps into it): "
+                  f"checkpoint {self.ckpt_dir / LAST}; resume with init_from=resume", flush=True)
+        if self.report is not None:
+            self.report({"preempted": 1, "step": self.step})
 
-        The step's label count over all ranks scales the loss (one small all-reduce per step);
-        the loss and the pre-clip gradient norm stay on the device so that a step never waits for it.
+    def optimiser_step(self, micro_batches: list, window: StepWindow,
+                       components: ComponentWindow) -> tuple[str, torch.Tensor | None]:
+        """One optimiser step on this rank's share of the step (host micro-batches) ->
+        (``"ok"`` | ``"bad"`` (skipped: non-finite) | ``"stop"`` (not taken: stop requested), grad norm).
+
+        The step's label count over all ranks scales the loss (one small all-reduce per step, which
+        also carries the stop request); the pre-clip gradient norm stays on the device. The
+        finiteness check before the update waits for the device once per step.
         """
         self.ddp.train()
         t0 = time.perf_counter()
         counts = [sum(c) for c in zip(*(self.objective.label_counts(b) for b in micro_batches))]
-        global_counts = self.all_sum(counts)
+        *global_counts, stop = self.all_sum(counts + [float(StopRequest.get())])
+        if stop:
+            return "stop", None
         batches = [b.to(self.device) for b in micro_batches]
         t_data = time.perf_counter() - t0
         self.optimizer.zero_grad(set_to_none=True)
+        results = []
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1  # DDP averages gradients once, at the step's last micro-batch
             context = self.ddp.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with context:
-                result = train_step(self.ddp, batch, self.objective, global_counts, self.world)
+                results.append(train_step(self.ddp, batch, self.objective, global_counts, self.world))
             window.add(batch, t_data if k == 0 else 0.0)
-            components.add(result.sums, result.loss_share, new_step=k == 0)  # one loss per step
         self.micro_batches += len(batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        bad = local_bad([r.loss_share for r in results], params)
+        if self.all_sum([float(bad)])[0]:  # on any rank: skipped on all of them
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.skipped(self.step + 1, [i for b in batches for i in b.ids])
+            return "bad", None
+        self.guard.good()
+        for k, result in enumerate(results):
+            components.add(result.sums, result.loss_share, new_step=k == 0)  # one loss per step
         # pre-clip total norm; max_norm=inf measures without clipping when clipping is off
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
-        return grad_norm
+        return "ok", grad_norm
 
     def window_metrics(self, w: StepWindow, components: ComponentWindow, grad_norm: torch.Tensor) -> dict:
         values = w.values()
         totals = self.all_sum(values + components.values())  # every rank logs at the same steps
-        return {**w.summary(self.world, totals[:len(values)]),
-                **components.summary(totals[len(values):], "", train=True),
-                "lr": float(self.optimizer.param_groups[0]["lr"]), "grad_norm": float(grad_norm),
-                "epoch": self.epoch, "peak_memory_mb": peak_memory_mb(self.device)}
+        out = {**w.summary(self.world, totals[:len(values)]),
+               **components.summary(totals[len(values):], "", train=True),
+               "lr": float(self.optimizer.param_groups[0]["lr"]),
+               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+               "epoch": self.epoch, "peak_memory_mb": peak_memory_mb(self.device), "bad_steps": self.guard.total}
+        if not components.micro_steps:  # every step of the window was skipped (bad): no loss to show
+            out.pop("loss", None)
+        return out
 
     # -- evaluation and checkpoints ------------------------------------------------------
     def evaluate(self, model, split: str):
@@ -369,7 +440,8 @@ class FinetuneTrainer:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "swa": self.swa.state_dict() if self.swa else None,
-                 "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "best_epoch": self.best_epoch,
+                 "epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "best_val": self.best_val,
+                 "best_epoch": self.best_epoch,
                  "transfer_report": self.transfer_report, "config": self.cfg.to_dict(),
                  "model_config": self.model.config.to_dict()}
         with atomic_write(self.ckpt_dir / LAST) as tmp:
@@ -402,14 +474,19 @@ class FinetuneTrainer:
         return results
 
     def train_mean_baseline(self, split: str) -> dict:
-        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline)."""
+        """MAE on ``split`` of predicting the train mean of each target (the trivial baseline; in
+        log10 units for a ``log`` target, as its metrics are)."""
         out = {}
         files = [e.path for e in self.shards.files(split)]
+        transforms = self.model.config.target_transforms
+        stats = target_stats(self.shards, self.cfg.data.targets, self.cfg.data.train_split, transforms)
         for name in self.cfg.data.targets:
             y = np.concatenate([read_shard(p, [f"y.{name}"]).column(0).to_numpy(zero_copy_only=False)
                                 for p in files]).astype(np.float64)
             y = y[np.isfinite(y)]
-            mean, _ = self.shards.target_stats(name, self.cfg.data.train_split)
+            if transforms.get(name) == "log":
+                y = np.log10(y[y > 0])
+            mean, _ = stats[name]
             out[name] = {"n": int(len(y)), "mae": float(np.abs(y - mean).mean()) if len(y) else None}
         return out
 
@@ -419,6 +496,7 @@ def local_finetune(cfg: FinetuneConfig, resume_state: dict | None = None) -> dic
     """Fine-tune in this process (``cfg``: the effective config, see :func:`cfdist.finetune.driver.prepare`)."""
     if cfg.scaling.threads > 0:
         torch.set_num_threads(cfg.scaling.threads)
+    install_handlers()  # SIGTERM / Ctrl-C: last.pt at the next step boundary, then stop
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
     return FinetuneTrainer(cfg, device=device, resume_state=resume_state).run()
 
@@ -429,6 +507,7 @@ def ray_finetune_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = finetune_config_from_dict(loop_config["config"])
+    watch_board(loop_config.get("stop_board", ""))  # the driver's SIGTERM / Ctrl-C reaches this worker
     if cfg.scaling.threads > 0:
         torch.set_num_threads(cfg.scaling.threads)
     ctx = ray.train.get_context()

@@ -48,6 +48,7 @@ from cfdist.io import FORMATS, Chunk, default_id, expand_inputs, infer_format, p
 from cfdist.manifest import SPLITS, shard_record, write_manifest
 from cfdist.preprocess.dedupe import (PartitionedPairs, SplitConflict, distinct_per_split, key_hashes,
                                       repeated_values)
+from cfdist.preprocess.element_fit import FIT_COLUMNS
 from cfdist.preprocess.publish import check_target, localize_inputs, publish
 from cfdist.preprocess.splits import (MISSING_GROUP, BuildError, group_key, hash_split, load_split_file,
                                       missing_group_detail, parse_group_spec)
@@ -453,7 +454,7 @@ def finalize(out: Path, n_chunks: int, digest: str, fmt: str, inputs: list[dict]
                     path.unlink(missing_ok=True)
                     continue
                 if chunk_stats is None:
-                    stats.add(split, pq.read_table(path, columns=["n_atoms", "n_entries", "numbers"]
+                    stats.add(split, pq.read_table(path, columns=sorted({"n_entries", *FIT_COLUMNS})
                                                    + [f"y.{t}" for t in settings.targets]))
                 # The worker's checksum holds unless duplicates were dropped (the file was rewritten).
                 keep_sha = chunk_stats is not None and shard.get("bytes") == path.stat().st_size

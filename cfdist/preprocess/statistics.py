@@ -4,7 +4,10 @@ Everything is a sum (counts, sums of labels and their squares, histograms, the c
 matrix and right-hand sides), so chunks combine in any order to the same result. The summary
 goes into the manifest (``statistics``): target moments per split (training standardises with
 them), element counts (the shard check compares them with a model's ``n_elements``), size
-histograms, and per-element reference values fitted by least squares on the train split.
+histograms, per-element reference values fitted by least squares on the train split, and per
+target the sufficient statistics of the per-atom reference-energy fit (``element_fit``,
+:mod:`cfdist.preprocess.element_fit`) from which a training run solves its reference energies
+without a pass over the train split.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import numpy as np
 
 from cfdist.crystal import MAX_Z
 from cfdist.fileio import atomic_write
+from cfdist.preprocess.element_fit import ElementFitSums
+from cfdist.preprocess.element_fit import composition as element_counts
 from cfdist.manifest import SPLITS
 
 ATOM_BINS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2**31]
@@ -36,6 +41,9 @@ class StatsAccumulator:
         self.rhs = {t: np.zeros(MAX_Z + 1) for t in self.targets}
         self.total_atoms = 0
         self.total_entries = 0
+        # per target, train split: sums of the per-atom least-squares reference fit (label / N)
+        self.element_fit = {t: ElementFitSums() for t in self.targets}
+        self.element_fit_complete = True  # False once a chunk file without them was merged
 
     def save(self, path: Path) -> None:
         """Write the accumulated sums atomically (``.npz``), for :meth:`load` and :meth:`merge`."""
@@ -45,6 +53,7 @@ class StatsAccumulator:
             arrays[f"rhs.{t_index}"] = self.rhs[t]
             for s in SPLITS:
                 arrays[f"moments.{s}.{t_index}"] = self.moments[s][t]
+            arrays.update(self.element_fit[t].arrays(f"element_fit.{t_index}"))
         with atomic_write(path) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
@@ -60,6 +69,10 @@ class StatsAccumulator:
                 acc.rhs[t] = z[f"rhs.{t_index}"]
                 for s in SPLITS:
                     acc.moments[s][t] = z[f"moments.{s}.{t_index}"]
+                if f"element_fit.{t_index}.gram" in z:
+                    acc.element_fit[t] = ElementFitSums.from_arrays(z, f"element_fit.{t_index}")
+                else:  # written by an older version (a resumed build): the manifest gets no element_fit
+                    acc.element_fit_complete = False
         return acc
 
     def merge(self, other: "StatsAccumulator") -> None:
@@ -74,6 +87,8 @@ class StatsAccumulator:
             self.rhs[t] = self.rhs[t] + other.rhs[t]
             for s in SPLITS:
                 self.moments[s][t] = self.moments[s][t] + other.moments[s][t]
+            self.element_fit[t].merge(other.element_fit[t])
+        self.element_fit_complete = self.element_fit_complete and other.element_fit_complete
 
     def add(self, split: str, table) -> None:
         n_atoms = table["n_atoms"].to_numpy().astype(np.int64)
@@ -98,6 +113,9 @@ class StatsAccumulator:
                 y = table[f"y.{t}"].to_numpy()
                 ok = np.isfinite(y)
                 self.rhs[t] += composition[ok].T @ y[ok]
+            counts, atoms = element_counts(table)
+            for t in self.targets:
+                self.element_fit[t].add(counts, atoms, table[f"y.{t}"].to_numpy().astype(np.float64))
 
     def summary(self) -> dict:
         targets = {}
@@ -125,5 +143,9 @@ class StatsAccumulator:
             "reference_per_element": reference,
             "reference_note": "least-squares fit of each target on composition fractions (train split): "
                               "y ~ sum_Z x_Z mu_Z; multiply by N for per-structure totals",
+            **({"element_fit": {t: self.element_fit[t].to_dict() for t in self.targets},
+                "element_fit_note": "per target, train split: sufficient statistics of the per-atom least-squares "
+                                    "fit y / N ~ sum_Z (n_Z / N) mu_Z of an extensive label (cfdist.preprocess."
+                                    "element_fit)"} if self.element_fit_complete else {}),
         }
 

@@ -29,6 +29,9 @@ class DataSection:
         shards: shard directory written by ``cfdist preprocess`` (or ``cfdist prepare-task``).
         targets: label columns to train on (a property model gets one output per target; an energy
             model's one target is the total-energy column).
+        transforms: {target: output transform} (``softplus``: predictions >= 0, for band gaps and
+            moduli; ``log``: learnt in log10, for quantities spanning decades); the model config's
+            ``target_transforms`` (:class:`cfdist.config.CrystalformerConfig`), kept in checkpoints.
         train_split / val_split: split names in the manifest (val_split "" = no validation).
         max_entries / max_atoms / max_structures: per-rank micro-batch budget
             (:class:`cfdist.data.BatchBudget`; training, validation and test passes). The one
@@ -53,6 +56,7 @@ class DataSection:
 
     shards: str = ""
     targets: list[str] = field(default_factory=lambda: ["e_form"])
+    transforms: dict[str, str] = field(default_factory=dict)
     train_split: str = "train"
     val_split: str = "val"
     max_entries: int = DEFAULT_MAX_ENTRIES
@@ -81,6 +85,10 @@ class OptimSection:
     schedule: ``inverse_sqrt`` (lr * sqrt(T / (T + t)), T = ``inverse_sqrt_t``; paper) or
     ``warmup_cosine`` (linear warmup over ``warmup_steps`` then cosine to ``min_lr_ratio`` * lr at
     ``max_steps``) or ``constant``.
+
+    layer_decay: layer-wise learning-rate decay in (0, 1] (1 = off): the heads train at ``lr``,
+    block i of n at ``lr * layer_decay ** (n - i)``, the embedding at ``lr * layer_decay ** (n + 1)``
+    (:func:`cfdist.run.optim.parameter_groups`; JMP fine-tunes with per-layer multipliers of this kind).
     """
 
     lr: float = 5e-4
@@ -92,9 +100,12 @@ class OptimSection:
     inverse_sqrt_t: int = 4000
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
+    layer_decay: float = 1.0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
+        if not 0.0 < float(self.layer_decay) <= 1.0:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1] (1 = no layer-wise decay), got {self.layer_decay}")
         if self.schedule not in ("inverse_sqrt", "warmup_cosine", "constant"):
             raise ConfigError(f"optim.schedule must be inverse_sqrt, warmup_cosine or constant, got {self.schedule!r}")
 
@@ -150,8 +161,8 @@ class RunConfigMixin:
             self.compute = dataclasses.replace(self.compute, **moved)
 
     def model_config(self) -> CrystalformerConfig:
-        """The model config with ``target_names`` set to the data's targets."""
-        return resolve_model_config(self.model, self.data.targets)
+        """The model config with ``target_names`` set to the data's targets (and their transforms)."""
+        return resolve_model_config(self.model, self.data.targets, self.data.transforms)
 
     def run_location(self) -> str:
         """Where the run's files live: ``<output_dir>/<run_name>``, a local path or an ``s3://`` /
@@ -177,9 +188,18 @@ class RunConfigMixin:
         return dataclasses.asdict(self)
 
 
-def resolve_model_config(model: Any, targets: list[str]) -> CrystalformerConfig:
+def resolve_model_config(model: Any, targets: list[str],
+                         transforms: Mapping[str, str] | None = None) -> CrystalformerConfig:
     """``model`` (an inline mapping, a YAML path or a packaged model config name such as
-    ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets``."""
+    ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets`` and
+    ``transforms`` (``data.transforms``) over the model config's own ``target_transforms``."""
     cfg = CrystalformerConfig.from_dict(model) if isinstance(model, Mapping) else CrystalformerConfig.from_yaml(model)
     cfg.target_names = list(targets)
+    if not isinstance(transforms or {}, Mapping):
+        raise ConfigError(f"data.transforms must be a mapping target -> transform, got {transforms!r}")
+    cfg.target_transforms = {**cfg.target_transforms, **(transforms or {})}
+    try:
+        cfg.check_transforms()
+    except ConfigError as exc:
+        raise ConfigError(f"data.transforms: {exc}") from None
     return cfg

@@ -27,14 +27,17 @@ def peak_memory_mb(device: torch.device | None = None) -> float:
 class MetricLogger:
     """Writes one JSON object per log step to ``metrics.jsonl`` and scalars to TensorBoard.
 
-    Only rank 0 writes; other ranks get a no-op logger (``enabled=False``).
+    Only rank 0 writes; other ranks get a no-op logger (``enabled=False``). ``tracker``: an
+    experiment tracker (:class:`cfdist.run.tracking.Tracker`) that gets every record too.
     """
 
-    def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, initial_step: int = 0):
+    def __init__(self, run_dir: Path | None, enabled: bool, total_steps: int, initial_step: int = 0,
+                 tracker=None):
         self.enabled = enabled and run_dir is not None
         self.file = None
         self.writer = None
         self.bar = None
+        self.tracker = tracker if self.enabled else None
         if not self.enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +58,8 @@ class MetricLogger:
             return
         record = {"step": step, "time": time.time(), **metrics}
         self.file.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(step, metrics)
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and value == value:
@@ -67,7 +72,10 @@ class MetricLogger:
                                      refresh=False)
             self.bar.refresh()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status`` ends the tracked run: FINISHED, KILLED (preempted: a resumed run reopens it), FAILED."""
+        if self.tracker is not None:
+            self.tracker.close(status)
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

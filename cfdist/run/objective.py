@@ -27,15 +27,38 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from cfdist.crystal import MAX_Z
+from cfdist.preprocess.element_fit import FIT_COLUMNS, ElementFitSums, composition, solve
 from cfdist.shards import parquet_file
 
 
-def target_stats(shards, targets: Sequence[str], split: str) -> dict[str, tuple[float, float]]:
-    """{target: (mean, std)} on ``split`` of a :class:`cfdist.manifest.ShardSet` (std 0 -> 1)."""
-    return {t: shards.target_stats(t, split) for t in targets}
+def target_stats(shards, targets: Sequence[str], split: str,
+                 transforms: Mapping[str, str] | None = None) -> dict[str, tuple[float, float]]:
+    """{target: (mean, std)} on ``split`` of a :class:`cfdist.manifest.ShardSet` (std 0 -> 1), in
+    the space the model learns each target in: a ``log`` target (``transforms``,
+    :attr:`cfdist.config.CrystalformerConfig.target_transforms`) gets log10-space statistics."""
+    stats = {}
+    for t in targets:
+        mean, std = shards.target_stats(t, split)
+        if (transforms or {}).get(t) == "log":
+            mean, std = log10_moments(mean, std, t)
+        stats[t] = (mean, std)
+    return stats
+
+
+def log10_moments(mean: float, std: float, target: str = "target") -> tuple[float, float]:
+    """(mean, std) of log10 y from y's mean and std, by matching a log-normal's moments:
+    s^2 = ln(1 + std^2 / mean^2), mu = ln(mean) - s^2 / 2 (exact for log-normal y; only the
+    normalisation of a ``log`` target uses it, so the manifest's moments suffice and start-up
+    reads no labels)."""
+    if not mean > 0:
+        raise ValueError(f"target {target!r} has a log output transform but its train mean is {mean}; "
+                         f"a log target needs positive labels")
+    var_ln = math.log1p((std / mean) ** 2)
+    ln10 = math.log(10.0)
+    return (math.log(mean) - var_ln / 2) / ln10, max(math.sqrt(var_ln) / ln10, 1e-6)
 
 
 def set_target_normalisation(model, stats: Mapping[str, tuple[float, float]]) -> None:
@@ -46,8 +69,13 @@ def set_target_normalisation(model, stats: Mapping[str, tuple[float, float]]) ->
 
 
 def normalised_targets(model, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, T) labels in original units -> standardised targets in ``dtype`` (NaN stays NaN)."""
-    labels = labels.to(dtype)
+    """(B, T) labels in original units -> standardised targets in ``dtype`` (NaN stays NaN; ``log``
+    targets standardised in log10 space, :meth:`cfdist.model.Crystalformer.label_space`)."""
+    return standardised(model, model.label_space(labels.to(dtype)))
+
+
+def standardised(model, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels already in the model's label space -> (labels - mean) / std."""
     return (labels - model.target_mean.to(labels)) / model.target_std.to(labels)
 
 
@@ -168,18 +196,24 @@ class PropertyObjective(Objective):
     as in the paper's multi-target runs.
     """
 
-    def __init__(self, targets: Sequence[str]):
+    def __init__(self, targets: Sequence[str], transforms: Mapping[str, str] | None = None):
         self.components = tuple(targets)
+        # a log target's non-positive labels are missing in its log10 space (Crystalformer.label_space)
+        self.positive_only = [(transforms or {}).get(t) == "log" for t in targets]
 
     def label_counts(self, batch) -> list[float]:
-        return torch.isfinite(batch.labels).sum(0).double().tolist()
+        ok = torch.isfinite(batch.labels)
+        if any(self.positive_only):
+            ok = ok & ~(torch.tensor(self.positive_only, device=ok.device) & (batch.labels <= 0))
+        return ok.sum(0).double().tolist()
 
     def forward(self, net, batch) -> torch.Tensor:
         return net(batch)
 
     def sums(self, model, out, batch, dtype):
-        labels = batch.labels.to(out.device)
-        err, mask = masked_abs_error(out.to(dtype), normalised_targets(model, labels, dtype))
+        # errors and label moments in the space the target is learnt in (log10 for ``log`` targets)
+        labels = model.label_space(batch.labels.to(out.device).double())
+        err, mask = masked_abs_error(out.to(dtype), standardised(model, labels.to(dtype)))
         loss_sums = err.sum(0)
         std = model.target_std.to(device=out.device, dtype=torch.float64)
         abs_err = err.detach().double() * std  # original units
@@ -267,7 +301,7 @@ def make_objective(model_config, targets: Sequence[str], loss=None) -> Objective
         if loss is None:
             raise ValueError("an energy model needs a loss section (energy / forces / stress weights)")
         return EnergyObjective(loss)
-    return PropertyObjective(targets)
+    return PropertyObjective(targets, model_config.target_transforms)
 
 
 def energy_labels(batch, device) -> dict[str, torch.Tensor]:
@@ -283,79 +317,17 @@ def energy_labels(batch, device) -> dict[str, torch.Tensor]:
 
 def fit_element_energies(paths, energy_label: str, n_elements: int, *, ridge: float = 1e-8,
                          fallback_scale: float = 1.0, rows_per_read: int = 4096) -> dict:
-    """Per-element reference energies by least squares on shard files (one columnar pass, float64).
-
-    The model is E ~ sum_Z n_Z mu_Z (n_Z: atoms of element Z, occupancy-weighted on disordered
-    sites, as the model's reference sum counts them); each structure's equation is divided by
-    its atom count N, so the fit minimises the squared per-atom residual e = E / N - sum_Z x_Z mu_Z
-    (x_Z = n_Z / N) that the energy loss also measures. Only elements present get a reference (the
-    others 0); a ridge of ``ridge`` times the mean diagonal of the normal matrix settles
-    elements that always occur in fixed ratios. Sufficient statistics (normal matrix, right-hand
-    side, sums of e and e^2) make the residual's moments exact in the same pass.
-
-    ``energy_scale`` (what the energy head's outputs are multiplied by) is the residual's standard
-    deviation with the least-squares degrees-of-freedom correction, sqrt(RSS / (n - p)) for n
-    structures and p fitted elements, when at least half of the structures are left as degrees of
-    freedom; otherwise (few structures, many elements: the fit nearly interpolates and the residual
-    says nothing about the data) it is ``fallback_scale`` (1 eV/atom). Without the correction a
-    48-structure, 58-element split gave a scale of 1e-5 and an energy head that could not learn
-    forces.
-
-    Returns {"element_energy": (n_elements,) float64 eV/atom, "energy_scale" (eV/atom),
-    "residual_std": population std of the per-atom residual (eV/atom), "residual_mean",
-    "structures", "elements": present Z, "scale_from": "residual" | "fallback"}.
-    """
-    import numpy as np
-
-    width = MAX_Z + 1
-    gram, rhs, col_sum = np.zeros((width, width)), np.zeros(width), np.zeros(width)
-    count, e_sum, e_sq = 0, 0.0, 0.0
-    columns = ["n_atoms", "numbers", "disorder_site", "disorder_z", "disorder_occupancy", f"y.{energy_label}"]
+    """Per-element reference energies by least squares on shard files (one columnar pass, float64):
+    the sums of :class:`cfdist.preprocess.element_fit.ElementFitSums` over the files, solved by
+    :func:`cfdist.preprocess.element_fit.solve` (its docstring: the model, the ridge, the energy
+    scale and the returned dict). Training uses the manifest's sums instead when the preprocessing
+    job wrote them (``ShardSet.element_fit``), so start-up reads no labels; this pass serves shards
+    written before that, and checks that the two agree (tests)."""
+    sums = ElementFitSums()
+    columns = FIT_COLUMNS + [f"y.{energy_label}"]
     for path in paths:
         for record_batch in parquet_file(path).iter_batches(batch_size=rows_per_read, columns=columns):
-            n_atoms = record_batch.column("n_atoms").to_numpy().astype(np.int64)
-            energy = record_batch.column(f"y.{energy_label}").to_numpy(zero_copy_only=False).astype(np.float64)
-            rows = len(n_atoms)
-            atom_row = np.repeat(np.arange(rows), n_atoms)
-            numbers = record_batch.column("numbers").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-            comp = np.zeros((rows, width))
-            np.add.at(comp, (atom_row, numbers), 1.0)
-            d_col = record_batch.column("disorder_site")
-            d_site = d_col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-            if len(d_site):
-                d_off = d_col.offsets.to_numpy().astype(np.int64)
-                d_row = np.repeat(np.arange(rows), np.diff(d_off))
-                atom_offset = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
-                sites = np.unique(d_site + atom_offset[d_row])  # each disordered site once
-                np.add.at(comp, (atom_row[sites], numbers[sites]), -1.0)  # its majority species out
-                d_z = record_batch.column("disorder_z").flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-                d_occ = record_batch.column("disorder_occupancy").flatten().to_numpy(zero_copy_only=False)
-                np.add.at(comp, (d_row, d_z), d_occ.astype(np.float64))
-            ok = np.isfinite(energy) & (n_atoms > 0)
-            x = comp[ok] / n_atoms[ok, None]
-            e = energy[ok] / n_atoms[ok]
-            gram += x.T @ x
-            rhs += x.T @ e
-            col_sum += x.sum(0)
-            count += int(ok.sum())
-            e_sum += float(e.sum())
-            e_sq += float(e @ e)
-    if count == 0:
-        raise ValueError(f"no finite {energy_label!r} labels to fit reference energies on")
-    present = np.nonzero(np.diag(gram) > 0)[0]
-    present = present[(present >= 1) & (present <= n_elements)]
-    g = gram[np.ix_(present, present)]
-    mu = np.linalg.solve(g + ridge * np.trace(g) / max(len(present), 1) * np.eye(len(present)), rhs[present])
-    # residual moments from the sufficient statistics: sum r = sum e - mu.sum x; sum r^2 = sum e^2 - 2 mu.b + mu'G mu
-    r_sum = e_sum - float(mu @ col_sum[present])
-    r_sq = e_sq - 2.0 * float(mu @ rhs[present]) + float(mu @ g @ mu)
-    mean = r_sum / count
-    var = max(r_sq / count - mean * mean, 0.0)
-    dof = count - len(present)
-    corrected = math.sqrt(max(r_sq, 0.0) / dof) if dof > 0 else 0.0
-    use_residual = dof >= 0.5 * count and corrected > 0
-    element_energy = np.zeros(n_elements)
-    element_energy[present - 1] = mu
-    return {"element_energy": element_energy, "energy_scale": corrected if use_residual else float(fallback_scale),
-            "scale_from": "residual" if use_residual else "fallback", "residual_std": math.sqrt(var),
-            "residual_mean": mean, "structures": count, "elements": [int(z) for z in present]}
+            comp, n_atoms = composition(record_batch)
+            label = record_batch.column(f"y.{energy_label}").to_numpy(zero_copy_only=False).astype(np.float64)
+            sums.add(comp, n_atoms, label)
+    return solve(sums, n_elements, ridge=ridge, fallback_scale=fallback_scale, label=energy_label)

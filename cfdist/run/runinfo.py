@@ -41,13 +41,13 @@ def git_sha() -> str:
 
 
 # the run files that live beside the checkpoints (uploaded for a run on object storage)
-RUN_FILES = ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt")
+RUN_FILES = ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt", "tracking.json")
 
 
 def pull_run_files(run_dir: Path, location: str) -> None:
     """Before a (re)start of a run on object storage: its appendable files (run_info.jsonl,
     metrics.jsonl) from ``location`` into the local staging directory, unless already there."""
-    for name in ("run_info.jsonl", "metrics.jsonl"):
+    for name in ("run_info.jsonl", "metrics.jsonl", "tracking.json"):  # tracking.json: the tracked run to continue
         remote = storage.join(location, name)
         if not (run_dir / name).exists() and storage.is_file(remote):
             storage.download_file(remote, run_dir / name)

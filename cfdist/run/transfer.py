@@ -13,7 +13,7 @@ reference energies are fitted on the run's data).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,13 +24,17 @@ from cfdist.model import Crystalformer
 
 
 def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
-                          train_stats: dict[str, tuple[float, float]] | None = None):
+                          train_stats: dict[str, tuple[float, float]] | None = None,
+                          transforms: Mapping[str, str] | None = None):
     """A :class:`cfdist.Crystalformer` for ``targets`` initialised from the portable checkpoint ``path``.
 
     The encoder (embedding, blocks, their frozen sigma statistics) is copied. ``head``:
     ``auto`` copies the hidden layer and the output rows (and normalisation) of targets the
     checkpoint knows, fresh rows for new ones; ``keep`` requires identical targets;
     ``replace`` re-initialises the head. New targets are standardised with ``train_stats``.
+    ``transforms``: the run's output transforms (``data.transforms``); a target's row and
+    normalisation are copied only when the checkpoint learnt it under the same transform (a
+    ``log`` row lives in log10 space), else it is new.
 
     An energy checkpoint gives a property model (``energy`` off; the energy head and reference
     energies are left behind, the encoder, including its cutoff envelope, is copied): with
@@ -45,7 +49,13 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
     if head == "keep" and old != targets:
         raise ConfigError(f"transfer.head=keep needs the checkpoint's targets {old}, got data.targets {targets}; "
                           f"use transfer.head=auto or replace")
-    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False})
+    config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False,
+                                            "target_transforms": dict(transforms or {})})
+    same_space = {t for t in targets if t in old and source.config.transform_of(t) == config.transform_of(t)}
+    if head == "keep" and len(same_space) != len(targets):
+        changed = {t: (source.config.transform_of(t), config.transform_of(t)) for t in targets if t not in same_space}
+        raise ConfigError(f"transfer.head=keep but the output transforms differ from the checkpoint's "
+                          f"(checkpoint, run): {changed}; use transfer.head=auto or replace")
     model = Crystalformer(config)  # fresh head initialisation for whatever is not copied below
     state = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "energy_head.")) and k not in
              ("target_mean", "target_std", "element_energy", "energy_scale")}
@@ -57,7 +67,7 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
         if head != "replace" and source.head is not None:
             model.head[0].load_state_dict(source.head[0].state_dict())
             for k, name in enumerate(targets):
-                if name in old:
+                if name in same_space:
                     j = old.index(name)
                     model.head[2].weight[k] = source.head[2].weight[j]
                     model.head[2].bias[k] = source.head[2].bias[j]

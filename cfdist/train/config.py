@@ -17,6 +17,7 @@ from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
                            resolve_config)
 from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.run.tracking import TrackingSection
 from cfdist.storage import StorageSection
 
 LOSS_KINDS = ("l1", "l2", "huber")
@@ -141,6 +142,7 @@ class PretrainConfig(RunConfigMixin):
     val_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5
     model: Any = "crystalformer"
     init_from: str = ""
     data: PretrainData = field(default_factory=PretrainData)
@@ -149,10 +151,12 @@ class PretrainConfig(RunConfigMixin):
     compute: ComputeSection = field(default_factory=ComputeSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     scaling: ScalingSection = field(default_factory=ScalingSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
-        for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
+                     "max_bad_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         self.take_run_settings()
@@ -162,7 +166,7 @@ class PretrainConfig(RunConfigMixin):
         """``compute.compile`` with settings it cannot run with is refused here, before any worker starts."""
 
         try:
-            model = resolve_model_config(self.model, self.data.targets)
+            model = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         except ConfigError:
             return  # a broken model section is reported where the model config is built (model_config)
         if self.compute.compile:
@@ -176,11 +180,14 @@ class PretrainConfig(RunConfigMixin):
     def model_config(self) -> CrystalformerConfig:
         """The model config: ``target_names`` = ``data.targets`` for a property model; an energy
         model has no property targets (its one data target is the energy label)."""
-        config = resolve_model_config(self.model, self.data.targets)
+        config = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         if config.energy:
             if len(self.data.targets) != 1:
                 raise ConfigError(f"an energy model (model.energy: true) trains on one label, the total energy per "
                                   f"structure (eV): set data.targets to it, e.g. [energy]; got {self.data.targets}")
+            if config.target_transforms:
+                raise ConfigError(f"data.transforms {config.target_transforms}: an energy model has no property "
+                                  f"targets to transform (its energy is a sum over atoms in eV)")
             config.target_names = []
         return config
 

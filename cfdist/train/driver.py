@@ -31,7 +31,9 @@ from cfdist.checkpoint import export_deepspeed_checkpoint, find_latest_checkpoin
 from cfdist.cluster import init_ray, train_logging_config
 from cfdist.config import ConfigError
 from cfdist.manifest import ShardSet
+from cfdist.run.preempt import driver_stop, preemptible_torch_config
 from cfdist.run.runinfo import pull_run_files, push_run_files, write_run_files
+from cfdist.run.tracking import log_artifacts
 from cfdist.run.transfer import check_encoder
 from cfdist.shards import ShardError, read_schema
 from cfdist.train.config import PretrainConfig, load_pretrain_config
@@ -112,23 +114,32 @@ def ray_storage(cfg: PretrainConfig) -> dict:
     return {"storage_path": str(cfg.run_dir())}
 
 
-def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: int | None = None) -> str | Path | None:
-    """Train on a Ray Train worker group; returns the last checkpoint's directory (a URI when the
-    run is on object storage)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def run_ray(cfg: PretrainConfig, shards, address: str | None = None,
+            num_cpus: int | None = None) -> tuple[str | Path | None, dict]:
+    """Train on a Ray Train worker group; returns (the last checkpoint's directory (a URI when the
+    run is on object storage), its metrics).
 
+    SIGTERM / Ctrl-C to this driver or to a worker: the workers checkpoint at the next step
+    boundary and return (``metrics["preempted"]``; :mod:`cfdist.run.preempt`)."""
     # workers read their own rows (cfdist.stream): no Ray Data tasks need CPUs beside them
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     init_ray(address=address, num_cpus=num_cpus or max(4, os.cpu_count() or 1, int(need + 0.999)),
              use_gpu=cfg.scaling.use_gpu, include_dashboard=True)
+    with driver_stop() as board:
+        return _fit(cfg, board)
+
+
+def _fit(cfg: PretrainConfig, board: str) -> tuple[str | Path | None, dict]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config={"config": cfg.to_dict()},
+        train_loop_config={"config": cfg.to_dict(), "stop_board": board},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                      placement_strategy=cfg.scaling.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        torch_config=preemptible_torch_config("nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(name="ray", **ray_storage(cfg),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -137,11 +148,12 @@ def run_ray(cfg: PretrainConfig, shards, address: str | None = None, num_cpus: i
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    metrics = dict(result.metrics or {})
     if result.checkpoint is None:
-        return None
+        return None, metrics
     if cfg.remote:  # the checkpoint's path has no scheme
-        return cfg.run_location().split("://")[0] + "://" + result.checkpoint.path.lstrip("/")
-    return Path(result.checkpoint.path)
+        return cfg.run_location().split("://")[0] + "://" + result.checkpoint.path.lstrip("/"), metrics
+    return Path(result.checkpoint.path), metrics
 
 
 def export_run(cfg: PretrainConfig, checkpoint) -> str:
@@ -182,17 +194,24 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if args.no_ray:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-        local_train_loop(cfg)
+        final = local_train_loop(cfg)
         if rank != 0:
             return 0
         checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
     else:
-        checkpoint = run_ray(cfg, shards, args.address, args.num_cpus)
+        checkpoint, final = run_ray(cfg, shards, args.address, args.num_cpus)
         if checkpoint is None and not cfg.remote:
             checkpoint = find_latest_checkpoint(run_dir / "ray")
+    if final.get("preempted"):  # stopped by a signal: saved, not finished; no model.pt yet
+        print(f"run stopped after {time.perf_counter() - t0:.1f} s at step {final.get('step')}, before max_steps="
+              f"{cfg.max_steps}; checkpoint {checkpoint}; run the same command again to resume", flush=True)
+        if cfg.remote:
+            push_run_files(run_dir, cfg.run_location())
+        return 0
     print(f"training finished in {time.perf_counter() - t0:.1f} s; last checkpoint {checkpoint}", flush=True)
     if not args.no_export:
         out = export_run(cfg, checkpoint)
+        log_artifacts(cfg.tracking, run_dir, [run_dir / "model.pt"])  # the tracked run gets the model
         print(f"portable checkpoint: {out}  (cfdist.load('{out}').predict(structures))", flush=True)
     elif cfg.remote:
         push_run_files(run_dir, cfg.run_location())

@@ -148,3 +148,42 @@ def zero3_parameters_held(engine, enabled: bool = True) -> Iterator[None]:
                 offload.release_backward_leftovers()  # its releases are no-ops while the hold is on
             for p in params:
                 p.ds_active_sub_modules.clear()  # the micro-step's forward and backward are over
+
+
+def skip_step(engine) -> None:
+    """End a gradient-accumulation cycle without an update: the pattern of DeepSpeed's fp16 loss
+    scaler on overflow. ``engine.step()`` still runs (its micro-step and boundary counters stay
+    consistent, gradients are cleared), but the optimiser reports an overflow, so no parameter,
+    moment or schedule changes (``engine.skipped_steps`` counts it).
+
+    ZeRO-1/2 optimisers have that overflow path themselves (they also free their partitioned
+    gradient buffers there): their overflow check is switched on for this step, and the NaN /
+    Inf gradients trip it (on every rank: the check all-reduces). Others (ZeRO-0, whose optimiser is
+    our AdamW) get a no-op ``step`` that reports an overflow."""
+    opt = engine.optimizer
+    if hasattr(opt, "check_grad_overflow"):
+        before = opt.check_grad_overflow
+        opt.check_grad_overflow = True
+        try:
+            engine.step()
+        finally:
+            opt.check_grad_overflow = before
+        if not opt.overflow:
+            raise RuntimeError("a bad step could not be skipped: DeepSpeed's ZeRO optimiser found its gradients "
+                               "finite (the loss was not); the step was applied")
+        return
+    had_overflow, had_step = "overflow" in vars(opt), "step" in vars(opt)
+    old_overflow, old_step = vars(opt).get("overflow"), vars(opt).get("step")  # torch's scheduler wraps step
+    opt.step = lambda *args, **kwargs: None  # the instance attribute shadows the class's step
+    opt.overflow = True
+    try:
+        engine.step()
+    finally:
+        if had_step:
+            opt.step = old_step
+        else:
+            del opt.step
+        if had_overflow:
+            opt.overflow = old_overflow
+        else:
+            del opt.overflow

@@ -60,16 +60,21 @@ from cfdist.data import BatchBudget, training_columns
 from cfdist.fileio import write_json_atomic
 from cfdist.manifest import ShardSet
 from cfdist.model import Crystalformer, distributed_sum
+from cfdist.preprocess.element_fit import ElementFitSums
+from cfdist.preprocess.element_fit import solve as solve_element_fit
 from cfdist.run import evaluation
+from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
 from cfdist.run.runinfo import push_run_files
+from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
 from cfdist.run.step import train_step
+from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow, read_schema
 from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
 from cfdist.train.config import PretrainConfig, config_from_dict
-from cfdist.train.engine import build_engine, init_distributed, zero3_parameters_held
+from cfdist.train.engine import build_engine, init_distributed, skip_step, zero3_parameters_held
 
 
 # ----------------------------------------------------------------------------- worker contexts
@@ -117,6 +122,13 @@ class WorkerContext:
         context then makes the directory the run's newest checkpoint."""
         raise NotImplementedError
 
+    def checkpoint_location(self, step: int) -> str:
+        """Where the checkpoint of ``step`` lives (for messages)."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict) -> None:
+        """Metrics without a checkpoint, for the driver (all ranks call it)."""
+
 
 class RayContext(WorkerContext):
     """Inside a Ray Train worker: checkpoints are reported to Ray Train, which persists them."""
@@ -149,7 +161,16 @@ class RayContext(WorkerContext):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{step:09d}")
         if self.rank == 0 and self.cfg.remote:  # metrics beside the checkpoints on object storage
-            push_run_files(self.cfg.run_dir(), self.cfg.run_location(), ("metrics.jsonl",))
+            push_run_files(self.cfg.run_dir(), self.cfg.run_location(), ("metrics.jsonl", "tracking.json"))
+
+    def report(self, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def checkpoint_location(self, step: int) -> str:
+        # the driver's RunConfig: storage_path=<run location>, name="ray" (cfdist.train.driver.ray_storage)
+        return f"{self.cfg.run_location().rstrip('/')}/ray/checkpoint_{step:09d}"
 
 
 class LocalContext(WorkerContext):
@@ -189,6 +210,9 @@ class LocalContext(WorkerContext):
                 shutil.rmtree(old.parent, ignore_errors=True)
         dist.barrier()
 
+    def checkpoint_location(self, step: int) -> str:
+        return str(self.checkpoints / f"step_{step:09d}")
+
 
 # ----------------------------------------------------------------------------- the loop
 class Trainer:
@@ -204,6 +228,10 @@ class Trainer:
         self.budget = training_budget(cfg)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
+        self.guard = BadStepGuard(cfg.max_bad_steps, ctx.rank)
+        self.cycle: list = []  # this accumulation cycle's micro-steps: (loss share, sums, ids)
+        self.saved_step = -1  # the step of the newest checkpoint this process wrote
+        self.stopped: dict[str, Any] = {}  # set when a stop request ended the run
         self.stream: Prefetcher | None = None  # opened by build() for a new run, then read by run()
         self.first_item = None  # a new run's first stream item: fitted the sigma statistics, trained on first
 
@@ -213,7 +241,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
         model = Crystalformer(self.model_config)
-        set_target_normalisation(model, target_stats(self.shards, self.targets, cfg.data.train_split))
+        set_target_normalisation(model, target_stats(self.shards, model.config.target_names, cfg.data.train_split,
+                                                     model.config.target_transforms))
         self.step, self.cursor, self.position = 0, DataCursor(), Position()
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
@@ -249,20 +278,28 @@ class Trainer:
                 self.fit_reference_energies()
 
     def fit_reference_energies(self) -> None:
-        """Least-squares reference energies on the train split (rank 0) -> every rank's model."""
+        """Least-squares reference energies on the train split (rank 0) -> every rank's model: solved
+        from the sums the preprocessing job wrote into the manifest (no pass over the train split,
+        so start-up does not grow with N), or by a pass over it for shards written without them."""
         n = self.model_config.n_elements
         values = torch.zeros(n + 1, dtype=torch.float64)
         if self.ctx.rank == 0:
             t0 = time.perf_counter()
-            fit = fit_element_energies([e.path for e in self.shards.files(self.cfg.data.train_split)],
-                                       self.targets[0], n)
+            label, split = self.targets[0], self.cfg.data.train_split
+            stored = self.shards.element_fit(label, split)
+            if stored is not None:
+                fit = solve_element_fit(ElementFitSums.from_dict(stored), n, label=label)
+                source = "the manifest's statistics"
+            else:
+                fit = fit_element_energies([e.path for e in self.shards.files(split)], label, n)
+                source = "a pass over the train split (the manifest has no element_fit: shards from an older cfdist)"
             values = torch.from_numpy(np.concatenate([fit["element_energy"], [fit["energy_scale"]]]))
             how = ("the residual's" if fit["scale_from"] == "residual"
                    else "fallback: too few structures per element for")
             print(f"reference energies: least squares on {fit['structures']:,} train structures, "
-                  f"{len(fit['elements'])} elements; per-atom residual std {fit['residual_std']:.4f} eV/atom; "
-                  f"energy scale {fit['energy_scale']:.4f} eV/atom ({how} dof-corrected std) "
-                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                  f"{len(fit['elements'])} elements, from {source}; per-atom residual std "
+                  f"{fit['residual_std']:.4f} eV/atom; energy scale {fit['energy_scale']:.4f} eV/atom ({how} "
+                  f"dof-corrected std) ({time.perf_counter() - t0:.2f} s)", flush=True)
         if self.ctx.world_size > 1:
             values = values.to(self.ctx.device) if self.ctx.backend == "nccl" else values
             dist.broadcast(values, src=0)
@@ -311,7 +348,9 @@ class Trainer:
     def run(self) -> dict:
         self.build()
         cfg, ctx = self.cfg, self.ctx
-        logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step)
+        tracker = Tracker(cfg.tracking, cfg.run_dir(), cfg.to_dict(), cfg.run_name) if ctx.rank == 0 else None
+        logger = MetricLogger(cfg.run_dir(), ctx.rank == 0, cfg.max_steps, self.step, tracker=tracker)
+        status = "FAILED"
         window, components = StepWindow(), ComponentWindow(self.objective)
         metrics: dict[str, Any] = {}
         dropped_tail = 0
@@ -327,7 +366,12 @@ class Trainer:
                 counts = self.label_counts(item.batch)  # on the host batch: no device sync
                 batch = item.batch.to(ctx.device) if item.batch is not None else None
                 t_data = time.perf_counter() - t0
-                have, *labelled = self.all_sum([1.0 if batch is not None else 0.0, *counts])
+                # the stop request (a signal to any rank) rides on the micro-step's one collective
+                have, stop, *labelled = self.all_sum([1.0 if batch is not None else 0.0,
+                                                      float(StopRequest.get()), *counts])
+                if stop and not self.cycle:  # at an optimiser-step boundary: save here and stop
+                    self.stop(StopRequest.get(), metrics)
+                    break
                 if have < ctx.world_size:  # some rank is out of data: the epoch ends for all
                     if batch is not None:  # drop this rank's tail (counted, not trained on)
                         dropped_tail += batch.n_crystals + stream.skip_epoch(self.cursor.epoch)
@@ -349,6 +393,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     metrics = self.window_metrics(window, components)
                     metrics["dropped_tail"] = dropped_tail
+                    metrics["bad_steps"] = self.guard.total
                     logger.log(self.step, metrics)
                     window, components = StepWindow(), ComponentWindow(self.objective)
                 if cfg.data.val_split and (self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
@@ -357,11 +402,27 @@ class Trainer:
                     logger.log(self.step, val)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
                     self.checkpoint(metrics)
+            status = "KILLED" if self.stopped else "FINISHED"  # a preempted run is reopened on resume
         finally:
             stream.close()
-            logger.close()
+            logger.close(status)
         sigma = {name: buf.item() for name, buf in self.model.named_buffers() if name.endswith(("sigma_mean", "sigma_std"))}
-        return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma}
+        return {**metrics, "step": self.step, "epoch": self.cursor.epoch, "sigma_stats": sigma,
+                "bad_steps": self.guard.total, **self.stopped}
+
+    def stop(self, signum: int, metrics: dict) -> None:
+        """A stop request reached every rank at a step boundary: checkpoint this step (unless the
+        newest checkpoint already is this step) and end the run; the next run resumes here."""
+        name = signal_name(signum) if signum else "a signal to another rank"
+        self.stopped = {"preempted": 1, "preempted_by": name}
+        if self.saved_step != self.step:
+            self.checkpoint({**metrics, "preempted": 1})
+        else:  # this step's checkpoint exists: only tell the driver why the run ends
+            self.ctx.report(_scalars({**metrics, "preempted": 1}, self.step))
+        if self.ctx.rank == 0:
+            where = self.ctx.checkpoint_location(self.step)
+            print(f"stopped by {name} at step {self.step}: checkpoint {where}; run the same command again to "
+                  f"resume from it", flush=True)
 
     def micro_step(self, batch, labelled_global: list[float], window: ComponentWindow) -> None:
         """Forward + backward (:func:`cfdist.run.step.train_step`) + the engine's step (an
@@ -373,9 +434,25 @@ class Trainer:
         with zero3_parameters_held(self.engine, self.energy and self.cfg.deepspeed.zero_stage == 3):
             result = train_step(self.engine, batch, self.objective, labelled_global, self.ctx.world_size,
                                 backward=self.engine.backward)
-        self.record_grad_norm(boundary)
-        self.engine.step()
-        window.add(result.sums, result.loss_share)
+        self.cycle.append((result, batch.ids))
+        if not boundary:
+            self.engine.step()  # a micro-step: DeepSpeed only counts it
+            return
+        # before the update: any non-finite loss or gradient on any rank skips the step on all of them
+        # (fp16: gradient overflow is the loss scaler's business, skipped and rescaled by DeepSpeed itself;
+        # only a non-finite loss counts here)
+        held = () if self.cfg.deepspeed.precision == "fp16" else self.model.parameters()
+        bad = local_bad([r.loss_share for r, _ in self.cycle], held)
+        if self.all_sum([float(bad)])[0]:
+            skip_step(self.engine)
+            self.guard.skipped(self.step + 1, [i for _, ids in self.cycle for i in ids])
+        else:
+            self.guard.good()
+            self.record_grad_norm(boundary)
+            self.engine.step()
+            for r, _ in self.cycle:  # a skipped step's NaN never reaches the logged loss
+                window.add(r.sums, r.loss_share)
+        self.cycle = []
 
     def record_grad_norm(self, boundary: bool) -> None:
         """DeepSpeed only records the norm when ZeRO or mixed precision clips; here grads are whole
@@ -391,6 +468,8 @@ class Trainer:
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
         metrics = w.summary(world=self.ctx.world_size, totals=tot[:len(values)])
         metrics.update(components.summary(tot[len(values):], "", train=True))
+        if not components.micro_steps:  # every step of the window was skipped (bad): no loss to show
+            metrics.pop("loss", None)
         metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
@@ -436,6 +515,7 @@ class Trainer:
                 write_json_atomic(path / STATE_FILE, state, indent=1, default=_json_default)
 
         self.ctx.save_checkpoint(self.step, write, _scalars(metrics, self.step))
+        self.saved_step = self.step
 
 
 def _scalars(metrics: dict, step: int) -> dict:
@@ -458,6 +538,7 @@ def ray_train_loop(loop_config: dict) -> None:
 
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
+    watch_board(loop_config.get("stop_board", ""))  # the driver's SIGTERM / Ctrl-C reaches this worker
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
     Trainer(cfg, RayContext(cfg, columns, shards), shards).run()
@@ -467,6 +548,7 @@ def ray_train_loop(loop_config: dict) -> None:
 
 def local_train_loop(cfg: PretrainConfig) -> dict:
     """Train in this process (world size 1) or as one torchrun rank (RANK/WORLD_SIZE set)."""
+    install_handlers()  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then stop
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
     result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()

@@ -1,0 +1,83 @@
+"""Experiment tracking (cfdist.run.tracking): the tracking section, and MLflow on a local sqlite store
+(offline, telemetry off): the resolved config, every metric, the checkpoints as artifacts, and one
+tracked run across a preemption and its resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import pytest
+
+from test_finetune import ft_shards, make_config  # noqa: F401 - ft_shards: the session fixture
+from test_preemption import logged_steps, signal_self_at_step
+
+
+def test_tracking_section_defaults_and_unknown_backends():
+    from cfdist.config import ConfigError
+    from cfdist.finetune.config import finetune_config_from_dict
+    from cfdist.train.config import load_pretrain_config
+
+    assert load_pretrain_config("megnet_slice").tracking.backend == "tensorboard"
+    with pytest.raises(ConfigError, match="tracking.backend must be one of tensorboard, mlflow, wandb"):
+        finetune_config_from_dict({"tracking": {"backend": "neptune"}})
+    with pytest.raises(ConfigError, match="unknown"):
+        finetune_config_from_dict({"tracking": {"backend": "mlflow", "url": "x"}})
+
+
+@pytest.mark.slow  # ~70 s on 2 cores, most of it MLflow creating its sqlite store (Alembic migrations)
+def test_mlflow_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_shards, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    pytest.importorskip("mlflow", reason="tracking.backend=mlflow needs the mlflow extra: pip install 'cfdist[mlflow]'")
+    from cfdist.finetune.loop import local_finetune
+    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
+    from cfdist.run.tracking import TrackingSection, log_artifacts
+
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./mlruns)
+    kw = dict(epochs=3, swa_epochs=1, tracking={"backend": "mlflow", "experiment": "ft-test"})
+    run_dir = tmp_path / "runs" / "ft"
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        sender = threading.Thread(target=signal_self_at_step, args=(run_dir, 2), daemon=True)
+        sender.start()
+        stopped = local_finetune(make_config(ft_shards, tmp_path / "runs", **kw))
+        sender.join()
+        assert stopped.get("preempted")
+        first_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+        StopRequest.clear()
+        results = local_finetune(make_config(ft_shards, tmp_path / "runs", init_from="resume", **kw))
+    finally:
+        StopRequest.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
+    record = json.loads((run_dir / "tracking.json").read_text())
+    assert record["backend"] == "mlflow" and record["run_id"] == first_id  # the resume continued it
+    # the driver's path for pretraining's model.pt: attach a file to the run by its recorded id
+    extra = tmp_path / "model.pt"
+    extra.write_bytes(b"not a model, just bytes")
+    log_artifacts(TrackingSection(backend="mlflow", experiment="ft-test"), run_dir, [extra])
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ft-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [first_id]  # one tracked run for the preempted + resumed training
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.0005" and run.data.params["data.batch_size"] == "8"
+    assert json.loads(run.data.params["data.targets"]) == ["e_form"]
+    history = client.get_metric_history(first_id, "loss")
+    assert sorted(m.step for m in history) == logged_steps(run_dir) == list(range(1, 16))
+    assert client.get_metric_history(first_id, "val_loss")  # epoch records too
+    artifacts = {a.path for a in client.list_artifacts(first_id)}
+    assert {"final.pt", "swa.pt", "results.json", "model.pt"} <= artifacts, artifacts
+    assert experiment.artifact_location == (tmp_path / "runs" / "mlflow-artifacts").as_uri()
+    assert not (tmp_path / "mlruns").exists()
+    assert results["steps"] == 15
