@@ -2,10 +2,10 @@
 """Does pretraining transfer? Energy-model pretraining on a CHGNet + MPtrj corpus, then fine-tuning
 on small real tasks from that checkpoint vs from scratch; and cfdist's energy model vs MACE.
 
-    python bench/make_transfer_corpus.py --out /tmp/cfdist-transfer-corpus --n 12000   # ~10 min, 2 cores
+    python bench/make_transfer_corpus.py --out /tmp/cfdist-transfer-corpus --n 40000 --time-limit 720
     python bench/transfer.py --corpus /tmp/cfdist-transfer-corpus                       # pretrain + finetune
     python bench/transfer.py --sections finetune --tasks e_form --sizes 100,300 --seeds 0,1,2
-    python bench/transfer.py --sections mace --mace-seconds 300
+    python bench/transfer.py --sections mace --mace-epochs 5 --mace-cfdist-steps 400
     python bench/transfer.py --quick --corpus DIR      # smoke run: tiny model, a few steps, one seed
 
 Run it from the repository root. Sections (finished shards and runs are reused; ``--out/results.json``
@@ -24,9 +24,10 @@ keeps every number):
    MAE (SWA model) mean +- standard deviation over seeds and the pretrained / scratch ratio.
 3. ``mace``: the real MPtrj frames (``examples/data/mptrj``, 80/10/10 split by trajectory, as
    ``bench/forces.py``), cfdist's energy model (``cfdist pretrain --no-ray``) and a small MACE model
-   (``mace_run_train``, ``mace-torch``) from scratch, side by side, one thread each, the same wall-clock
-   budget (``--mace-seconds``); test energy (meV/atom), force (meV/A) and stress (GPa) MAE, both
-   evaluated by this script on the same frames.
+   (``mace_run_train``, ``mace-torch``) from scratch, side by side, one thread each: cfdist for
+   ``--mace-cfdist-steps`` steps, MACE for ``--mace-epochs`` epochs (pick them so that the printed
+   wall times match; each run is stopped after 3 x ``--mace-seconds``); test energy (meV/atom), force
+   (meV/A) and stress (GPa) MAE, both evaluated by this script on the same frames.
 
 Nothing is derived from the slice's val/test crystals: see ``bench/make_transfer_corpus.py``.
 """
@@ -392,7 +393,7 @@ def main() -> int:
     parser.add_argument("--inits", default="scratch,pretrained",
                         help="which fine-tuning runs (scratch needs no pretrained model: start it early)")
     parser.add_argument("--parallel", type=int, default=2, help="fine-tuning runs at a time (one thread each)")
-    parser.add_argument("--mace-seconds", type=int, default=300)
+    parser.add_argument("--mace-seconds", type=int, default=300, help="each mace-section run is stopped after 3x this")
     parser.add_argument("--mace-epochs", type=int, default=5)
     parser.add_argument("--mace-cfdist-steps", type=int, default=400)
     parser.add_argument("--mace-irreps", default="32x0e + 32x1o")
