@@ -259,3 +259,17 @@ def test_one_data_section_for_pretraining_and_finetuning():
         load_finetune_config(None, ["data.eval_batch_size=16"])
     with pytest.raises(ConfigError, match="max_entries must be >= 1"):
         load_finetune_config(None, ["data.max_entries=0"])
+
+
+def test_an_inlined_model_section_keeps_its_output_transforms():
+    """Regression: ``cfdist finetune`` from scratch inlines the model section without its target
+    names (cfdist.finetune.driver.prepare); its own target_transforms name the data's targets and
+    must resolve again (they were checked against the default targets and refused)."""
+    from cfdist.finetune.config import load_finetune_config
+
+    cfg = load_finetune_config("megnet_slice_bandgap", [])
+    inlined = cfg.model_config().to_dict()
+    inlined.pop("target_names")
+    cfg.model = inlined
+    assert cfg.model_config().target_transforms == {"gap pbe": "softplus"}
+    assert cfg.model_config().target_names == ["gap pbe"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist import storage
-from cfdist.config import RUN_SETTINGS, ConfigError, CrystalformerConfig
+from cfdist.config import RUN_SETTINGS, ConfigError, CrystalformerConfig, load_yaml, resolve_config
 from cfdist.data import DEFAULT_MAX_ENTRIES
 from cfdist.manifest import checksum_mode
 
@@ -193,8 +193,14 @@ def resolve_model_config(model: Any, targets: list[str],
     """``model`` (an inline mapping, a YAML path or a packaged model config name such as
     ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets`` and
     ``transforms`` (``data.transforms``) over the model config's own ``target_transforms``."""
-    cfg = CrystalformerConfig.from_dict(model) if isinstance(model, Mapping) else CrystalformerConfig.from_yaml(model)
-    cfg.target_names = list(targets)
+    if isinstance(model, Mapping):
+        data, source = dict(model), "model"
+    else:
+        path = resolve_config(model, "model")
+        data, source = load_yaml(path), str(path)
+    # the targets before the config checks: its own target_transforms name them (an inlined model
+    # section, as cfdist.finetune.driver.prepare writes it, keeps its transforms)
+    cfg = CrystalformerConfig.from_dict({**data, "target_names": list(targets)}, source=source)
     if not isinstance(transforms or {}, Mapping):
         raise ConfigError(f"data.transforms must be a mapping target -> transform, got {transforms!r}")
     cfg.target_transforms = {**cfg.target_transforms, **(transforms or {})}
