@@ -103,8 +103,11 @@ def test_sigterm_to_a_torchrun_rank_checkpoints_and_the_next_run_resumes(tiny_sh
 def test_sigterm_to_a_ray_worker_then_to_the_driver_each_stop_at_a_checkpoint(tiny_shards, tmp_path, ray_cluster):
     """SIGTERM to one Ray Train worker: stopped with a checkpoint. The same command resumes from it;
     SIGTERM to that run's driver reaches the workers (through the stop board): stopped again."""
-    common = ("data.max_structures=4", "max_steps=40", "scaling.num_workers=2", "scaling.max_failures=0",
-              "checkpoint_every=100", "val_every=100")
+    # max_steps far beyond where the signals land: on an idle machine the tiny model runs ~25 steps/s,
+    # and the driver's request reaches the workers at their next poll (POLL_S), after dozens of
+    # steps; a run that finished first would hide whether the stop works (flaky at max_steps=40)
+    common = ("data.max_structures=4", "max_steps=4000", "scaling.num_workers=2", "scaling.max_failures=0",
+              "checkpoint_every=10000", "val_every=10000")
     earlier = ray_cluster.pids_running(b"RayTrainWorker")  # other runs' workers: never signal those
     steps = []
     for k, (after, find) in enumerate([(3, lambda pid: sorted(ray_cluster.pids_running(b"RayTrainWorker") - earlier)),
