@@ -226,7 +226,7 @@ def evaluate(model, data: Sequence[str], out_dir: str | Path, split: str = "test
             rows = predict_shards(model, data[0], split, batch_size=max(batch_size, 128))
     else:
         rows = predict_records(model, iter_input_records(data, on_error="row"), batch_size=batch_size)
-        source = {"inputs": [str(Path(d).resolve()) for d in data]}
+        source = {"inputs": [storage.absolute(d) for d in data]}
     rows = write_predictions(rows, out_dir / "predictions.csv", names, with_labels=True)
     metrics = shared if shared is not None else regression_metrics(rows, names)
     counts = row_counts(rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raw_formats import atoms_of, structure_of
+from raw_formats import atoms_of, structure_of, write_all_formats
 
 
 def write_mptrj(path: Path, recs: list[dict], per_material: int = 2) -> Path:
@@ -78,3 +78,13 @@ def write_parquet(path: Path, columns: dict[str, list], row_group_size: int | No
 
 def as_float_array(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
+
+
+def write_every_format(root: Path, recs: list[dict]) -> dict[str, str]:
+    """{format variant: path} of one well-formed input per variant under ``root``, all holding ``recs``
+    (the raw formats of :func:`raw_formats.write_all_formats` plus mptrj, aselmdb and parquet)."""
+    files = write_all_formats(root, recs)
+    files["mptrj"] = str(write_mptrj(root / "mptrj.json", recs))
+    files["aselmdb"] = str(write_aselmdb(root / "rows.aselmdb", ase_rows(recs)))
+    files["parquet"] = str(write_parquet(root / "table.parquet", parquet_columns(recs)))
+    return files

@@ -21,7 +21,7 @@ from cfdist.io import registry
 from cfdist.io.jarvis import jarvis_record
 from cfdist.io.records import guarded
 from cfdist.io.registry import Format, get_format
-from corpus_formats import ase_rows, parquet_columns, write_aselmdb, write_mptrj, write_parquet
+from corpus_formats import ase_rows, parquet_columns, write_aselmdb, write_every_format, write_mptrj, write_parquet
 from paths import ROOT
 from raw_formats import atoms_of, cse_dict, structure_of, write_all_formats, write_extxyz, write_json, write_jsonl
 
@@ -41,11 +41,7 @@ def recs(megnet_records):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, recs):
     root = tmp_path_factory.mktemp("inputs")
-    files = write_all_formats(root, recs)
-    files["mptrj"] = str(write_mptrj(root / "mptrj.json", recs))
-    files["aselmdb"] = str(write_aselmdb(root / "rows.aselmdb", ase_rows(recs)))
-    files["parquet"] = str(write_parquet(root / "table.parquet", parquet_columns(recs)))
-    return files
+    return write_every_format(root, recs)
 
 
 def _compress(plain: Path, target: Path) -> Path:

@@ -16,8 +16,8 @@ import pytest
 
 import cfdist.io as readers
 from cfdist.io import cut_json, json_container, spill
-from corpus_formats import ase_rows, parquet_columns, write_aselmdb, write_mptrj, write_parquet
-from raw_formats import (cse_dict, forces_stress, structure_of, write_all_formats, write_cif_dir,
+from corpus_formats import write_every_format
+from raw_formats import (cse_dict, forces_stress, structure_of, write_cif_dir,
                          write_extxyz, write_json, write_jsonl)
 from cfdist.io import (FORMATS, Chunk, RawRecord, expand_inputs, infer_format, plan_chunks,
                                 read_chunk)
@@ -38,11 +38,7 @@ def recs(megnet_records):
 def files(tmp_path_factory, recs):
     """One well-formed input per format variant, all holding the same N real crystals."""
     root = tmp_path_factory.mktemp("inputs")
-    files = write_all_formats(root, recs)
-    files["mptrj"] = str(write_mptrj(root / "mptrj.json", recs))
-    files["aselmdb"] = str(write_aselmdb(root / "rows.aselmdb", ase_rows(recs)))
-    files["parquet"] = str(write_parquet(root / "table.parquet", parquet_columns(recs)))
-    return files
+    return write_every_format(root, recs)
 
 
 def _read_all(path, fmt=None, chunk_size=CHUNK):

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cfdist import storage
 from cfdist.cluster import init_ray
 from cfdist.config import ConfigError, build, load_yaml
 from cfdist.finetune.config import FinetuneConfig, finetune_config_from_dict, load_finetune_config
@@ -247,9 +248,9 @@ def main(argv=None) -> int:
     base = load_finetune_config(args.config, args.overrides)
     # a self-contained config for trials that run elsewhere: absolute paths, the model inline
     base.output_dir = str(Path(base.output_dir).resolve())
-    base.data.shards = str(Path(base.data.shards).resolve())
+    base.data.shards = storage.absolute(base.data.shards)  # shards and checkpoint may be s3:// / gs:// URIs
     if base.checkpoint:
-        base.checkpoint = str(Path(base.checkpoint).resolve())
+        base.checkpoint = storage.absolute(base.checkpoint)
     if base.init_from == "scratch" and not isinstance(base.model, dict):
         model = base.model_config().to_dict()
         model.pop("target_names")
