@@ -58,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -511,6 +512,9 @@ _WORKER: Generator | None = None
 
 def _init_worker(sources, settings, model) -> None:
     global _WORKER
+    # a forked worker inherits the parent's handlers; Pool.terminate() ends workers with SIGTERM,
+    # which must not meet a handler that defers it (e.g. a training run's stop-at-next-step one)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER = Generator(sources, settings, model)
 
 

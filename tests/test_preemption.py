@@ -64,7 +64,7 @@ def check_stopped(proc, tmp_path, run_name, signalled, t_signal, log_name) -> in
     assert Path(stopped.group(3)).is_dir(), stopped.group(3)
     assert "run the same command again to resume" in output
     assert not (tmp_path / run_name / "model.pt").exists()  # stopped, not finished
-    assert logged_steps(tmp_path / run_name)[-1] == step < 40
+    assert logged_steps(tmp_path / run_name)[-1] == step  # (model.pt absent: it stopped before max_steps)
     return step
 
 
@@ -163,7 +163,10 @@ def test_sigterm_to_a_fine_tuning_saves_last_pt_mid_epoch_and_resume_equals_the_
         state = load_checkpoint_file(last)
         assert state["step"] == stopped["step"] < 15 and state["epoch"] * 5 + state["epoch_step"] == state["step"]
         assert not (tmp_path / "b" / "ft" / "results.json").exists()
-        StopRequest.clear()
+        # the run put back the handlers it found and answered its request: a process forked now
+        # (a multiprocessing pool) must die on SIGTERM, and the next run must not stop at once
+        assert {s: signal.getsignal(s) for s in STOP_SIGNALS} == previous
+        assert StopRequest.get() == 0
         results = local_finetune(make_config(ft_shards, tmp_path / "b", init_from="resume", **kw))
     finally:
         StopRequest.clear()

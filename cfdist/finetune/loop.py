@@ -63,7 +63,7 @@ from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
-from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
+from cfdist.run.preempt import StopRequest, signal_name, stop_on_signals, watch_board
 from cfdist.run.step import train_step
 from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import freeze, model_from_pretrained
@@ -496,9 +496,9 @@ def local_finetune(cfg: FinetuneConfig, resume_state: dict | None = None) -> dic
     """Fine-tune in this process (``cfg``: the effective config, see :func:`cfdist.finetune.driver.prepare`)."""
     if cfg.scaling.threads > 0:
         torch.set_num_threads(cfg.scaling.threads)
-    install_handlers()  # SIGTERM / Ctrl-C: last.pt at the next step boundary, then stop
     device = "cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
-    return FinetuneTrainer(cfg, device=device, resume_state=resume_state).run()
+    with stop_on_signals():  # SIGTERM / Ctrl-C: last.pt at the next step boundary, then stop
+        return FinetuneTrainer(cfg, device=device, resume_state=resume_state).run()
 
 
 def ray_finetune_loop(loop_config: dict) -> None:

@@ -82,6 +82,23 @@ def install_handlers() -> bool:
     return True
 
 
+@contextmanager
+def stop_on_signals() -> Iterator[bool]:
+    """:func:`install_handlers` for the length of a run; the previous handlers come back on exit, so
+    a run called in-process (a notebook, a test, a sweep) leaves no handler behind: a process forked
+    later would otherwise inherit one and ignore the SIGTERM meant to end it. Yields whether the
+    handlers were installed (False off the main thread)."""
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    installed = install_handlers()
+    try:
+        yield installed
+    finally:
+        if installed:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        StopRequest.clear()  # answered by this run; the next run in this process starts fresh
+
+
 def _install_on_worker() -> bool:
     # runs as an actor call, i.e. on the Ray worker's main thread
     return install_handlers()
@@ -135,8 +152,6 @@ def driver_stop() -> Iterator[str]:
     name = f"cfdist-stop-{uuid.uuid4().hex[:12]}"
     board = stop_board_class().options(name=name, lifetime=None).remote()
     ray.get(board.requested.remote())  # created before any worker looks for it
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    installed = install_handlers()
     done = threading.Event()
 
     def forward():  # a signal handler must not block on Ray: a thread passes the request on
@@ -146,15 +161,14 @@ def driver_stop() -> Iterator[str]:
                 return
 
     thread = threading.Thread(target=forward, name="cfdist-stop-forward", daemon=True)
-    thread.start()
     try:
-        yield name
+        with stop_on_signals():
+            thread.start()
+            yield name
     finally:
         done.set()
-        thread.join(timeout=5)
-        if installed:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        if thread.is_alive():
+            thread.join(timeout=5)
         try:
             ray.kill(board)
         except Exception:  # noqa: BLE001 - the cluster may already be gone; nothing to clean up then

@@ -67,7 +67,7 @@ from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
 from cfdist.run.objective import fit_element_energies, make_objective, set_target_normalisation, target_stats
 from cfdist.run.runinfo import push_run_files
-from cfdist.run.preempt import StopRequest, install_handlers, signal_name, watch_board
+from cfdist.run.preempt import StopRequest, signal_name, stop_on_signals, watch_board
 from cfdist.run.step import train_step
 from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import init_from_checkpoint
@@ -548,10 +548,10 @@ def ray_train_loop(loop_config: dict) -> None:
 
 def local_train_loop(cfg: PretrainConfig) -> dict:
     """Train in this process (world size 1) or as one torchrun rank (RANK/WORLD_SIZE set)."""
-    install_handlers()  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then stop
     shards = ShardSet(cfg.data.shards)
     columns = training_columns_for(shards, cfg)
-    result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()
+    with stop_on_signals():  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then stop
+        result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()
     if dist.is_initialized():
         dist.barrier()
     return result
