@@ -188,16 +188,21 @@ class RunConfigMixin:
         return dataclasses.asdict(self)
 
 
+def model_mapping(model: Any) -> tuple[dict, str]:
+    """(the model section as a mapping, where it came from): an inline mapping, a YAML path or a
+    packaged model config name."""
+    if isinstance(model, Mapping):
+        return dict(model), "model"
+    path = resolve_config(model, "model")
+    return load_yaml(path), str(path)
+
+
 def resolve_model_config(model: Any, targets: list[str],
                          transforms: Mapping[str, str] | None = None) -> CrystalformerConfig:
     """``model`` (an inline mapping, a YAML path or a packaged model config name such as
     ``crystalformer``) -> :class:`CrystalformerConfig` with ``target_names = targets`` and
     ``transforms`` (``data.transforms``) over the model config's own ``target_transforms``."""
-    if isinstance(model, Mapping):
-        data, source = dict(model), "model"
-    else:
-        path = resolve_config(model, "model")
-        data, source = load_yaml(path), str(path)
+    data, source = model_mapping(model)
     # the targets before the config checks: its own target_transforms name them (an inlined model
     # section, as cfdist.finetune.driver.prepare writes it, keeps its transforms)
     cfg = CrystalformerConfig.from_dict({**data, "target_names": list(targets)}, source=source)
