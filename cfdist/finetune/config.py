@@ -55,7 +55,10 @@ class TransferSection:
     head: ``auto`` keeps the head's hidden layer and, per target, the output row and normalisation
         of targets the checkpoint already predicts; new targets get fresh rows (standardised on
         train). ``keep`` requires the same targets and keeps the whole head. ``replace`` starts
-        a fresh head.
+        a fresh head. A checkpoint pretrained on a mixture has one head per dataset: name the
+        dataset whose property head to start from (``transfer.head: megnet``; per target as
+        ``auto``); ``auto`` / ``keep`` pick the property head that predicts most of / exactly the
+        run's targets (docs/model.md, "Dataset mixtures").
     freeze_embedding / freeze_blocks: the species embedding and the first k encoder blocks get
         no gradient (their weights stay bit-identical).
     lr_scale_blocks / lr_scale: the embedding (unless frozen) and the first k blocks (those not
@@ -69,8 +72,9 @@ class TransferSection:
     lr_scale: float = 1.0
 
     def __post_init__(self):
-        if self.head not in HEAD_MODES:
-            raise ConfigError(f"transfer.head must be one of {HEAD_MODES}, got {self.head!r}")
+        if not self.head or "/" in str(self.head):
+            raise ConfigError(f"transfer.head must be one of {HEAD_MODES} or the name of a pretrained dataset's "
+                              f"head, got {self.head!r}")
         if self.freeze_blocks < 0 or self.lr_scale_blocks < 0 or self.lr_scale < 0:
             raise ConfigError("transfer.freeze_blocks, lr_scale_blocks and lr_scale must be >= 0")
 
