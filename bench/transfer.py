@@ -131,7 +131,122 @@ def energy_model(args) -> str:
     return json.dumps({**json.loads(args.model), "energy": True})
 
 
+def other_label(task: str) -> str:
+    """The slice label a task does NOT use: the mixture's property dataset for that task."""
+    (other,) = [t for t in TASK_CONFIG if t != task]
+    return other
+
+
+def slug(task: str) -> str:
+    return task.replace(" ", "_")
+
+
+def property_split(split: dict) -> dict:
+    """The split of the mixture's property dataset: the slice's train crystals (trained on) and val
+    crystals (pretraining's validation only); no test crystal ever (``cfdist preprocess`` rejects ids
+    that are not in the split file, so test crystals never reach these shards)."""
+    train, val = list(split["train"]), list(split["val"])
+    if set(train) & set(val) or (set(train) | set(val)) & set(split["test"]):
+        raise ValueError("the slice's split file has a crystal in two splits")
+    return {"train": train, "val": val}
+
+
+def property_shards(args, task: str) -> Path:
+    """Shards of the slice's train + val crystals with only the label ``task`` does not use."""
+    label = other_label(task)
+    shards = args.out / "slice" / f"property-{slug(label)}"
+    if not (shards / "manifest.json").is_file():
+        split_file = args.out / "slice" / f"split-property-{slug(label)}.json"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text(json.dumps(property_split(json.loads(SLICE_SPLIT.read_text()))))
+        run(cfdist_cmd("preprocess", SLICE, "--out", shards, "--targets", label, "--split-file", split_file,
+                       "--workers", "1", "--model-config", model_yaml(args)),
+            args.out / "slice" / f"preprocess-property-{slug(label)}.log")
+    return shards
+
+
+# CHGNet's loss weights on the E/F/S corpus (eV/atom, eV/A, GPa; configs/pretrain/mptrj.yaml)
+CORPUS_LOSS = {"energy_weight": 1.0, "forces_weight": 1.0, "stress_weight": 0.1, "kind": "huber", "huber_delta": 0.1}
+
+
+def mixture_datasets(task: str, corpus: Path, prop: Path, weights: dict[str, float] | None = None) -> list[dict]:
+    """``data.datasets`` of the pretraining mixture for the downstream ``task``: the E/F/S corpus (an
+    energy head) and the slice's other label (a property head). The task's own label is never a
+    pretraining target (the no-leak rule: pretraining sees no label the fine-tuning is scored on)."""
+    label = other_label(task)
+    manifest = json.loads((Path(prop) / "manifest.json").read_text())
+    if task in manifest["targets"] or manifest["splits"].get("test", 0):
+        raise ValueError(f"{prop}: the property set for task {task!r} holds that label or test crystals "
+                         f"(targets {manifest['targets']}, splits {manifest['splits']})")
+    transforms = {label: "softplus"} if label == "gap pbe" else {}  # as configs/finetune/*bandgap.yaml
+    out = [{"name": "corpus", "shards": str(corpus), "targets": ["energy"], "energy": True, "loss": CORPUS_LOSS},
+           {"name": f"slice_{slug(label)}", "shards": str(prop), "targets": [label], "transforms": transforms}]
+    if weights:
+        out[0]["weight"], out[1]["weight"] = weights["corpus"], weights["slice"]
+    return out
+
+
+def pretrained_path(args, task: str) -> Path:
+    """The checkpoint the ``task``'s pretrained arm starts from: one per task (mixture mode), or the
+    one energy model (``--pretrain-mode energy``)."""
+    name = "pretrained" if args.pretrain_mode == "energy" else f"pretrained-{slug(task)}"
+    return args.out / "runs" / name / "model.pt"
+
+
+def pretrain_overrides(args, steps: int) -> list[str]:
+    return [f"max_steps={steps}", f"data.max_structures={args.pretrain_batch}", f"log_every={max(1, steps // 20)}",
+            f"val_every={steps}", f"checkpoint_every={steps}", f"optim.warmup_steps={max(1, steps // 20)}",
+            f"seed={args.pretrain_seed}"]
+
+
 def section_pretrain(args) -> dict:
+    return pretrain_energy(args) if args.pretrain_mode == "energy" else pretrain_mixture(args)
+
+
+def pretrain_mixture(args) -> dict:
+    """One mixture pretraining per task: the E/F/S corpus + the slice's other label, ``--parallel``
+    runs at a time, ``--threads`` threads each."""
+    corpus = corpus_shards(args)
+    weights = None
+    if args.pretrain_weights:
+        weights = dict((k, float(v)) for k, v in (kv.split("=") for kv in args.pretrain_weights.split(",")))
+        if set(weights) != {"corpus", "slice"}:
+            raise SystemExit(f"--pretrain-weights: corpus=W,slice=W, got {args.pretrain_weights}")
+    jobs, info = {}, {}
+    for task in args.tasks:
+        datasets = mixture_datasets(task, corpus, property_shards(args, task), weights)
+        name = pretrained_path(args, task).parent.name
+        info[task] = {"run": name, "datasets": datasets}
+        if pretrained_path(args, task).is_file():
+            continue
+        jobs[name] = (cfdist_cmd("pretrain", "--config", "mptrj", "--no-ray", "data.shards=",
+                                 f"data.datasets={json.dumps(datasets)}", f"data.temperature={args.pretrain_temperature}",
+                                 f"output_dir={args.out / 'runs'}", f"run_name={name}", f"model={args.model}",
+                                 *pretrain_overrides(args, args.pretrain_steps)),
+                      args.out / f"{name}.log")
+    walls = parallel(jobs, args.parallel, threads=args.threads)
+    print(f"\n## Mixture pretraining: {args.pretrain_steps} steps of {args.pretrain_batch} structures")
+    for task, rec in info.items():
+        rec.update(wall_s=walls.get(rec["run"]), val=last_val(args.out / "runs" / rec["run"]),
+                   drawn=drawn_structures(args.out / "runs" / rec["run"]))
+        print(f"- {task}: {[d['name'] for d in rec['datasets']]}, wall {rec['wall_s'] or float('nan'):.0f} s; "
+              f"structures drawn {rec['drawn']}; validation {rec['val']}")
+    return {"mode": "mixture", "steps": args.pretrain_steps, "batch": args.pretrain_batch,
+            "temperature": args.pretrain_temperature, "weights": weights, "tasks": info, "model": json.loads(args.model)}
+
+
+def drawn_structures(run_dir: Path) -> dict:
+    """The last cumulative ``structures/<dataset>`` counts of a mixture run's metrics.jsonl."""
+    out = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            out.update({k: v for k, v in json.loads(line).items() if k.startswith("structures/")})
+    return out
+
+
+def pretrain_energy(args) -> dict:
+    """The energy-only mode: one energy model on the E/F/S corpus for every task."""
     shards = corpus_shards(args)
     manifest = json.loads((shards / "manifest.json").read_text())
     run_dir = args.out / "runs" / "pretrained"
@@ -140,14 +255,12 @@ def section_pretrain(args) -> dict:
         steps = args.pretrain_steps
         wall = run(cfdist_cmd("pretrain", "--config", "mptrj", "--no-ray", f"data.shards={shards}",
                               f"output_dir={args.out / 'runs'}", "run_name=pretrained", f"model={energy_model(args)}",
-                              f"max_steps={steps}", f"data.max_structures={args.pretrain_batch}",
-                              f"log_every={max(1, steps // 20)}", f"val_every={steps}", f"checkpoint_every={steps}",
-                              f"optim.warmup_steps={max(1, steps // 20)}", f"seed={args.pretrain_seed}"),
+                              *pretrain_overrides(args, steps)),
                    args.out / "pretrain.log", threads=args.threads)
     val = last_val(run_dir)
     print(f"\n## Pretraining: {manifest['splits']} structures, {args.pretrain_steps} steps of "
           f"{args.pretrain_batch}, wall {wall or float('nan'):.0f} s; validation {val}")
-    return {"splits": manifest["splits"], "steps": args.pretrain_steps, "batch": args.pretrain_batch,
+    return {"mode": "energy", "splits": manifest["splits"], "steps": args.pretrain_steps, "batch": args.pretrain_batch,
             "wall_s": wall, "val": val, "model": json.loads(energy_model(args))}
 
 
@@ -184,9 +297,9 @@ def subset_shards(args, size: int, seed: int) -> Path:
 
 
 def section_finetune(args) -> dict:
-    pretrained = args.out / "runs" / "pretrained" / "model.pt"
-    if "pretrained" in args.inits and not pretrained.is_file():
-        raise SystemExit(f"{pretrained}: run the pretrain section first")
+    for task in args.tasks:
+        if "pretrained" in args.inits and not pretrained_path(args, task).is_file():
+            raise SystemExit(f"{pretrained_path(args, task)}: run the pretrain section first")
     jobs, meta = {}, {}
     for size in args.sizes:
         for seed in args.seeds:
@@ -197,7 +310,10 @@ def section_finetune(args) -> dict:
                     meta[name] = (task, size, seed, init)
                     if (args.out / "runs" / name / "results.json").is_file():
                         continue
-                    extra = ([f"checkpoint={pretrained}", "transfer.head=auto"] if init == "pretrained"
+                    # from the mixture: a fresh head for the task's target (the other label's head
+                    # is left behind) and layer-wise lr decay; same epochs, batch and lr as scratch
+                    extra = ([f"checkpoint={pretrained_path(args, task)}", f"transfer.head={args.ft_head}",
+                              f"optim.layer_decay={args.ft_layer_decay}"] if init == "pretrained"
                              else [f"model={json.dumps({**json.loads(args.model), 'envelope': True})}"])
                     cmd = cfdist_cmd("finetune", "--config", TASK_CONFIG[task], f"data.shards={shards}",
                                      f"data.targets={json.dumps([task])}", f"epochs={args.ft_epochs}",
@@ -210,7 +326,8 @@ def section_finetune(args) -> dict:
     for name, (task, size, seed, init) in meta.items():
         res = json.loads((args.out / "runs" / name / "results.json").read_text())
         rows[name] = {"task": task, "size": size, "seed": seed, "init": init,
-                      "mae": res["test"]["swa"][task]["mae"], "train_mean": res["test"]["train_mean"][task]["mae"]}
+                      "mae": res["test"]["swa"][task]["mae"], "best": res["test"]["best"][task]["mae"],
+                      "train_mean": res["test"]["train_mean"][task]["mae"]}
     table = summarise(rows)
     print(f"\n## Transfer: fine-tuning on the MEGNet slice, test split ({args.ft_epochs} epochs, batch "
           f"{args.ft_batch}, SWA model), mean +- std over seeds {args.seeds}")
@@ -381,10 +498,16 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path, default=None, help="bench/make_transfer_corpus.py output")
     parser.add_argument("--out", type=Path, default=Path("/tmp/cfdist-bench-transfer"))
     parser.add_argument("--model", default=DEFAULT_MODEL, help="encoder config (JSON mapping)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the pretraining run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each pretraining run")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--pretrain-batch", type=int, default=32)
     parser.add_argument("--pretrain-seed", type=int, default=0)
+    parser.add_argument("--pretrain-mode", default="mixture", choices=("mixture", "energy"),
+                        help="mixture: per task, the E/F/S corpus + the slice's other label; energy: the corpus alone")
+    parser.add_argument("--pretrain-temperature", type=float, default=2.0, help="p_i ~ n_i^(1/T) over the train sizes")
+    parser.add_argument("--pretrain-weights", default="", help="corpus=W,slice=W: explicit sampling weights instead")
+    parser.add_argument("--ft-head", default="replace", help="transfer.head of the pretrained arm")
+    parser.add_argument("--ft-layer-decay", type=float, default=0.8, help="optim.layer_decay of the pretrained arm")
     parser.add_argument("--tasks", default="e_form,gap pbe")
     parser.add_argument("--sizes", default="100,300,1000")
     parser.add_argument("--seeds", default="0,1,2")

@@ -81,3 +81,40 @@ def test_mptrj_frames_of_held_out_materials_are_dropped(tmp_path):
     assert kept.get_chemical_formula() == "ClNa" and kept.info["source_id"] == "mp-22862"
     assert kept.get_potential_energy() == pytest.approx(-7.0)
     np.testing.assert_allclose(kept.get_stress(), frames[0].get_stress(), atol=1e-12)
+
+
+def test_the_mixture_property_set_holds_no_test_crystal_and_never_the_tasks_label(tmp_path):
+    """bench/transfer.py's mixture for a task: the slice's train (+ val, for validation) crystals with
+    the OTHER label; the test crystals and the task's own label never reach pretraining."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import transfer
+
+    split = json.loads(require(MEGNET_SPLIT).read_text())
+    prop = transfer.property_split(split)
+    assert set(prop) == {"train", "val"} and prop["train"] == split["train"] and prop["val"] == split["val"]
+    with pytest.raises(ValueError, match="two splits"):
+        transfer.property_split({**split, "val": split["val"] + split["test"][:1]})
+    assert transfer.other_label("e_form") == "gap pbe" and transfer.other_label("gap pbe") == "e_form"
+
+    def manifest(targets, test=0):
+        (tmp_path / "manifest.json").write_text(json.dumps({"targets": targets,
+                                                            "splits": {"train": 3418, "val": 265, "test": test}}))
+        return tmp_path
+
+    corpus = tmp_path / "corpus"
+    ds = transfer.mixture_datasets("e_form", corpus, manifest(["gap pbe"]), {"corpus": 1.0, "slice": 3.0})
+    assert [(d["name"], d["targets"], d.get("energy", False), d["weight"]) for d in ds] == [
+        ("corpus", ["energy"], True, 1.0), ("slice_gap_pbe", ["gap pbe"], False, 3.0)]
+    assert ds[1]["transforms"] == {"gap pbe": "softplus"}
+    ds = transfer.mixture_datasets("gap pbe", corpus, manifest(["e_form"]))
+    assert ds[1]["targets"] == ["e_form"] and "weight" not in ds[1]
+    with pytest.raises(ValueError, match="holds that label or test crystals"):
+        transfer.mixture_datasets("gap pbe", corpus, manifest(["e_form", "gap pbe"]))
+    with pytest.raises(ValueError, match="holds that label or test crystals"):
+        transfer.mixture_datasets("e_form", corpus, manifest(["gap pbe"], test=226))
+    # and the property shards the benchmark builds hold no test crystal at all: cfdist preprocess
+    # rejects the ids the split file does not list
+    from cfdist.preprocess.splits import load_split_file
+
+    (tmp_path / "split.json").write_text(json.dumps(prop))
+    assert not set(load_split_file(str(tmp_path / "split.json"))) & set(split["test"])
