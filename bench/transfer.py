@@ -328,31 +328,36 @@ def section_finetune(args) -> dict:
         rows[name] = {"task": task, "size": size, "seed": seed, "init": init,
                       "mae": res["test"]["swa"][task]["mae"], "best": res["test"]["best"][task]["mae"],
                       "train_mean": res["test"]["train_mean"][task]["mae"]}
-    table = summarise(rows)
-    print(f"\n## Transfer: fine-tuning on the MEGNet slice, test split ({args.ft_epochs} epochs, batch "
-          f"{args.ft_batch}, SWA model), mean +- std over seeds {args.seeds}")
-    print("| task | train crystals | scratch | from pretrained | ratio | train-mean |\n|---|---|---|---|---|---|")
-    for (task, size), row in table.items():
-        print(f"| {task} | {size} | {row['scratch'][0]:.4f} +- {row['scratch'][1]:.4f} | "
-              f"{row['pretrained'][0]:.4f} +- {row['pretrained'][1]:.4f} | {row['ratio']:.3f} | "
-              f"{row['train_mean']:.4f} |")
-    return {"runs": rows, "table": {f"{t}|{n}": v for (t, n), v in table.items()},
-            "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch}
+    tables = {key: summarise(rows, key) for key in ("mae", "best")}
+    for key, table in tables.items():
+        print(f"\n## Transfer: fine-tuning on the MEGNet slice, test split ({args.ft_epochs} epochs, batch "
+              f"{args.ft_batch}, {'SWA' if key == 'mae' else 'best-validation'} model), mean +- std over seeds "
+              f"{args.seeds}")
+        print("| task | train crystals | scratch | from pretrained | ratio | train-mean |\n|---|---|---|---|---|---|")
+        for (task, size), row in table.items():
+            print(f"| {task} | {size} | {row['scratch'][0]:.4f} +- {row['scratch'][1]:.4f} | "
+                  f"{row['pretrained'][0]:.4f} +- {row['pretrained'][1]:.4f} | {row['ratio']:.3f} | "
+                  f"{row['train_mean']:.4f} |")
+    return {"runs": rows, "table": {f"{t}|{n}": v for (t, n), v in tables["mae"].items()},
+            "table_best": {f"{t}|{n}": v for (t, n), v in tables["best"].items()},
+            "ft_epochs": args.ft_epochs, "ft_batch": args.ft_batch, "ft_head": args.ft_head,
+            "ft_layer_decay": args.ft_layer_decay, "pretrain_mode": args.pretrain_mode}
 
 
-def summarise(rows: dict) -> dict:
-    """{(task, size): {scratch: (mean, std), pretrained: (mean, std), ratio, train_mean}} over seeds."""
+def summarise(rows: dict, key: str = "mae") -> dict:
+    """{(task, size): {scratch: (mean, std), pretrained: (mean, std), ratio, train_mean}} over seeds, of
+    the test MAE ``key`` (``mae``: the SWA model; ``best``: the best-validation epoch's model)."""
     groups: dict = {}
     for row in rows.values():
         groups.setdefault((row["task"], row["size"]), {}).setdefault(row["init"], []).append(row)
     out = {}
-    for key, by_init in sorted(groups.items()):
-        stats = {init: (statistics.fmean(r["mae"] for r in rs),
-                        statistics.stdev([r["mae"] for r in rs]) if len(rs) > 1 else 0.0)
+    for group, by_init in sorted(groups.items()):
+        stats = {init: (statistics.fmean(r[key] for r in rs),
+                        statistics.stdev([r[key] for r in rs]) if len(rs) > 1 else 0.0)
                  for init, rs in by_init.items()}
         if {"scratch", "pretrained"} <= set(stats):
-            out[key] = {**stats, "ratio": stats["pretrained"][0] / stats["scratch"][0],
-                        "train_mean": statistics.fmean(r["train_mean"] for r in by_init["scratch"])}
+            out[group] = {**stats, "ratio": stats["pretrained"][0] / stats["scratch"][0],
+                          "train_mean": statistics.fmean(r["train_mean"] for r in by_init["scratch"])}
     return out
 
 

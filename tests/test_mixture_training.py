@@ -220,6 +220,35 @@ def test_dataset_heads_compute_what_single_models_compute_and_every_head_gets_a_
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("heads.props.head."))
 
 
+def test_a_fresh_head_from_a_mixture_checkpoint_copies_the_encoder_only(tmp_path):
+    """transfer.head=replace (or auto when no dataset head predicts the targets) from a mixture
+    checkpoint: a new head for the run's targets, the encoder copied, every dataset head left behind
+    (it crashed on the missing head's transforms)."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import save_portable
+    from cfdist.run.transfer import model_from_pretrained
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(0)
+    heads = [{"name": "frames", "energy": True, "targets": ["energy"]},
+             {"name": "props", "targets": ["gap"], "transforms": {"gap": "softplus"}}]
+    source = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**MODEL, target_names=[], heads=heads)))
+    path = save_portable(tmp_path / "mixture.pt", source)
+    for head in ("replace", "auto"):
+        model, report = model_from_pretrained(path, ["e_form"], head, {"e_form": (-1.0, 0.5)})
+        assert report["head"] == "replace" and report["new_targets"] == ["e_form"] and not report["copied_targets"]
+        assert "pretrained_head" not in report and not model.config.heads
+        state = source.state_dict()
+        for name, value in model.state_dict().items():
+            if name.startswith("blocks.") or name.startswith("embedding"):
+                assert torch.equal(value, state[name]), name
+        assert float(model.target_mean[0]) == -1.0 and float(model.target_std[0]) == 0.5
+    # a named dataset head still copies its hidden layer (and no row: e_form is new to it)
+    model, report = model_from_pretrained(path, ["e_form"], "props", {"e_form": (-1.0, 0.5)})
+    assert report["pretrained_head"] == "props" and report["new_targets"] == ["e_form"]
+    assert torch.equal(model.head[0].weight, source.heads["props"].head[0].weight)
+
+
 # ----------------------------------------------------------------------------- runs
 def pretrain(shards, out, run_name, *overrides, launcher=("launch/pretrain.py", "--no-ray"), env=None, timeout=400):
     return run([sys.executable, *launcher, "--config", "mptrj", f"output_dir={out}", f"run_name={run_name}",

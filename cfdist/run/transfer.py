@@ -52,7 +52,9 @@ def model_from_pretrained(path, targets: Sequence[str], head: str = "auto",
                           f"use transfer.head=auto or replace")
     config = CrystalformerConfig.from_dict({**source.config.to_dict(), "target_names": targets, "energy": False,
                                             "target_transforms": dict(transforms or {}), "heads": []})
-    src_transform = src.spec.transform_of if src is not source else source.config.transform_of
+    # a fresh head (_NoHead: replace, or no matching dataset head) has no targets to compare
+    src_transform = (source.config.transform_of if src is source else
+                     src.spec.transform_of if src.head is not None else (lambda name: None))
     same_space = {t for t in targets if t in old and src_transform(t) == config.transform_of(t)}
     if head == "keep" and len(same_space) != len(targets):
         changed = {t: (source.config.transform_of(t), config.transform_of(t)) for t in targets if t not in same_space}
