@@ -235,22 +235,11 @@ def pretrain_mixture(args) -> dict:
     walls = parallel(jobs, args.parallel, threads=args.threads)
     print(f"\n## Mixture pretraining: {args.pretrain_steps} steps of {args.pretrain_batch} structures")
     for task, rec in info.items():
-        rec.update(wall_s=walls.get(rec["run"]), val=last_val(args.out / "runs" / rec["run"]),
-                   drawn=drawn_structures(args.out / "runs" / rec["run"]))
+        rec.update(wall_s=walls.get(rec["run"]), val=last_val(args.out / "runs" / rec["run"]))
         print(f"- {task}: {[d['name'] for d in rec['datasets']]}, wall {rec['wall_s'] or float('nan'):.0f} s; "
-              f"structures drawn {rec['drawn']}; validation {rec['val']}")
+              f"validation {rec['val']}")
     return {"mode": "mixture", "steps": args.pretrain_steps, "batch": args.pretrain_batch,
             "temperature": args.pretrain_temperature, "weights": weights, "tasks": info, "model": json.loads(args.model)}
-
-
-def drawn_structures(run_dir: Path) -> dict:
-    """The last cumulative ``structures/<dataset>`` counts of a mixture run's metrics.jsonl."""
-    out = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            out.update({k: v for k, v in json.loads(line).items() if k.startswith("structures/")})
-    return out
 
 
 def pretrain_energy(args) -> dict:
