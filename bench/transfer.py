@@ -442,7 +442,16 @@ def section_mace(args) -> dict:
     splits = {s: shard_frames(shards, s) for s in ("train", "val", "test")}
     if args.mace_frames:  # smoke runs: MACE on the first frames only (cfdist's steps are capped instead)
         splits = {s: frames[:args.mace_frames] for s, frames in splits.items()}
-    for s, frames in splits.items():
+    # MACE's own train / validation files: a (seeded) subset where MACE cannot get through all the
+    # train frames in the CPU time cfdist gets (its validation only picks its saved epoch); both
+    # models are scored on all the same test frames
+    mace_files = {"train": splits["train"], "val": splits["val"]}
+    for s, limit in (("train", args.mace_train_frames), ("val", args.mace_val_frames)):
+        if limit and limit < len(mace_files[s]):
+            import random
+
+            mace_files[s] = random.Random(0).sample(mace_files[s], limit)
+    for s, frames in {**mace_files, "test": splits["test"]}.items():
         ase.io.write(mdir / f"{s}.extxyz", frames, format="extxyz")
     elements = sorted({int(z) for frames in splits.values() for atoms in frames for z in atoms.numbers})
     budget = args.mace_seconds
@@ -467,16 +476,19 @@ def section_mace(args) -> dict:
                      "--atomic_numbers", str(elements),  # every element of any split (a test
                      # frame's element missing from the train frames would have no index in MACE's table)
                      "--E0s", "average", "--loss", "universal", "--energy_weight", "1", "--forces_weight", "1",
-                     "--stress_weight", "1", "--compute_stress", "True", "--batch_size", str(args.pretrain_batch),
+                     "--stress_weight", "1", "--compute_stress", "True", "--batch_size", str(args.mace_batch or args.pretrain_batch),
                      "--max_num_epochs", str(args.mace_epochs), "--lr", "0.005", "--device", "cpu",
                      "--default_dtype", "float32", "--seed", "0", "--eval_interval", str(args.mace_epochs),
                      "--num_workers", "0", "--save_cpu"], mdir / "mace_train.log")
     walls_file = mdir / "walls.json"  # kept with the models, so a rerun that reuses them reports them
-    if not (cf_run / "model.pt").is_file() or not mace_model.is_file():
-        cpu: dict[str, float] = {}
-        walls = parallel(jobs, 2, threads=1, cpu=cpu)
-        walls_file.write_text(json.dumps({**walls, **{f"{k}_cpu": v for k, v in cpu.items()}}))
+    done = {"cfdist": (cf_run / "model.pt").is_file(), "mace": mace_model.is_file()}
+    todo = {name: job for name, job in jobs.items() if not done[name]}  # a finished model is kept
     walls = json.loads(walls_file.read_text()) if walls_file.is_file() else {}
+    if todo:
+        cpu: dict[str, float] = {}
+        walls.update(parallel(todo, 2, threads=1, cpu=cpu))
+        walls.update({f"{k}_cpu": v for k, v in cpu.items()})
+        walls_file.write_text(json.dumps(walls))
     if not mace_model.is_file():
         found = sorted(mdir.glob("*.model"))
         if not found:
@@ -484,6 +496,7 @@ def section_mace(args) -> dict:
         mace_model = found[0]
     test = splits["test"]
     results = {"walls": walls, "n": {s: len(f) for s, f in splits.items()},
+               "mace_n": {s: len(f) for s, f in mace_files.items()},
                "cfdist": maes(cfdist_predictions(cf_run / "model.pt", test), test),
                "mace": maes(mace_predictions(mace_model, test), test)}
     print(f"\n## cfdist energy model vs MACE from scratch on the MPtrj frames ({results['n']}), one thread each, "
@@ -526,6 +539,10 @@ def main() -> int:
     parser.add_argument("--mace-cfdist-steps", type=int, default=400)
     parser.add_argument("--mace-irreps", default="32x0e + 32x1o")
     parser.add_argument("--mace-frames", type=int, default=0, help="MACE on the first N frames of each split (0: all)")
+    parser.add_argument("--mace-train-frames", type=int, default=0,
+                        help="MACE trains on N train frames drawn with seed 0 (0: all; cfdist always sees all)")
+    parser.add_argument("--mace-val-frames", type=int, default=0, help="MACE validates on N val frames (0: all)")
+    parser.add_argument("--mace-batch", type=int, default=0, help="MACE's batch size (0: --pretrain-batch)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few steps, one size/seed")
     args = parser.parse_args()
     if args.quick:
