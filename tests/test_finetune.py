@@ -380,6 +380,12 @@ def cli_here(*args) -> int:
         return main([str(a) for a in args])
 
 
+def finetune_here(shards, out, *overrides) -> int:
+    """:func:`finetune_cli`'s command in this process (:func:`cli_here`)."""
+    return cli_here("finetune", "--config", "megnet_slice_eform", f"data.shards={shards}", f"output_dir={out}",
+                    "model=" + json.dumps(TINY), "data.batch_size=8", "log_every=1", *overrides)
+
+
 def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_ckpt, tmp_path):
     """One model, one split, one number: pretraining's validation, fine-tuning's validation and
     ``cfdist evaluate`` all measure through cfdist.run.evaluation. The checkpoint starts both runs
@@ -401,25 +407,28 @@ def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_
     _, results = trainer_run(cfg, FinetuneTrainer)
     finetune_mae = results["val"]["final"]["val_mae/e_form"]
 
-    ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", pretrained_ckpt, "--data", ft_shards,
-              "--split", "val", "--out", tmp_path / "eval"], timeout=300)
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert cli_here("evaluate", "--checkpoint", pretrained_ckpt, "--data", ft_shards, "--split", "val",
+                    "--out", tmp_path / "eval") == 0
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["e_form"]
     assert evaluated["n"] == 12 and math.isfinite(evaluated["mae"]) and evaluated["mae"] > 0
     assert pretrain_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
     assert finetune_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
 
 
-def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
-    first = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "| swa |" not in first.stdout and "| final | e_form | 12 |" in first.stdout
+def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path, capsys):
+    """(In this process: the refusals are SystemExit(message), which the interpreter prints to stderr
+    with exit status 1.)"""
+    assert finetune_here(ft_shards, tmp_path, "epochs=1", "swa_epochs=0") == 0
+    first = capsys.readouterr().out
+    assert "| swa |" not in first and "| final | e_form | 12 |" in first
     run_dir = tmp_path / "megnet_slice_eform"
     assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "run_info.jsonl").read_text())["git_sha"]
-    again = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
-    assert again.returncode != 0 and "already holds a run" in again.stderr
-    missing = finetune_cli(ft_shards, tmp_path, "init_from=resume", "run_name=nothing")
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    with pytest.raises(SystemExit, match="already holds a run") as again:
+        finetune_here(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
+    assert isinstance(again.value.code, str)  # a message, not status 0
+    with pytest.raises(SystemExit, match="does not exist") as missing:
+        finetune_here(ft_shards, tmp_path, "init_from=resume", "run_name=nothing")
+    assert isinstance(missing.value.code, str)
 
 
 @pytest.mark.slow
@@ -428,9 +437,7 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
     single-process run: same sigma statistics, same weights up to float32 reduction order."""
     from cfdist.checkpoint import load
 
-    assert cli_here("finetune", "--config", "megnet_slice_eform", f"data.shards={ft_shards}",
-                    f"output_dir={tmp_path / 'local'}", "model=" + json.dumps(TINY), "data.batch_size=8",
-                    "log_every=1", "epochs=2", "swa_epochs=1") == 0
+    assert finetune_here(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1") == 0
     ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2",
                        env=ray_env(ray_cluster))
     assert ray.returncode == 0, (ray.stdout + ray.stderr)[-4000:]
