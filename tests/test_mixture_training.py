@@ -190,6 +190,9 @@ def test_dataset_heads_compute_what_single_models_compute_and_every_head_gets_a_
     for x, y in ((a.energy, b.energy), (a.forces, b.forces), (a.stress, b.stress)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert mixture.predict(crystals, dataset="props").shape == (4, 2)
+    # the head as a single model (cfdist predict / evaluate --head): the same numbers
+    torch.testing.assert_close(mixture.for_dataset("props")(batch), prop(batch), rtol=0, atol=0)
+    torch.testing.assert_close(mixture.for_dataset("frames").energy_forward(batch).energy, b.energy, rtol=0, atol=0)
     with pytest.raises(ValueError, match="needs the dataset"):
         mixture(batch)
     with pytest.raises(ValueError, match="no head for dataset 'x'"):
@@ -276,6 +279,21 @@ def test_a_mixture_logs_per_dataset_draws_what_the_sampler_says_and_resumes_exac
 
     model = cfdist.load(tmp_path / "full" / "model.pt")
     assert list(model.heads) == ["mptrj", "megnet"] and model.heads["mptrj"].element_energy.dtype == torch.float64
+    # cfdist predict with a mixture checkpoint: --head picks the dataset's head
+    cif = tmp_path / "x.cif"
+    from pymatgen.core import Lattice, Structure
+
+    Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(cif))
+    res = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", str(tmp_path / "full" / "model.pt"),
+               str(cif), "--out", str(tmp_path / "p.csv")], timeout=120)
+    assert res.returncode != 0 and "choose the head with --head (mptrj, megnet)" in res.stderr
+    res = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", str(tmp_path / "full" / "model.pt"),
+               str(cif), "--out", str(tmp_path / "p.csv"), "--head", "megnet"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    header, row = (tmp_path / "p.csv").read_text().splitlines()[:2]
+    expected = model.predict([cif_structure := Structure.from_file(str(cif))], dataset="megnet")[0]
+    assert header.split(",")[2:4] == ["e_form", "gap pbe"] and float(row.split(",")[3]) >= 0  # softplus gap
+    assert [float(v) for v in row.split(",")[2:4]] == pytest.approx(expected.tolist(), rel=1e-5)
 
 
 @pytest.mark.slow
