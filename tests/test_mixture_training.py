@@ -341,3 +341,51 @@ def test_a_two_dataset_mixture_pretrains_on_ray_with_zero2_and_fine_tunes_from_a
         FinetuneTrainer(finetune_config_from_dict({**cfg.to_dict(), "transfer": {"head": "mptrj"}})).build()
     results = trainer.run()
     assert results["steps"] > 0 and np.isfinite(results["test"]["final"]["gap pbe"]["mae"])
+
+
+# ----------------------------------------------------------------------------- replay
+def test_fine_tuning_with_replay_trains_both_heads_and_saves_the_task_model(mixture_shards, tmp_path):
+    """finetune.replay: every step also trains the mixture checkpoint's mptrj energy head on MPtrj frames
+    (energies, forces, stress) through the shared encoder; validation, the test split and the saved
+    checkpoints are the band-gap task's single model."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import load, load_checkpoint_file, save_portable
+    from cfdist.config import ConfigError
+    from cfdist.finetune.config import finetune_config_from_dict
+    from cfdist.finetune.loop import FinetuneTrainer
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(3)
+    heads = [{"name": "mptrj", "energy": True, "targets": ["energy"]},
+             {"name": "megnet", "targets": ["e_form", "gap pbe"], "transforms": {"gap pbe": "softplus"}}]
+    pretrained = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**MODEL, target_names=[], heads=heads)))
+    with torch.no_grad():
+        pretrained.heads["mptrj"].element_energy.fill_(-4.0)
+    checkpoint = save_portable(tmp_path / "mixture.pt", pretrained)
+
+    def config(name, **kw):
+        return finetune_config_from_dict({
+            "run_name": name, "output_dir": str(tmp_path), "init_from": "pretrained", "checkpoint": str(checkpoint),
+            "transfer": {"head": "megnet"}, "epochs": 1, "swa_epochs": 1, "log_every": 1, "seed": 5,
+            "data": {"shards": str(mixture_shards["megnet"]), "targets": ["gap pbe"], "batch_size": 8,
+                     "transforms": {"gap pbe": "softplus"}}, **kw})
+
+    replay = {"shards": str(mixture_shards["mptrj"]), "head": "mptrj", "fraction": 0.5}
+    with_replay = FinetuneTrainer(config("replay", replay=replay)).run()
+    assert with_replay["transfer"]["replay"] == {"shards": replay["shards"], "head": "mptrj", "targets": ["energy"],
+                                                 "fraction": 0.5}
+    train = [r for r in records(tmp_path / "replay") if "loss" in r]
+    assert len(train) == 5 and all(r["structures_per_step"] == 12 for r in train)  # 8 task + 4 replay
+    assert all(np.isfinite(r["mae/task/gap pbe"]) and np.isfinite(r["mae/mptrj/forces_mev_per_A"]) for r in train)
+    assert set(with_replay["test"]["final"]) == {"gap pbe"} and np.isfinite(with_replay["test"]["swa"]["gap pbe"]["mae"])
+    for kind in ("final", "swa", "best"):  # portable checkpoints: the task's single model
+        model = load(tmp_path / "replay" / "checkpoints" / f"{kind}.pt")
+        assert model.heads is None and model.config.target_names == ["gap pbe"], kind
+    last = load_checkpoint_file(tmp_path / "replay" / "checkpoints" / "last.pt")
+    before = pretrained.state_dict()
+    assert not torch.equal(last["model"]["heads.mptrj.energy_head.0.weight"], before["heads.mptrj.energy_head.0.weight"])
+    assert torch.equal(last["model"]["heads.mptrj.element_energy"], before["heads.mptrj.element_energy"])
+    with pytest.raises(ConfigError, match="name one of the checkpoint's dataset heads"):
+        FinetuneTrainer(config("bad", replay={**replay, "head": "x"})).build()
+    with pytest.raises(ConfigError, match="replay needs a pretrained head"):
+        finetune_config_from_dict({"init_from": "scratch", "replay": replay})
