@@ -223,6 +223,37 @@ def test_dataset_heads_compute_what_single_models_compute_and_every_head_gets_a_
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("heads.props.head."))
 
 
+def test_init_from_a_mixture_checkpoint_takes_the_named_head(tmp_path):
+    """Pretraining's init_from + init_head: a single-dataset energy (or property) model starts from a
+    mixture checkpoint's encoder and the named dataset's head; no head named: the encoder only."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import save_portable
+    from cfdist.config import ConfigError
+    from cfdist.run.transfer import init_from_checkpoint
+    from conftest import freeze_sigma_stats
+
+    heads = [{"name": "frames", "energy": True, "targets": ["energy"]}, {"name": "props", "targets": ["e_form"]}]
+    source = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**MODEL, target_names=[], heads=heads)))
+    with torch.no_grad():
+        source.heads["frames"].element_energy.uniform_(-5, -1)
+        source.heads["props"].target_mean.fill_(-1.25)
+    path = save_portable(tmp_path / "mixture.pt", source)
+    energy = Crystalformer(CrystalformerConfig(**MODEL, target_names=[], energy=True))
+    report, buffers = init_from_checkpoint(energy, path, "frames")
+    assert report["energy_head"] == "kept" and report["init_head"] == "frames" and report["checkpoint_kind"] == "mixture"
+    assert torch.equal(energy.energy_head[0].weight, source.heads["frames"].energy_head[0].weight)
+    assert torch.equal(energy.element_energy, source.heads["frames"].element_energy)
+    assert torch.equal(energy.blocks[1].ffn[0].weight, source.blocks[1].ffn[0].weight)
+    prop = Crystalformer(CrystalformerConfig(**MODEL, target_names=["e_form"], envelope=True))
+    report, _ = init_from_checkpoint(prop, path, "props")
+    assert report["property_head"] == "kept" and float(prop.target_mean[0]) == -1.25
+    bare = Crystalformer(CrystalformerConfig(**MODEL, target_names=[], energy=True))
+    report, _ = init_from_checkpoint(bare, path)
+    assert report["energy_head"] == "fresh" and report["init_head"] is None
+    with pytest.raises(ConfigError, match="no head of that name"):
+        init_from_checkpoint(bare, path, "x")
+
+
 # ----------------------------------------------------------------------------- runs
 def pretrain(shards, out, run_name, *overrides, launcher=("launch/pretrain.py", "--no-ray"), env=None, timeout=400):
     return run([sys.executable, *launcher, "--config", "mptrj", f"output_dir={out}", f"run_name={run_name}",
@@ -279,6 +310,16 @@ def test_a_mixture_logs_per_dataset_draws_what_the_sampler_says_and_resumes_exac
 
     model = cfdist.load(tmp_path / "full" / "model.pt")
     assert list(model.heads) == ["mptrj", "megnet"] and model.heads["mptrj"].element_energy.dtype == torch.float64
+    # a single-dataset energy run from the mixture's mptrj head: its reference energies re-fitted on
+    # this run's data (init_references=refit, the default), its head weights kept
+    res = run([sys.executable, "launch/pretrain.py", "--no-ray", "--config", "mptrj", f"output_dir={tmp_path}",
+               "run_name=from_head", f"data.shards={mixture_shards['mptrj']}", "model=" + json.dumps(
+                   {**MODEL, "energy": True}), f"init_from={tmp_path / 'full' / 'model.pt'}", "init_head=mptrj",
+               "data.verify_checksums=false", "data.max_structures=8", "deepspeed=zero0", "max_steps=1",
+               "--no-export"], timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "'init_head': 'mptrj'" in res.stdout and "'energy_head': 'kept'" in res.stdout
+    assert "reference energies: least squares on 48 train structures" in res.stdout
     # cfdist predict with a mixture checkpoint: --head picks the dataset's head
     cif = tmp_path / "x.cif"
     from pymatgen.core import Lattice, Structure

@@ -165,6 +165,13 @@ class PretrainConfig(RunConfigMixin):
     envelope and heads may differ). An energy checkpoint also gives an energy model its energy head
     and reference energies; a property checkpoint gives a property model with the same targets its
     head. Ignored when the run resumes from its own checkpoint.
+
+    ``init_head``: with ``init_from`` a checkpoint pretrained on a mixture, the dataset whose head
+    starts this run's head (an energy head for an energy run, a property head with the same
+    targets for a property run); empty: the encoder only. ``init_references``: an energy head taken
+    from ``init_from`` gets its per-element reference energies ``refit`` on this run's train split
+    (default; DeePMD re-fits its energy bias when fine-tuning, since another dataset's DFT settings
+    shift every energy) or ``keep``s the checkpoint's.
     """
 
     run_name: str = "pretrain"
@@ -178,6 +185,8 @@ class PretrainConfig(RunConfigMixin):
     max_bad_steps: int = 5
     model: Any = "crystalformer"
     init_from: str = ""
+    init_head: str = ""
+    init_references: str = "refit"
     data: PretrainData = field(default_factory=PretrainData)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -188,6 +197,10 @@ class PretrainConfig(RunConfigMixin):
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
+        if self.init_references not in ("refit", "keep"):
+            raise ConfigError(f"init_references must be refit or keep, got {self.init_references!r}")
+        if self.init_head and not self.init_from:
+            raise ConfigError(f"init_head={self.init_head} needs init_from (a checkpoint pretrained on a mixture)")
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
                      "max_bad_steps"):
             if int(getattr(self, name)) < 1:
