@@ -193,6 +193,12 @@ def test_dataset_heads_compute_what_single_models_compute_and_every_head_gets_a_
     # the head as a single model (cfdist predict / evaluate --head): the same numbers
     torch.testing.assert_close(mixture.for_dataset("props")(batch), prop(batch), rtol=0, atol=0)
     torch.testing.assert_close(mixture.for_dataset("frames").energy_forward(batch).energy, b.energy, rtol=0, atol=0)
+    from cfdist.calculator import CrystalformerCalculator  # an ASE calculator of the mixture's energy head
+
+    with pytest.raises(ValueError, match="pass head= one of its energy heads \\['frames'\\]"):
+        CrystalformerCalculator(mixture)
+    calc = CrystalformerCalculator(mixture, head="frames", skin=0.0)
+    assert calc.model.config.energy and calc.model.heads is None
     with pytest.raises(ValueError, match="needs the dataset"):
         mixture(batch)
     with pytest.raises(ValueError, match="no head for dataset 'x'"):
