@@ -302,3 +302,25 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
     assert again["steps"] == 4
     stored = dict(storage.list_files(f"{runs}/ft"))
     assert "checkpoints/swa.pt" not in stored and len(storage.read_text(f"{runs}/ft/run_info.jsonl").splitlines()) == 1
+
+
+def test_cluster_recipe_finetune_and_tune_commands_are_valid_runs_on_object_storage():
+    """examples/cluster/ray-cluster-aws.yaml's fine-tuning and sweep jobs: every override a known
+    fine-tuning config key, shards, output_dir and checkpoint on the bucket."""
+    import re
+    import shlex
+
+    from paths import ROOT
+
+    from cfdist.finetune.config import load_finetune_config
+
+    text = (ROOT / "examples" / "cluster" / "ray-cluster-aws.yaml").read_text()
+    found = 0
+    for match in re.finditer(r"#\s+cfdist (finetune|tune)(?:.*\\\n)*.*", text):
+        words = shlex.split(re.sub(r"\\\n#?", " ", match.group(0)).lstrip("# "))
+        config = words[words.index("--config") + 1]
+        overrides = [w for w in words[2:] if "=" in w and not w.startswith("--")]
+        cfg = load_finetune_config(config, overrides)
+        assert storage.is_uri(cfg.data.shards) and storage.is_uri(cfg.output_dir) and storage.is_uri(cfg.checkpoint)
+        found += 1
+    assert found == 2
