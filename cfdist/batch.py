@@ -53,6 +53,8 @@ class CrystalBatch:
             not requested (energy training: :func:`cfdist.shards.collate_arrow` with ``forces=True``).
         stress: (B, 3, 3) float64 stress labels (eV/A^3, ASE convention), NaN for crystals without
             one; None if not requested.
+        dataset: the dataset of a mixture this batch was drawn from (its head and loss); None
+            outside mixtures.
     """
 
     positions: torch.Tensor
@@ -76,6 +78,7 @@ class CrystalBatch:
     cutoff: float
     forces: torch.Tensor | None = None
     stress: torch.Tensor | None = None
+    dataset: str | None = None
 
     @property
     def n_crystals(self) -> int:

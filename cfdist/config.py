@@ -36,6 +36,52 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class HeadSpec:
+    """One output head of a multi-dataset (mixture) model: a dataset's name, whether it predicts
+    energies (per-atom energy head on per-element references; forces / stress by autograd) or
+    properties (mean-pooled MLP, one output per target), its targets and their output transforms.
+
+    Attributes:
+        name: the dataset's name (``data.datasets[i].name``); metrics are ``mae/<name>/<component>``.
+        energy: an energy head (its one target is the total-energy label) instead of a property head.
+        targets: property targets (a property head), or the one energy label (an energy head).
+        transforms: {target: output transform} of a property head (as ``target_transforms``).
+    """
+
+    name: str
+    energy: bool = False
+    targets: list[str] = field(default_factory=list)
+    transforms: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.targets = list(self.targets)
+        self.transforms = {str(k): str(v) for k, v in dict(self.transforms or {}).items()}
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"head name {self.name!r}: needs a non-empty name without '/' (metric names are "
+                              f"mae/<name>/<component>)")
+        if self.energy and len(self.targets) != 1:
+            raise ConfigError(f"head {self.name!r}: an energy head has one target, the total-energy label; "
+                              f"got {self.targets}")
+        if not self.energy and not self.targets:
+            raise ConfigError(f"head {self.name!r}: a property head needs at least one target")
+        if self.energy and self.transforms:
+            raise ConfigError(f"head {self.name!r}: an energy head takes no output transforms")
+        for name, kind in self.transforms.items():
+            if name not in self.targets:
+                raise ConfigError(f"head {self.name!r}: transforms names {name!r}, not one of its targets {self.targets}")
+            if kind not in OUTPUT_TRANSFORMS:
+                raise ConfigError(f"head {self.name!r}: transforms[{name!r}] = {kind!r}; choose one of {OUTPUT_TRANSFORMS}")
+
+    @property
+    def property_targets(self) -> list[str]:
+        """The targets of a property head ([] for an energy head)."""
+        return [] if self.energy else list(self.targets)
+
+    def transform_of(self, target: str) -> str:
+        return self.transforms.get(target, "identity")
+
+
+@dataclass
 class CrystalformerConfig:
     """Hyper-parameters of :class:`cfdist.Crystalformer`.
 
@@ -76,6 +122,10 @@ class CrystalformerConfig:
             (DimeNet's p = 6 polynomial: f, f' and f'' vanish at the cutoff, so forces have a
             continuous derivative; the default) or ``"cubic"`` (1 - 3x^2 + 2x^3: f and f' only; what
             cfdist 0.1.0 used, and what a saved config without this key gets, see :meth:`from_dict`).
+        heads: a multi-dataset (mixture) model's output heads, one per dataset, on the shared
+            encoder (:class:`HeadSpec`; docs/model.md, "Dataset mixtures"). Non-empty: the model has
+            no head of its own (``target_names`` empty, ``energy`` false) and every forward names
+            its dataset. ``envelope`` None then means on if any head is an energy head.
     """
 
     n_blocks: int = 4
@@ -97,11 +147,22 @@ class CrystalformerConfig:
     envelope: bool | None = None
     envelope_width: float = 1.0
     envelope_kind: str = "polynomial"
+    heads: list[HeadSpec] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.target_names = list(self.target_names)
+        self.heads = [h if isinstance(h, HeadSpec) else from_mapping(HeadSpec, h, source="model config: heads")
+                      for h in self.heads]
+        if self.heads:
+            if self.energy or self.target_names:
+                raise ConfigError("CrystalformerConfig: a model with per-dataset heads has no head of its own: "
+                                  f"energy must be false and target_names empty (got energy={self.energy}, "
+                                  f"target_names={self.target_names})")
+            names = [h.name for h in self.heads]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"CrystalformerConfig: head names must be unique, got {names}")
         if self.envelope is None:
-            self.envelope = bool(self.energy)
+            self.envelope = bool(self.energy) or any(h.energy for h in self.heads)
         checks = [
             (self.n_blocks >= 1, "n_blocks must be >= 1"),
             (self.d_model >= 1 and self.n_heads >= 1, "d_model and n_heads must be >= 1"),
@@ -114,7 +175,7 @@ class CrystalformerConfig:
             (self.gbf_r_max > 0 and self.gbf_width_scale > 0, "gbf_r_max and gbf_width_scale must be > 0"),
             (self.cutoff_sigmas > 0, "cutoff_sigmas must be > 0"),
             (1 <= self.n_elements <= 118, "n_elements must be in 1..118"),
-            (len(self.target_names) >= 1 or self.energy,
+            (len(self.target_names) >= 1 or self.energy or bool(self.heads),
              "target_names must name at least one target (or energy=True for an energy-only model)"),
             (self.envelope_width > 0, "envelope_width must be > 0"),
             (not self.envelope or self.envelope_width < self.cutoff_sigmas * self.r0 / math.sqrt(self.rho_lower_bound),
@@ -145,6 +206,18 @@ class CrystalformerConfig:
     def transform_of(self, target: str) -> str:
         """The output transform of ``target`` (``identity`` when none is set)."""
         return self.target_transforms.get(target, "identity")
+
+    def head(self, name: str) -> HeadSpec:
+        """The per-dataset head called ``name`` (:class:`ConfigError` naming the heads if none is)."""
+        for spec in self.heads:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"the model has no head {name!r}; its heads: {[h.name for h in self.heads] or 'none'}")
+
+    @property
+    def any_energy(self) -> bool:
+        """Whether the model predicts energies (its own energy head, or a dataset's)."""
+        return bool(self.energy) or any(h.energy for h in self.heads)
 
     @property
     def n_targets(self) -> int:
@@ -277,6 +350,13 @@ def build(cls: type, data: Mapping[str, Any], source: str):
         kind = hints.get(f.name)
         if dataclasses.is_dataclass(kind) and f.name in values:
             values[f.name] = build(kind, values[f.name] or {}, f"{source}: {f.name}")
+        elif typing.get_origin(kind) is list and f.name in values and values[f.name] is not None:
+            (item,) = typing.get_args(kind) or (None,)
+            if dataclasses.is_dataclass(item):
+                if not isinstance(values[f.name], list):
+                    raise ConfigError(f"{source}: {f.name} must be a list, got {type(values[f.name]).__name__}")
+                values[f.name] = [v if isinstance(v, item) else build(item, v, f"{source}: {f.name}[{i}]")
+                                  for i, v in enumerate(values[f.name])]
         elif kind is float and isinstance(values.get(f.name), str):
             # PyYAML (YAML 1.1) reads ``3e-4`` (no dot) as a string; a float field takes it as a number
             try:

@@ -14,15 +14,22 @@ k of (seed, epoch, rank) is a function of those four numbers alone (uniforms in 
 how many micro-batches it has drawn (a cursor field), and per dataset how far its own stream has
 got follows from :meth:`MixtureDraws.counts`.
 
-This module is the sampling half of issue 19's mixtures; the pretraining stream does not use it yet
-(docs/model.md, "Dataset mixtures").
+:func:`mixture_batches` is a rank's training stream over a mixture: each draw's dataset gives
+the next micro-batch of its own :mod:`cfdist.stream` (its own epochs, shuffles and positions), so
+a resumed rank needs the draw count and each dataset's (epoch, position):
+:class:`MixturePosition` (docs/model.md, "Dataset mixtures").
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+
+from cfdist.data import BatchBudget
+from cfdist.stream import EpochPlan, Position, RowGroupReader, epoch_batches
 
 BLOCK = 4096  # draws generated per seed sequence
 
@@ -88,3 +95,76 @@ class MixtureDraws:
         """(D,) int64 micro-batches each dataset got among the first ``k``: where each dataset's own
         stream resumes after ``k`` draws."""
         return np.bincount(self.block(0, k), minlength=len(self.cumulative)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- the mixture stream
+@dataclass(frozen=True)
+class MixturePosition:
+    """Where one rank is in its mixture stream: ``draws`` micro-batches drawn so far, and per
+    dataset (epoch, window, offset) of that dataset's own stream (:class:`cfdist.stream.Position`
+    within its epoch ``epoch``)."""
+
+    draws: int = 0
+    datasets: tuple[tuple[int, int, int], ...] = ()
+
+    def values(self) -> list[float]:
+        """Flat numbers to all-gather into a checkpoint: the per-dataset triples (draws is the same
+        on every rank: ranks consume micro-batches in lockstep)."""
+        return [float(v) for triple in self.datasets for v in triple]
+
+    @classmethod
+    def from_values(cls, draws: int, values: Sequence[float]) -> "MixturePosition":
+        v = [int(x) for x in values]
+        return cls(int(draws), tuple(tuple(v[i:i + 3]) for i in range(0, len(v), 3)))
+
+
+@dataclass
+class MixtureRows:
+    """A packed micro-batch of rows (``table``) drawn from dataset ``dataset`` (an index)."""
+
+    dataset: int
+    table: pa.Table
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+def mixture_batches(plans: Callable[[int, int], EpochPlan], readers: Sequence[RowGroupReader],
+                    probabilities: Sequence[float], budgets: Sequence[BatchBudget], *, seed: int, rank: int,
+                    start: MixturePosition, names: Sequence[str]) -> Iterator[tuple[MixtureRows, MixturePosition]]:
+    """One rank's endless mixture stream: draw k picks a dataset (:class:`MixtureDraws` of
+    (seed, rank)), whose own stream (``plans(d, epoch)``, read by ``readers[d]``, packed within
+    ``budgets[d]``) gives the micro-batch; a dataset that runs out of rows starts its next epoch (its
+    own file order and shuffle). Yields each micro-batch with the position right after it, so a
+    stream started at that position yields exactly the rest (batch boundaries never depend on
+    where a stream started: :func:`cfdist.stream.epoch_batches`)."""
+    n = len(readers)
+    draws = MixtureDraws(probabilities, seed=seed, epoch=0, rank=rank)
+    state = [tuple(t) for t in start.datasets] if start.datasets else [(0, 0, 0)] * n
+    if len(state) != n:
+        raise ValueError(f"mixture position has {len(state)} datasets, the mixture {n}")
+    streams: list[Iterator | None] = [None] * n
+    empty_epochs = [0] * n
+    k = int(start.draws)
+
+    def next_batch(d: int) -> pa.Table:
+        while True:
+            epoch, window, offset = state[d]
+            if streams[d] is None:
+                streams[d] = epoch_batches(plans(d, epoch), readers[d], budgets[d], Position(window, offset))
+            for table, after in streams[d]:
+                state[d] = (epoch, after.window, after.offset)
+                empty_epochs[d] = 0
+                return table
+            streams[d], state[d] = None, (epoch + 1, 0, 0)
+            empty_epochs[d] += 1
+            if empty_epochs[d] > 1:
+                raise RuntimeError(f"dataset {names[d]!r}: rank {rank} gets no rows of its train split (two epochs "
+                                   f"in a row); use fewer workers than that split has structures")
+
+    while True:
+        for d in draws.block(k, BLOCK - k % BLOCK).tolist():
+            table = next_batch(d)
+            k += 1
+            yield MixtureRows(d, table), MixturePosition(k, tuple(state))

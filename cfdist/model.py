@@ -168,11 +168,132 @@ class EncoderBlock(nn.Module):
         return x + self.ffn(x)
 
 
-class Crystalformer(nn.Module):
+class OutputHeads:
+    """The output side of a model, shared by :class:`Crystalformer` (its own head) and each
+    :class:`DatasetHead` of a mixture model: a property head (mean pooling + MLP, one output per
+    target, standardised with the ``target_mean`` / ``target_std`` buffers, output transforms) and
+    / or an energy head (per-atom energies on float64 per-element references ``element_energy``,
+    scaled by ``energy_scale``). Methods take the encoder's (N, d) atom states."""
+
+    def _build_outputs(self, d_model: int, head_hidden: int, n_elements: int, target_names: Sequence[str],
+                       transform_of: Callable[[str], str], energy: bool) -> None:
+        self.is_energy = bool(energy)
+        n_targets = len(target_names)
+        self.head = nn.Sequential(nn.Linear(d_model, head_hidden), nn.ReLU(),
+                                  nn.Linear(head_hidden, n_targets)) if n_targets else None
+        self.register_buffer("target_mean", torch.zeros(n_targets))
+        self.register_buffer("target_std", torch.ones(n_targets))
+        # which outputs carry which transform; derived from the config, so not saved in state
+        # dicts (persistent=False) but moved with the module
+        kinds = [transform_of(t) for t in target_names]
+        self.register_buffer("softplus_mask", torch.tensor([k == "softplus" for k in kinds], dtype=torch.bool),
+                             persistent=False)
+        self.register_buffer("log_mask", torch.tensor([k == "log" for k in kinds], dtype=torch.bool),
+                             persistent=False)
+        self._any_softplus, self._any_log = "softplus" in kinds, "log" in kinds
+        if energy:
+            # per-atom energy = energy_scale * head(x) + the atom's element reference (eV/atom);
+            # the references are fitted on the training data and kept in float64 (_apply)
+            self.energy_head = nn.Sequential(nn.Linear(d_model, head_hidden), nn.SiLU(), nn.Linear(head_hidden, 1))
+            self.register_buffer("element_energy", torch.zeros(n_elements, dtype=torch.float64))
+            self.register_buffer("energy_scale", torch.ones(()))
+
+    def reset_outputs(self) -> None:
+        if self.head is not None:
+            for lin in (self.head[0], self.head[2]):
+                lin.reset_parameters()
+        if self.is_energy:
+            for lin in (self.energy_head[0], self.energy_head[2]):
+                lin.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # .float() / .half() / .to(dtype) would round the reference energies (tens to hundreds
+        # of eV per crystal) to float32; they stay float64 and follow the module's device only.
+        reference = self.element_energy.detach().clone() if self.is_energy else None
+        super()._apply(fn, recurse)
+        if reference is not None:
+            self.element_energy = reference.to(device=self.target_mean.device, dtype=torch.float64)
+        return self
+
+    def properties(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) atom states -> (B, n_targets): mean pooling and the property head."""
+        if self.head is None:  # an energy-only model
+            return x.new_zeros(batch.n_crystals, 0)
+        counts = batch.n_atoms.to(x.device)
+        pooled = x.new_zeros(len(counts), x.shape[1]).index_add_(0, batch.atom_crystal, x)
+        pooled = pooled / counts[:, None].to(x.dtype)
+        return self.output_transform(self.head(pooled))
+
+    def output_transform(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, n_targets) head outputs -> normalised predictions, with each ``softplus`` target's
+        output mapped to (softplus(h + m / s) - m / s): its de-normalised prediction s * softplus(h
+        + m / s) is >= 0 for every input and ~ the identity well above zero, so the head keeps the
+        standardised scale of the others. ``log`` targets are learnt in log10 space (no change
+        here; :meth:`denormalize` exponentiates)."""
+        if not self._any_softplus:
+            return h
+        shift = (self.target_mean / self.target_std).to(h.dtype)
+        return torch.where(self.softplus_mask, F.softplus(h + shift) - shift, h)
+
+    def label_space(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, n_targets) labels in original units -> the space the model learns in: log10 of
+        ``log`` targets (non-positive labels become NaN = missing), the rest unchanged."""
+        if not self._any_log:
+            return labels
+        mask = self.log_mask.to(labels.device)
+        positive = mask & (labels > 0)
+        logged = torch.log10(torch.where(positive, labels, torch.ones_like(labels)))
+        return torch.where(positive, logged, torch.where(mask, torch.full_like(labels, float("nan")), labels))
+
+    def crystal_energy(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
+        """(N, d) atom states -> (B,) float64 energies: sum of scaled per-atom head outputs plus
+        the occupancy-weighted element references, accumulated in float64."""
+        per_atom = self.energy_head(x).squeeze(-1).double() * self.energy_scale.double()
+        reference = self.element_energy[batch.species_z - 1] * batch.species_occupancy.to(torch.float64)
+        per_atom = per_atom.index_add(0, batch.species_site, reference.to(per_atom.device))
+        return per_atom.new_zeros(batch.n_crystals).index_add_(0, batch.atom_crystal, per_atom)
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, n_targets) normalised predictions -> original units, with the output transforms
+        undone: 10 ** of ``log`` targets; ``softplus`` targets clamped at 0, which only removes the
+        rounding of s * (softplus(.) - m / s) + m (the value is already s * softplus(.) >= 0)."""
+        y = y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
+        if self._any_log:
+            y = torch.where(self.log_mask.to(y.device), torch.pow(10.0, y), y)
+        if self._any_softplus:
+            y = torch.where(self.softplus_mask.to(y.device), y.clamp_min(0.0), y)
+        return y
+
+    def zero_touch(self, x: torch.Tensor) -> torch.Tensor:
+        """0 * (this head's outputs on one atom state): a scalar zero whose graph reaches every
+        parameter of the head (:meth:`Crystalformer.forward` of a mixture model, see there)."""
+        parts = [m(x[:1]).sum() for m in (self.head, getattr(self, "energy_head", None)) if m is not None]
+        return 0.0 * torch.stack(parts).sum()
+
+
+class DatasetHead(OutputHeads, nn.Module):
+    """One dataset's output head of a mixture model (:class:`cfdist.config.HeadSpec`): the same
+    parameters and buffers as a single-dataset model's own head, under ``heads.<name>.``."""
+
+    def __init__(self, spec, config: CrystalformerConfig):
+        super().__init__()
+        self.spec = spec
+        self._build_outputs(config.d_model, config.head_hidden, config.n_elements, spec.property_targets,
+                            spec.transform_of, spec.energy)
+        self.reset_outputs()
+
+    @property
+    def target_names(self) -> list[str]:
+        return self.spec.property_targets
+
+
+class Crystalformer(OutputHeads, nn.Module):
     """The Crystalformer model.
 
     ``forward(batch)`` returns (B, n_targets) predictions in normalised target units;
-    :meth:`predict` takes structures and returns de-normalised predictions.
+    :meth:`predict` takes structures and returns de-normalised predictions. A mixture model
+    (``config.heads``) has one :class:`DatasetHead` per dataset on the shared encoder, and every
+    forward names its dataset (``dataset=``).
     """
 
     def __init__(self, config: CrystalformerConfig | None = None):
@@ -180,29 +301,50 @@ class Crystalformer(nn.Module):
         self.config = config = config or CrystalformerConfig()
         self.embedding = nn.Linear(config.n_elements, config.d_model, bias=False)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_blocks))
-        self.head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.ReLU(),
-                                  nn.Linear(config.head_hidden, config.n_targets)) if config.n_targets else None
-        self.register_buffer("target_mean", torch.zeros(config.n_targets))
-        self.register_buffer("target_std", torch.ones(config.n_targets))
-        # which outputs carry which transform (config.target_transforms); derived from the config,
-        # so not saved in state dicts (persistent=False) but moved with the module
-        kinds = [config.transform_of(t) for t in config.target_names]
-        self.register_buffer("softplus_mask", torch.tensor([k == "softplus" for k in kinds], dtype=torch.bool),
-                             persistent=False)
-        self.register_buffer("log_mask", torch.tensor([k == "log" for k in kinds], dtype=torch.bool),
-                             persistent=False)
-        self._any_softplus, self._any_log = "softplus" in kinds, "log" in kinds
-        if config.energy:
-            # per-atom energy = energy_scale * head(x) + the atom's element reference (eV/atom);
-            # the references are fitted on the training data and kept in float64 (_apply)
-            self.energy_head = nn.Sequential(nn.Linear(config.d_model, config.head_hidden), nn.SiLU(),
-                                             nn.Linear(config.head_hidden, 1))
-            self.register_buffer("element_energy", torch.zeros(config.n_elements, dtype=torch.float64))
-            self.register_buffer("energy_scale", torch.ones(()))
+        self._build_outputs(config.d_model, config.head_hidden, config.n_elements, config.target_names,
+                            config.transform_of, config.energy)
+        self.heads = nn.ModuleDict({spec.name: DatasetHead(spec, config) for spec in config.heads}) \
+            if config.heads else None
         self.attention_backend: Any = TableAttention()
         self.activation_checkpointing = False
         self.compile_backend: str | None = None  # set by cfdist.compile.compile_model
         self.reset_parameters()
+
+    @property
+    def target_names(self) -> list[str]:
+        return list(self.config.target_names)
+
+    def output(self, dataset: str | None = None) -> OutputHeads:
+        """The head a forward uses: the model's own (``dataset`` None), or a mixture model's head
+        of that dataset."""
+        if self.heads is None:
+            if dataset is not None:
+                raise ValueError(f"dataset {dataset!r} given, but this model has no per-dataset heads")
+            return self
+        if dataset is None:
+            raise ValueError(f"a model with per-dataset heads needs the dataset of its input; heads: "
+                             f"{list(self.heads)}")
+        if dataset not in self.heads:
+            raise ValueError(f"this model has no head for dataset {dataset!r}; heads: {list(self.heads)}")
+        return self.heads[dataset]
+
+    def for_dataset(self, dataset: str) -> "Crystalformer":
+        """A single-dataset model made of this mixture model's encoder and the head of ``dataset``:
+        it computes what ``forward(..., dataset=dataset)`` computes (same weights, buffers, envelope),
+        and everything that takes a single model (``cfdist predict`` / ``evaluate``, the ASE
+        calculator) takes it."""
+        spec = self.config.head(dataset)
+        config = CrystalformerConfig.from_dict({**self.config.to_dict(), "heads": [], "energy": spec.energy,
+                                                "target_names": spec.property_targets,
+                                                "target_transforms": dict(spec.transforms)})
+        param = self.embedding.weight
+        # in this model's dtype before the weights are copied (a float32 module would round float64 ones)
+        single = Crystalformer(config).to(device=param.device, dtype=param.dtype)
+        prefix = f"heads.{dataset}."
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("heads.")}
+        state.update({k[len(prefix):]: v for k, v in self.state_dict().items() if k.startswith(prefix)})
+        single.load_state_dict(state)
+        return single.train(self.training)
 
     @property
     def cutoff(self) -> float:
@@ -227,21 +369,9 @@ class Crystalformer(nn.Module):
                 # Xavier on W^E viewed as one (H d_h) x K matrix, gain K^-1/2.
                 flat = att.edge_proj.data.view(-1, cfg.n_basis)
                 nn.init.xavier_uniform_(flat, gain=cfg.n_basis ** -0.5)
-        if self.head is not None:
-            for lin in (self.head[0], self.head[2]):
-                lin.reset_parameters()
-        if cfg.energy:
-            for lin in (self.energy_head[0], self.energy_head[2]):
-                lin.reset_parameters()
-
-    def _apply(self, fn, recurse=True):
-        # .float() / .half() / .to(dtype) would round the reference energies (tens to hundreds
-        # of eV per crystal) to float32; they stay float64 and follow the module's device only.
-        reference = self.element_energy.detach().clone() if self.config.energy else None
-        super()._apply(fn, recurse)
-        if reference is not None:
-            self.element_energy = reference.to(device=self.target_mean.device, dtype=torch.float64)
-        return self
+        self.reset_outputs()
+        for head in (self.heads or {}).values():
+            head.reset_outputs()
 
     @property
     def sigma_stats_ready(self) -> bool:
@@ -306,56 +436,44 @@ class Crystalformer(nn.Module):
                 x = block(x, geometry, self.attention_backend)
         return x
 
-    def forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False):
+    def forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False,
+                dataset: str | None = None):
         """Property model: (B, n_targets) predictions in normalised target units.
 
         Energy model: an :class:`EnergyOutput` (energies, and forces / stress when asked; the
         graph for them is kept (``create_graph``) while training, so a loss on forces trains).
+
+        A mixture model: ``dataset`` picks the head (property or energy, as above). While
+        training, the other heads add an exact zero computed from their parameters
+        (:meth:`OutputHeads.zero_touch`), so every rank's backward reaches every parameter even
+        when ranks draw different datasets: DDP and DeepSpeed then reduce the same gradients on
+        every rank (zeros for the heads not drawn) instead of waiting on ones that never come.
         """
-        if not self.config.energy:
-            return self.properties(self.encode(batch), batch)
-        return self.energy_forward(batch, forces=forces, stress=stress)
+        head = self.output(dataset)
+        if head.is_energy:
+            return self.energy_forward(batch, forces=forces, stress=stress, dataset=dataset)
+        x = self.encode(batch)
+        return self._touch_others(head.properties(x, batch), x, dataset)
 
-    def properties(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
-        """(N, d) atom states -> (B, n_targets): mean pooling and the property head."""
-        if self.head is None:  # an energy-only model
-            return x.new_zeros(batch.n_crystals, 0)
-        counts = batch.n_atoms.to(x.device)
-        pooled = x.new_zeros(len(counts), x.shape[1]).index_add_(0, batch.atom_crystal, x)
-        pooled = pooled / counts[:, None].to(x.dtype)
-        return self.output_transform(self.head(pooled))
-
-    def output_transform(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, n_targets) head outputs -> normalised predictions, with each ``softplus`` target's
-        output mapped to (softplus(h + m / s) - m / s): its de-normalised prediction s * softplus(h
-        + m / s) is >= 0 for every input and ~ the identity well above zero, so the head keeps the
-        standardised scale of the others. ``log`` targets are learnt in log10 space (no change
-        here; :meth:`denormalize` exponentiates)."""
-        if not self._any_softplus:
-            return h
-        shift = (self.target_mean / self.target_std).to(h.dtype)
-        return torch.where(self.softplus_mask, F.softplus(h + shift) - shift, h)
-
-    def label_space(self, labels: torch.Tensor) -> torch.Tensor:
-        """(B, n_targets) labels in original units -> the space the model learns in: log10 of
-        ``log`` targets (non-positive labels become NaN = missing), the rest unchanged."""
-        if not self._any_log:
-            return labels
-        mask = self.log_mask.to(labels.device)
-        positive = mask & (labels > 0)
-        logged = torch.log10(torch.where(positive, labels, torch.ones_like(labels)))
-        return torch.where(positive, logged, torch.where(mask, torch.full_like(labels, float("nan")), labels))
+    def _touch_others(self, y: torch.Tensor, x: torch.Tensor, dataset: str | None) -> torch.Tensor:
+        """``y`` + the zero touches of the heads other than ``dataset``'s (training a mixture model)."""
+        if self.heads is None or not (self.training and torch.is_grad_enabled()):
+            return y
+        touch = sum(h.zero_touch(x) for name, h in self.heads.items() if name != dataset)
+        return y + touch.to(y.dtype) if isinstance(touch, torch.Tensor) else y
 
     def energy_forward(self, batch: CrystalBatch, *, forces: bool = False, stress: bool = False,
-                       create_graph: bool | None = None) -> EnergyOutput:
+                       create_graph: bool | None = None, dataset: str | None = None) -> EnergyOutput:
         """Energies (B,) in float64 and, on request, forces and stress by autograd.
 
         Stress: a symmetric strain eps (B, 3, 3) acts on positions and lattice, r -> r (1 + eps);
         sigma = (1/V) dE/d(eps) at eps = 0 (ASE's convention). ``create_graph`` (default: in
         training mode) keeps the graph of forces and stress so that a loss on them trains.
         """
-        if not self.config.energy:
-            raise ValueError("energy_forward needs an energy model (CrystalformerConfig(energy=True))")
+        head = self.output(dataset)
+        if not head.is_energy:
+            raise ValueError("energy_forward needs an energy model (CrystalformerConfig(energy=True))"
+                             + (f"; head {dataset!r} predicts properties" if dataset else ""))
         create_graph = self.training if create_graph is None else create_graph
         geo_dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)
         inputs = []
@@ -375,7 +493,7 @@ class Crystalformer(nn.Module):
             if inputs:
                 batch = dataclass_replace(batch, positions=positions, lattice=lattice)
             x = self.encode(batch)
-            energy = self.crystal_energy(x, batch)
+            energy = self._touch_others(head.crystal_energy(x, batch), x, dataset)
             grads = [None, None]
             if inputs:
                 found = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
@@ -385,30 +503,11 @@ class Crystalformer(nn.Module):
         if stress:
             volume = torch.linalg.det(batch.lattice.detach().to(geo_dtype)).abs()
             out_stress = grads[1] / volume[:, None, None]
-        return EnergyOutput(energy=energy, forces=out_forces, stress=out_stress, properties=self.properties(x, batch))
-
-    def crystal_energy(self, x: torch.Tensor, batch: CrystalBatch) -> torch.Tensor:
-        """(N, d) atom states -> (B,) float64 energies: sum of scaled per-atom head outputs plus
-        the occupancy-weighted element references, accumulated in float64."""
-        per_atom = self.energy_head(x).squeeze(-1).double() * self.energy_scale.double()
-        reference = self.element_energy[batch.species_z - 1] * batch.species_occupancy.to(torch.float64)
-        per_atom = per_atom.index_add(0, batch.species_site, reference.to(per_atom.device))
-        return per_atom.new_zeros(batch.n_crystals).index_add_(0, batch.atom_crystal, per_atom)
-
-    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, n_targets) normalised predictions -> original units, with the output transforms
-        undone: 10 ** of ``log`` targets; ``softplus`` targets clamped at 0, which only removes the
-        rounding of s * (softplus(.) - m / s) + m (the value is already s * softplus(.) >= 0)."""
-        y = y * self.target_std.to(y.dtype) + self.target_mean.to(y.dtype)
-        if self._any_log:
-            y = torch.where(self.log_mask.to(y.device), torch.pow(10.0, y), y)
-        if self._any_softplus:
-            y = torch.where(self.softplus_mask.to(y.device), y.clamp_min(0.0), y)
-        return y
+        return EnergyOutput(energy=energy, forces=out_forces, stress=out_stress, properties=head.properties(x, batch))
 
     @torch.no_grad()
     def predict(self, structures: Sequence[Any], batch_size: int = 64, *, validate: bool = True,
-                forces: bool = False, stress: bool = False) -> torch.Tensor | dict[str, Any]:
+                forces: bool = False, stress: bool = False, dataset: str | None = None) -> torch.Tensor | dict[str, Any]:
         """Predict for pymatgen Structures, ASE Atoms or :class:`cfdist.Crystal` records.
 
         Runs in eval mode (sigma statistics untouched) and builds image tables with the
@@ -423,9 +522,13 @@ class Crystalformer(nn.Module):
         ``"stress"`` (n, 3, 3) (eV/A^3, ASE's sign convention: (1/V) dE/d(strain); multiply by
         ``ase.units.GPa**-1`` ~ 160.2 for GPa) when ``stress``, and one (n,) de-normalised tensor
         per property name when the model also has property heads (multi-task).
-        """
 
-        energy_model = self.config.energy
+        A mixture model predicts with the head of ``dataset`` (required), as the model of that
+        dataset would.
+        """
+        head = self.output(dataset)
+        energy_model = head.is_energy
+        target_names = head.target_names
         if (forces or stress) and not energy_model:
             raise ValueError("forces and stress need an energy model (CrystalformerConfig(energy=True))")
         param = self.embedding.weight
@@ -442,17 +545,18 @@ class Crystalformer(nn.Module):
                 if energy_model:
                     # energy_forward builds the strained geometry before its own enable_grad block
                     with torch.enable_grad() if (forces or stress) else contextlib.nullcontext():
-                        out = self.energy_forward(batch, forces=forces, stress=stress, create_graph=False)
+                        out = self.energy_forward(batch, forces=forces, stress=stress, create_graph=False,
+                                                  dataset=dataset)
                     split = batch.n_atoms.tolist()
                     outputs.append((out.energy.detach(),
                                     list(out.forces.detach().split(split)) if forces else None,
                                     out.stress.detach() if stress else None,
-                                    self.denormalize(out.properties.detach())))
+                                    head.denormalize(out.properties.detach())))
                 else:
-                    outputs.append(self.denormalize(self(batch)))
+                    outputs.append(head.denormalize(self(batch, dataset=dataset)))
             if not energy_model:
                 if not outputs:
-                    return param.new_zeros(0, self.config.n_targets)
+                    return param.new_zeros(0, len(target_names))
                 return torch.cat(outputs)
             geo_dtype = torch.promote_types(param.dtype, torch.float32)
             result: dict[str, Any] = {
@@ -464,8 +568,8 @@ class Crystalformer(nn.Module):
                 result["stress"] = torch.cat([o[2] for o in outputs]) if outputs \
                     else torch.zeros(0, 3, 3, dtype=geo_dtype, device=param.device)
             properties = torch.cat([o[3] for o in outputs]) if outputs \
-                else param.new_zeros(0, self.config.n_targets)
-            for k, name in enumerate(self.config.target_names):
+                else param.new_zeros(0, len(target_names))
+            for k, name in enumerate(target_names):
                 if name in result or name in ("forces", "stress"):
                     raise ValueError(f"property name {name!r} clashes with a key of predict's result")
                 result[name] = properties[:, k]

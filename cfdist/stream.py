@@ -246,16 +246,23 @@ class DataCursor:
     ``batches``: micro-batches each rank has consumed in ``epoch`` (ranks run in lockstep).
     ``positions``: per rank, the [window, offset] its next batch starts at, valid for
     ``world_size`` ranks; empty at the start of an epoch.
+    ``mixture``: a dataset mixture's stream (:func:`cfdist.mixture.mixture_batches`; no epochs of
+    its own, so ``epoch`` stays 0 and ``batches`` counts every draw): per rank, the flat
+    (epoch, window, offset) of each dataset's own stream.
     """
 
     epoch: int = 0
     batches: int = 0
     positions: list[list[int]] = field(default_factory=list)
     world_size: int = 0
+    mixture: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "positions": [list(p) for p in self.positions],
-                "world_size": self.world_size}
+        out = {"epoch": self.epoch, "batches": self.batches, "positions": [list(p) for p in self.positions],
+               "world_size": self.world_size}
+        if self.mixture:
+            out["mixture"] = [list(p) for p in self.mixture]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "DataCursor":
@@ -263,7 +270,8 @@ class DataCursor:
             return cls()
         return cls(epoch=int(data.get("epoch", 0)), batches=int(data.get("batches", 0)),
                    positions=[[int(w), int(o)] for w, o in data.get("positions", [])],
-                   world_size=int(data.get("world_size", 0)))
+                   world_size=int(data.get("world_size", 0)),
+                   mixture=[[int(v) for v in p] for p in data.get("mixture", [])])
 
     def start_for(self, rank: int, world_size: int) -> Position:
         """The position ``rank`` of ``world_size`` reads on from when resuming this cursor."""

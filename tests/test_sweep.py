@@ -35,7 +35,7 @@ def test_space_files_are_checked_against_the_fine_tuning_config(tmp_path):
                            ({"optim.lr": {"normal": [0, 1]}}, "must be one of"),
                            ({"optim.lr": {"uniform": [1e-3]}}, "takes \\[low, high\\]"),
                            ({"scaling.num_workers": 2}, "the sweep sets it"),
-                           ({"transfer.head": {"choice": ["sideways"]}}, "head")]:
+                           ({"transfer.head": {"choice": ["side/ways"]}}, "head")]:
         with pytest.raises(ConfigError, match=message):
             load_space(write_space(tmp_path / "bad.yaml", space), base)
     with pytest.raises(ConfigError, match="unknown"):

@@ -62,9 +62,10 @@ def log10_moments(mean: float, std: float, target: str = "target") -> tuple[floa
 
 
 def set_target_normalisation(model, stats: Mapping[str, tuple[float, float]]) -> None:
-    """Write ``stats`` into the model's normalisation buffers, in the order of its ``target_names``."""
+    """Write ``stats`` into the normalisation buffers of ``model`` (a model, or a mixture model's
+    dataset head), in the order of its ``target_names``."""
     with torch.no_grad():
-        for k, name in enumerate(model.config.target_names):
+        for k, name in enumerate(model.target_names):
             model.target_mean[k], model.target_std[k] = stats[name]
 
 
@@ -161,6 +162,17 @@ class Objective:
 
     components: tuple[str, ...] = ()
     needs_grad: bool = False
+    dataset: str | None = None  # the head of a mixture model this objective trains (None: the model's own)
+
+    def call(self, net, batch, **kwargs):
+        """The model's forward, routed to this objective's dataset head when it has one."""
+        if self.dataset is not None:
+            kwargs["dataset"] = self.dataset
+        return net(batch, **kwargs)
+
+    def head(self, model):
+        """The output head whose buffers (normalisation, references) this objective reads."""
+        return model.output(self.dataset) if self.dataset is not None else model
 
     def metric_name(self, component: str) -> str:
         return component
@@ -196,8 +208,10 @@ class PropertyObjective(Objective):
     as in the paper's multi-target runs.
     """
 
-    def __init__(self, targets: Sequence[str], transforms: Mapping[str, str] | None = None):
+    def __init__(self, targets: Sequence[str], transforms: Mapping[str, str] | None = None,
+                 dataset: str | None = None):
         self.components = tuple(targets)
+        self.dataset = dataset
         # a log target's non-positive labels are missing in its log10 space (Crystalformer.label_space)
         self.positive_only = [(transforms or {}).get(t) == "log" for t in targets]
 
@@ -208,9 +222,10 @@ class PropertyObjective(Objective):
         return ok.sum(0).double().tolist()
 
     def forward(self, net, batch) -> torch.Tensor:
-        return net(batch)
+        return self.call(net, batch)
 
     def sums(self, model, out, batch, dtype):
+        model = self.head(model)
         # errors and label moments in the space the target is learnt in (log10 for ``log`` targets)
         labels = model.label_space(batch.labels.to(out.device).double())
         err, mask = masked_abs_error(out.to(dtype), standardised(model, labels.to(dtype)))
@@ -242,7 +257,8 @@ class EnergyObjective(Objective):
 
     components = ENERGY_COMPONENTS
 
-    def __init__(self, loss):
+    def __init__(self, loss, dataset: str | None = None):
+        self.dataset = dataset
         self.weights = {"energy": float(loss.energy_weight), "forces": float(loss.forces_weight),
                         "stress": float(loss.stress_weight)}
         self.kind, self.huber_delta = loss.kind, float(loss.huber_delta)
@@ -256,7 +272,7 @@ class EnergyObjective(Objective):
         return energy_label_counts(batch, self.forces, self.stress)
 
     def forward(self, net, batch):
-        return net(batch, forces=self.forces, stress=self.stress)
+        return self.call(net, batch, forces=self.forces, stress=self.stress)
 
     def sums(self, model, out, batch, dtype):
         residuals = energy_residuals(out, batch)
@@ -294,9 +310,93 @@ class EnergyObjective(Objective):
         return value if any_labels else float("nan")
 
 
-def make_objective(model_config, targets: Sequence[str], loss=None) -> Objective:
+class MixtureObjective(Objective):
+    """The objective of a dataset mixture: each dataset's own objective (its head, its loss
+    section), side by side. Components are ``<dataset>/<component>`` (metrics
+    ``mae/<dataset>/<metric>``); a micro-batch comes from one dataset (``batch.dataset``) and only
+    that dataset's columns get its sums and label counts, the others zeros.
+
+    The loss of a micro-step is the sum over datasets of each one's loss, each the mean over that
+    dataset's labels in the micro-step on all ranks (ranks may draw different datasets in one
+    micro-step); how much each dataset weighs overall is set by how often it is drawn
+    (:mod:`cfdist.mixture`) and by its own loss weights.
+    """
+
+    def __init__(self, parts: Mapping[str, Objective]):
+        if not parts:
+            raise ValueError("a mixture objective needs at least one dataset")
+        self.parts = dict(parts)
+        self.names = list(self.parts)
+        self.slices: dict[str, slice] = {}
+        components: list[str] = []
+        for name, part in self.parts.items():
+            self.slices[name] = slice(len(components), len(components) + len(part.components))
+            components += [f"{name}/{c}" for c in part.components]
+        self.components = tuple(components)
+        self.needs_grad = any(p.needs_grad for p in self.parts.values())
+
+    def part(self, batch) -> tuple[str, Objective]:
+        name = getattr(batch, "dataset", None)
+        if name not in self.parts:
+            raise ValueError(f"batch of dataset {name!r}: not one of the mixture's datasets {self.names}")
+        return name, self.parts[name]
+
+    def metric_name(self, component: str) -> str:
+        name, _, rest = component.partition("/")
+        return f"{name}/{self.parts[name].metric_name(rest)}"
+
+    def label_counts(self, batch) -> list[float]:
+        name, part = self.part(batch)
+        counts = [0.0] * len(self.components)
+        counts[self.slices[name]] = part.label_counts(batch)
+        return counts
+
+    def forward(self, net, batch):
+        return self.part(batch)[1].forward(net, batch)
+
+    def sums(self, model, out, batch, dtype):
+        name, part = self.part(batch)
+        stats, loss_sums = part.sums(model, out, batch, dtype)
+        cut = self.slices[name]
+        full_stats = stats.new_zeros(stats.shape[0], len(self.components))
+        full_stats[:, cut] = stats
+        full_loss = loss_sums.new_zeros(len(self.components))
+        full_loss = torch.cat([full_loss[:cut.start], loss_sums, full_loss[cut.stop:]])  # keeps the gradient
+        return full_stats, full_loss
+
+    def loss(self, loss_sums, global_counts, world):
+        total = None
+        for name, part in self.parts.items():
+            cut = self.slices[name]
+            counts = list(global_counts[cut])
+            if sum(counts) == 0:
+                continue  # not drawn on any rank this micro-step
+            term = part.loss(loss_sums[cut], counts, world).float()
+            total = term if total is None else total + term
+        return total if total is not None else loss_sums.sum().float() * 0.0
+
+    def selection_loss(self, totals):
+        values = [part.selection_loss(totals[:, self.slices[name]]) for name, part in self.parts.items()]
+        values = [v for v in values if v == v]
+        return float(sum(values)) if values else float("nan")
+
+
+def make_objective(model_config, targets: Sequence[str], loss=None, losses: Mapping[str, Any] | None = None) -> Objective:
     """The objective of a model config: :class:`EnergyObjective` (``loss`` section) for an energy
-    model, :class:`PropertyObjective` over ``targets`` otherwise."""
+    model, :class:`PropertyObjective` over ``targets`` otherwise; for a model with per-dataset heads
+    a :class:`MixtureObjective` of each head's (``losses``: {dataset: loss section} of the energy
+    heads)."""
+    if model_config.heads:
+        parts: dict[str, Objective] = {}
+        for spec in model_config.heads:
+            if spec.energy:
+                section = (losses or {}).get(spec.name)
+                if section is None:
+                    raise ValueError(f"dataset {spec.name!r} has an energy head but no loss section")
+                parts[spec.name] = EnergyObjective(section, dataset=spec.name)
+            else:
+                parts[spec.name] = PropertyObjective(spec.targets, spec.transforms, dataset=spec.name)
+        return MixtureObjective(parts)
     if model_config.energy:
         if loss is None:
             raise ValueError("an energy model needs a loss section (energy / forces / stress weights)")

@@ -9,18 +9,19 @@ events, the Ray Train checkpoints (``ray/``) and the portable export (``model.pt
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.compile import compile_refusal
-from cfdist.config import (ConfigError, CrystalformerConfig, apply_overrides, build, inline_named_model, load_yaml,
-                           resolve_config)
-from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin, resolve_model_config
+from cfdist.config import (ConfigError, CrystalformerConfig, HeadSpec, apply_overrides, build, inline_named_model,
+                           load_yaml, resolve_config)
+from cfdist.run.config import (LOSS_KINDS, ComputeSection, DataSection, LossSection, OptimSection,  # noqa: F401
+                               RunConfigMixin, model_mapping, resolve_model_config)
 from cfdist.run.tracking import TrackingSection
 from cfdist.storage import StorageSection
 
-LOSS_KINDS = ("l1", "l2", "huber")
 
 
 @dataclass
@@ -38,51 +39,83 @@ class PretrainData(DataSection):
     """
 
     force_memory_factor: float = 2.5
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    temperature: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         if not self.force_memory_factor >= 1.0:
             raise ConfigError(f"data.force_memory_factor must be >= 1, got {self.force_memory_factor}")
+        self.datasets = [d if isinstance(d, DatasetEntry) else build(DatasetEntry, d, f"data.datasets[{i}]")
+                         for i, d in enumerate(self.datasets or [])]
+        if not float(self.temperature) > 0:
+            raise ConfigError(f"data.temperature must be > 0 (p_i ~ n_i^(1/T)), got {self.temperature}")
+        if not self.datasets:
+            return
+        if self.shards:
+            raise ConfigError(f"data.shards={self.shards!r} and data.datasets both set: a mixture names each "
+                              f"dataset's shards in its entry (data.datasets[i].shards)")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.datasets: names must be unique, got {names}")
+        weighted = [d.weight is not None for d in self.datasets]
+        if any(weighted) and not all(weighted):
+            raise ConfigError(f"data.datasets: give every dataset a weight or none (then data.temperature "
+                              f"decides); weights: {[d.weight for d in self.datasets]}")
+
+    @property
+    def is_mixture(self) -> bool:
+        return bool(self.datasets)
 
 
 @dataclass
-class LossSection:
-    """The loss of an energy model (``model.energy: true``); property models ignore it (L1 on
-    standardised targets, :mod:`cfdist.run.objective`).
+class DatasetEntry:
+    """One dataset of a pretraining mixture (``data.datasets``; docs/model.md, "Dataset mixtures").
 
-    loss = energy_weight * L(E / N) + forces_weight * L(F) + stress_weight * L(sigma), each term the
-    mean of the elementwise ``kind`` loss over the step's labels across all ranks: energies per atom
-    (eV/atom) over labelled structures, forces (eV/A) over labelled force components, stress (GPa,
-    converted from the shards' eV/A^3) over labelled stress components. Missing labels (NaN) are
-    masked. A zero weight switches the term off (for forces and stress the model then skips that
-    derivative).
-
-    Defaults are CHGNet's (Deng et al., "CHGNet as a pretrained universal neural network potential
-    for charge-informed atomistic modelling", Nat. Mach. Intell. 5, 1031 (2023); ``chgnet.trainer.
-    Trainer`` and ``CombinedLoss``): energy per atom 1, forces 1, stress 0.1 with the same units
-    (eV/atom, eV/A, GPa), and the Huber loss with ``delta`` 0.1 of its ``CombinedLoss`` (CHGNet's
-    trainer also offers MSE, its default criterion: ``kind: l2`` here, and MAE: ``l1``).
-
-    kind: ``l1`` |r|, ``l2`` r^2, ``huber`` (torch's: r^2 / 2 below ``huber_delta``, else
-        delta (|r| - delta / 2)), r in the units above.
+    Attributes:
+        name: the dataset's name: its head (``model.heads``), its metrics
+            (``mae/<name>/<component>``, ``structures/<name>``) and ``transfer.head`` when fine-tuning.
+        shards: its shard directory (``cfdist preprocess``), local or ``s3://`` / ``gs://``.
+        targets: property targets (a property head), or with ``energy`` the one total-energy label.
+        transforms: output transforms of property targets (as ``data.transforms``).
+        energy: an energy dataset (energy / forces / stress through its own energy head and
+            per-element reference energies, trained with ``loss``).
+        loss: the energy dataset's loss section (weights of energy, forces, stress; ignored for a
+            property dataset, whose loss is L1 on standardised targets).
+        weight: relative sampling weight; given for every dataset or for none (then
+            ``data.temperature`` sets p_i ~ n_i^(1/T) from the train splits' sizes).
     """
 
-    energy_weight: float = 1.0
-    forces_weight: float = 1.0
-    stress_weight: float = 0.1
-    kind: str = "huber"
-    huber_delta: float = 0.1
+    name: str = ""
+    shards: str = ""
+    targets: list[str] = field(default_factory=list)
+    transforms: dict[str, str] = field(default_factory=dict)
+    energy: bool = False
+    loss: LossSection = field(default_factory=LossSection)
+    weight: float | None = None
 
     def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise ConfigError(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {self.kind!r}")
-        for name in ("energy_weight", "forces_weight", "stress_weight"):
-            if not float(getattr(self, name)) >= 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
-            raise ConfigError("loss: at least one of energy_weight, forces_weight, stress_weight must be > 0")
-        if not self.huber_delta > 0:
-            raise ConfigError(f"loss.huber_delta must be > 0, got {self.huber_delta}")
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"data.datasets: every dataset needs a name without '/', got {self.name!r}")
+        if not self.shards:
+            raise ConfigError(f"data.datasets[{self.name}]: shards is not set (a directory written by `cfdist preprocess`)")
+        if self.weight is not None and not (float(self.weight) > 0):
+            raise ConfigError(f"data.datasets[{self.name}]: weight must be > 0, got {self.weight}")
+        try:
+            self.head_spec()
+        except ConfigError as exc:
+            raise ConfigError(f"data.datasets[{self.name}]: {exc}") from None
+
+    def head_spec(self) -> HeadSpec:
+        """The dataset's output head (:class:`cfdist.config.HeadSpec`)."""
+        return HeadSpec(name=self.name, energy=self.energy, targets=list(self.targets),
+                        transforms=dict(self.transforms))
+
+    def wants(self) -> tuple[bool, bool]:
+        """(forces, stress) label columns this dataset trains on."""
+        if not self.energy:
+            return False, False
+        return self.loss.forces_weight > 0, self.loss.stress_weight > 0
 
 
 @dataclass
@@ -132,6 +165,13 @@ class PretrainConfig(RunConfigMixin):
     envelope and heads may differ). An energy checkpoint also gives an energy model its energy head
     and reference energies; a property checkpoint gives a property model with the same targets its
     head. Ignored when the run resumes from its own checkpoint.
+
+    ``init_head``: with ``init_from`` a checkpoint pretrained on a mixture, the dataset whose head
+    starts this run's head (an energy head for an energy run, a property head with the same
+    targets for a property run); empty: the encoder only. ``init_references``: an energy head taken
+    from ``init_from`` gets its per-element reference energies ``refit`` on this run's train split
+    (default; DeePMD re-fits its energy bias when fine-tuning, since another dataset's DFT settings
+    shift every energy) or ``keep``s the checkpoint's.
     """
 
     run_name: str = "pretrain"
@@ -145,6 +185,8 @@ class PretrainConfig(RunConfigMixin):
     max_bad_steps: int = 5
     model: Any = "crystalformer"
     init_from: str = ""
+    init_head: str = ""
+    init_references: str = "refit"
     data: PretrainData = field(default_factory=PretrainData)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -155,6 +197,10 @@ class PretrainConfig(RunConfigMixin):
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
+        if self.init_references not in ("refit", "keep"):
+            raise ConfigError(f"init_references must be refit or keep, got {self.init_references!r}")
+        if self.init_head and not self.init_from:
+            raise ConfigError(f"init_head={self.init_head} needs init_from (a checkpoint pretrained on a mixture)")
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
                      "max_bad_steps"):
             if int(getattr(self, name)) < 1:
@@ -166,12 +212,15 @@ class PretrainConfig(RunConfigMixin):
         """``compute.compile`` with settings it cannot run with is refused here, before any worker starts."""
 
         try:
-            model = resolve_model_config(self.model, self.data.targets, self.data.transforms)
+            model = self.model_config()
         except ConfigError:
             return  # a broken model section is reported where the model config is built (model_config)
         if self.compute.compile:
-            double_backward = self.loss.forces_weight > 0 or self.loss.stress_weight > 0
-            reason = compile_refusal(energy=model.energy, double_backward=double_backward,
+            if self.data.is_mixture:
+                double_backward = any(any(d.wants()) for d in self.data.datasets)
+            else:
+                double_backward = self.loss.forces_weight > 0 or self.loss.stress_weight > 0
+            reason = compile_refusal(energy=model.any_energy, double_backward=double_backward,
                                      zero_stage=self.deepspeed.zero_stage,
                                      activation_checkpointing=self.deepspeed.activation_checkpointing)
             if reason:
@@ -179,7 +228,21 @@ class PretrainConfig(RunConfigMixin):
 
     def model_config(self) -> CrystalformerConfig:
         """The model config: ``target_names`` = ``data.targets`` for a property model; an energy
-        model has no property targets (its one data target is the energy label)."""
+        model has no property targets (its one data target is the energy label). A mixture
+        (``data.datasets``) gets one head per dataset (``heads``) and none of its own."""
+        if self.data.is_mixture:
+            data, source = model_mapping(self.model)
+            if data.get("energy") or data.get("target_transforms") or self.data.transforms:
+                raise ConfigError("a mixture (data.datasets) sets energy, targets and transforms per dataset; the model "
+                                  "section keeps the encoder's settings (drop model.energy / target_transforms and "
+                                  "data.transforms)")
+            heads = [d.head_spec() for d in self.data.datasets]
+            saved = data.get("heads") or []
+            if saved and [HeadSpec(**h) if isinstance(h, dict) else h for h in saved] != heads:
+                raise ConfigError(f"model.heads {saved} differ from the datasets' heads; drop model.heads "
+                                  f"(they are derived from data.datasets)")
+            return CrystalformerConfig.from_dict({**data, "target_names": [], "energy": False, "target_transforms": {},
+                                                  "heads": [dataclasses.asdict(h) for h in heads]}, source=source)
         config = resolve_model_config(self.model, self.data.targets, self.data.transforms)
         if config.energy:
             if len(self.data.targets) != 1:

@@ -37,6 +37,7 @@ from cfdist.run.tracking import log_artifacts
 from cfdist.run.transfer import check_encoder
 from cfdist.shards import ShardError, read_schema
 from cfdist.train.config import PretrainConfig, load_pretrain_config
+from cfdist.train.datasets import check_mixture, mixture_weights
 from cfdist.train.loop import label_columns_wanted, local_train_loop, ray_train_loop
 
 
@@ -56,10 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve(cfg: PretrainConfig) -> PretrainConfig:
     """Make the config self-contained for workers that run elsewhere: absolute paths, inline model."""
-    if not cfg.data.shards:
-        raise SystemExit("data.shards is not set: pass data.shards=DIR (a directory written by `cfdist preprocess`)")
+    if not cfg.data.shards and not cfg.data.is_mixture:
+        raise SystemExit("data.shards is not set: pass data.shards=DIR (a directory written by `cfdist preprocess`), "
+                         "or data.datasets for a mixture")
     cfg.storage.apply()  # endpoints into the environment (forwarded to every worker by init_ray)
-    cfg.data.shards = storage.absolute(cfg.data.shards)
+    if cfg.data.is_mixture:
+        for entry in cfg.data.datasets:
+            entry.shards = storage.absolute(entry.shards)
+    else:
+        cfg.data.shards = storage.absolute(cfg.data.shards)
     cfg.output_dir = storage.absolute(cfg.output_dir)
     if cfg.init_from:
         cfg.init_from = storage.absolute(cfg.init_from)
@@ -72,6 +78,8 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
 def check_shards(cfg: PretrainConfig):
     """Every file of the train (and val) split against the manifest, before any worker starts."""
 
+    if cfg.data.is_mixture:
+        return check_mixture_shards(cfg)
     shards = ShardSet(cfg.data.shards)
     splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
     model = cfg.model_config()
@@ -83,6 +91,33 @@ def check_shards(cfg: PretrainConfig):
     print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {k:,}' for s, k in n.items())} structures, "
           f"cutoff {shards.cutoff:.4f} A; {report.summary()})", flush=True)
     return shards
+
+
+class MixtureShards:
+    """What the driver keeps of a mixture's checked datasets (their content hashes for run_info)."""
+
+    def __init__(self, sources):
+        self.sources = sources
+        self.manifest = {"content_hash": {s.name: s.shards.manifest.get("content_hash") for s in sources}}
+
+
+def check_mixture_shards(cfg: PretrainConfig) -> MixtureShards:
+    """Every dataset of a mixture checked (:func:`cfdist.train.datasets.check_mixture`) and its
+    sampling probability printed, before any worker starts."""
+    model = cfg.model_config()
+    sources = check_mixture(cfg, model.n_elements, model.cutoff)
+    if cfg.init_from:
+        if not storage.is_file(cfg.init_from):
+            raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
+        check_encoder(model, load(cfg.init_from).config, cfg.init_from)
+    p = mixture_weights(cfg, sources)
+    how = "weights" if cfg.data.datasets[0].weight is not None else f"temperature {cfg.data.temperature:g}"
+    for source, prob in zip(sources, p):
+        kind = "energy" if source.entry.energy else "properties"
+        print(f"dataset {source.name}: {source.shards.root} ({source.shards.n_rows(cfg.data.train_split):,} train "
+              f"structures, {kind} {source.targets}); drawn with p = {prob:.3f} ({how}); {source.report.summary()}",
+              flush=True)
+    return MixtureShards(sources)
 
 
 def check_energy_run(cfg: PretrainConfig, shards) -> None:
@@ -102,7 +137,12 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
     if cfg.init_from:
         if not storage.is_file(cfg.init_from):
             raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
-        check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
+        source = load(cfg.init_from).config
+        check_encoder(cfg.model_config(), source, cfg.init_from)
+        heads = [h.name for h in source.heads]
+        if cfg.init_head and cfg.init_head not in heads:
+            raise ConfigError(f"init_head={cfg.init_head}: {cfg.init_from} has no head of that name (its heads: "
+                              f"{heads or 'none: it was not pretrained on a mixture'})")
 
 
 def ray_storage(cfg: PretrainConfig) -> dict:

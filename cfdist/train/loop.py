@@ -39,6 +39,7 @@ how far into the epoch it was.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -72,8 +73,10 @@ from cfdist.run.step import train_step
 from cfdist.run.tracking import Tracker
 from cfdist.run.transfer import init_from_checkpoint
 from cfdist.shards import collate_arrow, read_schema
-from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches
+from cfdist.mixture import MixturePosition, MixtureRows, mixture_batches
+from cfdist.stream import DataCursor, EpochPlan, Position, Prefetcher, RowGroupReader, epoch_batches, stream_seed
 from cfdist.train.config import PretrainConfig, config_from_dict
+from cfdist.train.datasets import DatasetSource, mixture_sources, mixture_weights
 from cfdist.train.engine import build_engine, init_distributed, skip_step, zero3_parameters_held
 
 
@@ -112,6 +115,25 @@ class WorkerContext:
 
         return Prefetcher(epoch, prepare, first_epoch=cursor.epoch, start=start,
                           depth=self.cfg.data.prefetch_batches)
+
+    def mixture_stream(self, sources: list[DatasetSource], probabilities, prepare: Callable,
+                       start: MixturePosition) -> Prefetcher:
+        """This rank's mixture stream (:func:`cfdist.mixture.mixture_batches`) from ``start``, prepared
+        ahead in a thread; dataset d's own epochs are shuffled with seed (run seed, d)."""
+        d = self.cfg.data
+        readers = [RowGroupReader(s.columns, cache=d.shuffle_lanes + 2) for s in sources]
+        files = [[(e.path, e.rows) for e in s.shards.files(d.train_split)] for s in sources]
+
+        def plan(k: int, epoch: int) -> EpochPlan:
+            return EpochPlan(files[k], seed=stream_seed(self.cfg.seed, k), epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, window=d.shuffle_rows, lanes=d.shuffle_lanes,
+                             shuffle_files=d.shuffle_files, shuffle_rows=True)
+
+        def endless(_epoch: int, at: MixturePosition):
+            return mixture_batches(plan, readers, probabilities, [s.budget for s in sources], seed=self.cfg.seed,
+                                   rank=self.rank, start=at, names=[s.name for s in sources])
+
+        return Prefetcher(endless, prepare, first_epoch=0, start=start, depth=d.prefetch_batches)
 
     @contextmanager
     def latest_checkpoint(self):
@@ -222,10 +244,15 @@ class Trainer:
         self.cfg, self.ctx, self.shards = cfg, ctx, shards
         self.targets = list(cfg.data.targets)
         self.model_config = cfg.model_config()
-        self.energy = bool(self.model_config.energy)
+        self.energy = bool(self.model_config.any_energy)
         self.want_forces, self.want_stress = label_columns_wanted(cfg)
-        self.objective = make_objective(self.model_config, self.targets, cfg.loss)
+        # a mixture (data.datasets): one source per dataset, each with its head and loss
+        self.sources: list[DatasetSource] = list(shards) if cfg.data.is_mixture else []
+        self.probabilities = mixture_weights(cfg, self.sources) if self.sources else None
+        self.objective = make_objective(self.model_config, self.targets, cfg.loss,
+                                        losses={d.name: d.loss for d in cfg.data.datasets})
         self.budget = training_budget(cfg)
+        self.drawn = np.zeros((2, len(self.sources)))  # per dataset: micro-batches, structures (log window)
         self.grad_norm: float | None = None  # pre-clipping norm, when DeepSpeed does not record it
         self.init_report: dict[str, Any] = {}
         self.guard = BadStepGuard(cfg.max_bad_steps, ctx.rank)
@@ -241,13 +268,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         init_distributed(self.ctx.backend)
         model = Crystalformer(self.model_config)
-        set_target_normalisation(model, target_stats(self.shards, model.config.target_names, cfg.data.train_split,
-                                                     model.config.target_transforms))
-        self.step, self.cursor, self.position = 0, DataCursor(), Position()
+        if self.sources:  # each property head standardised with its own dataset's statistics
+            for source in self.sources:
+                head = model.output(source.name)
+                set_target_normalisation(head, target_stats(source.shards, head.target_names, cfg.data.train_split,
+                                                            source.entry.transforms))
+        else:
+            set_target_normalisation(model, target_stats(self.shards, model.config.target_names,
+                                                         cfg.data.train_split, model.config.target_transforms))
+        self.step, self.cursor = 0, DataCursor()
+        self.position: Position | MixturePosition = MixturePosition() if self.sources else Position()
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
-                self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
+                self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from, cfg.init_head)
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
@@ -255,7 +289,7 @@ class Trainer:
                 # issue 17: a new model's sigma statistics come from an explicit pass over this
                 # rank's first training batch (pooled over ranks), before compiling / DeepSpeed;
                 # that batch stays the first one trained on (self.first_item, read by run())
-                self.stream = self.ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+                self.stream = self.open_stream()
                 self.first_item = self.stream.next()
                 first = self.first_item.batch
                 model.fit_sigma_statistics(first.to(self.ctx.device) if first is not None else None, distributed_sum)
@@ -274,29 +308,41 @@ class Trainer:
                 for name, value in copied_buffers.items():
                     buf = self.model.get_buffer(name)
                     buf.copy_(value.to(device=buf.device, dtype=buf.dtype))
-            if self.energy and self.init_report.get("energy_head") != "kept":
-                self.fit_reference_energies()
+            if self.sources:
+                for source in self.sources:
+                    if source.entry.energy:
+                        self.fit_reference_energies(self.model.output(source.name), source.shards,
+                                                    source.targets[0], f"dataset {source.name!r}: ")
+            elif self.energy and (self.init_report.get("energy_head") != "kept" or cfg.init_references == "refit"):
+                # a kept energy head's references are re-fitted on this run's data unless init_references=keep
+                self.fit_reference_energies(self.model, self.shards, self.targets[0])
 
-    def fit_reference_energies(self) -> None:
-        """Least-squares reference energies on the train split (rank 0) -> every rank's model: solved
+    def open_stream(self) -> Prefetcher:
+        """This rank's training stream from the cursor (a mixture's, or the one dataset's)."""
+        if not self.sources:
+            return self.ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+        return self.ctx.mixture_stream(self.sources, self.probabilities, self.prepare_batch, self.position)
+
+    def fit_reference_energies(self, head, shards: ShardSet, label: str, what: str = "") -> None:
+        """Least-squares reference energies on the train split (rank 0) -> every rank's ``head``: solved
         from the sums the preprocessing job wrote into the manifest (no pass over the train split,
         so start-up does not grow with N), or by a pass over it for shards written without them."""
         n = self.model_config.n_elements
         values = torch.zeros(n + 1, dtype=torch.float64)
         if self.ctx.rank == 0:
             t0 = time.perf_counter()
-            label, split = self.targets[0], self.cfg.data.train_split
-            stored = self.shards.element_fit(label, split)
+            split = self.cfg.data.train_split
+            stored = shards.element_fit(label, split)
             if stored is not None:
                 fit = solve_element_fit(ElementFitSums.from_dict(stored), n, label=label)
                 source = "the manifest's statistics"
             else:
-                fit = fit_element_energies([e.path for e in self.shards.files(split)], label, n)
+                fit = fit_element_energies([e.path for e in shards.files(split)], label, n)
                 source = "a pass over the train split (the manifest has no element_fit: shards from an older cfdist)"
             values = torch.from_numpy(np.concatenate([fit["element_energy"], [fit["energy_scale"]]]))
             how = ("the residual's" if fit["scale_from"] == "residual"
                    else "fallback: too few structures per element for")
-            print(f"reference energies: least squares on {fit['structures']:,} train structures, "
+            print(f"{what}reference energies: least squares on {fit['structures']:,} train structures, "
                   f"{len(fit['elements'])} elements, from {source}; per-atom residual std "
                   f"{fit['residual_std']:.4f} eV/atom; energy scale {fit['energy_scale']:.4f} eV/atom ({how} "
                   f"dof-corrected std) ({time.perf_counter() - t0:.2f} s)", flush=True)
@@ -305,8 +351,8 @@ class Trainer:
             dist.broadcast(values, src=0)
             values = values.cpu()
         with torch.no_grad():
-            self.model.element_energy.copy_(values[:n].to(self.model.element_energy.device))
-            self.model.energy_scale.fill_(float(values[n]))
+            head.element_energy.copy_(values[:n].to(head.element_energy.device))
+            head.energy_scale.fill_(float(values[n]))
 
     def restore(self, path: Path) -> None:
         load_path, client = self.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG)
@@ -319,11 +365,29 @@ class Trainer:
                 buf.copy_(torch.as_tensor(value, dtype=buf.dtype).reshape(buf.shape))
         self.init_report = state.get("init_from", {})
         self.step, self.cursor = int(client["step"]), DataCursor.from_dict(client["cursor"])
-        self.position = self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
-        if self.ctx.rank == 0:
+        self.position = self.start_position()
+        if self.ctx.rank == 0 and self.sources:
+            print(f"resumed from {path} at step {self.step} (mixture: {self.cursor.batches} micro-batches drawn; every "
+                  f"dataset reads on where it was)", flush=True)
+        elif self.ctx.rank == 0:
             print(f"resumed from {path} at step {self.step} (epoch {self.cursor.epoch}, {self.cursor.batches} "
                   f"batches into it; reading on at window {self.position.window}, row {self.position.offset})",
                   flush=True)
+
+    def start_position(self) -> Position | MixturePosition:
+        """Where this rank's stream resumes from the cursor."""
+        if not self.sources:
+            return self.cursor.start_for(self.ctx.rank, self.ctx.world_size)
+        if self.cursor.batches == 0:
+            return MixturePosition()
+        world = self.ctx.world_size
+        if self.cursor.world_size != world or len(self.cursor.mixture) != world:
+            raise ValueError(f"the checkpoint was taken with {self.cursor.world_size} workers, this run has {world}: "
+                             f"an exact resume of a mixture stream needs the same number")
+        values = self.cursor.mixture[self.ctx.rank]
+        if len(values) != 3 * len(self.sources):
+            raise ValueError(f"the checkpoint's mixture has {len(values) // 3} datasets, this run {len(self.sources)}")
+        return MixturePosition.from_values(self.cursor.batches, values)
 
     # -- helpers -------------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -334,7 +398,13 @@ class Trainer:
         return t.cpu().tolist()
 
     def prepare_batch(self, table):
-        """Arrow rows -> CrystalBatch on the CPU (runs in the prefetch thread for training)."""
+        """Arrow rows -> CrystalBatch on the CPU (runs in the prefetch thread for training); a
+        mixture's rows with their dataset's labels, tagged with its name (its head and loss)."""
+        if isinstance(table, MixtureRows):
+            source = self.sources[table.dataset]
+            batch = collate_arrow(table.table, source.targets, cutoff=source.shards.cutoff, forces=source.forces,
+                                  stress=source.stress, block_width=self.cfg.compute.entry_chunk)
+            return dataclasses.replace(batch, dataset=source.name)
         return collate_arrow(table, self.targets, cutoff=self.shards.cutoff, forces=self.want_forces,
                              stress=self.want_stress, block_width=self.cfg.compute.entry_chunk)
 
@@ -355,7 +425,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         dropped_tail = 0
         # build() opened the stream of a new run (its first batch fitted the sigma statistics)
-        stream = self.stream or ctx.train_stream(self.budget, self.prepare_batch, self.cursor)
+        stream = self.stream or self.open_stream()
         epoch_batches_seen = 0
         try:
             while self.step < cfg.max_steps:
@@ -386,6 +456,9 @@ class Trainer:
                 self.cursor.batches += 1
                 self.position, epoch_batches_seen = item.position, epoch_batches_seen + 1
                 window.add(batch, t_data)
+                if self.sources:
+                    k = self.objective.names.index(batch.dataset)
+                    self.drawn[:, k] += (1, batch.n_crystals)
                 if not boundary:
                     continue
                 self.step += 1
@@ -470,6 +543,12 @@ class Trainer:
         metrics.update(components.summary(tot[len(values):], "", train=True))
         if not components.micro_steps:  # every step of the window was skipped (bad): no loss to show
             metrics.pop("loss", None)
+        if self.sources:  # what each dataset got in this window, over all ranks
+            drawn = np.array(self.all_sum(self.drawn.reshape(-1).tolist())).reshape(self.drawn.shape)
+            for k, source in enumerate(self.sources):
+                metrics[f"structures/{source.name}"] = int(drawn[1, k])
+                metrics[f"batches/{source.name}"] = int(drawn[0, k])
+            self.drawn[:] = 0
         metrics.update(lr=float(self.scheduler.get_last_lr()[0]),
                        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        peak_memory_mb=peak_memory_mb(self.ctx.device), epoch=self.cursor.epoch)
@@ -480,10 +559,15 @@ class Trainer:
         ``val_loss`` over the val split, every rank evaluating its block
         (:func:`cfdist.run.evaluation.evaluate`; under ZeRO-3 the ranks run in lockstep)."""
         zero3 = self.cfg.deepspeed.zero_stage == 3
-        batches = evaluation.split_batches(self.shards, self.cfg.data.val_split, self.targets, self.budget,
-                                           forces=self.want_forces, stress=self.want_stress,
-                                           rank=self.ctx.rank, world=self.ctx.world_size,
-                                           block_width=self.cfg.compute.entry_chunk)
+        if self.sources:  # every dataset's val split, each batch tagged with its dataset
+            batches = (dataclasses.replace(b, dataset=s.name) for s in self.sources for b in evaluation.split_batches(
+                s.shards, self.cfg.data.val_split, s.targets, s.budget, forces=s.forces, stress=s.stress,
+                rank=self.ctx.rank, world=self.ctx.world_size, block_width=self.cfg.compute.entry_chunk))
+        else:
+            batches = evaluation.split_batches(self.shards, self.cfg.data.val_split, self.targets, self.budget,
+                                               forces=self.want_forces, stress=self.want_stress,
+                                               rank=self.ctx.rank, world=self.ctx.world_size,
+                                               block_width=self.cfg.compute.entry_chunk)
         totals = evaluation.evaluate(
             self.engine, batches, self.objective, self.ctx.device, all_sum=self.all_sum,
             lockstep=zero3 and self.ctx.world_size > 1,
@@ -494,10 +578,17 @@ class Trainer:
         """All ranks save their DeepSpeed state; the context persists the directory."""
         # every rank's stream position, so that a resume reads on from there (cfdist.stream)
         world = self.ctx.world_size
-        mine = [0.0] * (2 * world)
-        mine[2 * self.ctx.rank:2 * self.ctx.rank + 2] = [float(self.position.window), float(self.position.offset)]
-        flat = self.all_sum(mine)
-        self.cursor.positions = [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world)]
+        if self.sources:  # per rank, every dataset's (epoch, window, offset)
+            width = 3 * len(self.sources)
+            mine = [0.0] * (width * world)
+            mine[width * self.ctx.rank:width * (self.ctx.rank + 1)] = self.position.values()
+            flat = self.all_sum(mine)
+            self.cursor.mixture = [[int(v) for v in flat[width * r:width * (r + 1)]] for r in range(world)]
+        else:
+            mine = [0.0] * (2 * world)
+            mine[2 * self.ctx.rank:2 * self.ctx.rank + 2] = [float(self.position.window), float(self.position.offset)]
+            flat = self.all_sum(mine)
+            self.cursor.positions = [[int(flat[2 * r]), int(flat[2 * r + 1])] for r in range(world)]
         self.cursor.world_size = world
         # JSON numbers round-trip a float64 exactly: reference energies keep all their digits
         buffers = {name: (buf.item() if buf.numel() == 1 else
@@ -539,8 +630,7 @@ def ray_train_loop(loop_config: dict) -> None:
     quiet_ray_data()
     cfg = config_from_dict(loop_config["config"])
     watch_board(loop_config.get("stop_board", ""))  # the driver's SIGTERM / Ctrl-C reaches this worker
-    shards = ShardSet(cfg.data.shards)
-    columns = training_columns_for(shards, cfg)
+    shards, columns = open_data(cfg)
     Trainer(cfg, RayContext(cfg, columns, shards), shards).run()
     if dist.is_initialized():
         dist.barrier()
@@ -548,13 +638,21 @@ def ray_train_loop(loop_config: dict) -> None:
 
 def local_train_loop(cfg: PretrainConfig) -> dict:
     """Train in this process (world size 1) or as one torchrun rank (RANK/WORLD_SIZE set)."""
-    shards = ShardSet(cfg.data.shards)
-    columns = training_columns_for(shards, cfg)
+    shards, columns = open_data(cfg)
     with stop_on_signals():  # SIGTERM / Ctrl-C: checkpoint at the next step boundary, then stop
         result = Trainer(cfg, LocalContext(cfg, columns, shards), shards).run()
     if dist.is_initialized():
         dist.barrier()
     return result
+
+
+def open_data(cfg: PretrainConfig):
+    """(the run's shards, their training columns): a :class:`ShardSet` and its columns, or for a
+    mixture the list of :class:`cfdist.train.datasets.DatasetSource` (each with its columns) and None."""
+    if cfg.data.is_mixture:
+        return mixture_sources(cfg), None
+    shards = ShardSet(cfg.data.shards)
+    return shards, training_columns_for(shards, cfg)
 
 
 def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
@@ -565,6 +663,9 @@ def training_columns_for(shards: ShardSet, cfg: PretrainConfig) -> list[str]:
 
 def label_columns_wanted(cfg: PretrainConfig) -> tuple[bool, bool]:
     """(forces, stress): whether the run trains on them (an energy model with a nonzero weight)."""
+    if cfg.data.is_mixture:  # any dataset's (each dataset's own: DatasetEntry.wants)
+        wants = [d.wants() for d in cfg.data.datasets]
+        return any(w[0] for w in wants), any(w[1] for w in wants)
     if not cfg.model_config().energy:
         return False, False
     return cfg.loss.forces_weight > 0, cfg.loss.stress_weight > 0
