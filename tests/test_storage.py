@@ -260,6 +260,9 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
             "log_every": 1, "seed": 3, **kw,
             "data": {"shards": shards, "targets": ["e_form"], "batch_size": 12, "verify_checksums": False}})
 
+    secret = "cfdist-ft-secret-never-written-51c9"  # moto takes any key; this one must never be stored
+    if bucket.startswith("s3://"):
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-a")}):
@@ -296,6 +299,8 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
         model = cfdist.load(f"{runs}/ft/checkpoints/swa.pt")
     assert model.checkpoint_info["extra"]["step"] == 8
     assert not list(work.iterdir())  # nothing in the working directory (no local folder named s3: / gs:)
+    for rel, _ in storage.list_files(f"{runs}/ft"):  # no credential in any run file
+        assert secret.encode() not in storage.read_bytes(f"{runs}/ft/{rel}"), rel
 
     with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-b")}):
         again = run(config(overwrite=True, epochs=1, swa_epochs=0))

@@ -366,7 +366,8 @@ class FinetuneTrainer:
         self.transfer_report = state["transfer_report"]
         if self.rank == 0:
             where = f"{self.epoch_step} steps into epoch {self.epoch + 1}" if self.epoch_step else f"after epoch {self.epoch}"
-            print(f"resumed {storage.join(self.cfg.run_location(), 'checkpoints', LAST)} {where} (step {self.step}, best val loss {self.best_val:.4g} "
+            last = storage.join(self.cfg.run_location(), "checkpoints", LAST)
+            print(f"resumed {last} {where} (step {self.step}, best val loss {self.best_val:.4g} "
                   f"at epoch {self.best_epoch})", flush=True)
 
     # -- training ------------------------------------------------------------------------
