@@ -273,8 +273,7 @@ def upload_file(local: str | os.PathLike, location: str | os.PathLike) -> str:
         return str(location)
     fs, path = filesystem(location)
     try:
-        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
-                        use_threads=False)
+        pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     except OSError as exc:
         raise StorageError(f"{location}: upload of {local} failed ({exc})") from exc
     return str(location)
@@ -337,8 +336,7 @@ def download_file(location: str | os.PathLike, local: str | os.PathLike) -> Path
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise FileNotFoundError(f"{location}: no such object")
     with atomic_write(local) as tmp:
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem(),
-                        use_threads=False)
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
 
 

@@ -223,7 +223,16 @@ FT_TINY = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8,
            "cutoff_sigmas": 4.4}  # the shard_dir tables hold 8.9095 A
 
 
-def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machine(bucket, shard_dir, tmp_path,
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """``s3://cfdist-ft`` on a moto server of its own. (Not gs:// yet: in a process that had read
+    Parquet row groups from the fake GCS server, a later upload to it hung inside
+    ``arrow::fs::CopyFiles``, here and in a Ray Train pretraining run; not resolved.)"""
+    with s3_server() as srv:
+        yield srv.make_bucket("cfdist-ft")
+
+
+def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machine(s3_bucket, shard_dir, tmp_path,
                                                                                   monkeypatch):
     """``output_dir=<bucket>/ft-runs``: a real SIGTERM mid-epoch stores last.pt (and the run files) on
     the bucket; with an empty cache (another machine) ``init_from=resume`` continues from the stored
@@ -242,13 +251,10 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
     from cfdist.manifest import VERIFY_CACHE
     from cfdist.run.preempt import STOP_SIGNALS, StopRequest
 
+    bucket = s3_bucket
+    storage.StorageSection().apply()  # this server's endpoint: drop cached filesystems
     shards, runs = storage.join(bucket, "ft-shards"), storage.join(bucket, "ft-runs")
     storage.upload_tree(shard_dir, shards, skip=(VERIFY_CACHE,))
-    if bucket.startswith("gs://"):
-        # shards read from the fake GCS server *and* the run uploaded to it in one process: the
-        # epoch-end upload of last.pt hung inside arrow::fs::CopyFiles (not reproduced by a small
-        # script yet); the run's own files on gs:// are what this case covers
-        shards = str(shard_dir)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -261,8 +267,7 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
             "data": {"shards": shards, "targets": ["e_form"], "batch_size": 12, "verify_checksums": False}})
 
     secret = "cfdist-ft-secret-never-written-51c9"  # moto takes any key; this one must never be stored
-    if bucket.startswith("s3://"):
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:
         with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-a")}):
