@@ -22,7 +22,8 @@ first step when it is not split).
 
 One process by default (``scaling.num_workers: 0``). With Ray Train workers the same loop runs
 under DDP: each rank takes its share of every step, and rank 0 validates and writes checkpoints
-(``output_dir`` must be storage all nodes see).
+(``output_dir`` must be storage all nodes see: a shared path, or ``s3://`` / ``gs://``, where rank 0
+uploads each file once complete).
 
 Checkpoints in ``<run_dir>/checkpoints``: ``best.pt`` (portable, lowest validation loss),
 ``swa.pt`` (portable, the SWA average at the end), ``last.pt`` (full state after every epoch:
@@ -66,8 +67,9 @@ from cfdist.finetune.replay import TASK, replay_objective, replay_spec, replay_s
 from cfdist.run.objective import MixtureObjective, PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.run.preempt import StopRequest, signal_name, stop_on_signals, watch_board
+from cfdist.run.runinfo import CONTINUED_FILES, pull_run_files, push_run_files
 from cfdist.run.step import train_step
-from cfdist.run.tracking import Tracker
+from cfdist.run.tracking import TRACKING_FILE, Tracker
 from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_schema, read_shard
 from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
@@ -129,10 +131,11 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     ``last.pt`` (differences in ``cfg`` are reported and ignored).
     """
 
-    path = cfg.run_dir() / "checkpoints" / LAST
-    if not path.is_file():
+    path = storage.join(cfg.run_location(), "checkpoints", LAST)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
-    state = load_checkpoint_file(path)
+    # on object storage: a copy in the user cache, keyed by the object's ETag (every rank reads it)
+    state = load_checkpoint_file(storage.cached_copy(path, "checkpoints"))
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
     given["data"]["shards"] = storage.absolute(cfg.data.shards) if cfg.data.shards else ""
@@ -165,7 +168,7 @@ class FinetuneTrainer:
         self.resume_state = resume_state
         self.device = torch.device(device)
         self.report = report  # called with epoch metrics (Ray Train's report when under Ray)
-        self.run_dir = cfg.run_dir()
+        self.run_dir = cfg.run_dir()  # output_dir on object storage: a staging directory, uploaded
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # -- setup ---------------------------------------------------------------------------
@@ -238,6 +241,15 @@ class FinetuneTrainer:
         self.micro_batches = 0  # packed micro-batches this process trained on (all its steps)
         if state is not None:
             self.restore(state)
+        if self.rank == 0 and cfg.remote:  # on whichever node rank 0 runs: the stored files it continues
+            pull_run_files(self.run_dir, cfg.run_location(),
+                           CONTINUED_FILES + ((f"checkpoints/{BEST}",) if state is not None else ()))
+
+    def publish(self, *names: str) -> None:
+        """Upload these complete files of the run (relative paths) to its location on object storage
+        (rank 0; nothing to do for a local run)."""
+        if self.rank == 0 and self.cfg.remote:
+            push_run_files(self.run_dir, self.cfg.run_location(), names, tensorboard=False)
 
     def add_replay(self, model: Crystalformer, targets, transforms, resumed: bool) -> Crystalformer:
         """The two-head model of a run with replay (:mod:`cfdist.finetune.replay`), its objective and
@@ -354,7 +366,8 @@ class FinetuneTrainer:
         self.transfer_report = state["transfer_report"]
         if self.rank == 0:
             where = f"{self.epoch_step} steps into epoch {self.epoch + 1}" if self.epoch_step else f"after epoch {self.epoch}"
-            print(f"resumed {self.ckpt_dir / LAST} {where} (step {self.step}, best val loss {self.best_val:.4g} "
+            last = storage.join(self.cfg.run_location(), "checkpoints", LAST)
+            print(f"resumed {last} {where} (step {self.step}, best val loss {self.best_val:.4g} "
                   f"at epoch {self.best_epoch})", flush=True)
 
     # -- training ------------------------------------------------------------------------
@@ -396,14 +409,18 @@ class FinetuneTrainer:
                 self.epoch_step = 0
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
+                    new_best = ()
                     if cfg.data.val_split:
                         val = self.validate(self.model)
                         record.update(val)
                         if val["val_loss"] < self.best_val:  # NaN (no labels) never selects
                             self.best_val, self.best_epoch = val["val_loss"], self.epoch
                             save_portable(self.ckpt_dir / BEST, self.portable(self.model), extra=self.extra("best"))
+                            new_best = (f"checkpoints/{BEST}",)
                     self.save_last()
                     logger.log(self.step, record)
+                    # best.pt before last.pt, which names it: a resume never finds last.pt without it
+                    self.publish(*new_best, f"checkpoints/{LAST}", "metrics.jsonl", TRACKING_FILE)
                 if self.report is not None:
                     self.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if self.stopped:
@@ -418,19 +435,24 @@ class FinetuneTrainer:
         finally:
             stream.close()
             logger.close(status)
+            if self.rank == 0 and cfg.remote and status != "FAILED":
+                # the rest of the run, now complete and closed: checkpoints, results, TensorBoard, the
+                # tracker's offline files (ray/: Ray Train's own driver-side state, not the run's)
+                storage.upload_tree(self.run_dir, cfg.run_location(), skip=("ray",))
 
     def stop(self, logger: MetricLogger) -> None:
         """A stop request reached every rank at a step boundary: rank 0 saves ``last.pt`` here
         (mid-epoch), every rank returns."""
         signum = StopRequest.get()
         name = signal_name(signum) if signum else "a signal to another rank"
-        self.stopped = {"preempted": 1, "preempted_by": name, "step": self.step,
-                        "checkpoint": str(self.ckpt_dir / LAST)}
+        last = storage.join(self.cfg.run_location(), "checkpoints", LAST)
+        self.stopped = {"preempted": 1, "preempted_by": name, "step": self.step, "checkpoint": str(last)}
         if self.rank == 0:
             self.save_last()
             logger.log(self.step, {"preempted": 1, "epoch": self.epoch, "epoch_step": self.epoch_step})
+            self.publish(f"checkpoints/{LAST}", "metrics.jsonl")
             print(f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}, {self.epoch_step} steps into it): "
-                  f"checkpoint {self.ckpt_dir / LAST}; resume with init_from=resume", flush=True)
+                  f"checkpoint {last}; resume with init_from=resume", flush=True)
         if self.report is not None:
             self.report({"preempted": 1, "step": self.step})
 
