@@ -5,6 +5,7 @@ training with 2 Ray workers, the loader alone, resume cost and shuffle quality, 
     python bench/scale.py --sizes 10000,100000 --sections preprocess,train
     python bench/scale.py --sizes 1000000 --sections kill   # kill -9 the 1M preprocessing at ~50 %, rerun
     python bench/scale.py --sizes 10000,200000,1000000 --sections driver   # finalize's per-record memory
+    python bench/scale.py --sizes 10000,100000,1000000 --sections mixture --work /tmp/cfdist-scale-mixture
 
 Sections (each size in turn; every stage reuses what an earlier run left in ``--work``):
 
@@ -24,6 +25,20 @@ Sections (each size in turn; every stage reuses what an earlier run left in ``--
   structures/s, to compare with what a train worker consumes (headroom); time to the first batch
   when resuming at 10 % and 90 % of the epoch by position (cfdist.stream); shuffle quality of the
   stream with and without lanes.
+* ``mixture`` (not in the default sections; issue 19): launch to the first logged step of
+  ``cfdist pretrain`` on a two-dataset mixture, the N-structure energy set (``energy: true``,
+  reference energies per element) + the real MEGNet slice's formation energies (3,418 train
+  crystals, preprocessed once with the same cutoff), the paper model, ZeRO-2, ``--batch`` structures
+  per micro-batch; by default one process (``--no-ray``; ``--mixture-launch ray`` for 2 Ray workers).
+  The energy sets are not preprocessed here: N = the size of a real shard set of
+  ``--mixture-sources`` (copied) or a multiple K of one (``bench/replicate_shards.py``: K hard-linked
+  copies of its files under new names, manifest and statistics those of the K copies; **1M = 10
+  copies of the 100k set's real rows**: the same number of files, footers and bytes as a real 1M
+  build, every row 10 times). Per N: the energy set's shard check (train + val) in a fresh process,
+  full sha256 / cached / checksums off; then the run (cached check, as a restart or a second run
+  gets), stopped by SIGTERM after its first logged step, with the time of each start-up stage from
+  its timestamped output (shard check done, reference energies and their solve time, first step)
+  and the peak RSS of its processes.
 * ``driver`` (not in the default sections): the preprocessing driver's per-record work alone, i.e.
   what its final pass (``cfdist.preprocess.job.finalize``) does for every record (the duplicate-id
   check and the distinct split groups, ``meta:mp_id``-style group keys), on N synthetic completion
@@ -53,7 +68,9 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
        "PYTHONUNBUFFERED": "1"}
 CFDIST = str(Path(sys.executable).parent / "cfdist")  # the console script of this environment
-SECTIONS = ("generate", "preprocess", "kill", "verify", "train", "loader", "driver")
+SECTIONS = ("generate", "preprocess", "kill", "verify", "train", "loader", "driver", "mixture")
+DEFAULT_SECTIONS = ("generate", "preprocess", "verify", "train", "loader", "driver")
+MIXTURE_SOURCES = "/tmp/cfdist-reference-fit/shards-10000,/tmp/cfdist-reference-fit/shards-100000"
 
 
 # ----------------------------------------------------------------------------- process-tree memory
@@ -390,22 +407,269 @@ def shuffle_quality(n: int, work: Path, batch: int) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- mixture start-up (issue 19)
+MEGNET_SLICE = REPO / "examples" / "data" / "megnet_slice.json.gz"
+MEGNET_SPLIT = REPO / "examples" / "data" / "megnet_slice_split.json"
+
+
+def mixture_energy_shards(n: int, work: Path, sources: list[str]) -> Path:
+    """``work/mixture-energy-<N>``: a copy of the real source set of N structures, or K hard-linked
+    copies of the copy of the largest source whose size divides N (``bench/replicate_shards.py``)."""
+    out = work / f"mixture-energy-{label(n)}"
+    if (out / "manifest.json").is_file():
+        return out
+    sys.path.insert(0, str(REPO / "bench"))
+    from replicate_shards import replicate
+
+    sizes = {int(json.loads((Path(src) / "manifest.json").read_text())["n_written"]): Path(src) for src in sources}
+    fits = sorted(size for size in sizes if n % size == 0)
+    if not fits:
+        raise SystemExit(f"mixture: N={n:,} is no multiple of a source's size ({', '.join(f'{k:,}' for k in sizes)}: "
+                         f"{', '.join(map(str, sizes.values()))}); pass --mixture-sources")
+    size = fits[-1]
+    if size == n:  # a byte copy: verification records and file identities of our own
+        replicate(sizes[size], out, 1, link=False)
+    else:
+        replicate(mixture_energy_shards(size, work, sources), out, n // size, link=True)
+    return out
+
+
+def mixture_megnet_shards(work: Path, cutoff: float) -> Path:
+    """``work/mixture-megnet_slice``: the real MEGNet slice with its published split, at ``cutoff``."""
+    out = work / "mixture-megnet_slice"
+    if not (out / "manifest.json").is_file():
+        res = subprocess.run([CFDIST, "preprocess", str(MEGNET_SLICE), "--out", str(out), "--targets", "e_form",
+                              "gap pbe", "--split-file", str(MEGNET_SPLIT), "--cutoff", repr(cutoff), "--workers", "2"],
+                             cwd=REPO, env=ENV, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"preprocess of the MEGNet slice failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    got = json.loads((out / "manifest.json").read_text())["cutoff"]
+    if abs(got - cutoff) > 1e-9:
+        raise SystemExit(f"{out}: cutoff {got} A, the energy set's is {cutoff} A; remove it to rebuild")
+    return out
+
+
+def mixture_check(shards: Path) -> dict:
+    """The shard check of train + val in a fresh process per mode: full sha256, cached records, off."""
+    code = ("import sys, time; from cfdist.manifest import ShardSet; s = ShardSet(sys.argv[1]); t = time.perf_counter(); "
+            "m = {'full': 'full', 'cached': True, 'off': False}[sys.argv[2]]; "
+            "r = s.verify(['train', 'val'], checksums=m, progress=False); "
+            "print(time.perf_counter() - t, r.files, r.hashed, sum(e.bytes for e in s.entries if e.split != 'test'))")
+    out = {}
+    for mode in ("full", "cached", "off"):
+        res = subprocess.run([sys.executable, "-c", code, str(shards), mode], cwd=REPO, env=ENV, capture_output=True,
+                             text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-2000:])
+        seconds, files, hashed, size = res.stdout.split()[-4:]
+        out[f"{mode}_s"] = float(seconds)
+        out.update(files=int(files), bytes=int(size))
+        out[f"{mode}_hashed"] = int(hashed)
+    return out
+
+
+def mixture_config(n: int, work: Path, energy: Path, megnet: Path, batch: int) -> Path:
+    """The run's YAML: configs/pretrain/mixture.yaml's recipe on these two datasets (the energy set has
+    no forces or stress: energy loss only); many steps, so the run is stopped, not finished."""
+    import yaml
+
+    cfg = {"run_name": f"mixture-{label(n)}", "output_dir": str(work / "runs"), "seed": 0, "max_steps": 1000,
+           "log_every": 1, "val_every": 1000, "checkpoint_every": 1000, "model": "crystalformer",
+           "data": {"datasets": [
+               {"name": "energy", "shards": str(energy), "energy": True, "targets": ["energy"],
+                "loss": {"energy_weight": 1.0, "forces_weight": 0.0, "stress_weight": 0.0, "kind": "huber",
+                         "huber_delta": 0.1}},
+               {"name": "megnet_slice", "shards": str(megnet), "targets": ["e_form"]}],
+               "temperature": 2.0, "max_atoms": 4096, "max_structures": batch, "shuffle_rows": 2048},
+           "optim": {"lr": 5.0e-4, "schedule": "warmup_cosine", "warmup_steps": 100, "min_lr_ratio": 0.01},
+           "deepspeed": "zero2",
+           "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1, "max_failures": 0}}
+    path = work / f"mixture-{label(n)}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_to_first_step(cmd: list[str], log: Path, metrics: Path, limit_s: float = 1200) -> dict:
+    """Run ``cmd`` with every output line timestamped (seconds since launch) into ``log``; SIGTERM to
+    the driver once ``metrics`` has its first record (the run checkpoints and stops; SIGKILL of the
+    process tree if it has not ended 180 s later). Returns the lines, the first record's time and
+    peak RSS by process kind."""
+    launched = time.time()
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
+                            start_new_session=True, text=True, bufsize=1)
+    memory = TreeMemory(proc.pid)
+
+    def pump():
+        with open(log, "w") as fh:
+            for line in proc.stdout:
+                lines.append((time.time() - launched, line.rstrip("\n")))
+                fh.write(f"[{lines[-1][0]:8.2f}] {line}")
+                fh.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    first, stopped, killed = None, None, False
+    while proc.poll() is None:
+        if first is None and metrics.is_file():
+            records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            steps = [r for r in records if "step_time_s" in r]
+            if steps:
+                first = steps[0]
+                proc.send_signal(signal.SIGTERM)
+                stopped = time.time()
+        if stopped is not None and not killed and time.time() - stopped > 180:
+            for pid in reversed(memory.pids()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed = True
+        if first is None and time.time() - launched > limit_s:
+            proc.send_signal(signal.SIGTERM)
+            stopped, first = time.time(), {}
+        time.sleep(0.1)
+    reader.join(timeout=10)
+    peaks = memory.close()
+    if killed:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # daemons that left the tree die with their session
+        except (ProcessLookupError, PermissionError):
+            pass
+    if not first:
+        raise SystemExit(f"{' '.join(map(str, cmd))}: no logged step (rc {proc.returncode}); see {log}")
+    return {"first_step_s": first["time"] - launched, "first_record": first, "lines": lines,
+            "returncode": proc.returncode, "killed": killed, "rss_mb": peaks}
+
+
+def _first(lines: list[tuple[float, str]], pattern: str) -> tuple[float, re.Match] | tuple[None, None]:
+    for t, line in lines:
+        m = re.search(pattern, line)
+        if m:
+            return t, m
+    return None, None
+
+
+def mixture_stages_child(config: Path, with_pass: bool) -> dict:
+    """In a fresh process: the start-up steps of a mixture run that touch the data, timed one by one
+    as rank 0 of 2 does them (after the driver's shard check): the datasets' shard sets and columns
+    (``mixture_sources``), the sampling probabilities, the reference energies from the manifest, and
+    the mixture stream's first micro-batch (read, shuffle, pack; no collation). With ``with_pass``
+    also what the reference energies cost by a pass over the energy set's train split (the fallback
+    for shards without ``statistics.element_fit``, and what start-up did before issue 19)."""
+    from cfdist.preprocess.element_fit import ElementFitSums, solve
+    from cfdist.run.objective import fit_element_energies
+    from cfdist.train.config import load_pretrain_config
+    from cfdist.train.datasets import mixture_sources, mixture_weights
+    from cfdist.train.loop import LocalContext
+    from cfdist.mixture import MixturePosition
+
+    cfg = load_pretrain_config(str(config), [])
+    out, t0 = {}, time.perf_counter()
+    sources = mixture_sources(cfg)
+    out["sources_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    probabilities = mixture_weights(cfg, sources)
+    out["weights_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    energy = next(s for s in sources if s.entry.energy)
+    fit = solve(ElementFitSums.from_dict(energy.shards.element_fit(energy.targets[0])), cfg.model_config().n_elements)
+    out["reference_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    ctx = LocalContext(cfg, None, sources)
+    ctx.rank, ctx.world_size = 0, 2  # rank 0 of the 2-worker run
+    stream = ctx.mixture_stream(sources, probabilities, lambda rows: rows, MixturePosition())
+    item = stream.next()
+    out["first_batch_s"], out["first_batch_rows"] = time.perf_counter() - t0, item.rows
+    stream.close()
+    if with_pass:
+        t0 = time.perf_counter()
+        by_pass = fit_element_energies([e.path for e in energy.shards.files(cfg.data.train_split)], energy.targets[0],
+                                       cfg.model_config().n_elements)
+        out["pass_s"] = time.perf_counter() - t0
+        out["pass_max_diff_ev"] = float(np.abs(by_pass["element_energy"] - fit["element_energy"]).max())
+    out["rss_mb"] = _hwm_mb(os.getpid())
+    return out
+
+
+def mixture_stages(config: Path, with_pass: bool) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--child-mixture", str(config)] + (["--with-pass"] if with_pass else []),
+                         cwd=REPO, env=ENV, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"mixture stages child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def mixture(n: int, work: Path, batch: int, sources: list[str], launches: list[str], repeats: int = 1,
+            with_pass: bool = True) -> dict:
+    """Launch -> first logged step of the two-dataset mixture at N (module docstring, ``mixture``),
+    ``repeats`` times per launch (``local``: --no-ray, ``ray``: 2 Ray Train workers); before them the
+    data stages alone (:func:`mixture_stages_child`)."""
+    if set(launches) - {"local", "ray"}:
+        raise SystemExit(f"--mixture-launch: local and/or ray, got {','.join(launches)}")
+    energy = mixture_energy_shards(n, work, sources)
+    manifest = json.loads((energy / "manifest.json").read_text())
+    megnet = mixture_megnet_shards(work, float(manifest["cutoff"]))
+    out = {"structures": manifest["n_written"], "train": manifest["splits"]["train"], "files": len(manifest["shards"]),
+           "replicated_from": manifest.get("replicated_from", {}).get("source"),
+           "copies": manifest.get("replicated_from", {}).get("copies", 1), "check": mixture_check(energy)}
+    config = mixture_config(n, work, energy, megnet, batch)
+    out["stages"] = [mixture_stages(config, with_pass and k == 0) for k in range(repeats)]
+    out["runs"] = [mixture_run(n, work, config, launch) for launch in launches for _ in range(repeats)]
+    return out
+
+
+def mixture_run(n: int, work: Path, config: Path, launch: str) -> dict:
+    """One ``cfdist pretrain`` of the mixture, stopped after its first logged step."""
+    run_dir = work / "runs" / f"mixture-{label(n)}"
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)])
+    cmd = [CFDIST, "pretrain", "--config", config, "--no-export"] + (["--no-ray"] if launch == "local" else [])
+    log = work / f"mixture-{label(n)}-{launch}.log"
+    run = run_to_first_step(cmd, log, run_dir / "metrics.jsonl")
+    lines = run.pop("lines")
+    checked_t, _ = _first(lines, r"^run directory: ")  # printed right after the shard check
+    energy_t, energy_m = _first(lines, r"^dataset energy: .*?; (checked .*)$")
+    megnet_t, megnet_m = _first(lines, r"^dataset megnet_slice: .*?; (checked .*)$")
+    ref_t, ref_m = _first(lines, r"dataset 'energy': reference energies: least squares on ([\d,]+) train structures.*"
+                                 r"from (.*?); .*\((\d+\.\d+) s\)")
+    return {"launch": launch, "run_check_energy": energy_m.group(1) if energy_m else "?",
+            "run_check_megnet": megnet_m.group(1) if megnet_m else "?",
+            "checked_at_s": checked_t, "reference_at_s": ref_t,
+            "reference_structures": int(ref_m.group(1).replace(",", "")) if ref_m else None,
+            "reference_from": ref_m.group(2) if ref_m else "?",
+            "reference_s": float(ref_m.group(3)) if ref_m else None,
+            "first_step_s": run["first_step_s"], "first_step_time_s": run["first_record"].get("step_time_s"),
+            "stopped_rc": run["returncode"], "killed": run["killed"], "rss_mb": run["rss_mb"],
+            "log": str(log)}
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--sections", default=",".join(s for s in SECTIONS if s != "kill"),
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                         help=f"any of {','.join(SECTIONS)} (kill runs at the largest size only)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/cfdist-scale"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32, help="structures per worker and step (data.max_structures)")
     parser.add_argument("--loader-structures", type=int, default=20_000)
+    parser.add_argument("--mixture-sources", default=MIXTURE_SOURCES,
+                        help="mixture: real energy shard sets (target 'energy', with statistics.element_fit); "
+                             "each N is one of their sizes or a multiple of one")
+    parser.add_argument("--mixture-launch", default="local",
+                        help="mixture: local (one process, --no-ray), ray (2 Ray Train workers) or local,ray")
+    parser.add_argument("--mixture-repeats", type=int, default=1, help="mixture: runs per launch and N")
+    parser.add_argument("--mixture-no-pass", action="store_true",
+                        help="mixture: skip timing the reference energies by a pass over the train split")
     parser.add_argument("--json", type=Path, default=None, help="also write every number as JSON")
+    parser.add_argument("--child-mixture", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--with-pass", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-loader", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-driver", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_loader:
         print(json.dumps(loader_child(args.child_loader, args.work, args.batch, args.loader_structures)))
+        return 0
+    if args.child_mixture:
+        print(json.dumps(mixture_stages_child(args.child_mixture, args.with_pass)))
         return 0
     if args.child_driver:
         print(json.dumps(driver_child(args.child_driver, args.work)))
@@ -440,6 +704,10 @@ def main(argv=None) -> int:
         if "driver" in sections:
             r["driver"] = driver_memory(n, args.work)
             print(f"{label(n)} driver: {r['driver']}", flush=True)
+        if "mixture" in sections:
+            r["mixture"] = mixture(n, args.work, args.batch, args.mixture_sources.split(","),
+                                   args.mixture_launch.split(","), args.mixture_repeats, not args.mixture_no_pass)
+            print(f"{label(n)} mixture: {r['mixture']}", flush=True)
     print_tables(results, sections)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -509,6 +777,8 @@ def print_tables(results: dict, sections: list[str]) -> None:
             if d:
                 print(f"| {size} | {d['wall_s']:.1f} | {d['hwm_start_mb']:.0f} | {d['hwm_end_mb']:.0f} | "
                       f"{d['bytes_per_record']:.1f} |")
+    if "mixture" in sections:
+        print_mixture(results)
     if "preprocess" in sections:
         print("\n| N | preprocess wall (s) | structures/s/core | bytes/structure | peak RSS driver (MB) | "
               "peak RSS per Ray worker (MB) | peak RSS Ray daemons (MB) |\n|---|---|---|---|---|---|---|")
@@ -549,6 +819,45 @@ def print_tables(results: dict, sections: list[str]) -> None:
                 print(f"| {size} | {s['order']} | {s['files_per_batch']:.1f} | "
                       f"{s['rows_from_previous_batch_files']:.2f} | {s['label_lag1_corr']:.2f} |")
 
+
+def print_mixture(results: dict) -> None:
+    rows = [(size, r["mixture"]) for size, r in results.items() if r.get("mixture")]
+    if not rows:
+        return
+
+    def spread(values: list[float], digits: int = 1) -> str:
+        values = sorted(values)
+        if len(values) == 1:
+            return f"{values[0]:.{digits}f}"
+        return f"{np.median(values):.{digits}f} ({values[0]:.{digits}f}-{values[-1]:.{digits}f})"
+
+    def size_name(size: str, m: dict) -> str:
+        return size if m["copies"] == 1 else f"{size} = {m['copies']} x {label(m['structures'] // m['copies'])}"
+
+    print("\nN > a real set's size: K hard-linked copies of its files (bench/replicate_shards.py); start-up reads the "
+          "files, footers and bytes of a real set of that size, but every row occurs K times. Times: median "
+          "(min-max) over the repeats.")
+    print("\n| N (energy set) | files (all splits) | shard check, train + val: full sha256 / cached / checksums off (s) "
+          "| reference energies: solve the manifest's sums (s) | same by a pass over the train split (s) | "
+          "mixture stream's first micro-batch, rank 0 of 2 (s) |\n|---|---|---|---|---|---|")
+    for size, m in rows:
+        c, stages = m["check"], m["stages"]
+        passes = [st["pass_s"] for st in stages if "pass_s" in st]
+        print(f"| {size_name(size, m)} | {m['files']} | {c['full_s']:.1f} / {c['cached_s']:.2f} / {c['off_s']:.2f} "
+              f"({c['files']} files, {c['bytes'] / 1e9:.2f} GB) | {spread([st['reference_s'] for st in stages], 3)} | "
+              f"{spread(passes) if passes else '-'} | {spread([st['first_batch_s'] for st in stages])} |")
+    print("\n| N (energy set) | launch | runs | launch -> first logged step (s) | shard check done at (s) | "
+          "reference energies printed at (s), source | peak RSS driver / train worker (MB) |\n"
+          "|---|---|---|---|---|---|---|")
+    for size, m in rows:
+        for launch in dict.fromkeys(run["launch"] for run in m["runs"]):
+            runs = [run for run in m["runs"] if run["launch"] == launch]
+            source = {("manifest" if "manifest" in run["reference_from"] else "pass") for run in runs}
+            worker = max((run["rss_mb"].get("train worker", [0])[0] for run in runs), default=0)
+            rss = f"{max(run['rss_mb'].get('driver', [0])[0] for run in runs):.0f}" + (f" / {worker:.0f}" if worker else "")
+            print(f"| {size_name(size, m)} | {launch} | {len(runs)} | {spread([run['first_step_s'] for run in runs])} | "
+                  f"{spread([run['checked_at_s'] for run in runs])} | "
+                  f"{spread([run['reference_at_s'] for run in runs])}, {'/'.join(sorted(source))} | {rss} |")
 
 if __name__ == "__main__":
     sys.exit(main())

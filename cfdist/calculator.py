@@ -79,6 +79,7 @@ class CrystalformerCalculator(Calculator):
             0 rebuilds on every change of positions or cell.
         validate: check every structure a table is built for with :func:`cfdist.crystal.validate`
             (elements, finite values, volume; overlaps are not checked).
+        head: a model pretrained on a dataset mixture: the dataset whose energy head computes.
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
     Results: ``energy`` and ``free_energy`` (eV, the same value), ``forces`` (N, 3) eV/A,
@@ -89,7 +90,8 @@ class CrystalformerCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
     def __init__(self, model_or_checkpoint_path: Any, device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "float64", skin: float = 1.0, validate: bool = True, **kwargs):
+                 dtype: str | torch.dtype = "float64", skin: float = 1.0, validate: bool = True,
+                 head: str | None = None, **kwargs):
         super().__init__(**kwargs)
 
         if isinstance(model_or_checkpoint_path, Crystalformer):
@@ -99,6 +101,13 @@ class CrystalformerCalculator(Calculator):
         else:
             raise TypeError(f"CrystalformerCalculator needs a cfdist.Crystalformer or a checkpoint path, got "
                             f"{type(model_or_checkpoint_path).__name__}")
+        if model.config.heads:  # pretrained on a mixture: one dataset's energy head computes
+            if head is None:
+                raise ValueError(f"the model has a head per dataset: pass head= one of its energy heads "
+                                 f"{[h.name for h in model.config.heads if h.energy]}")
+            model = model.for_dataset(head)
+        elif head is not None:
+            raise ValueError(f"head={head!r}: the model has no per-dataset heads")
         if not model.config.energy:
             raise ValueError("CrystalformerCalculator needs an energy model (CrystalformerConfig(energy=True)); "
                              f"this is a property-only model predicting {model.config.target_names}, which has "

@@ -57,7 +57,10 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
 
 def model_kind(config) -> str:
     """``"property"`` (the paper's mean-pooled heads only), ``"energy"`` (energy head only) or
-    ``"energy+property"`` (both: a multi-task model) for a :class:`cfdist.CrystalformerConfig`."""
+    ``"energy+property"`` (both: a multi-task model), or ``"mixture"`` (a head per dataset) for a
+    :class:`cfdist.CrystalformerConfig`."""
+    if config.heads:
+        return "mixture"
     if not config.energy:
         return "property"
     return "energy+property" if config.n_targets else "energy"
@@ -68,6 +71,12 @@ def model_kind(config) -> str:
 FLOAT64_TENSORS = ("element_energy",)
 
 
+def keeps_float64(name: str) -> bool:
+    """Whether state-dict entry ``name`` is one of :data:`FLOAT64_TENSORS` (a model's own, or a
+    mixture model's dataset head's: ``heads.<dataset>.element_energy``)."""
+    return name.rsplit(".", 1)[-1] in FLOAT64_TENSORS
+
+
 def portable_state_dict(model) -> dict[str, torch.Tensor]:
     """CPU copy of ``model.state_dict()``: floating tensors float32, except :data:`FLOAT64_TENSORS`
     (an energy model's per-element reference energies, eV/atom), which stay float64."""
@@ -75,7 +84,7 @@ def portable_state_dict(model) -> dict[str, torch.Tensor]:
     for name, value in model.state_dict().items():
         value = value.detach().to("cpu")
         if value.is_floating_point():
-            value = value.to(torch.float64 if name in FLOAT64_TENSORS else torch.float32)
+            value = value.to(torch.float64 if keeps_float64(name) else torch.float32)
         state[name] = value
     return state
 
@@ -178,7 +187,7 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     else:
         state = load_checkpoint_file(module_file)["module"]
-    return {k: v.to(torch.float64 if k in FLOAT64_TENSORS else torch.float32) if v.is_floating_point() else v
+    return {k: v.to(torch.float64 if keeps_float64(k) else torch.float32) if v.is_floating_point() else v
             for k, v in state.items()}
 
 

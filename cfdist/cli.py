@@ -21,6 +21,18 @@ import sys
 from pathlib import Path
 
 
+def _one_head(model, head: str | None):
+    """The model to predict with: a mixture model's head ``head`` as a single model (``--head``)."""
+    heads = [h.name for h in model.config.heads]
+    if heads and head is None:
+        raise SystemExit(f"the checkpoint was pretrained on a mixture: choose the head with --head ({', '.join(heads)})")
+    if head is not None and not heads:
+        raise SystemExit(f"--head {head}: the checkpoint has no per-dataset heads")
+    if head is not None and head not in heads:
+        raise SystemExit(f"--head {head}: not one of the checkpoint's heads ({', '.join(heads)})")
+    return model.for_dataset(head) if head is not None else model
+
+
 def _predict(argv) -> int:
     parser = argparse.ArgumentParser(prog="cfdist predict", description="Predict targets for structures in any "
                                      "input format; unreadable or invalid structures, and input files that "
@@ -35,6 +47,8 @@ def _predict(argv) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file or structure "
                         "failed (the CSV is written all the same)")
+    parser.add_argument("--head", default=None, help="a model pretrained on a dataset mixture: the dataset whose "
+                        "head predicts")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
     from cfdist.io import iter_input_records
@@ -47,7 +61,7 @@ def _predict(argv) -> int:
         write_predictions,
     )
 
-    model = load(args.checkpoint, map_location=args.device).to(args.device)
+    model = _one_head(load(args.checkpoint, map_location=args.device).to(args.device), args.head)
     inputs = localize_inputs(args.inputs)  # s3:// / gs:// inputs: cached local copies
     rows = write_predictions(predict_records(model, iter_input_records(inputs, args.format, on_error="row"),
                                              args.batch_size), args.out, output_names(model))
@@ -68,11 +82,13 @@ def _evaluate(argv) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file or structure "
                         "failed (the outputs are written all the same)")
+    parser.add_argument("--head", default=None, help="a model pretrained on a dataset mixture: the dataset whose "
+                        "head is evaluated")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
     from cfdist.predict import evaluate, exit_status
 
-    result = evaluate(load(args.checkpoint), args.data, args.out, split=args.split, batch_size=args.batch_size)
+    result = evaluate(_one_head(load(args.checkpoint), args.head), args.data, args.out, split=args.split, batch_size=args.batch_size)
     print("| target | n | MAE | RMSE | R^2 |\n|---|---|---|---|---|")
     for name, m in result["targets"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731

@@ -328,6 +328,24 @@ class Crystalformer(OutputHeads, nn.Module):
             raise ValueError(f"this model has no head for dataset {dataset!r}; heads: {list(self.heads)}")
         return self.heads[dataset]
 
+    def for_dataset(self, dataset: str) -> "Crystalformer":
+        """A single-dataset model made of this mixture model's encoder and the head of ``dataset``:
+        it computes what ``forward(..., dataset=dataset)`` computes (same weights, buffers, envelope),
+        and everything that takes a single model (``cfdist predict`` / ``evaluate``, the ASE
+        calculator) takes it."""
+        spec = self.config.head(dataset)
+        config = CrystalformerConfig.from_dict({**self.config.to_dict(), "heads": [], "energy": spec.energy,
+                                                "target_names": spec.property_targets,
+                                                "target_transforms": dict(spec.transforms)})
+        param = self.embedding.weight
+        # in this model's dtype before the weights are copied (a float32 module would round float64 ones)
+        single = Crystalformer(config).to(device=param.device, dtype=param.dtype)
+        prefix = f"heads.{dataset}."
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("heads.")}
+        state.update({k[len(prefix):]: v for k, v in self.state_dict().items() if k.startswith(prefix)})
+        single.load_state_dict(state)
+        return single.train(self.training)
+
     @property
     def cutoff(self) -> float:
         return self.config.cutoff

@@ -7,6 +7,7 @@ URIs never go through :mod:`pathlib` (``Path("s3://b/runs").resolve()`` is the l
     fs, path = filesystem("s3://bucket/shards/manifest.json")   # (pyarrow FileSystem, "bucket/shards/...")
     read_bytes(loc) / write_bytes(loc, data) / upload_file(local, loc) / upload_tree(local_dir, loc)
     exists(loc) / list_files(loc) / identity(loc)                 # identity: size + ETag (or mtime)
+    copy(src, dst) / remove(loc)                                  # any pair of locations; a file or a tree
     cached_copy(loc)                                              # a local copy, downloaded once
 
 Writes to object storage are never streamed: an exception inside ``fs.open_output_stream()``
@@ -290,6 +291,38 @@ def upload_tree(local_dir: str | os.PathLike, location: str | os.PathLike, *, sk
         upload_file(file, join(location, rel))
         done.append(rel)
     return done
+
+
+def copy(source: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Copy one file between any two locations (local or object storage), through a local
+    temporary for object storage: the destination appears whole or not at all."""
+    if not is_uri(source):
+        return upload_file(source, dest)
+    with tempfile.TemporaryDirectory(prefix="cfdist-copy-") as tmp:
+        local = download_file(source, Path(tmp) / basename(str(source)))
+        return upload_file(local, dest)
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete ``location``: a file, or a directory / object prefix with everything under it; no
+    error when it does not exist."""
+    if not is_uri(location):
+        path = Path(location)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+            return
+        # object by object: a prefix is no directory on S3 / GCS (and may hold "directory" markers)
+        for rel, _ in list_files(location):
+            fs.delete_file(f"{path}/{rel}")
+    except OSError as exc:
+        raise StorageError(f"{location}: cannot delete ({exc})") from exc
 
 
 def download_file(location: str | os.PathLike, local: str | os.PathLike) -> Path:

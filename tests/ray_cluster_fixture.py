@@ -21,9 +21,11 @@ How the cluster's processes are recognised (Linux ``/proc``; Ray 2.60):
 - Descendants of any such process (a worker's own subprocess with a scrubbed environment) count too.
 
 Teardown: SIGTERM to all of them (re-scanning every 0.2 s for processes started meanwhile), SIGKILL
-to whatever is left after 10 s, then a check that none remains (zombies awaiting their reaper count
-as gone). Ray 2.60's gcs_server often sits out the whole grace period after SIGTERM (it flushes its
-event recorder to an agent that is already gone), so a teardown takes about 10 s.
+to whatever is left after 2 s, then a check that none remains (zombies awaiting their reaper count
+as gone). The raylets, agents and workers exit within about a second of SIGTERM; Ray 2.60's
+gcs_server and the autoscaler monitor never do in time (the gcs_server flushes its event recorder to
+an agent that is already gone; it sat out a 10 s grace every time), and a test cluster has nothing a
+graceful end would keep (its temp dir is removed next), so a longer grace only cost ~8 s per cluster.
 
 Ports: the GCS, dashboard and every agent port are chosen free in 20000-32000, outside Ray's
 worker-port range (10002-19999) and below the kernel's ephemeral range. Nodes bind to 127.0.0.2,
@@ -164,7 +166,7 @@ def _start_time(pid: int) -> int | None:
     return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
-def kill_cluster(temp_dir: str | Path, grace_s: float = 10.0, kill_wait_s: float = 10.0) -> set[int]:
+def kill_cluster(temp_dir: str | Path, grace_s: float = 2.0, kill_wait_s: float = 10.0) -> set[int]:
     """SIGTERM every process of the cluster (re-scanning for ones started meanwhile), SIGKILL what is
     left after ``grace_s``; returns the processes still alive after that (empty when all went).
 

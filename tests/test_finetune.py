@@ -369,6 +369,23 @@ def finetune_cli(shards, out, *overrides, timeout=600, env=None):
                 "log_every=1", *overrides], timeout=timeout, env=env)
 
 
+def cli_here(*args) -> int:
+    """``cfdist ARGS`` in this process (cfdist.cli.main, what the console script runs), single-threaded
+    as under :data:`conftest.ENV` (OMP_NUM_THREADS=1): where a command needs no process of its own,
+    this skips the start-up of a second Python with torch (a few seconds on 2 cores)."""
+    from cfdist.cli import main
+    from cfdist.testing import single_threaded
+
+    with single_threaded():  # (also undoes a run's scaling.threads, which sets it for the whole process)
+        return main([str(a) for a in args])
+
+
+def finetune_here(shards, out, *overrides) -> int:
+    """:func:`finetune_cli`'s command in this process (:func:`cli_here`)."""
+    return cli_here("finetune", "--config", "megnet_slice_eform", f"data.shards={shards}", f"output_dir={out}",
+                    "model=" + json.dumps(TINY), "data.batch_size=8", "log_every=1", *overrides)
+
+
 def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_ckpt, tmp_path):
     """One model, one split, one number: pretraining's validation, fine-tuning's validation and
     ``cfdist evaluate`` all measure through cfdist.run.evaluation. The checkpoint starts both runs
@@ -390,25 +407,28 @@ def test_pretraining_finetuning_and_evaluate_give_one_mae(ft_shards, pretrained_
     _, results = trainer_run(cfg, FinetuneTrainer)
     finetune_mae = results["val"]["final"]["val_mae/e_form"]
 
-    ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", pretrained_ckpt, "--data", ft_shards,
-              "--split", "val", "--out", tmp_path / "eval"], timeout=300)
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert cli_here("evaluate", "--checkpoint", pretrained_ckpt, "--data", ft_shards, "--split", "val",
+                    "--out", tmp_path / "eval") == 0
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["e_form"]
     assert evaluated["n"] == 12 and math.isfinite(evaluated["mae"]) and evaluated["mae"] > 0
     assert pretrain_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
     assert finetune_mae == pytest.approx(evaluated["mae"], rel=1e-12, abs=0)
 
 
-def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path):
-    first = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "| swa |" not in first.stdout and "| final | e_form | 12 |" in first.stdout
+def test_cli_refuses_to_clobber_a_run_and_resume_needs_one(ft_shards, tmp_path, capsys):
+    """(In this process: the refusals are SystemExit(message), which the interpreter prints to stderr
+    with exit status 1.)"""
+    assert finetune_here(ft_shards, tmp_path, "epochs=1", "swa_epochs=0") == 0
+    first = capsys.readouterr().out
+    assert "| swa |" not in first and "| final | e_form | 12 |" in first
     run_dir = tmp_path / "megnet_slice_eform"
     assert (run_dir / "config.yaml").is_file() and json.loads((run_dir / "run_info.jsonl").read_text())["git_sha"]
-    again = finetune_cli(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
-    assert again.returncode != 0 and "already holds a run" in again.stderr
-    missing = finetune_cli(ft_shards, tmp_path, "init_from=resume", "run_name=nothing")
-    assert missing.returncode != 0 and "does not exist" in missing.stderr
+    with pytest.raises(SystemExit, match="already holds a run") as again:
+        finetune_here(ft_shards, tmp_path, "epochs=1", "swa_epochs=0")
+    assert isinstance(again.value.code, str)  # a message, not status 0
+    with pytest.raises(SystemExit, match="does not exist") as missing:
+        finetune_here(ft_shards, tmp_path, "init_from=resume", "run_name=nothing")
+    assert isinstance(missing.value.code, str)
 
 
 @pytest.mark.slow
@@ -417,8 +437,7 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
     single-process run: same sigma statistics, same weights up to float32 reduction order."""
     from cfdist.checkpoint import load
 
-    local = finetune_cli(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1")
-    assert local.returncode == 0, local.stderr[-3000:]
+    assert finetune_here(ft_shards, tmp_path / "local", "epochs=2", "swa_epochs=1") == 0
     ray = finetune_cli(ft_shards, tmp_path / "ray", "epochs=2", "swa_epochs=1", "scaling.num_workers=2",
                        env=ray_env(ray_cluster))
     assert ray.returncode == 0, (ray.stdout + ray.stderr)[-4000:]
@@ -430,10 +449,12 @@ def test_ray_train_workers_match_one_process(ft_shards, tmp_path, ray_cluster):
 
 
 @pytest.mark.slow
-def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records, ray_cluster):
+def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, megnet_slice_records, ray_cluster,
+                                                         capsys):
     """cfdist preprocess (a Ray Data job: the same shards as ft_shards' in-process build) -> cfdist
     pretrain (Ray Train + DeepSpeed, tiny) -> cfdist finetune init_from=pretrained on the other label
-    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint.
+    -> cfdist evaluate and cfdist predict with the fine-tuned checkpoint (those three run in this
+    process: cfdist.cli.main, without a Ray cluster or a process of their own).
 
     The pretraining is also test_compile's Ray Train run: 2 workers, ZeRO-2, compute.compile=true
     (the session cluster's workers compile with aot_eager) trains, validates (eval-mode graphs) and
@@ -468,25 +489,22 @@ def test_end_to_end_preprocess_pretrain_finetune_predict(ft_shards, tmp_path, me
 
     pretrained = load(ckpt)
     assert not is_compiled(pretrained) and "compile" not in pretrained.config.to_dict()
-    ft = run([sys.executable, "launch/finetune.py", "--config", "megnet_slice_bandgap",
-              f"data.shards={ft_shards}", f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained",
-              f"checkpoint={ckpt}", "epochs=2", "swa_epochs=1", "data.batch_size=8"], timeout=600)
-    assert ft.returncode == 0, (ft.stdout + ft.stderr)[-4000:]
-    assert "| swa | gap pbe | 12 |" in ft.stdout
+    capsys.readouterr()
+    assert cli_here("finetune", "--config", "megnet_slice_bandgap", f"data.shards={ft_shards}",
+                    f"output_dir={tmp_path}", "run_name=ft", "init_from=pretrained", f"checkpoint={ckpt}",
+                    "epochs=2", "swa_epochs=1", "data.batch_size=8") == 0
+    assert "| swa | gap pbe | 12 |" in capsys.readouterr().out
     results = json.loads((tmp_path / "ft" / "results.json").read_text())
     assert results["transfer"]["checkpoint_targets"] == ["e_form"] and results["transfer"]["new_targets"] == ["gap pbe"]
 
     swa = tmp_path / "ft" / "checkpoints" / "swa.pt"
     (tmp_path / "new.json").write_text(json.dumps(megnet_slice_records[100:105]))
-    pred = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", swa, tmp_path / "new.json",
-                "--out", tmp_path / "pred.csv"], timeout=300)
-    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert cli_here("predict", "--checkpoint", swa, tmp_path / "new.json", "--out", tmp_path / "pred.csv") == 0
     rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
     assert [r["id"] for r in rows] == [r["id"] for r in megnet_slice_records[100:105]]
     assert all(math.isfinite(float(r["gap pbe"])) for r in rows)
-    ev = run([sys.executable, "-m", "cfdist.cli", "evaluate", "--checkpoint", swa, "--data", ft_shards,
-              "--split", "test", "--out", tmp_path / "eval"], timeout=300)
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert cli_here("evaluate", "--checkpoint", swa, "--data", ft_shards, "--split", "test",
+                    "--out", tmp_path / "eval") == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["targets"]["gap pbe"]["n"] >= 1
 
 

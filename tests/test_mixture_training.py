@@ -190,6 +190,15 @@ def test_dataset_heads_compute_what_single_models_compute_and_every_head_gets_a_
     for x, y in ((a.energy, b.energy), (a.forces, b.forces), (a.stress, b.stress)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     assert mixture.predict(crystals, dataset="props").shape == (4, 2)
+    # the head as a single model (cfdist predict / evaluate --head): the same numbers
+    torch.testing.assert_close(mixture.for_dataset("props")(batch), prop(batch), rtol=0, atol=0)
+    torch.testing.assert_close(mixture.for_dataset("frames").energy_forward(batch).energy, b.energy, rtol=0, atol=0)
+    from cfdist.calculator import CrystalformerCalculator  # an ASE calculator of the mixture's energy head
+
+    with pytest.raises(ValueError, match="pass head= one of its energy heads \\['frames'\\]"):
+        CrystalformerCalculator(mixture)
+    calc = CrystalformerCalculator(mixture, head="frames", skin=0.0)
+    assert calc.model.config.energy and calc.model.heads is None
     with pytest.raises(ValueError, match="needs the dataset"):
         mixture(batch)
     with pytest.raises(ValueError, match="no head for dataset 'x'"):
@@ -249,6 +258,37 @@ def test_a_fresh_head_from_a_mixture_checkpoint_copies_the_encoder_only(tmp_path
     assert torch.equal(model.head[0].weight, source.heads["props"].head[0].weight)
 
 
+def test_init_from_a_mixture_checkpoint_takes_the_named_head(tmp_path):
+    """Pretraining's init_from + init_head: a single-dataset energy (or property) model starts from a
+    mixture checkpoint's encoder and the named dataset's head; no head named: the encoder only."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import save_portable
+    from cfdist.config import ConfigError
+    from cfdist.run.transfer import init_from_checkpoint
+    from conftest import freeze_sigma_stats
+
+    heads = [{"name": "frames", "energy": True, "targets": ["energy"]}, {"name": "props", "targets": ["e_form"]}]
+    source = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**MODEL, target_names=[], heads=heads)))
+    with torch.no_grad():
+        source.heads["frames"].element_energy.uniform_(-5, -1)
+        source.heads["props"].target_mean.fill_(-1.25)
+    path = save_portable(tmp_path / "mixture.pt", source)
+    energy = Crystalformer(CrystalformerConfig(**MODEL, target_names=[], energy=True))
+    report, buffers = init_from_checkpoint(energy, path, "frames")
+    assert report["energy_head"] == "kept" and report["init_head"] == "frames" and report["checkpoint_kind"] == "mixture"
+    assert torch.equal(energy.energy_head[0].weight, source.heads["frames"].energy_head[0].weight)
+    assert torch.equal(energy.element_energy, source.heads["frames"].element_energy)
+    assert torch.equal(energy.blocks[1].ffn[0].weight, source.blocks[1].ffn[0].weight)
+    prop = Crystalformer(CrystalformerConfig(**MODEL, target_names=["e_form"], envelope=True))
+    report, _ = init_from_checkpoint(prop, path, "props")
+    assert report["property_head"] == "kept" and float(prop.target_mean[0]) == -1.25
+    bare = Crystalformer(CrystalformerConfig(**MODEL, target_names=[], energy=True))
+    report, _ = init_from_checkpoint(bare, path)
+    assert report["energy_head"] == "fresh" and report["init_head"] is None
+    with pytest.raises(ConfigError, match="no head of that name"):
+        init_from_checkpoint(bare, path, "x")
+
+
 # ----------------------------------------------------------------------------- runs
 def pretrain(shards, out, run_name, *overrides, launcher=("launch/pretrain.py", "--no-ray"), env=None, timeout=400):
     return run([sys.executable, *launcher, "--config", "mptrj", f"output_dir={out}", f"run_name={run_name}",
@@ -305,6 +345,31 @@ def test_a_mixture_logs_per_dataset_draws_what_the_sampler_says_and_resumes_exac
 
     model = cfdist.load(tmp_path / "full" / "model.pt")
     assert list(model.heads) == ["mptrj", "megnet"] and model.heads["mptrj"].element_energy.dtype == torch.float64
+    # a single-dataset energy run from the mixture's mptrj head: its reference energies re-fitted on
+    # this run's data (init_references=refit, the default), its head weights kept
+    res = run([sys.executable, "launch/pretrain.py", "--no-ray", "--config", "mptrj", f"output_dir={tmp_path}",
+               "run_name=from_head", f"data.shards={mixture_shards['mptrj']}", "model=" + json.dumps(
+                   {**MODEL, "energy": True}), f"init_from={tmp_path / 'full' / 'model.pt'}", "init_head=mptrj",
+               "data.verify_checksums=false", "data.max_structures=8", "deepspeed=zero0", "max_steps=1",
+               "--no-export"], timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "'init_head': 'mptrj'" in res.stdout and "'energy_head': 'kept'" in res.stdout
+    assert "reference energies: least squares on 48 train structures" in res.stdout
+    # cfdist predict with a mixture checkpoint: --head picks the dataset's head
+    cif = tmp_path / "x.cif"
+    from pymatgen.core import Lattice, Structure
+
+    Structure(Lattice.cubic(4.2), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(cif))
+    res = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", str(tmp_path / "full" / "model.pt"),
+               str(cif), "--out", str(tmp_path / "p.csv")], timeout=120)
+    assert res.returncode != 0 and "choose the head with --head (mptrj, megnet)" in res.stderr
+    res = run([sys.executable, "-m", "cfdist.cli", "predict", "--checkpoint", str(tmp_path / "full" / "model.pt"),
+               str(cif), "--out", str(tmp_path / "p.csv"), "--head", "megnet"], timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    header, row = (tmp_path / "p.csv").read_text().splitlines()[:2]
+    expected = model.predict([cif_structure := Structure.from_file(str(cif))], dataset="megnet")[0]
+    assert header.split(",")[2:4] == ["e_form", "gap pbe"] and float(row.split(",")[3]) >= 0  # softplus gap
+    assert [float(v) for v in row.split(",")[2:4]] == pytest.approx(expected.tolist(), rel=1e-5)
 
 
 @pytest.mark.slow
@@ -352,3 +417,51 @@ def test_a_two_dataset_mixture_pretrains_on_ray_with_zero2_and_fine_tunes_from_a
         FinetuneTrainer(finetune_config_from_dict({**cfg.to_dict(), "transfer": {"head": "mptrj"}})).build()
     results = trainer.run()
     assert results["steps"] > 0 and np.isfinite(results["test"]["final"]["gap pbe"]["mae"])
+
+
+# ----------------------------------------------------------------------------- replay
+def test_fine_tuning_with_replay_trains_both_heads_and_saves_the_task_model(mixture_shards, tmp_path):
+    """finetune.replay: every step also trains the mixture checkpoint's mptrj energy head on MPtrj frames
+    (energies, forces, stress) through the shared encoder; validation, the test split and the saved
+    checkpoints are the band-gap task's single model."""
+    from cfdist import Crystalformer, CrystalformerConfig
+    from cfdist.checkpoint import load, load_checkpoint_file, save_portable
+    from cfdist.config import ConfigError
+    from cfdist.finetune.config import finetune_config_from_dict
+    from cfdist.finetune.loop import FinetuneTrainer
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(3)
+    heads = [{"name": "mptrj", "energy": True, "targets": ["energy"]},
+             {"name": "megnet", "targets": ["e_form", "gap pbe"], "transforms": {"gap pbe": "softplus"}}]
+    pretrained = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**MODEL, target_names=[], heads=heads)))
+    with torch.no_grad():
+        pretrained.heads["mptrj"].element_energy.fill_(-4.0)
+    checkpoint = save_portable(tmp_path / "mixture.pt", pretrained)
+
+    def config(name, **kw):
+        return finetune_config_from_dict({
+            "run_name": name, "output_dir": str(tmp_path), "init_from": "pretrained", "checkpoint": str(checkpoint),
+            "transfer": {"head": "megnet"}, "epochs": 1, "swa_epochs": 1, "log_every": 1, "seed": 5,
+            "data": {"shards": str(mixture_shards["megnet"]), "targets": ["gap pbe"], "batch_size": 8,
+                     "transforms": {"gap pbe": "softplus"}}, **kw})
+
+    replay = {"shards": str(mixture_shards["mptrj"]), "head": "mptrj", "fraction": 0.5}
+    with_replay = FinetuneTrainer(config("replay", replay=replay)).run()
+    assert with_replay["transfer"]["replay"] == {"shards": replay["shards"], "head": "mptrj", "targets": ["energy"],
+                                                 "fraction": 0.5}
+    train = [r for r in records(tmp_path / "replay") if "loss" in r]
+    assert len(train) == 5 and all(r["structures_per_step"] == 12 for r in train)  # 8 task + 4 replay
+    assert all(np.isfinite(r["mae/task/gap pbe"]) and np.isfinite(r["mae/mptrj/forces_mev_per_A"]) for r in train)
+    assert set(with_replay["test"]["final"]) == {"gap pbe"} and np.isfinite(with_replay["test"]["swa"]["gap pbe"]["mae"])
+    for kind in ("final", "swa", "best"):  # portable checkpoints: the task's single model
+        model = load(tmp_path / "replay" / "checkpoints" / f"{kind}.pt")
+        assert model.heads is None and model.config.target_names == ["gap pbe"], kind
+    last = load_checkpoint_file(tmp_path / "replay" / "checkpoints" / "last.pt")
+    before = pretrained.state_dict()
+    assert not torch.equal(last["model"]["heads.mptrj.energy_head.0.weight"], before["heads.mptrj.energy_head.0.weight"])
+    assert torch.equal(last["model"]["heads.mptrj.element_energy"], before["heads.mptrj.element_energy"])
+    with pytest.raises(ConfigError, match="name one of the checkpoint's dataset heads"):
+        FinetuneTrainer(config("bad", replay={**replay, "head": "x"})).build()
+    with pytest.raises(ConfigError, match="replay needs a pretrained head"):
+        finetune_config_from_dict({"init_from": "scratch", "replay": replay})

@@ -15,7 +15,7 @@ import pytest
 from cfdist.geometry import image_table
 from cfdist.shards import arrow_to_crystals, collate_arrow, read_shard
 
-from conftest import ENV, build_shards, run
+from conftest import ENV, build_shards, ray_env, run
 from paths import EXAMPLE_DATA, require
 from paths import ROOT as REPO  # noqa: E402
 SCRIPT = REPO / "preprocess" / "build_shards.py"
@@ -217,7 +217,12 @@ def test_stale_output_is_refused_and_rerun_reuses_work(ray_session, slice_file, 
 
 
 @pytest.mark.slow
-def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_records, tmp_path):
+def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_records, tmp_path, ray_cluster):
+    """The job's driver killed with SIGKILL mid-way, then the same command again: it resumes from the
+    chunks already written and ends with the manifest of an uninterrupted build. Both commands run on
+    the session's Ray cluster (conftest; a Ray instance of their own cost each ~5-10 s of start-up
+    on 2 cores): the driver's death ends the job's tasks there (at most the chunk in flight, one
+    worker, still lands, hence the n_done + 1 below)."""
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps(megnet_slice_records[:240]))
     args = [raw, "--targets", "e_form", "--shard-size", "8", "--workers", "1", "--cutoff", "8.9095"]
@@ -225,8 +230,9 @@ def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_record
     build_shards([raw], tmp_path / "full", ["e_form"], shard_size=8, cutoff=8.9095)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args), "--out", str(out)],
+                            env={**ENV, **ray_env(ray_cluster)}, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 180
     progress = out / ".progress"
     while time.time() < deadline:
@@ -240,7 +246,7 @@ def test_kill_minus_nine_then_resume_gives_the_same_manifest(megnet_slice_record
     assert 4 <= n_done < 30, n_done  # killed mid-way
     assert not (out / "manifest.json").exists()
 
-    resumed = cli(*args, "--out", out)
+    resumed = cli(*args, "--out", out, env=ray_env(ray_cluster))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{n_done} already done" in resumed.stderr or f"{n_done + 1} already done" in resumed.stderr
     full = json.loads((tmp_path / "full" / "manifest.json").read_text())

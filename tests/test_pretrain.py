@@ -85,20 +85,39 @@ def test_bad_shards_fail_before_training(tiny_shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+# the settings of the Ray Train resume test's runs and of their uninterrupted torchrun reference: 16
+# structures per rank at 4 per batch: 4 steps per epoch, so step 3 is mid-epoch (the cursor skips 3
+# batches on resume) and steps 5-9 cross into epochs 1 and 2
+RESUME_COMMON = ("scaling.num_workers=2", "checkpoint_every=3", "val_every=6", "deepspeed=zero2",
+                 "data.max_structures=4")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tiny_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``launch/pretrain.py --no-ray`` under 2 torchrun ranks, 9 steps of :data:`RESUME_COMMON` with
+    checksums verified: (its output_dir, the finished process). One run serves two tests: the rank-0
+    regression below and, as the uninterrupted reference, the Ray Train resume test (Ray Train's
+    workers follow the same trajectory as torchrun's ranks, bit for bit; a Ray Train run of its own
+    cost ~30 s of start-up on 2 cores)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    res = pretrain_cli(tiny_shards, out, "full", "max_steps=9", "data.verify_checksums=true", *RESUME_COMMON,
+                       extra_args=("--no-ray",), launcher=torchrun_launcher(2), timeout=300)
+    (out / "torchrun.log").write_text(res.stdout + res.stderr)
+    return out, res
+
+
 @pytest.mark.slow
-def test_torchrun_no_ray_checks_and_records_the_run_once(tiny_shards, tmp_path):
+def test_torchrun_no_ray_checks_and_records_the_run_once(torchrun_run):
     """Regression: `--no-ray` under torchrun made every rank verify (hash) all shards and append to
     config.yaml / run_info.jsonl (one line per rank per start). Only rank 0 may do that."""
-    launcher = torchrun_launcher(2)
-    res = pretrain_cli(tiny_shards, tmp_path, "tr", "max_steps=2", "data.verify_checksums=true",
-                       extra_args=("--no-ray",), launcher=launcher, timeout=300)
+    out, res = torchrun_run
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-4000:]
-    assert len((tmp_path / "tr" / "run_info.jsonl").read_text().splitlines()) == 1
+    assert len((out / "full" / "run_info.jsonl").read_text().splitlines()) == 1
     assert output.count("shards ok:") == 1, output[-4000:]
     import cfdist
 
-    cfdist.load(tmp_path / "tr" / "model.pt")
+    cfdist.load(out / "full" / "model.pt")
 
 
 def pretrain_popen(shards, out, run_name, *overrides, env=None) -> subprocess.Popen:
@@ -131,19 +150,19 @@ def kill_a_worker_at_step(proc: subprocess.Popen, cluster, metrics_file: Path, s
 
 
 @pytest.mark.slow
-def test_ray_train_resume_and_killed_worker_match_uninterrupted_run(tiny_shards, tmp_path, ray_cluster):
+def test_ray_train_resume_and_killed_worker_match_uninterrupted_run(torchrun_run, tiny_shards, tmp_path,
+                                                                     ray_cluster):
     """Ray TorchTrainer, 2 workers: 3 steps, then the same command resumes to 9 (a CLI restart), and
     in that run one worker is killed with SIGKILL after step 5: the group restarts from the last
-    checkpoint and finishes. Every step's loss equals a 9-step uninterrupted run's, and so does the
-    exported model. (One test for both: the CLI resume and the failure restart restore through
-    the same ray.train checkpoint, and each Ray Train run costs ~30 s of start-up on 2 cores.)"""
-    # 16 structures per rank at 4 per batch: 4 steps per epoch, so step 3 is mid-epoch (the cursor
-    # skips 3 batches on resume) and steps 5-9 cross into epochs 1 and 2
-    common = ("scaling.num_workers=2", "checkpoint_every=3", "val_every=6", "deepspeed=zero2",
-              "data.max_structures=4")
-    env = ray_env(ray_cluster)
-    full = pretrain_cli(tiny_shards, tmp_path, "full", "max_steps=9", "scaling.max_failures=0", *common, env=env)
+    checkpoint and finishes. Every step's loss equals the 9-step uninterrupted run's (2 torchrun
+    ranks: the same trajectory as 2 Ray Train workers), and so does the exported model. (One test for
+    both: the CLI resume and the failure restart restore through the same ray.train checkpoint, and
+    each Ray Train run costs ~30 s of start-up on 2 cores.)"""
+    full_dir, full = torchrun_run
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
+    full_dir = full_dir / "full"
+    common = RESUME_COMMON
+    env = ray_env(ray_cluster)
     first = pretrain_cli(tiny_shards, tmp_path, "resumed", "max_steps=3", "scaling.max_failures=0", *common,
                          extra_args=("--no-export",), env=env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
@@ -160,7 +179,7 @@ def test_ray_train_resume_and_killed_worker_match_uninterrupted_run(tiny_shards,
     assert proc.returncode == 0, output[-4000:]
     # resumed twice: from the first command's step 3, and after the kill from the last checkpoint
     assert output.count("resumed from") >= 2, output[-4000:]
-    ref = {r["step"]: r for r in metrics(tmp_path / "full") if "loss" in r}
+    ref = {r["step"]: r for r in metrics(full_dir) if "loss" in r}
     records = [r for r in metrics(tmp_path / "resumed") if "loss" in r]
     got = {r["step"]: r for r in records}  # the last record of each step
     assert sorted(ref) == sorted(got) == list(range(1, 10))
@@ -171,21 +190,23 @@ def test_ray_train_resume_and_killed_worker_match_uninterrupted_run(tiny_shards,
     import torch
 
     import cfdist
+    from cfdist.export import main as export_main
 
-    a, b = cfdist.load(tmp_path / "full" / "model.pt"), cfdist.load(tmp_path / "resumed" / "model.pt")
+    a, b = cfdist.load(full_dir / "model.pt"), cfdist.load(tmp_path / "resumed" / "model.pt")
     assert b.checkpoint_info["extra"]["step"] == 9
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
-    # the on-demand export CLI gives the same portable model as the end-of-run export
-    exported = run([sys.executable, "-m", "cfdist.export", tmp_path / "full", tmp_path / "again.pt"], timeout=120)
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    # the on-demand export (python -m cfdist.export; in this process: no second DeepSpeed start-up)
+    # gives the same portable model as the end-of-run export, from a Ray Train run's directory
+    assert export_main([str(tmp_path / "resumed"), str(tmp_path / "again.pt")]) == 0
     again = cfdist.load(tmp_path / "again.pt")
-    for (name, x), (_, y) in zip(a.state_dict().items(), again.state_dict().items()):
+    for (name, x), (_, y) in zip(b.state_dict().items(), again.state_dict().items()):
         assert torch.equal(x, y), name
     info = [json.loads(line) for line in (tmp_path / "resumed" / "run_info.jsonl").read_text().splitlines()]
     assert len(info) == 2 and all(i["versions"]["torch"] and i["git_sha"] for i in info)
-    assert (tmp_path / "full" / "config.yaml").is_file()
-    assert list((tmp_path / "full" / "tensorboard").glob("events.out.tfevents.*"))
+    for run_dir in (full_dir, tmp_path / "resumed"):
+        assert (run_dir / "config.yaml").is_file()
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

@@ -216,3 +216,121 @@ def test_storage_config_section_is_typed_and_holds_no_secrets():
     assert (cfg.storage.endpoint, cfg.storage.region) == ("http://10.0.0.5:9000", "eu-west-1")
     with pytest.raises(ConfigError, match="secret_key"):
         load_pretrain_config("megnet_slice", ["storage.secret_key=abc"])  # secrets: environment only
+
+
+# ----------------------------------------------------------------------------- fine-tuning runs on object storage
+FT_TINY = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8, "head_hidden": 16,
+           "cutoff_sigmas": 4.4}  # the shard_dir tables hold 8.9095 A
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """``s3://cfdist-ft`` on a moto server of its own. (Not gs:// yet: in a process that had read
+    Parquet row groups from the fake GCS server, a later upload to it hung inside
+    ``arrow::fs::CopyFiles``, here and in a Ray Train pretraining run; not resolved.)"""
+    with s3_server() as srv:
+        yield srv.make_bucket("cfdist-ft")
+
+
+def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machine(s3_bucket, shard_dir, tmp_path,
+                                                                                  monkeypatch):
+    """``output_dir=<bucket>/ft-runs``: a real SIGTERM mid-epoch stores last.pt (and the run files) on
+    the bucket; with an empty cache (another machine) ``init_from=resume`` continues from the stored
+    last.pt and the finished run's checkpoints, results and metrics are all on the bucket, each step
+    logged once; nothing is written locally but the caches; a fresh start is refused, then
+    ``overwrite=true`` clears the stored run."""
+    import json
+    import signal
+    import threading
+
+    from test_preemption import logged_steps, signal_self_at_step
+
+    import cfdist
+    from cfdist.finetune.config import finetune_config_from_dict
+    from cfdist.finetune.driver import run
+    from cfdist.manifest import VERIFY_CACHE
+    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
+
+    bucket = s3_bucket
+    storage.StorageSection().apply()  # this server's endpoint: drop cached filesystems
+    shards, runs = storage.join(bucket, "ft-shards"), storage.join(bucket, "ft-runs")
+    storage.upload_tree(shard_dir, shards, skip=(VERIFY_CACHE,))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    def config(**kw):
+        # 48 train rows, 12 a step: 4 steps an epoch, 8 in all; SWA over the last epoch
+        return finetune_config_from_dict({
+            "run_name": "ft", "output_dir": runs + "/", "model": FT_TINY, "epochs": 2, "swa_epochs": 1,
+            "log_every": 1, "seed": 3, **kw,
+            "data": {"shards": shards, "targets": ["e_form"], "batch_size": 12, "verify_checksums": False}})
+
+    secret = "cfdist-ft-secret-never-written-51c9"  # moto takes any key; this one must never be stored
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-a")}):
+            staged = config().run_dir()
+            assert str(staged).startswith(str(tmp_path / "cache-a"))
+            sender = threading.Thread(target=signal_self_at_step, args=(staged, 2), daemon=True)
+            sender.start()
+            stopped = run(config())
+            sender.join()
+        assert stopped.get("preempted") and stopped["checkpoint"] == f"{runs}/ft/checkpoints/last.pt"
+        stored = dict(storage.list_files(f"{runs}/ft"))
+        assert {"checkpoints/last.pt", "config.yaml", "run_info.jsonl", "metrics.jsonl"} <= set(stored), stored
+        StopRequest.clear()
+        with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-b")}):  # another machine: an empty cache
+            results = run(config(init_from="resume"))
+            with pytest.raises(SystemExit, match="already holds a run"):
+                run(config())
+    finally:
+        StopRequest.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert results["steps"] == 8 and set(results["val"]) == {"final", "swa", "best"}
+    stored = dict(storage.list_files(f"{runs}/ft"))
+    for name in ("config.yaml", "run_info.jsonl", "metrics.jsonl", "results.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "checkpoints/final.pt", "checkpoints/swa.pt"):
+        assert name in stored, sorted(stored)
+    assert any(name.startswith("tensorboard/") for name in stored) and not any(n.startswith("ray/") for n in stored)
+    assert len(storage.read_text(f"{runs}/ft/run_info.jsonl").splitlines()) == 2  # one line per start
+    assert json.loads(storage.read_text(f"{runs}/ft/results.json"))["steps"] == 8
+    (tmp_path / "m").mkdir()
+    storage.download_file(f"{runs}/ft/metrics.jsonl", tmp_path / "m" / "metrics.jsonl")
+    assert logged_steps(tmp_path / "m") == list(range(1, 9))  # each step once: the stop came before step 4 ran
+    with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-b")}):
+        model = cfdist.load(f"{runs}/ft/checkpoints/swa.pt")
+    assert model.checkpoint_info["extra"]["step"] == 8
+    assert not list(work.iterdir())  # nothing in the working directory (no local folder named s3: / gs:)
+    for rel, _ in storage.list_files(f"{runs}/ft"):  # no credential in any run file
+        assert secret.encode() not in storage.read_bytes(f"{runs}/ft/{rel}"), rel
+
+    with patched_env({"CFDIST_CACHE_DIR": str(tmp_path / "cache-b")}):
+        again = run(config(overwrite=True, epochs=1, swa_epochs=0))
+    assert again["steps"] == 4
+    stored = dict(storage.list_files(f"{runs}/ft"))
+    assert "checkpoints/swa.pt" not in stored and len(storage.read_text(f"{runs}/ft/run_info.jsonl").splitlines()) == 1
+
+
+def test_cluster_recipe_finetune_and_tune_commands_are_valid_runs_on_object_storage():
+    """examples/cluster/ray-cluster-aws.yaml's fine-tuning and sweep jobs: every override a known
+    fine-tuning config key, shards, output_dir and checkpoint on the bucket."""
+    import re
+    import shlex
+
+    from paths import ROOT
+
+    from cfdist.finetune.config import load_finetune_config
+
+    text = (ROOT / "examples" / "cluster" / "ray-cluster-aws.yaml").read_text()
+    found = 0
+    for match in re.finditer(r"#\s+cfdist (finetune|tune)(?:.*\\\n)*.*", text):
+        words = shlex.split(re.sub(r"\\\n#?", " ", match.group(0)).lstrip("# "))
+        config = words[words.index("--config") + 1]
+        overrides = [w for w in words[2:] if "=" in w and not w.startswith("--")]
+        cfg = load_finetune_config(config, overrides)
+        assert storage.is_uri(cfg.data.shards) and storage.is_uri(cfg.output_dir) and storage.is_uri(cfg.checkpoint)
+        found += 1
+    assert found == 2

@@ -30,7 +30,6 @@ def test_tracking_section_defaults_and_unknown_backends():
 @pytest.mark.slow  # ~70 s on 2 cores, most of it MLflow creating its sqlite store (Alembic migrations)
 def test_mlflow_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_shards, tmp_path,  # noqa: F811
                                                                            monkeypatch):
-    pytest.importorskip("mlflow", reason="tracking.backend=mlflow needs the mlflow extra: pip install 'cfdist[mlflow]'")
     from cfdist.finetune.loop import local_finetune
     from cfdist.run.preempt import STOP_SIGNALS, StopRequest
     from cfdist.run.tracking import TrackingSection, log_artifacts
@@ -81,3 +80,85 @@ def test_mlflow_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_s
     assert experiment.artifact_location == (tmp_path / "runs" / "mlflow-artifacts").as_uri()
     assert not (tmp_path / "mlruns").exists()
     assert results["steps"] == 15
+
+
+def wandb_records(path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``: a LevelDB log of protobuf
+    ``Record`` messages after a 7-byte header; 32 KiB blocks, records split FIRST / MIDDLE / LAST)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, block, records, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's trailer: too short for a record header
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL / LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+        elif kind == 0:  # zero padding at a block's end
+            pending = b""
+    return records
+
+
+@pytest.mark.slow  # ~15 s on 2 cores: W&B starts its service process
+def test_wandb_offline_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_shards, tmp_path,  # noqa: F811
+                                                                                 monkeypatch):
+    """tracking.backend=wandb with WANDB_MODE=offline on a tiny in-process fine-tuning, preempted by a
+    real SIGTERM and resumed: one W&B run id across both starts (and the driver's model.pt
+    artifact), the resolved config, every logged step and the checkpoints in the offline run files."""
+    from cfdist.finetune.loop import local_finetune
+    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
+    from cfdist.run.tracking import TrackingSection, log_artifacts
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./wandb)
+    kw = dict(epochs=2, swa_epochs=1, tracking={"backend": "wandb", "experiment": "ft-test"})
+    run_dir = tmp_path / "runs" / "ft"
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        sender = threading.Thread(target=signal_self_at_step, args=(run_dir, 2), daemon=True)
+        sender.start()
+        stopped = local_finetune(make_config(ft_shards, tmp_path / "runs", **kw))
+        sender.join()
+        assert stopped.get("preempted")
+        first_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+        StopRequest.clear()
+        results = local_finetune(make_config(ft_shards, tmp_path / "runs", init_from="resume", **kw))
+    finally:
+        StopRequest.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    record = json.loads((run_dir / "tracking.json").read_text())
+    assert record["backend"] == "wandb" and record["run_id"] == first_id  # the resume continued it
+    model = tmp_path / "model.pt"  # the driver's path for pretraining's model.pt
+    model.write_bytes(b"not a model, just bytes")
+    log_artifacts(TrackingSection(backend="wandb", experiment="ft-test"), run_dir, [model])
+    import wandb
+
+    wandb.teardown()  # the W&B service process writes the run files: let it finish them
+
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 3 and all(f.name == f"run-{first_id}.wandb" for f in files), files  # one id, 3 starts
+    records = [r for f in files for r in wandb_records(f)]
+    config = {item.key: json.loads(item.value_json) for r in records if r.WhichOneof("record_type") == "run"
+              for item in r.run.config.update}
+    assert config["optim"]["lr"] == 0.0005 and config["data"]["targets"] == ["e_form"], config.keys()
+    steps = sorted(int(next(i.value_json for i in r.history.item if i.nested_key == ["_step"]))
+                   for r in records if r.WhichOneof("record_type") == "history"
+                   and any(i.nested_key == ["loss"] for i in r.history.item))
+    assert steps == logged_steps(run_dir) == list(range(1, 11))  # 5 steps an epoch, each logged once
+    artifacts = {m.path for r in records if r.WhichOneof("record_type") == "artifact"
+                 for m in r.artifact.manifest.contents}
+    assert {"final.pt", "swa.pt", "best.pt", "results.json", "model.pt"} <= artifacts, artifacts
+    assert not (tmp_path / "wandb").exists()
+    assert results["steps"] == 10

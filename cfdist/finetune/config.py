@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cfdist.config import ConfigError, apply_overrides, build, inline_named_model, load_yaml, resolve_config
-from cfdist.run.config import ComputeSection, DataSection, OptimSection, RunConfigMixin
+from cfdist.run.config import ComputeSection, DataSection, LossSection, OptimSection, RunConfigMixin
 from cfdist.run.tracking import TrackingSection
 from cfdist.storage import StorageSection
 
@@ -80,6 +80,39 @@ class TransferSection:
 
 
 @dataclass
+class ReplaySection:
+    """Replay of a pretraining dataset while fine-tuning, against forgetting (MACE's multi-head
+    fine-tuning; :mod:`cfdist.finetune.replay`).
+
+    Every optimiser step adds ``round(fraction * data.batch_size)`` structures of ``shards`` (its
+    train split, reshuffled every epoch) on which the checkpoint's head ``head`` keeps training,
+    beside the task's new head on the shared encoder. The saved checkpoints hold the task's head only.
+
+    shards: the replay set's shard directory (off when empty).
+    head: the pretrained head to keep training: a dataset of a mixture checkpoint, or empty for a
+        single-dataset checkpoint's own head (energy or property).
+    targets: the replay set's label columns: an energy head's total-energy column (default
+        ``[energy]``), or a property head's targets (default: the head's).
+    fraction: replay structures per task structure of a step (> 0).
+    loss: an energy head's loss (weights of energy, forces, stress; CHGNet's by default).
+    """
+
+    shards: str = ""
+    head: str = ""
+    targets: list[str] = field(default_factory=list)
+    fraction: float = 0.25
+    loss: LossSection = field(default_factory=LossSection)
+
+    def __post_init__(self):
+        if not float(self.fraction) > 0:
+            raise ConfigError(f"replay.fraction must be > 0 (replay structures per task structure), got {self.fraction}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.shards)
+
+
+@dataclass
 class FinetuneScaling:
     """``num_workers: 0`` trains in this process; >= 1 runs the same loop on Ray Train workers (DDP)."""
 
@@ -114,6 +147,7 @@ class FinetuneConfig(RunConfigMixin):
     optim: OptimSection = field(default_factory=OptimSection)
     compute: ComputeSection = field(default_factory=ComputeSection)
     transfer: TransferSection = field(default_factory=TransferSection)
+    replay: ReplaySection = field(default_factory=ReplaySection)
     scaling: FinetuneScaling = field(default_factory=FinetuneScaling)
     tracking: TrackingSection = field(default_factory=TrackingSection)
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
@@ -128,6 +162,8 @@ class FinetuneConfig(RunConfigMixin):
             raise ConfigError("epochs, log_every and max_bad_steps must be >= 1")
         if not 0 <= self.swa_epochs <= self.epochs:
             raise ConfigError(f"swa_epochs must be in [0, epochs={self.epochs}], got {self.swa_epochs}")
+        if self.replay.enabled and self.init_from == "scratch":
+            raise ConfigError("replay needs a pretrained head: init_from=pretrained checkpoint=... (or resume)")
 
 
 def load_finetune_config(path: str | Path | None, overrides: list[str] = ()) -> FinetuneConfig:

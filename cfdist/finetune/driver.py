@@ -10,6 +10,12 @@ The run directory ``<output_dir>/<run_name>/`` gets the resolved config, version
 ``metrics.jsonl`` + TensorBoard, ``checkpoints/{best,swa,final}.pt`` (portable; ``cfdist.load``)
 and ``last.pt`` (resume state), ``evaluation/<model>/`` (metrics.json, predictions.csv,
 parity.png on the test split) and ``results.json``.
+
+``output_dir`` may be an ``s3://`` / ``gs://`` URI (:mod:`cfdist.storage`): the run is then
+``<output_dir>/<run_name>/`` on the bucket, with the same files; rank 0 writes them in a staging
+directory in the user cache and uploads each when it is complete (``last.pt`` after every epoch and
+at a preemption, the rest when the run ends). ``init_from=resume`` reads the stored ``last.pt``,
+on any machine.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
 
 from cfdist import storage
 from cfdist.cluster import init_ray, train_logging_config
@@ -27,7 +32,7 @@ from cfdist.finetune.config import FinetuneConfig, load_finetune_config
 from cfdist.finetune.loop import LAST, local_finetune, ray_finetune_loop, resume_config
 from cfdist.manifest import ShardSet
 from cfdist.run.preempt import driver_stop, preemptible_torch_config
-from cfdist.run.runinfo import write_run_files
+from cfdist.run.runinfo import pull_run_files, write_run_files
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,15 +57,18 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
         raise SystemExit("data.shards is not set: pass data.shards=DIR (written by `cfdist preprocess` "
                          "or `cfdist prepare-task`)")
     cfg.storage.apply()  # endpoints into the environment (forwarded to Ray workers by init_ray)
-    if storage.is_uri(cfg.output_dir):
-        raise SystemExit(f"output_dir={cfg.output_dir}: fine-tuning writes its run directory on a local or shared "
-                         f"path (object storage is read here: data.shards=s3://..., checkpoint=s3://...)")
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    run_dir = cfg.run_dir()
+    cfg.output_dir = storage.absolute(cfg.output_dir)
+    run_dir, location = cfg.run_dir(), cfg.run_location()  # the same directory unless on object storage
+    if cfg.remote:
+        # the bucket holds the run; the staging directory is only a cache of it: start it afresh,
+        # so that a stale copy (another run of the same name on this machine) is never continued
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+    last = storage.join(location, "checkpoints", LAST)
     state = None
     if cfg.init_from == "resume":
-        if not (run_dir / "checkpoints" / LAST).is_file():
-            raise SystemExit(f"init_from=resume: {run_dir / 'checkpoints' / LAST} does not exist")
+        if not storage.is_file(last):
+            raise SystemExit(f"init_from=resume: {last} does not exist")
         cfg, state = resume_config(cfg)  # a run continues with the settings it started with
     cfg.data.shards = storage.absolute(cfg.data.shards)
     if cfg.checkpoint:
@@ -77,17 +85,19 @@ def prepare(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict | None]:
     # parallel sha256; files verified before and unchanged since are not re-hashed (docs/shards.md)
     report = shards.verify(splits, required_cutoff=model.cutoff if model else None, targets=cfg.data.targets,
                            n_elements=model.n_elements if model else None, checksums=cfg.data.verify_checksums)
-    if cfg.init_from != "resume" and (run_dir / "checkpoints").exists():
+    held = storage.list_files(storage.join(location, "checkpoints")) if cfg.remote else \
+        (run_dir / "checkpoints").exists()
+    if cfg.init_from != "resume" and held:
         if not cfg.overwrite:
-            raise SystemExit(f"{run_dir} already holds a run: continue it with init_from=resume, pick another "
+            raise SystemExit(f"{location} already holds a run: continue it with init_from=resume, pick another "
                              f"run_name, or pass overwrite=true to start over")
-        for name in ("checkpoints", "tensorboard", "evaluation", "ray"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "results.json", "run_info.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    write_run_files(run_dir, cfg.to_dict(), shards_content_hash=shards.manifest.get("content_hash"))
+        for name in ("checkpoints", "tensorboard", "evaluation", "ray", "metrics.jsonl", "results.json",
+                     "run_info.jsonl"):
+            storage.remove(storage.join(location, name))
+    pull_run_files(run_dir, location)  # object storage: run_info.jsonl and metrics.jsonl go on from the stored
+    write_run_files(run_dir, cfg.to_dict(), location, shards_content_hash=shards.manifest.get("content_hash"))
     print(f"shards ok: {cfg.data.shards} ({', '.join(f'{s} {shards.n_rows(s):,}' for s in splits)} structures; "
-          f"{report.summary()}); run directory: {run_dir}", flush=True)
+          f"{report.summary()}); run directory: {location}", flush=True)
     return cfg, state
 
 
@@ -115,10 +125,11 @@ def _fit(cfg: FinetuneConfig, board: str) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    # rank 0 wrote (and, on object storage, uploaded) these, on whichever node it ran
     if (result.metrics or {}).get("preempted"):
         return {"preempted": 1, "step": result.metrics.get("step"),
-                "checkpoint": str(cfg.run_dir() / "checkpoints" / "last.pt")}
-    return json.loads((cfg.run_dir() / "results.json").read_text())
+                "checkpoint": storage.join(cfg.run_location(), "checkpoints", LAST)}
+    return json.loads(storage.read_text(storage.join(cfg.run_location(), "results.json")))
 
 
 def run(cfg: FinetuneConfig, address: str | None = None) -> dict:
@@ -132,7 +143,7 @@ def run(cfg: FinetuneConfig, address: str | None = None) -> dict:
         print(f"fine-tuning stopped after {time.perf_counter() - t0:.1f} s at step {results.get('step')}; checkpoint "
               f"{results.get('checkpoint')}; run the same command with init_from=resume to continue", flush=True)
         return results
-    print(f"fine-tuning finished in {time.perf_counter() - t0:.1f} s -> {cfg.run_dir()}")
+    print(f"fine-tuning finished in {time.perf_counter() - t0:.1f} s -> {cfg.run_location()}")
     return results
 
 

@@ -22,7 +22,8 @@ first step when it is not split).
 
 One process by default (``scaling.num_workers: 0``). With Ray Train workers the same loop runs
 under DDP: each rank takes its share of every step, and rank 0 validates and writes checkpoints
-(``output_dir`` must be storage all nodes see).
+(``output_dir`` must be storage all nodes see: a shared path, or ``s3://`` / ``gs://``, where rank 0
+uploads each file once complete).
 
 Checkpoints in ``<run_dir>/checkpoints``: ``best.pt`` (portable, lowest validation loss),
 ``swa.pt`` (portable, the SWA average at the end), ``last.pt`` (full state after every epoch:
@@ -38,6 +39,7 @@ update; :mod:`cfdist.run.badsteps`), counted in ``bad_steps``; ``max_bad_steps``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import time
@@ -61,16 +63,29 @@ from cfdist.model import Crystalformer, distributed_sum
 from cfdist.run import evaluation
 from cfdist.run.badsteps import BadStepGuard, local_bad
 from cfdist.run.metrics import ComponentWindow, MetricLogger, StepWindow, peak_memory_mb
-from cfdist.run.objective import PropertyObjective, set_target_normalisation, target_stats
+from cfdist.finetune.replay import TASK, replay_objective, replay_spec, replay_steps, with_replay_head
+from cfdist.run.objective import MixtureObjective, PropertyObjective, set_target_normalisation, target_stats
 from cfdist.run.optim import lr_factor, parameter_groups
 from cfdist.run.preempt import StopRequest, signal_name, stop_on_signals, watch_board
+from cfdist.run.runinfo import CONTINUED_FILES, pull_run_files, push_run_files
 from cfdist.run.step import train_step
-from cfdist.run.tracking import Tracker
+from cfdist.run.tracking import TRACKING_FILE, Tracker
 from cfdist.run.transfer import freeze, model_from_pretrained
 from cfdist.shards import collate_arrow, read_schema, read_shard
 from cfdist.stream import EpochPlan, Position, Prefetcher, RowGroupReader
 
 LAST, BEST, SWA = "last.pt", "best.pt", "swa.pt"
+
+
+class StepRows:
+    """A step's rows with replay: the task's (``task``) and the replay set's (``replay``)."""
+
+    def __init__(self, task: pa.Table, replay: pa.Table):
+        self.task, self.replay = task, replay
+
+    @property
+    def num_rows(self) -> int:
+        return self.task.num_rows + self.replay.num_rows
 
 
 def steps_per_epoch(n_rows: int, batch_size: int, drop_last: bool, world: int = 1) -> int:
@@ -116,10 +131,11 @@ def resume_config(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict]:
     ``last.pt`` (differences in ``cfg`` are reported and ignored).
     """
 
-    path = cfg.run_dir() / "checkpoints" / LAST
-    if not path.is_file():
+    path = storage.join(cfg.run_location(), "checkpoints", LAST)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"init_from=resume: no {path} (the run has not finished an epoch yet)")
-    state = load_checkpoint_file(path)
+    # on object storage: a copy in the user cache, keyed by the object's ETag (every rank reads it)
+    state = load_checkpoint_file(storage.cached_copy(path, "checkpoints"))
     saved = {**state["config"], "init_from": "resume", "overwrite": False}
     given = cfg.to_dict()
     given["data"]["shards"] = storage.absolute(cfg.data.shards) if cfg.data.shards else ""
@@ -152,7 +168,7 @@ class FinetuneTrainer:
         self.resume_state = resume_state
         self.device = torch.device(device)
         self.report = report  # called with epoch metrics (Ray Train's report when under Ray)
-        self.run_dir = cfg.run_dir()
+        self.run_dir = cfg.run_dir()  # output_dir on object storage: a staging directory, uploaded
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # -- setup ---------------------------------------------------------------------------
@@ -183,6 +199,9 @@ class FinetuneTrainer:
         if model.cutoff > self.shards.cutoff + 1e-9:
             raise ValueError(f"{cfg.data.shards}: tables built with cutoff {self.shards.cutoff:.4f} A but the model "
                              f"needs {model.cutoff:.4f} A; re-run preprocessing with --cutoff {model.cutoff:.4f}")
+        self.replay = None
+        if cfg.replay.enabled:
+            model = self.add_replay(model, targets, transforms, resumed=state is not None)
         self.transfer_report["frozen"] = freeze(model, embedding=cfg.transfer.freeze_embedding,
                                                 blocks=cfg.transfer.freeze_blocks)
         self.model = model.to(self.device)
@@ -222,6 +241,55 @@ class FinetuneTrainer:
         self.micro_batches = 0  # packed micro-batches this process trained on (all its steps)
         if state is not None:
             self.restore(state)
+        if self.rank == 0 and cfg.remote:  # on whichever node rank 0 runs: the stored files it continues
+            pull_run_files(self.run_dir, cfg.run_location(),
+                           CONTINUED_FILES + ((f"checkpoints/{BEST}",) if state is not None else ()))
+
+    def publish(self, *names: str) -> None:
+        """Upload these complete files of the run (relative paths) to its location on object storage
+        (rank 0; nothing to do for a local run)."""
+        if self.rank == 0 and self.cfg.remote:
+            push_run_files(self.run_dir, self.cfg.run_location(), names, tensorboard=False)
+
+    def add_replay(self, model: Crystalformer, targets, transforms, resumed: bool) -> Crystalformer:
+        """The two-head model of a run with replay (:mod:`cfdist.finetune.replay`), its objective and
+        the replay set's reading; ``model`` is the task's model, or when ``resumed`` already both heads."""
+        cfg = self.cfg
+        if not resumed:
+            checkpoint = load(cfg.checkpoint)
+            spec = replay_spec(checkpoint, cfg.replay)
+            model = with_replay_head(model, checkpoint, spec)
+            self.transfer_report["replay"] = {"shards": str(cfg.replay.shards), "head": spec.name,
+                                              "targets": list(spec.targets), "fraction": cfg.replay.fraction}
+        spec = next(h for h in model.config.heads if h.name != TASK)
+        shards = ShardSet(cfg.replay.shards)
+        if model.cutoff > shards.cutoff + 1e-9:
+            raise ValueError(f"replay.shards={cfg.replay.shards}: tables built with cutoff {shards.cutoff:.4f} A but "
+                             f"the model needs {model.cutoff:.4f} A")
+        files = [(e.path, e.rows) for e in shards.files(cfg.data.train_split)]
+        if not files:
+            raise ValueError(f"replay.shards={cfg.replay.shards}: no {cfg.data.train_split!r} split")
+        replay = replay_objective(spec, cfg.replay)
+        forces, stress = getattr(replay, "forces", False), getattr(replay, "stress", False)
+        self.objective = MixtureObjective({TASK: PropertyObjective(targets, transforms, dataset=TASK), spec.name: replay})
+        rows = max(self.world, round(cfg.replay.fraction * cfg.data.batch_size))
+        self.replay = {"spec": spec, "shards": shards, "files": files, "rows": rows, "forces": forces,
+                       "stress": stress,
+                       "columns": training_columns(read_schema(files[0][0]), spec.targets, forces=forces, stress=stress)}
+        if self.rank == 0:
+            print(f"replay: {rows} structures of {cfg.replay.shards} per step through the pretrained head "
+                  f"{spec.name!r} ({'energy' if spec.energy else spec.targets})", flush=True)
+        return model
+
+    def eval_objective(self, model) -> PropertyObjective:
+        """The task's objective for ``model``: through its task head when it has per-dataset heads
+        (trained with replay), else its own."""
+        targets, transforms = list(self.cfg.data.targets), self.cfg.model_config().target_transforms
+        return PropertyObjective(targets, transforms, dataset=TASK if model.config.heads else None)
+
+    def portable(self, model) -> Crystalformer:
+        """What a portable checkpoint holds: the task's single-dataset model."""
+        return model.for_dataset(TASK) if model.config.heads else model
 
     def plan(self, epoch: int) -> EpochPlan:
         """The train split's stream in ``epoch`` (the whole split: every rank takes its share of each step)."""
@@ -236,19 +304,37 @@ class FinetuneTrainer:
 
         first, skip = self.epoch, self.epoch_step
 
+        replay_reader = RowGroupReader(self.replay["columns"], cache=self.cfg.data.shuffle_lanes + 2) \
+            if self.replay else None
+
         def epoch(e: int, _start: Position):
             steps = epoch_steps(self.plan(e), reader, self.cfg.data.batch_size, self.steps_per_epoch,
                                 self.rank, self.world)
+            if self.replay:  # every step: the task's rows and the replay rows (a function of (seed, e))
+                d = self.cfg.data
+                extra = replay_steps(self.replay["files"], replay_reader, seed=self.cfg.seed, epoch=e,
+                                     rows=self.replay["rows"], steps=self.steps_per_epoch, rank=self.rank,
+                                     world=self.world, window=d.shuffle_rows, lanes=d.shuffle_lanes)
+                steps = ((StepRows(task, more), position) for (task, position), more in zip(steps, extra))
             # a run saved mid-epoch (preempted) goes on after the steps it took: the epoch's stream
             # depends only on (seed, epoch), so skipping them gives exactly the steps it had left
             return itertools.islice(steps, skip, None) if e == first and skip else steps
 
         return Prefetcher(epoch, self.prepare_step, first_epoch=self.epoch, depth=self.cfg.data.prefetch_batches)
 
-    def prepare_step(self, table: pa.Table) -> list:
-        """This rank's share of a step (Arrow rows) -> its host micro-batches, packed within the budget."""
+    def prepare_step(self, table) -> list:
+        """This rank's share of a step (Arrow rows) -> its host micro-batches, packed within the budget
+        (with replay: the task's micro-batches for its head, then the replay set's for its)."""
+        width = self.cfg.compute.entry_chunk
+        if isinstance(table, StepRows):
+            r = self.replay
+            task = [dataclasses.replace(b, dataset=TASK) for b in self.prepare_step(table.task)]
+            return task + [dataclasses.replace(collate_arrow(t, list(r["spec"].targets), cutoff=r["shards"].cutoff,
+                                                             forces=r["forces"], stress=r["stress"], block_width=width),
+                                               dataset=r["spec"].name)
+                           for t in pack_rows([table.replay], self.budget)]
         return [collate_arrow(t, list(self.cfg.data.targets), cutoff=self.shards.cutoff,
-                              block_width=self.cfg.compute.entry_chunk) for t in pack_rows([table], self.budget)]
+                              block_width=width) for t in pack_rows([table], self.budget)]
 
     def first_micro_batch(self):
         """This rank's first micro-batch of the first step (on the device), or None when it has none."""
@@ -280,7 +366,8 @@ class FinetuneTrainer:
         self.transfer_report = state["transfer_report"]
         if self.rank == 0:
             where = f"{self.epoch_step} steps into epoch {self.epoch + 1}" if self.epoch_step else f"after epoch {self.epoch}"
-            print(f"resumed {self.ckpt_dir / LAST} {where} (step {self.step}, best val loss {self.best_val:.4g} "
+            last = storage.join(self.cfg.run_location(), "checkpoints", LAST)
+            print(f"resumed {last} {where} (step {self.step}, best val loss {self.best_val:.4g} "
                   f"at epoch {self.best_epoch})", flush=True)
 
     # -- training ------------------------------------------------------------------------
@@ -322,14 +409,18 @@ class FinetuneTrainer:
                 self.epoch_step = 0
                 record = {"epoch": self.epoch, "swa": swa_phase}
                 if self.rank == 0:
+                    new_best = ()
                     if cfg.data.val_split:
                         val = self.validate(self.model)
                         record.update(val)
                         if val["val_loss"] < self.best_val:  # NaN (no labels) never selects
                             self.best_val, self.best_epoch = val["val_loss"], self.epoch
-                            save_portable(self.ckpt_dir / BEST, self.model, extra=self.extra("best"))
+                            save_portable(self.ckpt_dir / BEST, self.portable(self.model), extra=self.extra("best"))
+                            new_best = (f"checkpoints/{BEST}",)
                     self.save_last()
                     logger.log(self.step, record)
+                    # best.pt before last.pt, which names it: a resume never finds last.pt without it
+                    self.publish(*new_best, f"checkpoints/{LAST}", "metrics.jsonl", TRACKING_FILE)
                 if self.report is not None:
                     self.report({k: v for k, v in record.items() if isinstance(v, (int, float))})
             if self.stopped:
@@ -344,19 +435,24 @@ class FinetuneTrainer:
         finally:
             stream.close()
             logger.close(status)
+            if self.rank == 0 and cfg.remote and status != "FAILED":
+                # the rest of the run, now complete and closed: checkpoints, results, TensorBoard, the
+                # tracker's offline files (ray/: Ray Train's own driver-side state, not the run's)
+                storage.upload_tree(self.run_dir, cfg.run_location(), skip=("ray",))
 
     def stop(self, logger: MetricLogger) -> None:
         """A stop request reached every rank at a step boundary: rank 0 saves ``last.pt`` here
         (mid-epoch), every rank returns."""
         signum = StopRequest.get()
         name = signal_name(signum) if signum else "a signal to another rank"
-        self.stopped = {"preempted": 1, "preempted_by": name, "step": self.step,
-                        "checkpoint": str(self.ckpt_dir / LAST)}
+        last = storage.join(self.cfg.run_location(), "checkpoints", LAST)
+        self.stopped = {"preempted": 1, "preempted_by": name, "step": self.step, "checkpoint": str(last)}
         if self.rank == 0:
             self.save_last()
             logger.log(self.step, {"preempted": 1, "epoch": self.epoch, "epoch_step": self.epoch_step})
+            self.publish(f"checkpoints/{LAST}", "metrics.jsonl")
             print(f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}, {self.epoch_step} steps into it): "
-                  f"checkpoint {self.ckpt_dir / LAST}; resume with init_from=resume", flush=True)
+                  f"checkpoint {last}; resume with init_from=resume", flush=True)
         if self.report is not None:
             self.report({"preempted": 1, "step": self.step})
 
@@ -417,11 +513,11 @@ class FinetuneTrainer:
         """Summed stats of ``model`` on ``split`` (this process reads the whole split)."""
         batches = evaluation.split_batches(self.shards, split, list(self.cfg.data.targets), self.budget,
                                             block_width=self.cfg.compute.entry_chunk)
-        return evaluation.evaluate(model, batches, self.objective, self.device)
+        return evaluation.evaluate(model, batches, self.eval_objective(model), self.device)
 
     def validate(self, model) -> dict:
         """``val_loss`` (normalised L1, the selection criterion) and ``val_mae/<target>`` (original units)."""
-        return evaluation.metrics(self.objective, self.evaluate(model, self.cfg.data.val_split), "val_")
+        return evaluation.metrics(self.eval_objective(model), self.evaluate(model, self.cfg.data.val_split), "val_")
 
     def extra(self, kind: str) -> dict:
         return {"kind": kind, "epoch": self.epoch, "step": self.step, "run_name": self.cfg.run_name,
@@ -452,11 +548,11 @@ class FinetuneTrainer:
         cfg = self.cfg
         models = {"final": self.model}
         if self.swa is not None:
-            models["swa"] = self.swa_model()
+            models["swa"] = self.portable(self.swa_model())
             save_portable(self.ckpt_dir / SWA, models["swa"], extra=self.extra("swa"))
         if (self.ckpt_dir / BEST).is_file():
             models["best"] = load(self.ckpt_dir / BEST, map_location=self.device)
-        save_portable(self.ckpt_dir / "final.pt", self.model, extra=self.extra("final"))
+        save_portable(self.ckpt_dir / "final.pt", self.portable(self.model), extra=self.extra("final"))
         results: dict[str, Any] = {"run_dir": str(self.run_dir), "epochs": self.epoch, "steps": self.step,
                                    "steps_per_epoch": self.steps_per_epoch, "best_epoch": self.best_epoch,
                                    "best_val_loss": self.best_val, "transfer": self.transfer_report,
@@ -467,7 +563,7 @@ class FinetuneTrainer:
         test = cfg.data.test_split
         if test and self.shards.files(test):
             # the same numbers as ``cfdist evaluate --split test`` on the saved checkpoints
-            results["test"] = {name: evaluation.target_report(self.objective, self.evaluate(model, test))
+            results["test"] = {name: evaluation.target_report(self.eval_objective(model), self.evaluate(model, test))
                                for name, model in models.items()}
             results["test"]["train_mean"] = self.train_mean_baseline(test)
         write_json_atomic(self.run_dir / "results.json", results)

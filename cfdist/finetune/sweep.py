@@ -28,7 +28,9 @@ compares (``time_attr``: the epoch). Trials write their runs to
 ``<output_dir>/<run_name>/trials/<trial>`` (``last.pt``, ``best.pt``, metrics, tracking as usual),
 Tune's own state to ``<output_dir>/<run_name>/tune``; at the end a table of trials is printed and
 the best trial's ``best.pt`` (lowest validation loss) and its resolved config are copied to
-``<output_dir>/<run_name>/best.pt`` / ``best_config.yaml``.
+``<output_dir>/<run_name>/best.pt`` / ``best_config.yaml``. ``output_dir`` may be an ``s3://`` /
+``gs://`` URI (:mod:`cfdist.storage`): trial runs, Tune's state, ``sweep.json`` and the exported
+checkpoint are then all on the bucket (each trial uploads its run as a fine-tuning run does).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,11 +151,12 @@ def run_trial(config: dict) -> None:
     cfg = trial_config(base, config, name, trials_dir)
     torch.set_num_threads(max(1, int(threads)))
     device = "cuda" if torch.cuda.is_available() and cfg.scaling.use_gpu else "cpu"
-    write_run_files(cfg.run_dir(), cfg.to_dict(), trial=name)  # config.yaml + run_info.jsonl, as any run
+    # config.yaml + run_info.jsonl, as any run (uploaded when the sweep is on object storage)
+    write_run_files(cfg.run_dir(), cfg.to_dict(), cfg.run_location(), trial=name)
 
     def report(metrics: dict) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        ray.tune.report({**metrics, "run_dir": str(cfg.run_dir())})
+        ray.tune.report({**metrics, "run_dir": cfg.run_location()})
 
     FinetuneTrainer(cfg, device=device, report=report).run()
 
@@ -166,9 +168,14 @@ def sweep(base: FinetuneConfig, spec: SweepSpec, address: str | None = None) -> 
 
     if base.init_from == "resume":
         raise ConfigError("cfdist tune: init_from=resume is for one run; a sweep starts each trial afresh")
-    sweep_dir = base.run_dir()
-    trials_dir = sweep_dir / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = base.run_location()  # a local path or an s3:// / gs:// URI
+    trials_dir = storage.join(sweep_dir, "trials")
+    if base.remote:
+        fs, path = storage.filesystem(sweep_dir)  # Tune's state on the bucket too (no scheme in the path)
+        tune_storage = {"storage_path": path, "storage_filesystem": fs}
+    else:
+        Path(trials_dir).mkdir(parents=True, exist_ok=True)
+        tune_storage = {"storage_path": sweep_dir}
     t = spec.tune
     init_ray(address=address, use_gpu=t.gpus_per_trial > 0, object_store_memory=1 << 29)
     base_dict = base.to_dict()
@@ -183,7 +190,7 @@ def sweep(base: FinetuneConfig, spec: SweepSpec, address: str | None = None) -> 
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler, num_samples=t.num_samples,
                                     max_concurrent_trials=t.max_concurrent_trials or None),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0),
+        run_config=tune.RunConfig(name="tune", verbose=0, **tune_storage),
     )
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -193,19 +200,19 @@ def sweep(base: FinetuneConfig, spec: SweepSpec, address: str | None = None) -> 
         values = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
         best_val = float(history[METRIC].min()) if history is not None and METRIC in history else math.nan
         run_dir = (result.metrics or {}).get("run_dir")
-        trials.append({"trial": Path(run_dir).name if run_dir else "?", "run_dir": run_dir, "params": values,
+        trials.append({"trial": storage.basename(run_dir) if run_dir else "?", "run_dir": run_dir, "params": values,
                        "epochs": int((result.metrics or {}).get("epoch", 0)), "best_val_loss": best_val,
                        "error": str(result.error) if result.error else None})
     done = [tr for tr in trials if math.isfinite(tr["best_val_loss"]) and tr["run_dir"]]
     if not done:
-        raise RuntimeError(f"cfdist tune: no trial reported a finite {METRIC}; see {sweep_dir / 'tune'}")
+        raise RuntimeError(f"cfdist tune: no trial reported a finite {METRIC}; see {storage.join(sweep_dir, 'tune')}")
     best = min(done, key=lambda tr: tr["best_val_loss"])
-    best_ckpt = Path(best["run_dir"]) / "checkpoints" / BEST
-    shutil.copyfile(best_ckpt, sweep_dir / "best.pt")
-    shutil.copyfile(Path(best["run_dir"]) / "config.yaml", sweep_dir / "best_config.yaml")
-    out = {"trials": trials, "best": best, "best_checkpoint": str(sweep_dir / "best.pt"),
+    # the trials' files are where their runs put them (uploaded by each trial's rank 0 when remote)
+    storage.copy(storage.join(best["run_dir"], "checkpoints", BEST), storage.join(sweep_dir, "best.pt"))
+    storage.copy(storage.join(best["run_dir"], "config.yaml"), storage.join(sweep_dir, "best_config.yaml"))
+    out = {"trials": trials, "best": best, "best_checkpoint": storage.join(sweep_dir, "best.pt"),
            "seconds": time.perf_counter() - t0}
-    (sweep_dir / "sweep.json").write_text(json.dumps(out, indent=1, default=str))
+    storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(out, indent=1, default=str))
     return out
 
 
@@ -247,7 +254,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     base = load_finetune_config(args.config, args.overrides)
     # a self-contained config for trials that run elsewhere: absolute paths, the model inline
-    base.output_dir = str(Path(base.output_dir).resolve())
+    base.storage.apply()  # endpoints into the environment (forwarded to every trial by init_ray)
+    base.output_dir = storage.absolute(base.output_dir)  # output_dir may be an s3:// / gs:// URI too
     base.data.shards = storage.absolute(base.data.shards)  # shards and checkpoint may be s3:// / gs:// URIs
     if base.checkpoint:
         base.checkpoint = storage.absolute(base.checkpoint)

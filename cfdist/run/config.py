@@ -138,6 +138,49 @@ class ComputeSection:
             raise ConfigError(f"compute.entry_chunk must be an integer >= 1, got {self.entry_chunk!r}")
 
 
+LOSS_KINDS = ("l1", "l2", "huber")
+
+
+@dataclass
+class LossSection:
+    """The loss of an energy model (``model.energy: true``); property models ignore it (L1 on
+    standardised targets, :mod:`cfdist.run.objective`).
+
+    loss = energy_weight * L(E / N) + forces_weight * L(F) + stress_weight * L(sigma), each term the
+    mean of the elementwise ``kind`` loss over the step's labels across all ranks: energies per atom
+    (eV/atom) over labelled structures, forces (eV/A) over labelled force components, stress (GPa,
+    converted from the shards' eV/A^3) over labelled stress components. Missing labels (NaN) are
+    masked. A zero weight switches the term off (for forces and stress the model then skips that
+    derivative).
+
+    Defaults are CHGNet's (Deng et al., "CHGNet as a pretrained universal neural network potential
+    for charge-informed atomistic modelling", Nat. Mach. Intell. 5, 1031 (2023); ``chgnet.trainer.
+    Trainer`` and ``CombinedLoss``): energy per atom 1, forces 1, stress 0.1 with the same units
+    (eV/atom, eV/A, GPa), and the Huber loss with ``delta`` 0.1 of its ``CombinedLoss`` (CHGNet's
+    trainer also offers MSE, its default criterion: ``kind: l2`` here, and MAE: ``l1``).
+
+    kind: ``l1`` |r|, ``l2`` r^2, ``huber`` (torch's: r^2 / 2 below ``huber_delta``, else
+        delta (|r| - delta / 2)), r in the units above.
+    """
+
+    energy_weight: float = 1.0
+    forces_weight: float = 1.0
+    stress_weight: float = 0.1
+    kind: str = "huber"
+    huber_delta: float = 0.1
+
+    def __post_init__(self):
+        if self.kind not in LOSS_KINDS:
+            raise ConfigError(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {self.kind!r}")
+        for name in ("energy_weight", "forces_weight", "stress_weight"):
+            if not float(getattr(self, name)) >= 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
+            raise ConfigError("loss: at least one of energy_weight, forces_weight, stress_weight must be > 0")
+        if not self.huber_delta > 0:
+            raise ConfigError(f"loss.huber_delta must be > 0, got {self.huber_delta}")
+
+
 class RunConfigMixin:
     """What pretraining and fine-tuning configs share: the run directory and the model config."""
 

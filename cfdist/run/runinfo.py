@@ -44,10 +44,17 @@ def git_sha() -> str:
 RUN_FILES = ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt", "tracking.json")
 
 
-def pull_run_files(run_dir: Path, location: str) -> None:
+# appended to by every (re)start of a run; tracking.json: the tracked run a resumed run continues
+CONTINUED_FILES = ("run_info.jsonl", "metrics.jsonl", "tracking.json")
+
+
+def pull_run_files(run_dir: Path, location: str, names=CONTINUED_FILES) -> None:
     """Before a (re)start of a run on object storage: its appendable files (run_info.jsonl,
-    metrics.jsonl) from ``location`` into the local staging directory, unless already there."""
-    for name in ("run_info.jsonl", "metrics.jsonl", "tracking.json"):  # tracking.json: the tracked run to continue
+    metrics.jsonl, tracking.json; ``names``, relative paths) from ``location`` into the local
+    staging directory, unless already there."""
+    if not storage.is_uri(location):
+        return
+    for name in names:
         remote = storage.join(location, name)
         if not (run_dir / name).exists() and storage.is_file(remote):
             storage.download_file(remote, run_dir / name)

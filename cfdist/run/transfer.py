@@ -156,7 +156,7 @@ def check_encoder(config: CrystalformerConfig, source: CrystalformerConfig, path
                           + f"; set model to the checkpoint's architecture, e.g. model={wanted}")
 
 
-def init_from_checkpoint(model, path) -> tuple[dict, dict[str, torch.Tensor]]:
+def init_from_checkpoint(model, path, head: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
     """Start a pretraining model from the portable checkpoint ``path`` (pretraining's ``init_from``).
 
     Copies the encoder (embedding, blocks and their frozen sigma statistics). An energy model
@@ -166,33 +166,57 @@ def init_from_checkpoint(model, path) -> tuple[dict, dict[str, torch.Tensor]]:
     same targets. The cutoff envelope is a model setting, not a weight: a property checkpoint
     (no envelope) trained as an energy model runs with the energy model's envelope.
 
+    A checkpoint pretrained on a mixture has a head per dataset: ``head`` names the dataset whose
+    head plays the checkpoint's own head above (empty: the encoder only). A mixture model being
+    trained takes the encoder only.
+
     Returns (report, buffers): ``buffers`` are the copied buffers at full precision, for the caller
     to write again after a DeepSpeed engine has cast the module (bf16 would round them).
     """
 
     source = load(path)
     check_encoder(model.config, source.config, path)
+    if model.config.heads and head:
+        raise ConfigError(f"init_head={head}: a mixture run starts from a checkpoint's encoder only (its heads are "
+                          f"new); drop init_head")
+    source_heads = [h.name for h in source.config.heads]
+    if head and head not in source_heads:
+        raise ConfigError(f"init_head={head}: {path} has "
+                          + (f"no head of that name (its heads: {source_heads})" if source_heads
+                             else "no per-dataset heads (it was not pretrained on a mixture)"))
+    state = source.state_dict()
+    if source_heads:  # the named head's entries as if they were the checkpoint's own head
+        prefix = f"heads.{head}." if head else "\0"
+        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
+        state.update({k[len(prefix):]: v for k, v in source.state_dict().items() if k.startswith(prefix)})
+        spec = source.config.head(head) if head else None
+        source_energy, source_targets = bool(spec and spec.energy), (spec.property_targets if spec else [])
+    else:
+        source_energy, source_targets = bool(source.config.energy), list(source.config.target_names)
     prefixes = ["embedding.", "blocks."]
     energy_head = property_head = None
     if model.config.energy:
-        energy_head = "kept" if source.config.energy else "fresh"
-        if source.config.energy:
+        energy_head = "kept" if source_energy else "fresh"
+        if source_energy:
             prefixes += ["energy_head.", "element_energy", "energy_scale"]
     if model.head is not None:
-        same = source.head is not None and list(source.config.target_names) == list(model.config.target_names)
+        same = bool(source_targets) and list(source_targets) == list(model.config.target_names)
         property_head = "kept" if same else "fresh"
         if same:
             prefixes += ["head.", "target_mean", "target_std"]
-    state = {k: v for k, v in source.state_dict().items() if k.startswith(tuple(prefixes))}
+    state = {k: v for k, v in state.items() if k.startswith(tuple(prefixes))}
     own = model.state_dict()
     missing = [k for k in own if k.startswith(tuple(prefixes)) and k not in state]
     if missing:
         raise ConfigError(f"init_from={path}: the checkpoint lacks {missing[:5]}")
     model.load_state_dict(state, strict=False)
     buffers = {name: value.detach().clone() for name, value in state.items() if name in dict(model.named_buffers())}
-    report = {"init_from": str(path), "checkpoint_kind": "energy" if source.config.energy else "property",
+    report = {"init_from": str(path), "checkpoint_kind": "energy" if source_energy else "property",
               "copied": sorted({k.split(".")[0] for k in state}), "energy_head": energy_head,
               "property_head": property_head}
+    if source_heads:
+        report["checkpoint_kind"] = "mixture"
+        report["init_head"] = head or None
     return report, buffers
 
 

@@ -17,12 +17,11 @@ from typing import Any, Mapping
 from cfdist.compile import compile_refusal
 from cfdist.config import (ConfigError, CrystalformerConfig, HeadSpec, apply_overrides, build, inline_named_model,
                            load_yaml, resolve_config)
-from cfdist.run.config import (ComputeSection, DataSection, OptimSection, RunConfigMixin, model_mapping,
-                               resolve_model_config)
+from cfdist.run.config import (LOSS_KINDS, ComputeSection, DataSection, LossSection, OptimSection,  # noqa: F401
+                               RunConfigMixin, model_mapping, resolve_model_config)
 from cfdist.run.tracking import TrackingSection
 from cfdist.storage import StorageSection
 
-LOSS_KINDS = ("l1", "l2", "huber")
 
 
 @dataclass
@@ -67,46 +66,6 @@ class PretrainData(DataSection):
     @property
     def is_mixture(self) -> bool:
         return bool(self.datasets)
-
-
-@dataclass
-class LossSection:
-    """The loss of an energy model (``model.energy: true``); property models ignore it (L1 on
-    standardised targets, :mod:`cfdist.run.objective`).
-
-    loss = energy_weight * L(E / N) + forces_weight * L(F) + stress_weight * L(sigma), each term the
-    mean of the elementwise ``kind`` loss over the step's labels across all ranks: energies per atom
-    (eV/atom) over labelled structures, forces (eV/A) over labelled force components, stress (GPa,
-    converted from the shards' eV/A^3) over labelled stress components. Missing labels (NaN) are
-    masked. A zero weight switches the term off (for forces and stress the model then skips that
-    derivative).
-
-    Defaults are CHGNet's (Deng et al., "CHGNet as a pretrained universal neural network potential
-    for charge-informed atomistic modelling", Nat. Mach. Intell. 5, 1031 (2023); ``chgnet.trainer.
-    Trainer`` and ``CombinedLoss``): energy per atom 1, forces 1, stress 0.1 with the same units
-    (eV/atom, eV/A, GPa), and the Huber loss with ``delta`` 0.1 of its ``CombinedLoss`` (CHGNet's
-    trainer also offers MSE, its default criterion: ``kind: l2`` here, and MAE: ``l1``).
-
-    kind: ``l1`` |r|, ``l2`` r^2, ``huber`` (torch's: r^2 / 2 below ``huber_delta``, else
-        delta (|r| - delta / 2)), r in the units above.
-    """
-
-    energy_weight: float = 1.0
-    forces_weight: float = 1.0
-    stress_weight: float = 0.1
-    kind: str = "huber"
-    huber_delta: float = 0.1
-
-    def __post_init__(self):
-        if self.kind not in LOSS_KINDS:
-            raise ConfigError(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {self.kind!r}")
-        for name in ("energy_weight", "forces_weight", "stress_weight"):
-            if not float(getattr(self, name)) >= 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
-        if self.energy_weight == self.forces_weight == self.stress_weight == 0:
-            raise ConfigError("loss: at least one of energy_weight, forces_weight, stress_weight must be > 0")
-        if not self.huber_delta > 0:
-            raise ConfigError(f"loss.huber_delta must be > 0, got {self.huber_delta}")
 
 
 @dataclass
@@ -206,6 +165,13 @@ class PretrainConfig(RunConfigMixin):
     envelope and heads may differ). An energy checkpoint also gives an energy model its energy head
     and reference energies; a property checkpoint gives a property model with the same targets its
     head. Ignored when the run resumes from its own checkpoint.
+
+    ``init_head``: with ``init_from`` a checkpoint pretrained on a mixture, the dataset whose head
+    starts this run's head (an energy head for an energy run, a property head with the same
+    targets for a property run); empty: the encoder only. ``init_references``: an energy head taken
+    from ``init_from`` gets its per-element reference energies ``refit`` on this run's train split
+    (default; DeePMD re-fits its energy bias when fine-tuning, since another dataset's DFT settings
+    shift every energy) or ``keep``s the checkpoint's.
     """
 
     run_name: str = "pretrain"
@@ -219,6 +185,8 @@ class PretrainConfig(RunConfigMixin):
     max_bad_steps: int = 5
     model: Any = "crystalformer"
     init_from: str = ""
+    init_head: str = ""
+    init_references: str = "refit"
     data: PretrainData = field(default_factory=PretrainData)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -229,6 +197,10 @@ class PretrainConfig(RunConfigMixin):
     storage: StorageSection = field(default_factory=StorageSection)  # endpoints, never secrets
 
     def __post_init__(self):
+        if self.init_references not in ("refit", "keep"):
+            raise ConfigError(f"init_references must be refit or keep, got {self.init_references!r}")
+        if self.init_head and not self.init_from:
+            raise ConfigError(f"init_head={self.init_head} needs init_from (a checkpoint pretrained on a mixture)")
         for name in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints",
                      "max_bad_steps"):
             if int(getattr(self, name)) < 1:

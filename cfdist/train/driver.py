@@ -137,7 +137,12 @@ def check_energy_run(cfg: PretrainConfig, shards) -> None:
     if cfg.init_from:
         if not storage.is_file(cfg.init_from):
             raise ConfigError(f"init_from={cfg.init_from}: no such file (a portable checkpoint, model.pt)")
-        check_encoder(cfg.model_config(), load(cfg.init_from).config, cfg.init_from)
+        source = load(cfg.init_from).config
+        check_encoder(cfg.model_config(), source, cfg.init_from)
+        heads = [h.name for h in source.heads]
+        if cfg.init_head and cfg.init_head not in heads:
+            raise ConfigError(f"init_head={cfg.init_head}: {cfg.init_from} has no head of that name (its heads: "
+                              f"{heads or 'none: it was not pretrained on a mixture'})")
 
 
 def ray_storage(cfg: PretrainConfig) -> dict:

@@ -281,7 +281,7 @@ class Trainer:
         with self.ctx.latest_checkpoint() as path:
             copied_buffers: dict[str, torch.Tensor] = {}
             if path is None and cfg.init_from:  # weights before the engine (it shards / casts them)
-                self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from)
+                self.init_report, copied_buffers = init_from_checkpoint(model, cfg.init_from, cfg.init_head)
                 if self.ctx.rank == 0:
                     print(f"initialised from {cfg.init_from}: {self.init_report}", flush=True)
             model.to(self.ctx.device)
@@ -313,7 +313,8 @@ class Trainer:
                     if source.entry.energy:
                         self.fit_reference_energies(self.model.output(source.name), source.shards,
                                                     source.targets[0], f"dataset {source.name!r}: ")
-            elif self.energy and self.init_report.get("energy_head") != "kept":
+            elif self.energy and (self.init_report.get("energy_head") != "kept" or cfg.init_references == "refit"):
+                # a kept energy head's references are re-fitted on this run's data unless init_references=keep
                 self.fit_reference_energies(self.model, self.shards, self.targets[0])
 
     def open_stream(self) -> Prefetcher:
