@@ -340,11 +340,21 @@ class Crystalformer(OutputHeads, nn.Module):
         param = self.embedding.weight
         # in this model's dtype before the weights are copied (a float32 module would round float64 ones)
         single = Crystalformer(config).to(device=param.device, dtype=param.dtype)
-        prefix = f"heads.{dataset}."
-        state = {k: v for k, v in self.state_dict().items() if not k.startswith("heads.")}
-        state.update({k[len(prefix):]: v for k, v in self.state_dict().items() if k.startswith(prefix)})
-        single.load_state_dict(state)
+        single.load_state_dict(self.single_state_dict(dataset))
         return single.train(self.training)
+
+    def single_state_dict(self, dataset: str | None = None) -> dict[str, torch.Tensor]:
+        """This mixture model's state under a single-dataset model's names: the encoder's entries
+        and, when ``dataset`` is given, that dataset's head entries without their ``heads.<name>.``
+        prefix (the other heads left out)."""
+        prefix = f"heads.{dataset}." if dataset is not None else None
+        state = {}
+        for key, value in self.state_dict().items():
+            if not key.startswith("heads."):
+                state[key] = value
+            elif prefix is not None and key.startswith(prefix):
+                state[key[len(prefix):]] = value
+        return state
 
     @property
     def cutoff(self) -> float:

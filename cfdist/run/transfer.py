@@ -184,14 +184,12 @@ def init_from_checkpoint(model, path, head: str = "") -> tuple[dict, dict[str, t
         raise ConfigError(f"init_head={head}: {path} has "
                           + (f"no head of that name (its heads: {source_heads})" if source_heads
                              else "no per-dataset heads (it was not pretrained on a mixture)"))
-    state = source.state_dict()
     if source_heads:  # the named head's entries as if they were the checkpoint's own head
-        prefix = f"heads.{head}." if head else "\0"
-        state = {k: v for k, v in state.items() if not k.startswith("heads.")}
-        state.update({k[len(prefix):]: v for k, v in source.state_dict().items() if k.startswith(prefix)})
+        state = source.single_state_dict(head or None)
         spec = source.config.head(head) if head else None
         source_energy, source_targets = bool(spec and spec.energy), (spec.property_targets if spec else [])
     else:
+        state = source.state_dict()
         source_energy, source_targets = bool(source.config.energy), list(source.config.target_names)
     prefixes = ["embedding.", "blocks."]
     energy_head = property_head = None
