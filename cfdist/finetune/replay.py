@@ -78,12 +78,9 @@ def with_replay_head(model: Crystalformer, checkpoint: Crystalformer, spec: Head
         raise ConfigError(f"replay: the checkpoint's head {spec.name!r} lacks {lacking}")
     state.update({f"heads.{spec.name}.{k}": v for k, v in copied.items()})
     missing, unexpected = mixture.load_state_dict(state, strict=False)
-    assert not unexpected and not [k for k in missing if state_size(mixture, k)], (missing, unexpected)
+    sizes = {k: v.numel() for k, v in mixture.state_dict().items()}
+    assert not unexpected and not [k for k in missing if sizes[k]], (missing, unexpected)
     return mixture.train(model.training)
-
-
-def state_size(model, key: str) -> int:
-    return model.state_dict()[key].numel()
 
 
 def replay_objective(spec: HeadSpec, section) -> Objective:
