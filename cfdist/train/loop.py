@@ -535,16 +535,17 @@ class Trainer:
             self.grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def window_metrics(self, w: StepWindow, components: ComponentWindow) -> dict:
-        values = w.values()
-        tot = self.all_sum(values + components.values())
+        values, sums = w.values(), components.values()
+        # one all-reduce: throughput, component sums and (a mixture) each dataset's draws in the window
+        tot = self.all_sum(values + sums + self.drawn.reshape(-1).tolist())
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = self.grad_norm if grad_norm is None else grad_norm
         metrics = w.summary(world=self.ctx.world_size, totals=tot[:len(values)])
-        metrics.update(components.summary(tot[len(values):], "", train=True))
+        metrics.update(components.summary(tot[len(values):len(values) + len(sums)], "", train=True))
         if not components.micro_steps:  # every step of the window was skipped (bad): no loss to show
             metrics.pop("loss", None)
         if self.sources:  # what each dataset got in this window, over all ranks
-            drawn = np.array(self.all_sum(self.drawn.reshape(-1).tolist())).reshape(self.drawn.shape)
+            drawn = np.array(tot[len(values) + len(sums):]).reshape(self.drawn.shape)
             for k, source in enumerate(self.sources):
                 metrics[f"structures/{source.name}"] = int(drawn[1, k])
                 metrics[f"batches/{source.name}"] = int(drawn[0, k])
