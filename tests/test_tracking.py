@@ -27,11 +27,32 @@ def test_tracking_section_defaults_and_unknown_backends():
         finetune_config_from_dict({"tracking": {"backend": "mlflow", "url": "x"}})
 
 
+def preempted_then_resumed(ft_shards, out, kw) -> tuple[str, dict]:
+    """A tiny in-process fine-tuning in ``out`` stopped by a real SIGTERM at step 2, then resumed
+    (``init_from=resume``): (the tracked run id the first start recorded, the resumed run's results)."""
+    from cfdist.finetune.loop import local_finetune
+    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
+
+    run_dir = out / "ft"
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        sender = threading.Thread(target=signal_self_at_step, args=(run_dir, 2), daemon=True)
+        sender.start()
+        stopped = local_finetune(make_config(ft_shards, out, **kw))
+        sender.join()
+        assert stopped.get("preempted")
+        first_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
+        results = local_finetune(make_config(ft_shards, out, init_from="resume", **kw))
+    finally:
+        StopRequest.clear()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return first_id, results
+
+
 @pytest.mark.slow  # ~70 s on 2 cores, most of it MLflow creating its sqlite store (Alembic migrations)
 def test_mlflow_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_shards, tmp_path,  # noqa: F811
                                                                            monkeypatch):
-    from cfdist.finetune.loop import local_finetune
-    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
     from cfdist.run.tracking import TrackingSection, log_artifacts
 
     monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
@@ -40,20 +61,7 @@ def test_mlflow_run_gets_config_metrics_and_model_and_survives_a_preemption(ft_s
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./mlruns)
     kw = dict(epochs=3, swa_epochs=1, tracking={"backend": "mlflow", "experiment": "ft-test"})
     run_dir = tmp_path / "runs" / "ft"
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        sender = threading.Thread(target=signal_self_at_step, args=(run_dir, 2), daemon=True)
-        sender.start()
-        stopped = local_finetune(make_config(ft_shards, tmp_path / "runs", **kw))
-        sender.join()
-        assert stopped.get("preempted")
-        first_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
-        StopRequest.clear()
-        results = local_finetune(make_config(ft_shards, tmp_path / "runs", init_from="resume", **kw))
-    finally:
-        StopRequest.clear()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    first_id, results = preempted_then_resumed(ft_shards, tmp_path / "runs", kw)
     assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
     record = json.loads((run_dir / "tracking.json").read_text())
     assert record["backend"] == "mlflow" and record["run_id"] == first_id  # the resume continued it
@@ -115,8 +123,6 @@ def test_wandb_offline_run_gets_config_metrics_and_model_and_survives_a_preempti
     """tracking.backend=wandb with WANDB_MODE=offline on a tiny in-process fine-tuning, preempted by a
     real SIGTERM and resumed: one W&B run id across both starts (and the driver's model.pt
     artifact), the resolved config, every logged step and the checkpoints in the offline run files."""
-    from cfdist.finetune.loop import local_finetune
-    from cfdist.run.preempt import STOP_SIGNALS, StopRequest
     from cfdist.run.tracking import TrackingSection, log_artifacts
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -124,20 +130,7 @@ def test_wandb_offline_run_gets_config_metrics_and_model_and_survives_a_preempti
     monkeypatch.chdir(tmp_path)  # nothing may land in the working directory (./wandb)
     kw = dict(epochs=2, swa_epochs=1, tracking={"backend": "wandb", "experiment": "ft-test"})
     run_dir = tmp_path / "runs" / "ft"
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        sender = threading.Thread(target=signal_self_at_step, args=(run_dir, 2), daemon=True)
-        sender.start()
-        stopped = local_finetune(make_config(ft_shards, tmp_path / "runs", **kw))
-        sender.join()
-        assert stopped.get("preempted")
-        first_id = json.loads((run_dir / "tracking.json").read_text())["run_id"]
-        StopRequest.clear()
-        results = local_finetune(make_config(ft_shards, tmp_path / "runs", init_from="resume", **kw))
-    finally:
-        StopRequest.clear()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    first_id, results = preempted_then_resumed(ft_shards, tmp_path / "runs", kw)
     record = json.loads((run_dir / "tracking.json").read_text())
     assert record["backend"] == "wandb" and record["run_id"] == first_id  # the resume continued it
     model = tmp_path / "model.pt"  # the driver's path for pretraining's model.pt
