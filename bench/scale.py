@@ -108,6 +108,15 @@ def _hwm_mb(pid: int) -> float:
     return 0.0
 
 
+def kill_tree(memory: "TreeMemory") -> None:
+    """SIGKILL every process of the watched tree, children first (kill -9 of a whole job)."""
+    for pid in reversed(memory.pids()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class TreeMemory:
     """Peak RSS (VmHWM) of every process below ``root``, sampled every ``period`` s, by kind.
 
@@ -162,11 +171,7 @@ def run_watched(cmd: list[str], log: Path, *, kill_when=None) -> dict:
         killed = False
         while proc.poll() is None:
             if kill_when is not None and not killed and kill_when():
-                for pid in reversed(memory.pids()):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                kill_tree(memory)
                 killed = True
             time.sleep(0.2)
         peaks = memory.close()
@@ -519,11 +524,7 @@ def run_to_first_step(cmd: list[str], log: Path, metrics: Path, limit_s: float =
                 proc.send_signal(signal.SIGTERM)
                 stopped = time.time()
         if stopped is not None and not killed and time.time() - stopped > 180:
-            for pid in reversed(memory.pids()):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            kill_tree(memory)
             killed = True
         if first is None and time.time() - launched > limit_s:
             proc.send_signal(signal.SIGTERM)
