@@ -1,10 +1,12 @@
-"""Shards and checkpoints on object storage vs local disk, against moto's S3 server on loopback.
+"""Shards and checkpoints on object storage vs local disk: moto's S3 server and the fake GCS server on loopback.
 
     python bench/storage.py                  # 1,000 real crystals of the MEGNet slice, 4 shards (~1 min, 2 cores)
     python bench/storage.py --n 3909 --shard-size 1000
+    python bench/storage.py --stores s3      # only local vs S3
 
-Measures, side by side on the same files (local directory vs ``s3://`` on a moto server started
-here on 127.0.0.1 and stopped at the end):
+Measures, side by side on the same files (a local directory, ``s3://`` on a moto server and
+``gs://`` on the fake GCS server, both started here on 127.0.0.1 by ``tests/storage_servers.py``
+and stopped at the end):
 
 1. the shard check of ``cfdist pretrain`` (:meth:`cfdist.manifest.ShardSet.verify`): first check
    (sizes, footers, sha256 of every file) and the cached re-check (records keyed by size + ETag);
@@ -23,35 +25,12 @@ import argparse
 import gzip
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            time.sleep(0.1)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_ENDPOINT_URL_S3=endpoint, AWS_EC2_METADATA_DISABLED="true")
-    return proc, endpoint
 
 
 def build_shards(out: Path, n: int, shard_size: int) -> None:
@@ -120,57 +99,62 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--stores", default="s3,gs", help="object stores to compare with local disk (s3, gs)")
     args = parser.parse_args()
+    stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))
+    from storage_servers import gcs_server, s3_server
+
     from cfdist import storage
     from cfdist.manifest import ShardSet
 
-    proc, endpoint = start_moto()
-    try:
-        with tempfile.TemporaryDirectory(prefix="cfdist-bench-storage-") as tmp:
-            tmp = Path(tmp)
-            os.environ["CFDIST_CACHE_DIR"] = str(tmp / "cache")
-            local = tmp / "shards"
-            build_shards(local, args.n, args.shard_size)
-            import pyarrow.fs as pafs
+    rows, uploads = {}, {}
+    with tempfile.TemporaryDirectory(prefix="cfdist-bench-storage-") as tmp:
+        tmp = Path(tmp)
+        os.environ["CFDIST_CACHE_DIR"] = str(tmp / "cache")
+        local = tmp / "shards"
+        build_shards(local, args.n, args.shard_size)
+        ckpt = tmp / "ckpt"
+        size = checkpoint_dir(ckpt)
+        stream_epoch(str(local))  # warm-up (imports, allocator): not counted
 
-            pafs.S3FileSystem(access_key="bench", secret_key="bench", region="us-east-1",
-                              endpoint_override=endpoint.split("://")[1], scheme="http",
-                              allow_bucket_creation=True).create_dir("cfdist-bench")
-            uri = "s3://cfdist-bench/shards"
-            t0 = time.perf_counter()
-            storage.upload_tree(local, uri, skip=(".verified.json",))
-            upload_s = time.perf_counter() - t0
-            rows = {}
-            stream_epoch(str(local))  # warm-up (imports, allocator): not counted
-            for name, root in (("local", str(local)), ("s3 (moto)", uri)):
-                shards = ShardSet(root)
-                first = shards.verify(["train"], checksums="full")
-                again = shards.verify(["train"])
-                epoch = stream_epoch(root)
-                rows[name] = (first.seconds, again.seconds, epoch)
-            ckpt = tmp / "ckpt"
-            size = checkpoint_dir(ckpt)
-            t0 = time.perf_counter()
-            storage.upload_tree(ckpt, "s3://cfdist-bench/runs/r/ray/checkpoint_000000001")
-            ckpt_s = time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        def measure(name: str, root: str) -> None:
+            shards = ShardSet(root)
+            first = shards.verify(["train"], checksums="full")
+            again = shards.verify(["train"])
+            rows[name] = (first.seconds, again.seconds, stream_epoch(root))
+
+        measure("local", str(local))
+        for scheme in stores:
+            with (s3_server() if scheme == "s3" else gcs_server()) as server:
+                storage.StorageSection().apply()  # this server's variables: drop cached filesystems
+                bucket = server.make_bucket("cfdist-bench")
+                t0 = time.perf_counter()
+                storage.upload_tree(local, f"{bucket}/shards", skip=(".verified.json",))
+                shard_s = time.perf_counter() - t0
+                name = f"{scheme} ({'moto' if scheme == 's3' else 'fake-gcs-server'})"
+                measure(name, f"{bucket}/shards")
+                t0 = time.perf_counter()
+                storage.upload_tree(ckpt, f"{bucket}/runs/r/ray/checkpoint_000000001")
+                uploads[name] = (shard_s, time.perf_counter() - t0)
     total = rows["local"][2]["shard_bytes"]
     print(f"# {args.n} crystals, {-(-args.n // args.shard_size)} shards, {total / 1e6:.2f} MB; "
-          f"command: python bench/storage.py --n {args.n} --shard-size {args.shard_size}; "
+          f"command: python bench/storage.py --n {args.n} --shard-size {args.shard_size} --stores {args.stores}; "
           f"load average {os.getloadavg()[0]:.2f}\n")
     print("| storage | shard check (sha256 all) s | cached re-check s | batches | s/batch | bytes read/batch | "
-          "read/total |\n|---|---|---|---|---|---|---|")
+          "read/total | shard upload s | checkpoint upload s |\n|---|---|---|---|---|---|---|---|---|")
     for name, (first, again, e) in rows.items():
+        up = uploads.get(name)
         print(f"| {name} | {first:.3f} | {again:.3f} | {e['batches']} | {e['s_per_batch']:.4f} | "
-              f"{e['bytes_per_batch']:,.0f} | {e['bytes_read'] / e['shard_bytes']:.2f} |")
-    (lf, la, le), (sf, sa, se) = rows["local"], rows["s3 (moto)"]
-    print(f"\nratios s3/local: shard check {sf / lf:.1f}x, cached re-check {sa / la:.1f}x, "
-          f"time per batch {se['s_per_batch'] / le['s_per_batch']:.2f}x")
-    print(f"shard upload: {total / 1e6:.2f} MB in {upload_s:.2f} s; checkpoint upload (default model + AdamW "
-          f"moments): {size / 1e6:.1f} MB in {ckpt_s:.2f} s ({size / 1e6 / ckpt_s:.0f} MB/s)")
+              f"{e['bytes_per_batch']:,.0f} | {e['bytes_read'] / e['shard_bytes']:.2f} | "
+              f"{f'{up[0]:.2f}' if up else '-'} | {f'{up[1]:.2f}' if up else '-'} |")
+    lf, la, le = rows["local"]
+    for name in uploads:
+        sf, sa, se = rows[name]
+        print(f"\nratios {name}/local: shard check {sf / lf:.1f}x, cached re-check {sa / la:.1f}x, "
+              f"time per batch {se['s_per_batch'] / le['s_per_batch']:.2f}x")
+    print(f"\nshards {total / 1e6:.2f} MB; checkpoint (default model + AdamW moments) {size / 1e6:.1f} MB")
     return 0
 
 

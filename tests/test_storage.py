@@ -223,16 +223,14 @@ FT_TINY = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8,
            "cutoff_sigmas": 4.4}  # the shard_dir tables hold 8.9095 A
 
 
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """``s3://cfdist-ft`` on a moto server of its own. (Not gs:// yet: in a process that had read
-    Parquet row groups from the fake GCS server, a later upload to it hung inside
-    ``arrow::fs::CopyFiles``, here and in a Ray Train pretraining run; not resolved.)"""
-    with s3_server() as srv:
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def ft_bucket(request):
+    """``s3://cfdist-ft`` on a moto server / ``gs://cfdist-ft`` on a fake GCS server of its own."""
+    with (s3_server() if request.param == "s3" else gcs_server()) as srv:
         yield srv.make_bucket("cfdist-ft")
 
 
-def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machine(s3_bucket, shard_dir, tmp_path,
+def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machine(ft_bucket, shard_dir, tmp_path,
                                                                                   monkeypatch):
     """``output_dir=<bucket>/ft-runs``: a real SIGTERM mid-epoch stores last.pt (and the run files) on
     the bucket; with an empty cache (another machine) ``init_from=resume`` continues from the stored
@@ -251,7 +249,7 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
     from cfdist.manifest import VERIFY_CACHE
     from cfdist.run.preempt import STOP_SIGNALS, StopRequest
 
-    bucket = s3_bucket
+    bucket = ft_bucket
     storage.StorageSection().apply()  # this server's endpoint: drop cached filesystems
     shards, runs = storage.join(bucket, "ft-shards"), storage.join(bucket, "ft-runs")
     storage.upload_tree(shard_dir, shards, skip=(VERIFY_CACHE,))
@@ -266,7 +264,7 @@ def test_finetuning_run_lives_in_the_bucket_and_resumes_from_it_on_another_machi
             "log_every": 1, "seed": 3, **kw,
             "data": {"shards": shards, "targets": ["e_form"], "batch_size": 12, "verify_checksums": False}})
 
-    secret = "cfdist-ft-secret-never-written-51c9"  # moto takes any key; this one must never be stored
+    secret = "cfdist-ft-secret-never-written-51c9"  # moto takes any key; none must ever be stored (gs:// too)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:

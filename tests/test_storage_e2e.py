@@ -1,6 +1,7 @@
-"""End to end on object storage (moto's S3 server on loopback): preprocess -> pretrain (2 Ray
-workers, one killed mid-run, resumed from the stored checkpoint; then a driver restart) -> export
--> predict, with every path an ``s3://`` URI and nothing written locally but caches."""
+"""End to end on object storage (moto's S3 server and the fake GCS server, on loopback): preprocess
+-> pretrain (2 Ray workers, one killed mid-run, resumed from the stored checkpoint; then a driver
+restart) -> export -> predict, with every path an ``s3://`` / ``gs://`` URI and nothing written
+locally but caches."""
 
 from __future__ import annotations
 
@@ -16,25 +17,27 @@ import pytest
 
 from conftest import ENV, ray_env, tiny_model
 from paths import ROOT as REPO
-from storage_servers import s3_server
+from storage_servers import gcs_server, patched_env, s3_server
 
 TINY_MODEL = tiny_model(n_blocks=1, d_model=16, n_heads=2, d_ff=32, n_basis=8, head_hidden=16)
 SECRET = "cfdist-test-secret-never-written-7f3a"  # moto accepts any key; this one must never leak
 
 
 @pytest.mark.slow
-def test_preprocess_pretrain_kill_resume_export_predict_on_s3(megnet_records, tmp_path, ray_cluster):
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme, megnet_records, tmp_path,
+                                                                          ray_cluster):
     from cfdist import storage
     from cfdist.config import CrystalformerConfig
 
     work, cache = tmp_path / "work", tmp_path / "cache"
     work.mkdir()
-    with s3_server() as s3:
-        bucket = s3.make_bucket("cfdist-e2e")
-        # the session cluster's workers get the storage variables from the job's runtime_env (cfdist.cluster)
-        env = {**ENV, **s3.env, "AWS_SECRET_ACCESS_KEY": SECRET, "CFDIST_CACHE_DIR": str(cache),
+    with (s3_server() if scheme == "s3" else gcs_server()) as server, patched_env({"AWS_SECRET_ACCESS_KEY": SECRET}):
+        bucket = server.make_bucket("cfdist-e2e")
+        # the session cluster's workers get the storage variables from the job's runtime_env (cfdist.cluster);
+        # AWS_SECRET_ACCESS_KEY is set for gs:// too: forwarded to the workers, it must never be written
+        env = {**ENV, **server.env, "AWS_SECRET_ACCESS_KEY": SECRET, "CFDIST_CACHE_DIR": str(cache),
                **ray_env(ray_cluster)}
-        os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET  # this process reads the bucket too (restored by s3_server)
         storage.StorageSection().apply()  # new credentials: drop cached filesystems
 
         def cfdist(*args, timeout=300):

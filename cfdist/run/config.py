@@ -214,6 +214,13 @@ class RunConfigMixin:
             return storage.join(storage.absolute(self.output_dir), self.run_name)
         return str(Path(self.output_dir).resolve() / self.run_name)
 
+    def stored_location(self, fs_path: str) -> str:
+        """A path on the run's filesystem as Ray Train reports it (``bucket/key``, without the
+        scheme, when the run is on object storage) as a location cfdist.storage takes."""
+        if not self.remote:
+            return fs_path
+        return self.output_dir.split("://", 1)[0] + "://" + fs_path.lstrip("/")
+
     def run_dir(self) -> Path:
         """The local directory the run writes into: the run directory itself, or for an
         ``output_dir`` on object storage a staging directory in the user cache whose files are

@@ -192,7 +192,7 @@ def _fit(cfg: PretrainConfig, board: str) -> tuple[str | Path | None, dict]:
     if result.checkpoint is None:
         return None, metrics
     if cfg.remote:  # the checkpoint's path has no scheme
-        return cfg.run_location().split("://")[0] + "://" + result.checkpoint.path.lstrip("/"), metrics
+        return cfg.stored_location(result.checkpoint.path), metrics
     return Path(result.checkpoint.path), metrics
 
 

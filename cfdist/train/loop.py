@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cfdist import storage
 from cfdist.checkpoint import DEEPSPEED_TAG, STATE_FILE
 from cfdist.cluster import quiet_ray_data
 from cfdist.compile import compile_model, describe
@@ -172,8 +173,16 @@ class RayContext(WorkerContext):
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as path:
-            yield Path(path)
+        if not self.cfg.remote:
+            with checkpoint.as_directory() as path:
+                yield Path(path)
+            return
+        # On object storage, file by file through cfdist.storage rather than Checkpoint.as_directory():
+        # arrow's GCS listing reports a "directory" only where a marker object exists, and objects
+        # written without markers (gsutil, other tools, the GCS emulator) then fail Ray's download
+        # of the nested ds/ folder ("Failed to open local file .../ds/mp_rank_00_model_states.pt").
+        with tempfile.TemporaryDirectory(prefix="cfdist-resume-") as tmp:
+            yield storage.download_tree(self.cfg.stored_location(checkpoint.path), tmp)
 
     def save_checkpoint(self, step: int, write: Callable[[Path], None], metrics: dict) -> None:
         import ray.train
