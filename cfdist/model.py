@@ -121,8 +121,12 @@ class PeriodicSelfAttention(nn.Module):
     @torch.no_grad()
     def fit_statistics(self, score: torch.Tensor | None,
                        all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Set ``sigma_mean`` / ``sigma_std`` to the mean and unbiased std of ``score`` over all
-        atoms and heads of every rank's batch.
+        """Set ``sigma_mean`` / ``sigma_std`` to the mean and unbiased std of the finite entries of
+        ``score`` over all atoms and heads of every rank's batch.
+
+        Non-finite scores are left out: a corrupt structure in the first batch (NaN positions make
+        its atoms' scores NaN from the second block on) would otherwise set NaN statistics on every
+        rank for good, and every later step would be skipped as bad; this way only its own step is.
 
         Args:
             score: (N, H) this rank's scores, or None for a rank without a batch (it adds zeros).
@@ -132,10 +136,12 @@ class PeriodicSelfAttention(nn.Module):
             stats = torch.zeros(3, dtype=torch.float64, device=self.sigma_mean.device)
         else:
             x = score.double().reshape(-1)
+            x = x[torch.isfinite(x)]
             stats = torch.stack([x.new_tensor(float(x.numel())), x.sum(), (x * x).sum()])
         count, total, total_sq = all_reduce(stats).tolist()
         if count < 1:
-            raise ValueError("fit_sigma_statistics: no atoms on any rank; the first batch is empty everywhere")
+            raise ValueError("fit_sigma_statistics: no finite attention score on any rank; the first batch is "
+                             "empty everywhere, or every structure in it has non-finite positions or lattice")
         mean = total / count
         var = max(total_sq - count * mean * mean, 0.0) / max(count - 1.0, 1.0)
         self.sigma_mean.fill_(mean)

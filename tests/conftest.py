@@ -206,15 +206,46 @@ MATRIX_SPECS.update({
 })
 
 
+# bad steps on 2 ranks under ZeRO-3 (tests/test_bad_steps.py): one corrupt train row, 8 structures a
+# micro-batch (2 steps an epoch per rank; the row is in exactly one rank's step of each epoch), a
+# checkpoint after every step so that a skipped step's checkpoint can be compared with the one before
+BAD_STEP_RUN = {"name": "z3-fp32-badsteps", "zero_stage": 3, "max_structures": 8, "checkpoint_every": 1,
+                "keep_checkpoints": 6}
+
+
+def corrupt_shards(shard_dir: Path, dest: Path, column: str = "positions") -> tuple[Path, str]:
+    """A copy of ``shard_dir`` whose first train row (manifest order) has NaN ``column`` values (its
+    sha256 no longer matches: read with ``verify_checksums`` off); ``(dest, that row's id)``."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(shard_dir, dest)
+    path = sorted((dest / "train").glob("*.parquet"))[0]
+    table = pq.read_table(path)
+    k = table.schema.get_field_index(column)
+    values = table.column(column).to_pylist()
+    values[0] = [float("nan")] * len(values[0]) if isinstance(values[0], list) else float("nan")
+    table = table.set_column(k, table.schema.field(k), pa.array(values, type=table.schema.field(k).type))
+    pq.write_table(table, path, row_group_size=4)
+    return dest, table.column("id")[0].as_py()
+
+
 @pytest.fixture(scope="session")
 def property_runs(tiny_shards, tmp_path_factory) -> dict[str, dict]:
     """:data:`MATRIX_SPECS`, 6 steps each of the tiny e_form model on the whole train split of
-    :func:`tiny_shards` (a fixed batch), trained by 2 torchrun ranks in one job: ``{name: result}``."""
+    :func:`tiny_shards` (a fixed batch), and :data:`BAD_STEP_RUN` on a copy with one corrupt row
+    (``result["corrupt_id"]``), trained by 2 torchrun ranks in one job: ``{name: result}``."""
+    root = tmp_path_factory.mktemp("property_runs")
+    corrupt, bad_id = corrupt_shards(tiny_shards, root / "corrupt_shards")
     runs = [{"name": name, "shards": str(tiny_shards), "targets": ["e_form"],
              "model": tiny_model(), **spec}
             for name, spec in ((n, dict(s)) for n, s in MATRIX_SPECS.items())]
-    return deepspeed_runs(runs, tmp_path_factory.mktemp("property_runs"),
-                          env={"CFDIST_COMPILE_BACKEND": "aot_eager"})
+    runs.append({"shards": str(corrupt), "targets": ["e_form"], "model": tiny_model(), **BAD_STEP_RUN})
+    results = deepspeed_runs(runs, root / "out", env={"CFDIST_COMPILE_BACKEND": "aot_eager"})
+    results[BAD_STEP_RUN["name"]]["corrupt_id"] = bad_id
+    return results
 
 
 # ---- one Ray cluster for the session's Ray Train runs and job submissions

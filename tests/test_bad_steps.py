@@ -9,29 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
+from conftest import corrupt_shards
+
 TINY = {"n_blocks": 1, "d_model": 16, "n_heads": 2, "d_ff": 32, "n_basis": 8, "head_hidden": 16,
         "cutoff_sigmas": 4.4}  # the shard_dir tables hold 8.9095 A
-
-
-def corrupt_copy(shard_dir, dest, column="positions"):
-    """A copy of the shard directory whose first train row has NaN ``column`` values; its id."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    shutil.copytree(shard_dir, dest)
-    path = sorted((dest / "train").glob("*.parquet"))[0]
-    table = pq.read_table(path)
-    k = table.schema.get_field_index(column)
-    values = table.column(column).to_pylist()
-    values[0] = [float("nan")] * len(values[0]) if isinstance(values[0], list) else float("nan")
-    table = table.set_column(k, table.schema.field(k), pa.array(values, type=table.schema.field(k).type))
-    pq.write_table(table, path, row_group_size=4)
-    return dest, table.column("id")[0].as_py()
 
 
 def trainer(shards, out, stage, monkeypatch, **top):
@@ -83,7 +68,7 @@ def test_bad_steps_are_skipped_bit_identically_and_stop_the_run_at_the_limit(sha
                                                                              monkeypatch, capfd):
     from cfdist.run.badsteps import BadStepError
 
-    shards, bad_id = corrupt_copy(shard_dir, tmp_path / "shards")
+    shards, bad_id = corrupt_shards(shard_dir, tmp_path / "shards")
     # files in manifest order, rows in file order: the corrupt row is in the first step of every
     # epoch (48 train rows, 12 per step: 4 steps an epoch)
     t = trainer(shards, tmp_path / "runs", stage, monkeypatch, max_steps=4)
@@ -118,7 +103,7 @@ def test_bad_steps_are_skipped_bit_identically_and_stop_the_run_at_the_limit(sha
 
 
 def test_a_nan_label_is_a_missing_label_not_a_bad_step(shard_dir, tmp_path, monkeypatch):
-    shards, _ = corrupt_copy(shard_dir, tmp_path / "shards", column="y.e_form")
+    shards, _ = corrupt_shards(shard_dir, tmp_path / "shards", column="y.e_form")
     t = trainer(shards, tmp_path / "runs", 0, monkeypatch, max_steps=2)
     result = t.run()
     assert result["bad_steps"] == 0 and math.isfinite(result["loss"])
@@ -131,7 +116,7 @@ def test_fine_tuning_skips_bad_steps_with_weights_adamw_and_schedule_bit_identic
     from cfdist.finetune.loop import FinetuneTrainer
     from cfdist.run.badsteps import BadStepError
 
-    shards, bad_id = corrupt_copy(shard_dir, tmp_path / "shards")
+    shards, bad_id = corrupt_shards(shard_dir, tmp_path / "shards")
 
     class Recording(FinetuneTrainer):
         """Records (outcome, state before the step) of every step."""
@@ -173,3 +158,71 @@ def test_fine_tuning_skips_bad_steps_with_weights_adamw_and_schedule_bit_identic
         FinetuneTrainer(config("all_bad", max_bad_steps=2, data={
             "shards": str(shards), "targets": ["e_form"], "batch_size": 48, "shuffle_rows": 0, "val_split": "",
             "test_split": ""})).run()
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_skip_the_same_steps_with_weights_and_optimiser_state_bit_identical(property_runs):
+    """2 torchrun ranks, ZeRO-3 (partitioned weights, gradients and AdamW moments), one corrupt row:
+    whichever rank holds it in a step, both ranks skip that step (one all-reduce of the flag), and the
+    checkpoint written after it equals the one before it: exported weights, every rank's optimiser
+    partition (fp32 master weights and moments) and the step counts of the optimiser and schedule."""
+    import glob
+
+    from cfdist.checkpoint import DEEPSPEED_TAG, export_deepspeed_checkpoint
+
+    from conftest import BAD_STEP_RUN
+
+    run = property_runs[BAD_STEP_RUN["name"]]
+    totals = {int(k): v for k, v in run["bad_steps"].items()}
+    bad = [step for step in sorted(totals) if totals[step] > totals.get(step - 1, 0)]
+    # 32 train rows, 16 a rank, 8 a step: the corrupt row is in one step of each 2-step epoch
+    assert len(bad) == 3 and all((b - 1) // 2 == k for k, b in enumerate(bad)), totals
+    assert all(math.isfinite(x) for x in run["losses"]) and len(run["losses"]) == 3  # the good steps' losses
+    checkpoints = {int(p.rsplit("_", 1)[1]): p for p in run["checkpoints"]}
+    assert sorted(checkpoints) == [1, 2, 3, 4, 5, 6]
+
+    def weights(step):
+        model = export_deepspeed_checkpoint(checkpoints[step], f"{checkpoints[step]}/model.pt")
+        return torch.load(model, weights_only=True)["state_dict"]
+
+    def optimiser(step):
+        files = sorted(glob.glob(f"{checkpoints[step]}/{DEEPSPEED_TAG}/*optim_states.pt"))
+        assert len(files) == 2, files  # one partition per rank
+            # DeepSpeed's own files (written by this test's run) hold python objects: not weights_only
+        return [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+
+    def schedule(step):
+        files = sorted(glob.glob(f"{checkpoints[step]}/{DEEPSPEED_TAG}/*model_states.pt"))
+        assert files, checkpoints[step]
+        return [torch.load(f, weights_only=False)["lr_scheduler"] for f in files]
+
+    def assert_equal(a, b, where=""):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), where
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                if k != "overflow":  # ZeRO-3's record of whether the last step overflowed (the skipped one did)
+                    assert_equal(a[k], b[k], f"{where}/{k}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for k, (x, y) in enumerate(zip(a, b)):
+                assert_equal(x, y, f"{where}[{k}]")
+        elif hasattr(a, "__dict__"):  # DeepSpeed's loss scaler: compared by its fields
+            assert type(a) is type(b), where
+            assert_equal(vars(a), vars(b), where)
+        else:
+            assert a == b, where
+
+    compared = 0
+    for step in bad:
+        if step == 1:
+            continue  # nothing before the first step to compare with
+        assert_equal(weights(step - 1), weights(step), f"weights, step {step}")
+        assert_equal(optimiser(step - 1), optimiser(step), f"optimiser, step {step}")
+        assert_equal(schedule(step - 1), schedule(step), f"schedule, step {step}")
+        compared += 1
+    assert compared >= 2
+    good = next(s for s in range(2, 7) if s not in bad)
+    with pytest.raises(AssertionError):  # a good step does move the weights (the comparison can fail)
+        assert_equal(weights(good - 1), weights(good))

@@ -140,8 +140,32 @@ def test_sigma_stats_all_reduce_pools_across_ranks(megnet_crystals):
     idle.fit_sigma_statistics(None, all_reduce=lambda stats: (seen.append(stats.clone()), stats + other_rank)[1])
     assert len(seen) == 3 and not seen[1].any() and not seen[2].any()
     assert idle.blocks[1].attention.sigma_mean.item() == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="no atoms on any rank"):
+    with pytest.raises(ValueError, match="no finite attention score on any rank"):
         idle.fit_sigma_statistics(None, all_reduce=lambda stats: stats)
+
+
+def test_sigma_stats_leave_out_a_corrupt_structure_in_the_first_batch(megnet_crystals):
+    """NaN positions make a structure's scores NaN from the second block on: they are left out of
+    the sums (the statistics stay finite), and the first block (scores from the embedding alone,
+    no geometry) gets exactly the statistics of the clean batch."""
+    torch.manual_seed(0)
+    clean_model = Crystalformer(CrystalformerConfig(n_blocks=3)).train()
+    model = copy.deepcopy(clean_model)
+    clean = batch_of(megnet_crystals[:4], model)
+    corrupt = batch_of(megnet_crystals[:4], model)
+    corrupt.positions[corrupt.atom_crystal == 1] = float("nan")
+    clean_model.fit_sigma_statistics(clean)
+    model.fit_sigma_statistics(corrupt)
+    stats = [(b.attention.sigma_mean.item(), b.attention.sigma_std.item()) for b in model.blocks]
+    assert all(math.isfinite(m) and math.isfinite(sd) and sd > 0 for m, sd in stats), stats
+    first = clean_model.blocks[0].attention
+    assert stats[0] == (first.sigma_mean.item(), first.sigma_std.item())
+    assert stats[1] != (clean_model.blocks[1].attention.sigma_mean.item(),
+                        clean_model.blocks[1].attention.sigma_std.item())  # fitted without crystal 1's atoms
+    with pytest.raises(ValueError, match="non-finite positions"):
+        everything = batch_of(megnet_crystals[:2], model)
+        everything.positions[:] = float("nan")
+        Crystalformer(CrystalformerConfig(n_blocks=2)).fit_sigma_statistics(everything)
 
 
 def test_predict_accepts_structures_atoms_and_crystals_in_model_dtype(model64, megnet_crystals):

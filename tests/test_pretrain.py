@@ -36,7 +36,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_zero_stages_and_precisions_train_and_export(property_runs):
     """ZeRO 0-3 x {fp32, bf16}, 2 ranks (torchrun, gloo): loss finite and falling on a fixed batch;
     activation checkpointing reproduces the fp32 trajectory; every run exports a loadable model."""
-    results = {name: r for name, r in property_runs.items() if "compiled" not in name}
+    results = {name: r for name, r in property_runs.items() if "compiled" not in name and name in MATRIX_SPECS}
     assert sorted(results) == sorted(n for n in MATRIX_SPECS if "compiled" not in n)
     for spec, r in results.items():
         losses = r["losses"]

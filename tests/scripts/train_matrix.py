@@ -119,6 +119,8 @@ def result(spec: RunSpec, out: Path, trained: dict, printed: list[str], equal_si
         "steps": [r["step"] for r in train_records], "losses": [r["loss"] for r in train_records],
         "grad_norms": [r["grad_norm"] for r in train_records],
         "structures_per_step": [r["structures_per_step"] for r in train_records],
+        "bad_steps": {r["step"]: r["bad_steps"] for r in records if "bad_steps" in r},  # running total per step
+        "checkpoints": sorted(str(p) for p in (run_dir / "checkpoints").glob("step_*")),
         "val": val[-1] if val else None, "sigma_stats_equal_across_ranks": equal_sigma,
         "sigma_std": [v for k, v in sorted(trained["sigma_stats"].items()) if k.endswith("sigma_std")],
         # a compiled module is wrapped (torch.compile) or carries a compiled call (Module.compile)
