@@ -85,9 +85,7 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
     target = 0 if key is None else 1  # depth outside the wanted list
     key_pattern = None if key is None else re.compile(
         rb'[{,\s]\s*"' + re.escape(key.encode()) + rb'"\s*:\s*$')
-    in_string = False  # carried between blocks
-    depth = 0
-    trailing_backslashes = 0
+    scanner = StructuralScanner()  # string state, backslash runs and depth carried between blocks
     started = finished = in_list = list_done = False
     seps: list[np.ndarray] = []
     base = 0
@@ -110,29 +108,10 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
                 raise JsonScanError(f"extra data after the document at byte {base}")
             base += len(block)
             continue
-        data = np.frombuffer(block, dtype=np.uint8)
-        structural = np.frombuffer(block.translate(_KEEP_STRUCTURAL), dtype=np.uint8)
-        pos = np.flatnonzero(structural)
-        kind = structural[pos]
-        is_quote = kind == _QUOTE
-        # A quote after an odd run of backslashes is escaped (rare: checked one by one).
-        if b"\\" in block or trailing_backslashes:
-            quote_pos = pos[is_quote]
-            maybe_escaped = quote_pos[_prev_is_backslash(data, quote_pos, trailing_backslashes)]
-            escaped = [p for p in maybe_escaped.tolist() if _backslash_run(data, p, trailing_backslashes) % 2]
-            if escaped:
-                is_quote &= ~np.isin(pos, escaped)
-            trailing_backslashes = _trailing_backslashes(data, trailing_backslashes)
-        # Outside strings: an even number of unescaped quotes before (plus the carried state).
-        # int8 sums wrap around, which keeps the parity.
-        quote_parity = (np.cumsum(is_quote.view(np.int8), dtype=np.int8) + np.int8(in_string)) & 1
-        outside = (quote_parity == 0) & ~is_quote  # the parity after a quote byte counts it
-        if len(quote_parity):
-            in_string = bool(quote_parity[-1])
-        kind, pos = kind[outside], pos[outside]
+        offsets, kind, depth_before = scanner.feed(block)
+        pos = offsets - base  # offsets within this block
         delta = _DELTA[kind]
-        depth_after = np.cumsum(delta, dtype=np.int16) + np.int16(depth)
-        depth_before = depth_after - delta
+        depth_after = depth_before + delta
 
         first = 0  # first token of this block that belongs to the wanted list
         if not in_list and not list_done:
@@ -159,14 +138,12 @@ def list_separators(stream: BinaryIO, key: str | None = None, block_size: int = 
             if block[close + 1:].strip(_WHITESPACE):
                 raise JsonScanError(f"extra data after the document at byte {base + close + 1}")
             finished = True
-        if len(depth_after):
-            depth = int(depth_after[-1])
         tail = block[-4096:] if len(block) >= 4096 else (tail + block)[-4096:]
         base += len(block)
     if not started:
         raise JsonScanError("empty input: no JSON document")
     if not finished:
-        what = "inside a string" if in_string else "inside the document"
+        what = "inside a string" if scanner.in_string else "inside the document"
         found = np.concatenate(seps) if seps else np.zeros(0, dtype=np.int64)
         raise TruncatedJsonError(f"the document is not closed: the input ends {what} at byte {base} (truncated?)",
                                  found, base, list_done)
