@@ -28,6 +28,7 @@ from cfdist import __version__, storage
 from cfdist.config import CrystalformerConfig
 from cfdist.fileio import atomic_write
 from cfdist.model import Crystalformer
+from cfdist.run.deepspeed_import import import_deepspeed
 
 FORMAT = "cfdist-portable-v1"
 STATE_FILE = "cfdist_state.json"
@@ -182,6 +183,7 @@ def deepspeed_fp32_state_dict(checkpoint_dir: str | Path, tag: str = DEEPSPEED_T
         raise FileNotFoundError(f"{checkpoint_dir}: no DeepSpeed checkpoint with tag {tag!r}")
     shards = list((checkpoint_dir / tag).glob("*optim_states.pt"))
     if shards and any("zero_pp_rank" in p.name for p in shards):
+        import_deepspeed()  # the package first, without its autotuner's MLflow import
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)

@@ -157,3 +157,35 @@ def test_preprocessing_never_imports_torch():
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"rows": 1, "torch": False}
+
+
+def test_deepspeed_is_imported_without_its_autotuners_mlflow_import():
+    """DeepSpeed's autotuner imports MLflow at import time when it is installed (~1.3 s of imports
+    in every training process; MLflow is in the test extra): cfdist imports DeepSpeed through
+    cfdist.run.deepspeed_import, so a DeepSpeed checkpoint export or a process group start leaves
+    MLflow unimported, and importable, and an MLflow imported before DeepSpeed stays as it is."""
+    code = """
+        import json, os, sys
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        from cfdist.train.engine import init_distributed
+        init_distributed("gloo")
+        import deepspeed.autotuning.autotuner as autotuner
+        before = {"mlflow": "mlflow" in sys.modules, "has_mlflow": autotuner.has_mlflow}
+        import mlflow
+        print(json.dumps({**before, "importable": mlflow.__name__ == "mlflow"}))
+    """
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.splitlines()[-1]) == {"mlflow": False, "has_mlflow": False, "importable": True}
+    tracked = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        import mlflow
+        from cfdist.run.deepspeed_import import import_deepspeed
+        import_deepspeed()
+        import deepspeed.autotuning.autotuner as autotuner
+        print(sys.modules["mlflow"] is mlflow, autotuner.has_mlflow)
+    """)], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                             "DS_ACCELERATOR": "cpu"}, cwd=ROOT, check=False)
+    assert tracked.returncode == 0, tracked.stderr[-3000:]
+    assert tracked.stdout.split()[-2:] == ["True", "True"]

@@ -61,7 +61,7 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme
         assert "manifest.json" in files and sum(f.endswith(".parquet") for f in files) >= 6
 
         runs = f"{bucket}/runs"
-        cmd = ["pretrain", "--config", "megnet_slice", f"data.shards={shards}", f"output_dir={runs}", "run_name=s3run",
+        cmd = ["pretrain", "--config", "megnet_slice", f"data.shards={shards}", f"output_dir={runs}", "run_name=cloudrun",
                "model=" + json.dumps(TINY_MODEL), "data.max_structures=4", "log_every=1", "checkpoint_every=2",
                "val_every=100", "scaling.num_workers=2", "scaling.max_failures=2"]
         proc = subprocess.Popen([sys.executable, "-m", "cfdist.cli", *cmd, "max_steps=10"], stdout=subprocess.PIPE,
@@ -69,12 +69,12 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme
         killed, earlier = None, ray_cluster.pids_running(b"RayTrainWorker")
         try:
             deadline = time.time() + 300
-            staged = [p / "metrics.jsonl" for p in (cache / "runs").glob("*-s3run")]  # rank 0's local copy
+            staged = [p / "metrics.jsonl" for p in (cache / "runs").glob("*-cloudrun")]  # rank 0's local copy
             while time.time() < deadline and proc.poll() is None:
-                staged = staged or [p / "metrics.jsonl" for p in (cache / "runs").glob("*-s3run")]
+                staged = staged or [p / "metrics.jsonl" for p in (cache / "runs").glob("*-cloudrun")]
                 steps = [json.loads(x)["step"] for x in staged[0].read_text().splitlines()] \
                     if staged and staged[0].exists() else []
-                stored = {rel.split("/")[0] for rel, _ in storage.list_files(f"{runs}/s3run/ray")}
+                stored = {rel.split("/")[0] for rel, _ in storage.list_files(f"{runs}/cloudrun/ray")}
                 # the step-2 and step-4 checkpoints are on the bucket; by step 5 the controller has the first
                 if steps and max(steps) >= 5 and "checkpoint_000000004" in stored:
                     pids = sorted(ray_cluster.pids_running(b"RayTrainWorker") - earlier)
@@ -96,30 +96,35 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme
         print(f"\nshard check: {shard_check.group(0) if shard_check else '?'}")
 
         # the driver restarts: the same command with more steps resumes from the stored step-10 checkpoint
-        res = cfdist(*cmd, "max_steps=12", timeout=420)
-        assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-        assert "at step 10" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
+        # (on S3 only: a restarted driver's workers read the stored checkpoint through the same code as
+        # the killed worker's replacement above, and each Ray Train start costs ~20 s of the suite)
+        final = 12 if scheme == "s3" else 10
+        if scheme == "s3":
+            res = cfdist(*cmd, "max_steps=12", timeout=420)
+            assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+            assert "at step 10" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
 
-        run_files = dict(storage.list_files(f"{runs}/s3run"))
+        run_files = dict(storage.list_files(f"{runs}/cloudrun"))
         for name in ("config.yaml", "run_info.jsonl", "metrics.jsonl", "model.pt"):
             assert name in run_files, sorted(run_files)
-        steps = [json.loads(x)["step"] for x in storage.read_text(f"{runs}/s3run/metrics.jsonl").splitlines()
+        steps = [json.loads(x)["step"] for x in storage.read_text(f"{runs}/cloudrun/metrics.jsonl").splitlines()
                  if '"loss"' in x]
-        assert steps[-1] == 12 and len(steps) > 12  # the steps after the step-4 checkpoint ran twice
-        assert len(storage.read_text(f"{runs}/s3run/run_info.jsonl").splitlines()) == 2  # one line per start
+        assert steps[-1] == final and len(steps) > final  # the steps after the resumed checkpoint ran twice
+        starts = len(storage.read_text(f"{runs}/cloudrun/run_info.jsonl").splitlines())
+        assert starts == (2 if scheme == "s3" else 1)  # one line per driver start
 
         # predict straight from the URI (downloaded once into the cache, weights_only=True)
-        res = cfdist("predict", "--checkpoint", f"{runs}/s3run/model.pt", REPO / "tests/data/megnet_64.json",
+        res = cfdist("predict", "--checkpoint", f"{runs}/cloudrun/model.pt", REPO / "tests/data/megnet_64.json",
                      "--out", work / "pred.csv")
         assert res.returncode == 0, res.stderr[-3000:]
         assert len((work / "pred.csv").read_text().splitlines()) == 65
-        res = cfdist("evaluate", "--checkpoint", f"{runs}/s3run", "--data", shards, "--out", work / "eval")
+        res = cfdist("evaluate", "--checkpoint", f"{runs}/cloudrun", "--data", shards, "--out", work / "eval")
         assert res.returncode == 0, res.stderr[-3000:]
 
         import cfdist as package
 
-        model = package.load(f"{runs}/s3run/model.pt")
-        assert model.checkpoint_info["extra"]["step"] == 12
+        model = package.load(f"{runs}/cloudrun/model.pt")
+        assert model.checkpoint_info["extra"]["step"] == final
         assert str(model.checkpoint_info["extra"]["source_checkpoint"]).startswith(str(cache))
 
         # nothing local but caches and what was asked for; no credentials in any object or cached file

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cfdist.run.config import OptimSection
+from cfdist.run.deepspeed_import import import_deepspeed
 from cfdist.run.optim import make_optimizer, make_scheduler
 from cfdist.train.config import DeepSpeedSection
 
@@ -48,7 +49,7 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch: int
 def init_distributed(backend: str) -> None:
     """Join (or create) the process group; on CPU skip DeepSpeed's shm_comm JIT build (~40 s)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if backend == "gloo" else "cuda")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if backend == "gloo":
         import deepspeed.ops as ds_ops
@@ -71,7 +72,7 @@ def _free_port() -> int:
 
 def build_engine(model: nn.Module, ds: DeepSpeedSection, optim: OptimSection, max_steps: int, micro_batch: int):
     """-> (engine, optimizer, scheduler). Float buffers stay float32 under bf16/fp16."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     if ds.precision == "fp16":
         from deepspeed.accelerator import get_accelerator
@@ -135,7 +136,7 @@ def zero3_parameters_held(engine, enabled: bool = True) -> Iterator[None]:
     if not params:
         yield
         return
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         for p in params:
