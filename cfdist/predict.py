@@ -382,7 +382,8 @@ def _evaluate_records(model, records: Iterable, batch_size: int,
             rows.append(row)
             if crystal is not None:
                 pending.append((row, crystal, table, record))
-            if len(rows) % batch_size == 0 and pending:  # as predict_records: batch_size rows, errors included
+            # a batch per batch_size input rows, error rows included (as predict_records batches)
+            if len(rows) % batch_size == 0 and pending:
                 rows_of.append([p[0] for p in pending])
                 yield _record_batch(pending, label_names, energy)
                 pending = []
@@ -402,14 +403,13 @@ def _record_batch(pending: Sequence[tuple], label_names: Sequence[str], energy: 
     ``labels`` (B, len(label_names)) and, for an energy model, ``forces`` (N, 3) / ``stress``
     (B, 3, 3) labels as :func:`cfdist.shards.collate_arrow` fills them (eV/A, eV/A^3; NaN where a
     record has none)."""
-    crystals = [p[1] for p in pending]
-    batch = collate(crystals, [p[2] for p in pending], target_names=list(label_names))
+    batch = collate([p[1] for p in pending], [p[2] for p in pending], target_names=list(label_names))
     if energy:
-        nan3 = [np.full((c.n_atoms, 3), np.nan) for c in crystals]
-        forces = [np.asarray(p[3].forces, dtype=np.float64).reshape(-1, 3) if getattr(p[3], "forces", None) is not None
-                  else blank for p, blank in zip(pending, nan3)]
-        stress = [np.asarray(p[3].stress, dtype=np.float64).reshape(3, 3) if getattr(p[3], "stress", None) is not None
-                  else np.full((3, 3), np.nan) for p in pending]
+        forces, stress = [], []
+        for _, crystal, _, record in pending:
+            f, s = record.forces, record.stress
+            forces.append(np.full((crystal.n_atoms, 3), np.nan) if f is None else np.asarray(f, np.float64))
+            stress.append(np.full((3, 3), np.nan) if s is None else np.asarray(s, np.float64))
         batch.forces = torch.from_numpy(np.concatenate(forces))
         batch.stress = torch.from_numpy(np.stack(stress))
     return batch
