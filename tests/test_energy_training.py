@@ -563,6 +563,14 @@ def test_evaluate_energy_without_force_labels_and_a_mixtures_energy_head(energy_
     want = direct_report(model, shard_dir, "val", ["e_form"], False, False)["energy"]
     assert result["targets"]["energy_mev_per_atom"]["mae"] == pytest.approx(want["mae"], rel=1e-9)
     assert want["n"] == 12
+    # an energy model with a property head too: its targets beside the energy (measured on the rows)
+    torch.manual_seed(1)
+    both = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**TINY, target_names=["e_form"]))).eval()
+    result = evaluate(both, [str(shard_dir)], tmp_path / "both", split="val", energy_label="e_form")
+    assert list(result["targets"]) == ["energy_mev_per_atom", "e_form"] and result["targets"]["e_form"]["n"] == 12
+    rows = list(csv.DictReader((tmp_path / "both" / "predictions.csv").open()))
+    assert result["targets"]["e_form"]["mae"] == pytest.approx(
+        np.mean([abs(float(r["e_form"]) - float(r["e_form_true"])) for r in rows]), rel=1e-4)
 
     frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-random-1k.extxyz.gz"), 3)
     (tmp_path / "bare.extxyz").write_text("".join(without_forces_and_stress(f) for f in frames))
