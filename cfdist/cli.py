@@ -71,7 +71,8 @@ def _predict(argv) -> int:
 
 
 def _evaluate(argv) -> int:
-    parser = argparse.ArgumentParser(prog="cfdist evaluate", description="MAE / RMSE / R^2 per target, "
+    parser = argparse.ArgumentParser(prog="cfdist evaluate", description="MAE / RMSE / R^2 per target (energy "
+                                     "models: energy meV/atom, forces meV/A, stress GPa, as training's val_mae), "
                                      "predictions CSV and parity plot. Raw inputs that cannot be read get "
                                      "error rows, as in `cfdist predict`.")
     parser.add_argument("--checkpoint", required=True, help="portable checkpoint (a path or an s3:// / gs:// URI)")
@@ -84,11 +85,14 @@ def _evaluate(argv) -> int:
                         "failed (the outputs are written all the same)")
     parser.add_argument("--head", default=None, help="a model pretrained on a dataset mixture: the dataset whose "
                         "head is evaluated")
+    parser.add_argument("--energy-label", default="energy", help="an energy model's total-energy label (eV; the "
+                        "run's data.targets, shard column y.<label>; default energy)")
     args = parser.parse_args(argv)
     from cfdist.checkpoint import load
     from cfdist.predict import evaluate, exit_status
 
-    result = evaluate(_one_head(load(args.checkpoint), args.head), args.data, args.out, split=args.split, batch_size=args.batch_size)
+    result = evaluate(_one_head(load(args.checkpoint), args.head), args.data, args.out, split=args.split,
+                      batch_size=args.batch_size, energy_label=args.energy_label)
     print("| target | n | MAE | RMSE | R^2 |\n|---|---|---|---|---|")
     for name, m in result["targets"].items():
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731

@@ -12,6 +12,8 @@ split); ``stressed_mptrj_shards`` from the 387 frames of at most 8 atoms of
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import gzip
 import json
 import math
@@ -388,7 +390,8 @@ def test_an_energy_checkpoint_fine_tunes_into_a_property_model(tmp_path, megnet_
 def test_a_property_checkpoint_starts_an_energy_run(mptrj_shards, tmp_path):
     """init_from: the encoder (and its frozen sigma statistics) of a property model starts an energy
     run; the energy head is new and the reference energies are fitted on the run's data. A model whose
-    architecture differs is refused before any training."""
+    architecture differs is refused before any training. ``cfdist evaluate`` of the run's model.pt on
+    the val split gives the loop's val metrics (energy, forces, stress)."""
     from cfdist.checkpoint import read_state, save_portable
     from cfdist.config import ConfigError, CrystalformerConfig
     from cfdist.manifest import ShardSet
@@ -421,6 +424,14 @@ def test_a_property_checkpoint_starts_an_energy_run(mptrj_shards, tmp_path):
     assert int((model.element_energy != 0).sum()) == 58  # fitted on the run's train split
     assert "58 elements, from the manifest's statistics" in res.stdout  # ... without reading its labels
     assert not torch.equal(model.embedding.weight, prop.embedding.weight)  # and trained from there
+    # `cfdist evaluate` of the exported model on the val split: the pretraining loop's val metrics
+    from cfdist.predict import evaluate
+
+    val = [r for r in metrics(tmp_path / "from_prop") if "val_mae/forces_mev_per_A" in r]
+    assert [r["step"] for r in val] == [2], val
+    result = evaluate(model, [str(mptrj_shards)], tmp_path / "eval", split="val")
+    for name in NAMES.values():
+        assert result["targets"][name]["mae"] == pytest.approx(val[0][f"val_mae/{name}"], rel=1e-9), name
 
 
 def test_energy_runs_need_the_label_columns(shard_dir):
@@ -436,3 +447,145 @@ def test_energy_runs_need_the_label_columns(shard_dir):
     energy_only = load_pretrain_config("mptrj", [f"data.shards={shard_dir}", "data.targets=[e_form]",
                                                  "loss.forces_weight=0", "loss.stress_weight=0"])
     check_energy_run(energy_only, ShardSet(shard_dir))
+
+
+# ----------------------------------------------------------------------------- cfdist evaluate
+@pytest.fixture(scope="module")
+def energy_checkpoint(tmp_path_factory):
+    """A tiny untrained energy model (frozen sigma statistics, random reference energies), saved portably."""
+    from cfdist.checkpoint import save_portable
+    from cfdist.config import CrystalformerConfig
+    from cfdist.model import Crystalformer
+    from conftest import freeze_sigma_stats
+
+    torch.manual_seed(5)
+    model = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**TINY, target_names=[])))
+    with torch.no_grad():
+        model.element_energy.uniform_(-6.0, -2.0)
+    return save_portable(tmp_path_factory.mktemp("energy_ckpt") / "model.pt", model)
+
+
+def direct_report(model, shards, split, labels, forces, stress, dataset=None):
+    """target_report of the shared evaluation with an EnergyObjective, computed here directly."""
+    from cfdist.data import BatchBudget
+    from cfdist.manifest import ShardSet
+    from cfdist.run import evaluation
+    from cfdist.run.objective import EnergyObjective
+    from cfdist.train.config import LossSection
+
+    objective = EnergyObjective(LossSection(forces_weight=float(forces), stress_weight=float(stress)), dataset=dataset)
+    batches = evaluation.split_batches(ShardSet(shards), split, labels, BatchBudget(max_structures=3), forces=forces,
+                                       stress=stress)
+    if dataset is not None:
+        batches = (dataclasses.replace(b, dataset=dataset) for b in batches)
+    return evaluation.target_report(objective, evaluation.evaluate(model, batches, objective, "cpu"))
+
+
+def without_forces_and_stress(frame: str) -> str:
+    """An extxyz frame with its forces column and stress entry removed (energy kept)."""
+    count, comment, *atoms = frame.splitlines()
+    comment = re.sub(r' stress="[^"]*"', "", comment.replace(":forces:R:3", ""))
+    return "\n".join([count, comment, *(" ".join(line.split()[:4]) for line in atoms)]) + "\n"
+
+
+NAMES = {"energy": "energy_mev_per_atom", "forces": "forces_mev_per_A", "stress": "stress_gpa"}
+
+
+def test_evaluate_an_energy_model_on_shards_and_raw_frames(energy_checkpoint, mptrj_shards, tmp_path, capsys):
+    """``cfdist evaluate`` (the CLI's main) of an energy model on a split with forces and stress: energy (meV/atom),
+    forces (meV/A) and stress (GPa) equal the shared evaluation's target_report and a plain forward; the
+    same frames as raw extxyz give the same numbers; predictions.csv keeps its per-structure columns."""
+    import cfdist
+    from cfdist.cli import main
+    from cfdist.manifest import ShardSet
+    from cfdist.predict import evaluate
+    from cfdist.shards import collate_arrow, read_shard
+
+    out = tmp_path / "eval"
+    # the CLI's own code in this process (`python -m cfdist.cli` runs the same main; test_predict starts it)
+    assert main(["evaluate", "--checkpoint", str(energy_checkpoint), "--data", str(mptrj_shards),
+                 "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert all(f"| {name} | " in stdout for name in NAMES.values()) and "8 predicted; 0 failed" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["targets"]) == list(NAMES.values()) and metrics["n_structures"] == 8
+    model = cfdist.load(energy_checkpoint)
+    direct = direct_report(model, mptrj_shards, "test", ["energy"], True, True)
+    for component, name in NAMES.items():
+        got, want = metrics["targets"][name], direct[component]
+        assert got["n"] == want["n"] > 0, name
+        for key in ("mae", "rmse"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), (name, key)
+    # independently: one plain forward over the whole split, errors in numpy
+    table = pa.concat_tables([read_shard(e.path) for e in ShardSet(mptrj_shards).files("test")])
+    batch = collate_arrow(table, ["energy"], forces=True, stress=True)
+    with torch.enable_grad():
+        pred = model(batch, forces=True, stress=True)
+    n = batch.n_atoms.double().numpy()
+    e_err = (pred.energy.detach().double().numpy() - batch.labels[:, 0].numpy()) / n
+    f_err = pred.forces.detach().double().numpy() - batch.forces.numpy()
+    s_err = (pred.stress.detach().double().numpy() - batch.stress.numpy()) * 160.21766208
+    for name, err, scale in (("energy_mev_per_atom", e_err, 1000.0), ("forces_mev_per_A", f_err, 1000.0),
+                             ("stress_gpa", s_err, 1.0)):
+        assert metrics["targets"][name]["mae"] == pytest.approx(scale * np.abs(err).mean(), rel=1e-6), name
+    assert metrics["targets"]["forces_mev_per_A"]["n"] == f_err.size
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert list(rows[0])[:6] == ["id", "source", "energy", "energy_per_atom", "energy_true", "energy_per_atom_true"]
+    per_atom = np.array([float(r["energy_per_atom"]) - float(r["energy_per_atom_true"]) for r in rows])
+    assert 1000 * np.abs(per_atom).mean() == pytest.approx(metrics["targets"]["energy_mev_per_atom"]["mae"], rel=1e-4)
+    assert (out / "parity.png").is_file()
+
+    # the test split's frames as raw extxyz (frames k % 8 == 7) through the same path: the same numbers
+    frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-random-1k.extxyz.gz"), 64)[7::8]
+    (tmp_path / "test.extxyz").write_text("".join(frames))
+    raw = evaluate(model, [str(tmp_path / "test.extxyz")], tmp_path / "raw", batch_size=3)
+    assert raw["n_predicted"] == 8 and list(raw["targets"]) == list(NAMES.values())
+    for name in NAMES.values():
+        assert raw["targets"][name]["n"] == metrics["targets"][name]["n"]
+        assert raw["targets"][name]["mae"] == pytest.approx(metrics["targets"][name]["mae"], rel=1e-6), name
+
+
+def test_evaluate_energy_without_force_labels_and_a_mixtures_energy_head(energy_checkpoint, shard_dir,
+                                                                          mptrj_shards, tmp_path):
+    """A split without forces / stress columns gives the energy only; raw inputs without force labels
+    likewise (and their error rows are kept); a mixture's energy head (``--head``) goes through the
+    same evaluation as the mixture model's own forward for that dataset."""
+    import cfdist
+    from cfdist.config import CrystalformerConfig
+    from cfdist.model import Crystalformer
+    from cfdist.predict import evaluate
+    from conftest import freeze_sigma_stats
+
+    model = cfdist.load(energy_checkpoint)
+    # the MEGNet fixture holds e_form, no forces / stress: it stands in for an energy-only split
+    result = evaluate(model, [str(shard_dir)], tmp_path / "megnet", split="val", energy_label="e_form")
+    assert list(result["targets"]) == ["energy_mev_per_atom"] and result["n_predicted"] == 12
+    want = direct_report(model, shard_dir, "val", ["e_form"], False, False)["energy"]
+    assert result["targets"]["energy_mev_per_atom"]["mae"] == pytest.approx(want["mae"], rel=1e-9)
+    assert want["n"] == 12
+    # an energy model with a property head too: its targets beside the energy (measured on the rows)
+    torch.manual_seed(1)
+    both = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**TINY, target_names=["e_form"]))).eval()
+    result = evaluate(both, [str(shard_dir)], tmp_path / "both", split="val", energy_label="e_form")
+    assert list(result["targets"]) == ["energy_mev_per_atom", "e_form"] and result["targets"]["e_form"]["n"] == 12
+    rows = list(csv.DictReader((tmp_path / "both" / "predictions.csv").open()))
+    assert result["targets"]["e_form"]["mae"] == pytest.approx(
+        np.mean([abs(float(r["e_form"]) - float(r["e_form_true"])) for r in rows]), rel=1e-4)
+
+    frames = extxyz_frames(require(EXAMPLE_DATA / "mptrj" / "mptrj-random-1k.extxyz.gz"), 3)
+    (tmp_path / "bare.extxyz").write_text("".join(without_forces_and_stress(f) for f in frames))
+    (tmp_path / "broken.cif").write_text("data_broken\n_cell_length_a 3\n")
+    raw = evaluate(model, [str(tmp_path / "bare.extxyz"), str(tmp_path / "broken.cif")], tmp_path / "bare")
+    assert raw["n_structures"] == 4 and raw["n_failed"] == 1, raw
+    assert list(raw["targets"]) == ["energy_mev_per_atom"] and raw["targets"]["energy_mev_per_atom"]["n"] == 3
+
+    torch.manual_seed(2)
+    heads = [{"name": "mptrj", "energy": True, "targets": ["energy"]}, {"name": "megnet", "targets": ["e_form"]}]
+    mixture = freeze_sigma_stats(Crystalformer(CrystalformerConfig(**{**TINY, "energy": False}, target_names=[],
+                                                                   heads=heads))).eval()
+    with torch.no_grad():
+        mixture.heads["mptrj"].element_energy.uniform_(-6.0, -2.0)
+    head = evaluate(mixture.for_dataset("mptrj"), [str(mptrj_shards)], tmp_path / "head", split="val")
+    want = direct_report(mixture, mptrj_shards, "val", ["energy"], True, True, dataset="mptrj")
+    for component, name in NAMES.items():
+        assert head["targets"][name]["mae"] == pytest.approx(want[component]["mae"], rel=1e-9), name

@@ -348,10 +348,11 @@ def test_regression_metrics_match_numpy():
     assert m["b"] == {"n": 0, "mae": None, "rmse": None, "r2": None}
 
 
-def test_evaluate_on_shards_writes_metrics_csv_and_plot(shard_dir, tmp_path):
+def test_evaluate_on_shards_writes_metrics_csv_and_plot(shard_dir, tmp_path, capsys):
     """``cfdist evaluate`` on a shard split: files written, metrics equal to a direct computation."""
     from cfdist import Crystalformer, CrystalformerConfig
     from cfdist.checkpoint import save_portable
+    from cfdist.cli import main
     from cfdist.manifest import ShardSet
     from cfdist.shards import arrow_to_crystals, read_shard
 
@@ -363,9 +364,10 @@ def test_evaluate_on_shards_writes_metrics_csv_and_plot(shard_dir, tmp_path):
     assert model.cutoff <= CUTOFF
     ckpt = save_portable(tmp_path / "model.pt", model)
     out = tmp_path / "eval"
-    run = _cli("evaluate", "--checkpoint", ckpt, "--data", shard_dir, "--split", "val", "--out", out)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "| e_form | 12 |" in run.stdout
+    # the CLI's main in this process (test_evaluate_raw_inputs_with_a_truncated_file starts `python -m cfdist.cli`)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(shard_dir), "--split", "val",
+                 "--out", str(out)]) == 0
+    assert "| e_form | 12 |" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_structures"] == 12 and metrics["n_failed"] == 0
     assert (out / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
