@@ -277,21 +277,3 @@ def ray_env(cluster: LocalCluster) -> dict[str, str]:
     joins ``cluster``."""
     return {"RAY_ADDRESS": cluster.gcs_address}
 
-
-# ---- running the suite in several processes (pytest -n 2; --dist loadgroup in pyproject.toml)
-# Each xdist worker is a pytest session of its own, with its own session fixtures: its own Ray
-# cluster (tests find, kill and check Ray processes by their cluster's temp dir, never by name alone,
-# so two clusters side by side do not see each other). Tests that share an expensive fixture run in
-# one worker, so that the fixture is built once.
-XDIST_GROUPS = {
-    "property_runs": "torchrun-matrix",  # one torchrun job of 16 trainings (~45 s)
-    "torchrun_run": "torchrun-reference",  # the 9-step reference run of test_pretrain's resume tests
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for fixture, group in XDIST_GROUPS.items():
-            if fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break

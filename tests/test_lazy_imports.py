@@ -23,6 +23,8 @@ import textwrap
 
 from paths import ROOT
 
+PACKAGE = ROOT / "cfdist"
+
 # (importer, imported cfdist module) -> why the import sits inside a function.
 DELIBERATE_LAZY = {
     **{("cfdist.cli", module): "the CLI imports a command's modules only when that command runs, so "
@@ -161,31 +163,46 @@ def test_preprocessing_never_imports_torch():
 
 def test_deepspeed_is_imported_without_its_autotuners_mlflow_import():
     """DeepSpeed's autotuner imports MLflow at import time when it is installed (~1.3 s of imports
-    in every training process; MLflow is in the test extra): cfdist imports DeepSpeed through
-    cfdist.run.deepspeed_import, so a DeepSpeed checkpoint export or a process group start leaves
-    MLflow unimported, and importable, and an MLflow imported before DeepSpeed stays as it is."""
-    code = """
-        import json, os, sys
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        from cfdist.train.engine import init_distributed
-        init_distributed("gloo")
+    in every training process; MLflow is in the test extra). cfdist imports DeepSpeed through
+    cfdist.run.deepspeed_import: every ``import deepspeed...`` in the package comes after a call to
+    ``import_deepspeed()`` in the same function; the helper leaves MLflow unimported and importable,
+    and an MLflow imported before DeepSpeed (cfdist's MLflow tracking) stays as it is."""
+    unguarded = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "deepspeed_import.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))]:
+            body = list(ast.walk(scope)) if scope is not tree else list(ast.iter_child_nodes(tree))
+            guards = [n.lineno for n in body if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "import_deepspeed"]
+            for node in body:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n.split(".")[0] == "deepspeed" for n in names) and not any(g < node.lineno for g in guards):
+                    unguarded.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert unguarded == [], unguarded
+
+    def child(code: str) -> list[str]:
+        res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"},
+                             cwd=ROOT, check=False)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout.split()[-3:]
+
+    assert child("""
+        import sys
+        from cfdist.run.deepspeed_import import import_deepspeed
+        import_deepspeed()
         import deepspeed.autotuning.autotuner as autotuner
-        before = {"mlflow": "mlflow" in sys.modules, "has_mlflow": autotuner.has_mlflow}
+        hidden = "mlflow" not in sys.modules and not autotuner.has_mlflow
         import mlflow
-        print(json.dumps({**before, "importable": mlflow.__name__ == "mlflow"}))
-    """
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout.splitlines()[-1]) == {"mlflow": False, "has_mlflow": False, "importable": True}
-    tracked = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        print(hidden, mlflow.__name__, "mlflow" in sys.modules)
+    """) == ["True", "mlflow", "True"]
+    assert child("""
         import sys
         import mlflow
         from cfdist.run.deepspeed_import import import_deepspeed
         import_deepspeed()
         import deepspeed.autotuning.autotuner as autotuner
-        print(sys.modules["mlflow"] is mlflow, autotuner.has_mlflow)
-    """)], capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT),
-                                                             "DS_ACCELERATOR": "cpu"}, cwd=ROOT, check=False)
-    assert tracked.returncode == 0, tracked.stderr[-3000:]
-    assert tracked.stdout.split()[-2:] == ["True", "True"]
+        print(sys.modules["mlflow"] is mlflow, autotuner.has_mlflow, "-")
+    """) == ["True", "True", "-"]

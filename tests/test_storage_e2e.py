@@ -90,7 +90,7 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme
         (tmp_path / "driver.log").write_text(output)
         assert killed is not None, "the run ended before a worker could be killed: " + output[-3000:]
         assert proc.returncode == 0, output[-4000:]
-        assert re.search(r"resumed from \S+ at step [24] ", output), output[-4000:]
+        assert re.search(r"resumed from \S+ at step [2468] ", output), output[-4000:]  # a stored checkpoint (later under load)
         assert SECRET not in output
         shard_check = re.search(r"checked \d+ shards .* in ([0-9.]+) s", output)
         print(f"\nshard check: {shard_check.group(0) if shard_check else '?'}")
