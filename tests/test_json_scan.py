@@ -36,7 +36,7 @@ def _elements(raw: bytes, block_size: int, key: str | None = None) -> list:
 
 def test_spans_match_json_module_on_random_lists():
     rng = random.Random(0)
-    for _ in range(1500):
+    for _ in range(800):  # ~1/6 of them scanned byte by byte (block 1): most of the test's time
         values = [_random_value(rng) for _ in range(rng.randint(0, 6))]
         text = json.dumps(values, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
         raw = (" \n" if rng.random() < 0.3 else "").encode() + text.encode() + (b"\n " if rng.random() < 0.3 else b"")

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from paths import ROOT
 
 PACKAGE = ROOT / "cfdist"
@@ -161,6 +163,7 @@ def test_preprocessing_never_imports_torch():
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"rows": 1, "torch": False}
 
 
+@pytest.mark.slow  # two Python processes that import torch, DeepSpeed and MLflow: ~10 s on 2 cores
 def test_deepspeed_is_imported_without_its_autotuners_mlflow_import():
     """DeepSpeed's autotuner imports MLflow at import time when it is installed (~1.3 s of imports
     in every training process; MLflow is in the test extra). cfdist imports DeepSpeed through
