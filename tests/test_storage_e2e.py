@@ -51,10 +51,10 @@ def test_preprocess_pretrain_kill_resume_export_predict_on_object_storage(scheme
         names = ["train", "train", "train", "train", "val", "test"]
         split = {n: [r["id"] for k, r in enumerate(records) if names[k % 6] == n] for n in ("train", "val", "test")}
         storage.write_text(f"{bucket}/raw/megnet48.json", json.dumps(records))
-        (tmp_path / "split.json").write_text(json.dumps(split))
+        storage.write_text(f"{bucket}/raw/split.json", json.dumps(split))  # a split file on the bucket too
         shards = f"{bucket}/shards"
         res = cfdist("preprocess", f"{bucket}/raw/megnet48.json", "--out", shards, "--targets", "e_form",
-                     "--split-file", tmp_path / "split.json", "--shard-size", "8",
+                     "--split-file", f"{bucket}/raw/split.json", "--shard-size", "8",
                      "--cutoff", repr(CrystalformerConfig().cutoff))
         assert res.returncode == 0, res.stderr[-3000:]
         files = dict(storage.list_files(shards))

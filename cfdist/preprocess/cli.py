@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
+from cfdist import storage
 from cfdist.config import CrystalformerConfig, table_cutoff
 from cfdist.io import FORMATS
 from cfdist.preprocess.job import Settings, build
@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     cut.add_argument("--model-config", help="model config (packaged name or YAML); cutoff = cutoff_sigmas * r0 / "
                                             "sqrt(b) (default: crystalformer, the paper's model)")
     sp = parser.add_mutually_exclusive_group()
-    sp.add_argument("--split-file", help='JSON {"train": [ids], "val": [...], "test": [...]} or {id: split}')
+    sp.add_argument("--split-file", help='JSON {"train": [ids], "val": [...], "test": [...]} or {id: split}; a path or an '
+                    's3:// / gs:// URI (downloaded once into the user cache)')
     sp.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                     help="hash-based split fractions (default 0.8 0.1 0.1)")
     parser.add_argument("--split-salt", default="cfdist", help="salt of the hash-based split")
@@ -90,7 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise BuildError("--split-group and --split-file cannot be combined (a split file assigns every id itself; "
                          "group the ids in the file instead)")
     return Settings(cutoff=cutoff, targets=list(args.targets), shard_size=args.shard_size,
-                    split_file=str(Path(args.split_file).resolve()) if args.split_file else None,
+                    split_file=str(storage.cached_copy(args.split_file, 'inputs').resolve()) if args.split_file else None,
                     split_fractions=list(args.split_fractions or [0.8, 0.1, 0.1]), split_salt=args.split_salt,
                     min_distance=args.min_distance, min_volume=args.min_volume, max_entries=args.max_entries,
                     allow_missing_labels=args.allow_missing_labels, with_forces=args.with_forces,
